@@ -1,0 +1,15 @@
+"""Pure-PyTorch core of mmcd: matrix-pair discovery, Colinearity Decay and the
+comparison regularizers. Nothing here imports OpenMMLab."""
+from .activation_penalty import ActivationPenalty
+from .colinearity import (ColinearityDecay, SpectralNormEstimator, alignment,
+                          colinearity_decay_deltas, penalty_gradients)
+from .pairs import (BUILTIN_RULES, PAIR_KINDS, SWIN_RULES, VIT_RULES,
+                    MatrixPair, PairRule, discover_pairs)
+from .spectral_decay import SelectiveSpectralDecay
+
+__all__ = [
+    'ActivationPenalty', 'ColinearityDecay', 'SpectralNormEstimator',
+    'alignment', 'colinearity_decay_deltas', 'penalty_gradients',
+    'BUILTIN_RULES', 'PAIR_KINDS', 'SWIN_RULES', 'VIT_RULES', 'MatrixPair',
+    'PairRule', 'discover_pairs', 'SelectiveSpectralDecay'
+]

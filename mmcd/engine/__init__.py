@@ -1,0 +1,5 @@
+"""MMEngine adapters: optim wrappers, hooks and tool set-up."""
+from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
+                             ColinearityDecayOptimWrapper)
+
+__all__ = ['ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper']

@@ -1,0 +1,4 @@
+from .colinearity_decay_optim_wrapper import (ColinearityDecayAmpOptimWrapper,
+                                              ColinearityDecayOptimWrapper)
+
+__all__ = ['ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper']

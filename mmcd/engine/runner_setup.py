@@ -1,0 +1,124 @@
+"""What ``tools/train.py`` and ``tools/test.py`` do before MMEngine's Runner
+takes over: config loading with clear errors, dataset pre-flight checks,
+``--amp`` that keeps custom optim wrappers, and CPU (gloo) distributed
+set-up, which MMEngine 0.10.7's ``init_dist`` cannot do (it calls
+``torch.cuda.set_device`` whatever the backend).
+"""
+import os
+import os.path as osp
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+
+from mmcd.compat import CheckpointLoadError
+
+
+class UserError(Exception):
+    """A bad config, path or argument; tools print it as one line."""
+
+
+#: Errors a command-line tool reports as one line instead of a traceback.
+USER_ERRORS = (UserError, CheckpointLoadError)
+
+#: ``--amp`` replaces these optim wrapper types by their AMP variant. AMP
+#: types map to themselves so that ``--amp`` on an AMP config is harmless.
+AMP_VARIANTS = {
+    'OptimWrapper': 'AmpOptimWrapper',
+    'AmpOptimWrapper': 'AmpOptimWrapper',
+    'ColinearityDecayOptimWrapper': 'ColinearityDecayAmpOptimWrapper',
+    'ColinearityDecayAmpOptimWrapper': 'ColinearityDecayAmpOptimWrapper',
+}
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    """``Config.fromfile`` plus ``--cfg-options``, failing on a missing file
+    with a message instead of a traceback."""
+    if not osp.isfile(path):
+        raise UserError(f'config {path} does not exist (configs live under '
+                        'configs/, e.g. configs/toy/)')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def default_work_dir(cfg: Config, config_path: str,
+                     work_dir: Optional[str]) -> str:
+    """CLI ``--work-dir`` > ``work_dir`` in the file > ``work_dirs/NAME``."""
+    if work_dir is not None:
+        return work_dir
+    if cfg.get('work_dir') is not None:
+        return cfg.work_dir
+    return osp.join('work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def _dataset_files(dataset: dict):
+    """(ann_file, image folder) of a dataset config, through wrappers."""
+    if 'dataset' in dataset:  # RepeatDataset, ClassBalancedDataset, ...
+        yield from _dataset_files(dataset['dataset'])
+        return
+    for sub in dataset.get('datasets', []):  # ConcatDataset
+        yield from _dataset_files(sub)
+    root = dataset.get('data_root') or ''
+    ann = dataset.get('ann_file')
+    if ann:
+        yield ann if osp.isabs(ann) else osp.join(root, ann), 'annotation file'
+    img = (dataset.get('data_prefix') or {}).get('img')
+    if img is not None:
+        yield img if osp.isabs(img) else osp.join(root, img), 'image folder'
+
+
+def check_datasets(cfg: Config, loaders: Iterable[str]) -> None:
+    """Fail early, in one line, when a dataloader's files are missing."""
+    for loader in loaders:
+        dataset = (cfg.get(loader) or {}).get('dataset')
+        if dataset is None:
+            continue
+        for path, what in _dataset_files(dataset):
+            if '://' in path or osp.exists(path):
+                continue
+            raise UserError(
+                f'{what} {path} of {loader} does not exist. Generate the toy '
+                'set with `python tools/misc/make_toy_coco.py data/toy_coco`,'
+                ' or point data_root at your COCO copy, e.g. --cfg-options '
+                f'{loader}.dataset.data_root=/path/to/coco/')
+
+
+def enable_amp(cfg: Config) -> None:
+    """Switch the optim wrapper to its AMP variant, keeping custom types
+    (mmdet's train.py would overwrite them with ``AmpOptimWrapper``)."""
+    wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper_type not in AMP_VARIANTS:
+        raise UserError(
+            f'--amp: optim wrapper {wrapper_type} has no known AMP variant '
+            f'(known: {", ".join(sorted(AMP_VARIANTS))}); set an AMP optim '
+            'wrapper in the config instead')
+    cfg.optim_wrapper.type = AMP_VARIANTS[wrapper_type]
+    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def setup_launcher(cfg: Config, launcher: str) -> None:
+    """Set ``cfg.launcher``; on a machine without CUDA, start a gloo process
+    group ourselves and make DDP wrap the model without ``device_ids``."""
+    cfg.launcher = launcher
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise UserError(f'--launcher {launcher} needs CUDA; on CPU use '
+                        '--launcher pytorch under torchrun')
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    cfg.env_cfg.setdefault('dist_cfg', {})['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    wrapper['device_ids'] = None  # CPU modules take no device ids
+    cfg.model_wrapper_cfg = wrapper
+
+
+def set_local_rank_env(local_rank: int) -> None:
+    """``torch.distributed.launch`` passes ``--local-rank``; torchrun sets
+    the variable. MMEngine reads the variable."""
+    os.environ.setdefault('LOCAL_RANK', str(local_rank))

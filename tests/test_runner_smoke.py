@@ -1,0 +1,37 @@
+"""Train the toy Swin Mask R-CNN for a few iterations on the micro toy set,
+evaluate it with CocoMetric, and resume from its checkpoint."""
+import os.path as osp
+
+import torch
+from mmengine.runner import Runner
+
+from conftest import micro_config
+
+
+def test_train_evaluate_and_resume(micro_data_root, tmp_path):
+    cfg = micro_config(micro_data_root, tmp_path, max_epochs=1)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 4  # 8 images, batch 2
+    ckpt = osp.join(tmp_path, 'epoch_1.pth')
+    assert osp.isfile(ckpt)
+    metrics = runner.val_loop.run()
+    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(metrics)
+    assert all(-1 <= metrics[k] <= 1 for k in ('coco/bbox_mAP',
+                                                 'coco/segm_mAP'))
+    weights = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    loss_history = runner.message_hub.get_scalar('train/loss').data[0].copy()
+
+    # resume: epoch 2 starts from the saved state, message hub included
+    cfg2 = micro_config(micro_data_root, tmp_path, max_epochs=2)
+    cfg2.resume, cfg2.load_from = True, ckpt
+    cfg2.experiment_name = 'resumed'
+    resumed = Runner.from_cfg(cfg2)
+    resumed.load_or_resume()
+    assert resumed.iter == 4 and resumed.epoch == 1
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    hub_history = resumed.message_hub.get_scalar('train/loss').data[0]
+    assert (hub_history[:len(loss_history)] == loss_history).all()
+    resumed.train()
+    assert resumed.iter == 8 and resumed.epoch == 2

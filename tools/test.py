@@ -1,0 +1,79 @@
+"""Evaluate a checkpoint; MMDetection's ``tools/test.py`` command line.
+
+The metrics are also written to ``WORK_DIR/test_metrics.json``.
+
+Bad configs, data paths and checkpoints end in one line saying what to do.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+import _bootstrap  # noqa: F401  (must precede OpenMMLab imports)
+from mmengine.config import DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import mmcd  # noqa: F401  (registers mmcd's modules)
+from mmcd.engine.runner_setup import (USER_ERRORS, UserError,
+                                      check_datasets, default_work_dir,
+                                      load_config, set_local_rank_env,
+                                      setup_launcher)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Test (and eval) a model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir',
+                        help='the dir to save the evaluation metrics')
+    parser.add_argument('--out', help='dump predictions to this .pkl file')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value')
+    parser.add_argument('--launcher', default='none',
+                        choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    set_local_rank_env(args.local_rank)
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
+    if not osp.isfile(args.checkpoint):
+        raise UserError(f'checkpoint {args.checkpoint} does not exist')
+    cfg.load_from = args.checkpoint
+    check_datasets(cfg, ['test_dataloader'])
+    setup_launcher(cfg, args.launcher)
+    runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else
+              RUNNERS.build(cfg))
+    if args.out is not None:
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise UserError('--out must be a .pkl or .pickle file')
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
+    metrics = runner.test()
+    if runner.rank == 0:
+        save_metrics(metrics, runner)
+
+
+def save_metrics(metrics, runner):
+    """Write the metrics as JSON in the work dir (latest run) and in the
+    run's log dir, so scripts can collect them."""
+    for folder in (runner.work_dir, runner.log_dir):
+        with open(osp.join(folder, 'test_metrics.json'), 'w') as f:
+            json.dump(dict(config=runner.cfg.filename,
+                           checkpoint=runner.cfg.load_from,
+                           metrics={k: float(v) for k, v in metrics.items()}),
+                      f, indent=2)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f'error: {err}')
