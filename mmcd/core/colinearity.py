@@ -95,21 +95,15 @@ class SpectralNormEstimator:
             v = torch.randn(mat.shape[0], mat.shape[-1], generator=gen)
             self.v = v.to(device=mat.device, dtype=mat.dtype)
             iters = self.init_iters
-        v = self.v
-        for _ in range(iters):
-            u = torch.nn.functional.normalize(
-                (mat @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
-            v = torch.nn.functional.normalize(
-                (mat.transpose(-2, -1) @ u.unsqueeze(-1)).squeeze(-1),
-                dim=-1)
+        v, tiny = self.v, torch.finfo(mat.dtype).tiny
+        for _ in range(iters):  # v unit-norm: sigma ~ ||M v||, v <- M^T M v
+            mv = mat @ v.unsqueeze(-1)
+            sigma = torch.linalg.vector_norm(mv, dim=(-2, -1))
+            v = (mat.transpose(-2, -1) @ mv).squeeze(-1)
+            v = v / torch.linalg.vector_norm(v, dim=-1,
+                                             keepdim=True).clamp_min(tiny)
         self.v = v
-        return torch.linalg.vector_norm(mat @ v.unsqueeze(-1), dim=(-2, -1))
-
-    def state_dict(self) -> dict:
-        return {'v': self.v}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.v = state['v']
+        return sigma
 
 
 def colinearity_decay_deltas(
@@ -140,6 +134,12 @@ def colinearity_decay_deltas(
 class ColinearityDecay:
     """CD over a list of :class:`~mmcd.core.pairs.MatrixPair`.
 
+    Pairs of the same shapes (e.g. the vo and qk pairs of all blocks of a
+    Swin stage) are stacked and processed as one batch, so a step costs a few dozen kernel
+    launches per group rather than per pair, and no host-device sync:
+    non-finite pairs are masked on the device and reported in the returned
+    stats.
+
     Args:
         pairs: the pairs to decay.
         strength: ``lam`` above (>= 0).
@@ -151,8 +151,13 @@ class ColinearityDecay:
         if not strength >= 0:  # also rejects NaN
             raise ValueError(f'CD strength must be >= 0, got {strength}')
         self.pairs, self.strength = list(pairs), float(strength)
-        self.sigma = {(p.name, side): SpectralNormEstimator(power_iters)
-                      for p in self.pairs for side in 'ab'}
+        groups: Dict[tuple, list] = {}
+        for pair in sorted(self.pairs, key=lambda p: p.kind):
+            a, b = pair.matrices()
+            groups.setdefault((a.shape, b.shape), []).append(pair)
+        self.groups = [(members, SpectralNormEstimator(power_iters),
+                        SpectralNormEstimator(power_iters))
+                       for members in groups.values()]
 
     @torch.no_grad()
     def step(self, lr_of: Callable[[torch.Tensor], float],
@@ -164,44 +169,65 @@ class ColinearityDecay:
             multiplier: extra factor (warm-up ramp, interval).
 
         Returns:
-            ``{'alignment': {kind: tensor of per-head alignments}, 'update_sq':
-            sum of squared update entries (tensor), 'skipped': names of
-            pairs with non-finite values, which are left untouched}``.
+            ``alignment``: ``{kind: per-head alignments}``; ``update_sq``: sum
+            of squared update entries; ``finite``: one flag per pair of
+            ``names`` (pairs with non-finite values are left untouched).
+            All tensors stay on the weights' device.
         """
-        updates, finite, per_kind = [], [], {}
-        for pair in self.pairs:
-            a, b = pair.matrices()
-            wa, wb = pair.first.weight, pair.second.weight
-            sig_a = self.sigma[(pair.name, 'a')](a)
-            sig_b = self.sigma[(pair.name, 'b')](b)
+        per_kind, update_sq, finite, names = {}, [], [], []
+        for members, sigma_a, sigma_b in self.groups:
+            views = [p.matrices() for p in members]
+            heads = views[0][0].shape[0]
+            a = torch.cat([v[0] for v in views])
+            b = torch.cat([v[1] for v in views])
             base = self.strength * multiplier
-            da, db, ba_sq = colinearity_decay_deltas(
-                a, b, base * lr_of(wa), base * lr_of(wb), sig_a, sig_b)
-            updates.append((a, b, da, db))
-            finite.append(torch.isfinite(ba_sq).all()
-                          & torch.isfinite(da).all()
-                          & torch.isfinite(db).all())
-            per_kind.setdefault(pair.kind, []).append(alignment(a, b, ba_sq))
-        if not updates:
-            return dict(alignment={}, update_sq=torch.zeros(()), skipped=[])
-        finite = torch.stack(finite).tolist()  # one sync for all pairs
-        update_sq = torch.zeros((), device=updates[0][0].device)
-        skipped = []
-        for pair, ok, (a, b, da, db) in zip(self.pairs, finite, updates):
-            if not ok:
-                skipped.append(pair.name)
-                continue
-            a.sub_(da)
-            b.sub_(db)
-            update_sq += da.square().sum() + db.square().sum()
+            scale_a = self._scales(members, 'first', base, heads, a, lr_of)
+            scale_b = self._scales(members, 'second', base, heads, a, lr_of)
+            da, db, ba_sq = colinearity_decay_deltas(a, b, scale_a, scale_b,
+                                                     sigma_a(a), sigma_b(b))
+            pair_sq = (da.square().sum((-2, -1)) + db.square().sum(
+                (-2, -1))).view(len(members), heads).sum(1)
+            ok = torch.isfinite(pair_sq)
+            ok_heads = ok.repeat_interleave(heads)[:, None, None]
+            da = torch.where(ok_heads, da, 0).split(heads)
+            db = torch.where(ok_heads, db, 0).split(heads)
+            torch._foreach_sub_([v[0] for v in views], list(da))
+            torch._foreach_sub_([v[1] for v in views], list(db))
+            update_sq.append(torch.where(ok, pair_sq, 0).sum())
+            finite.append(ok)
+            names += [p.name for p in members]
+            align = alignment(a, b, ba_sq).split(heads)
+            for pair, pair_align in zip(members, align):
+                per_kind.setdefault(pair.kind, []).append(pair_align)
+        if not names:
+            return dict(alignment={}, update_sq=torch.zeros(()),
+                        finite=torch.ones(0, dtype=torch.bool), names=[])
         return dict(alignment={k: torch.cat(v) for k, v in per_kind.items()},
-                    update_sq=update_sq, skipped=skipped)
+                    update_sq=torch.stack(update_sq).sum(),
+                    finite=torch.cat(finite), names=names)
+
+    @staticmethod
+    def _scales(members, side, base, heads, like, lr_of):
+        """``lr * strength`` per head; a plain float when all agree."""
+        lrs = [lr_of(getattr(p, side).weight) for p in members]
+        if len(set(lrs)) == 1:
+            return base * lrs[0]
+        return torch.tensor(lrs, dtype=like.dtype, device=like.device
+                            ).repeat_interleave(heads) * base
 
     def state_dict(self) -> Dict:
-        return {f'{name}/{side}': est.state_dict()
-                for (name, side), est in self.sigma.items()}
+        state = {}
+        for members, sigma_a, sigma_b in self.groups:
+            for side, est in (('a', sigma_a), ('b', sigma_b)):
+                if est.v is None:
+                    continue
+                for p, v in zip(members, est.v.chunk(len(members))):
+                    state[f'{p.name}/{side}'] = v.clone()
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
-        for (name, side), est in self.sigma.items():
-            if f'{name}/{side}' in state:
-                est.load_state_dict(state[f'{name}/{side}'])
+        for members, sigma_a, sigma_b in self.groups:
+            for side, est in (('a', sigma_a), ('b', sigma_b)):
+                keys = [f'{p.name}/{side}' for p in members]
+                if all(k in state for k in keys):
+                    est.v = torch.cat([state[k] for k in keys])

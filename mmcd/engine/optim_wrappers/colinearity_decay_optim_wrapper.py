@@ -35,6 +35,7 @@ TensorBoard): ``cd_align_{kind}_mean`` / ``_max`` (see
 :func:`mmcd.core.colinearity.alignment`), ``cd_update_norm``; plus
 ``s2d_update_norm`` and ``loss_tweo`` when enabled.
 """
+import logging
 import math
 from typing import Dict, Optional
 
@@ -200,20 +201,25 @@ class ColinearityDecayMixin:
 
     @staticmethod
     def _log_cd(hub: MessageHub, stats: Dict) -> None:
+        """Log CD's stats with a single device-to-host copy."""
         kinds = sorted(stats['alignment'])
-        values = torch.stack(
-            [stats['update_sq'].sqrt().float().cpu()] +
-            [f(stats['alignment'][k].float()).cpu() for k in kinds
-             for f in (torch.mean, torch.max)]).tolist()
+        summary = [stats['update_sq'].sqrt()]
+        for kind in kinds:
+            align = stats['alignment'][kind].float()
+            summary += [align.mean(), align.max()]
+        values = torch.cat([torch.stack(summary).float(),
+                            stats['finite'].float()]).tolist()
         hub.update_scalar('train/cd_update_norm', values[0])
         for i, kind in enumerate(kinds):
             hub.update_scalar(f'train/cd_align_{kind}_mean', values[1 + 2 * i])
             hub.update_scalar(f'train/cd_align_{kind}_max', values[2 + 2 * i])
-        if stats['skipped']:
+        flags = values[1 + 2 * len(kinds):]
+        skipped = [n for n, ok in zip(stats['names'], flags) if not ok]
+        if skipped:
             print_log(
-                'Colinearity decay skipped pairs with non-finite weights '
-                f'(left unchanged): {", ".join(stats["skipped"])}',
-                logger='current', level=30)
+                'Colinearity decay skipped pairs with non-finite values '
+                f'(left unchanged): {", ".join(skipped)}',
+                logger='current', level=logging.WARNING)
 
     # ------------------------------------------------------------ state --
     def state_dict(self) -> dict:
@@ -252,7 +258,7 @@ class ColinearityDecayOptimWrapper(ColinearityDecayMixin, OptimWrapper):
     def __init__(self, optimizer, cd: Optional[dict] = None,
                  pairs: Optional[dict] = None, s2d: Optional[dict] = None,
                  tweo: Optional[dict] = None, **kwargs):
-        super().__init__(optimizer, **kwargs)
+        super().__init__(optimizer=optimizer, **kwargs)
         self._setup_regularizers(cd, pairs, s2d, tweo)
 
 
@@ -267,5 +273,5 @@ class ColinearityDecayAmpOptimWrapper(ColinearityDecayMixin,
     def __init__(self, optimizer, cd: Optional[dict] = None,
                  pairs: Optional[dict] = None, s2d: Optional[dict] = None,
                  tweo: Optional[dict] = None, **kwargs):
-        super().__init__(optimizer, **kwargs)
+        super().__init__(optimizer=optimizer, **kwargs)
         self._setup_regularizers(cd, pairs, s2d, tweo)
