@@ -1,6 +1,8 @@
 """ColinearityDecayOptimWrapper: config building, schedule, accumulation,
 clip_grad, state round trip, bad configs, DDP."""
 import datetime
+import socket
+import time
 
 import pytest
 import torch
@@ -159,8 +161,8 @@ def test_user_rule_and_kind_filter():
     assert [p.name for p in wrapper.matrix_pairs] == ['blocks.0.vo']
 
 
-def _ddp_worker(rank, world_size, init_file, out):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}',
+def _ddp_worker(rank, world_size, port, out):
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
                             rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)  # same init on every rank
@@ -180,7 +182,16 @@ def _ddp_worker(rank, world_size, init_file, out):
 
 def test_ddp_two_processes_identical_weights(tmp_path):
     out = str(tmp_path / 'weights.pt')
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), out), nprocs=2)
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    ctx = mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail('2-process DDP run did not finish in 240 s')
     weights = torch.load(out)
     assert torch.equal(weights[0], weights[1])
     torch.manual_seed(0)
