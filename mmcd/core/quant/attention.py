@@ -1,0 +1,77 @@
+"""Quantization-aware attention.
+
+MMDetection's Swin ``WindowMSA`` computes ``q @ k^T`` and ``attn @ v``
+inline, where no module boundary lets a quantizer in. :class:`QuantWindowMSA`
+takes over such a module (sharing its parameters and buffers, so names and
+checkpoint keys are unchanged) and computes the same function with the two
+products as :class:`~mmcd.core.quant.modules.QuantMatMul`: with quantization
+off the output is the float module's (tested). Recognised by attribute
+layout (``qkv``, ``proj``, ``relative_position_bias_table``,
+``relative_position_index``, ``window_size``, ``num_heads``, ``scale``), so
+nothing here imports mmdet. Pure PyTorch.
+"""
+import torch
+from torch import nn
+
+from .modules import QuantMatMul, make_act_quantizer, make_softmax_quantizer
+
+WINDOW_MSA_ATTRS = ('qkv', 'proj', 'relative_position_bias_table',
+                    'relative_position_index', 'window_size', 'num_heads',
+                    'scale')
+
+
+class QuantWindowMSA(nn.Module):
+    """Window attention with relative position bias (Swin), quantizable.
+
+    ``attn = softmax(q k^T * scale + bias + mask)``, ``out = proj(attn v)``;
+    ``q k^T`` has both operands quantized uniformly, ``attn v`` quantizes
+    ``attn`` with the method's post-softmax quantizer.
+    """
+
+    def __init__(self, window_msa: nn.Module, a_bits: int, method: str):
+        super().__init__()
+        missing = [a for a in WINDOW_MSA_ATTRS if not hasattr(window_msa, a)]
+        if missing:
+            raise ValueError(f'{type(window_msa).__name__} lacks {missing}; '
+                             'not a Swin WindowMSA')
+        self.qkv, self.proj = window_msa.qkv, window_msa.proj
+        self.relative_position_bias_table = \
+            window_msa.relative_position_bias_table
+        self.register_buffer('relative_position_index',
+                             window_msa.relative_position_index)
+        self.window_size = tuple(window_msa.window_size)
+        self.num_heads, self.scale = window_msa.num_heads, window_msa.scale
+        self.embed_dims = getattr(window_msa, 'embed_dims', None)
+        self.attn_drop = getattr(window_msa, 'attn_drop', nn.Identity())
+        self.proj_drop = getattr(window_msa, 'proj_drop', nn.Identity())
+        self.qk_matmul = QuantMatMul(make_act_quantizer(a_bits, method),
+                                     make_act_quantizer(a_bits, method))
+        self.av_matmul = QuantMatMul(make_softmax_quantizer(a_bits, method),
+                                     make_act_quantizer(a_bits, method))
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads,
+                                  channels // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        area = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[
+            self.relative_position_index.view(-1)].view(area, area, -1)
+        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(batch // windows, windows, self.num_heads,
+                             tokens, tokens) + mask[None, :, None]
+            attn = attn.view(-1, self.num_heads, tokens, tokens)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = self.av_matmul(attn, v).transpose(1, 2).reshape(
+            batch, tokens, channels)
+        return self.proj_drop(self.proj(out))
+
+
+#: Attention classes (by name) that mmcd can quantize, and their
+#: quantization-aware replacement. Containers that only route to one of them
+#: (Swin's ShiftWindowMSA) need no replacement.
+QUANT_ATTENTIONS = {'WindowMSA': QuantWindowMSA}
+ATTENTION_CONTAINERS = {'ShiftWindowMSA'}

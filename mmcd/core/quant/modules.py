@@ -1,0 +1,90 @@
+"""Quantized modules: Linear, Conv2d and the attention matmuls.
+
+``QuantLinear`` / ``QuantConv2d`` subclass their float layer and share its
+parameters, so module names and checkpoint keys are unchanged (CD's pair
+rules still match) and the float weights are never modified: the
+fake-quantized weight is computed once by :meth:`finalize` and kept in a
+non-persistent buffer. The input (activation) is fake-quantized per tensor,
+the weight per output channel. Pure PyTorch.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import (FakeQuantizer, LogSqrt2Quantizer, TanQuantizer,
+                         UniformQuantizer)
+
+
+def make_act_quantizer(bits: int, method: str) -> UniformQuantizer:
+    return UniformQuantizer(bits, None,
+                            'minmax' if method == 'minmax' else 'mse')
+
+
+def make_softmax_quantizer(bits: int, method: str) -> FakeQuantizer:
+    """Post-softmax quantizer of each method: uniform (minmax), log-sqrt2
+    (RepQ-ViT) or TanQ (DopQ-ViT)."""
+    if method == 'repq-vit':
+        return LogSqrt2Quantizer(bits)
+    if method == 'dopq-vit':
+        return TanQuantizer(bits)
+    return UniformQuantizer(bits, None, 'minmax')
+
+
+class QuantWeightMixin:
+    """Weight and input quantizers around a float layer's forward."""
+
+    def _init_quant(self, w_bits: int, a_bits: int, method: str):
+        self.weight_quantizer = UniformQuantizer(
+            w_bits, 0, 'minmax' if method == 'minmax' else 'mse')
+        self.input_quantizer = make_act_quantizer(a_bits, method)
+        self.register_buffer('quant_weight', None, persistent=False)
+
+    @classmethod
+    def from_float(cls, layer, w_bits: int, a_bits: int, method: str):
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in layer.__dict__.items()
+                             if k not in ('_modules', '_parameters',
+                                          '_buffers')})
+        new._parameters = dict(layer._parameters)  # shared Parameters
+        new._buffers = dict(layer._buffers)
+        new._modules = dict(layer._modules)
+        new._init_quant(w_bits, a_bits, method)
+        return new
+
+    def finalize_weight(self) -> None:
+        self.weight_quantizer.finalize(self.weight)
+        self.weight_quantizer.set_state('quant')
+        self.quant_weight = self.weight_quantizer(self.weight.detach())
+
+    def effective_weight(self):
+        if self.weight_quantizer.state == 'quant':
+            return self.quant_weight
+        return self.weight
+
+
+class QuantLinear(QuantWeightMixin, nn.Linear):
+
+    def forward(self, x):
+        return F.linear(self.input_quantizer(x), self.effective_weight(),
+                        self.bias)
+
+
+class QuantConv2d(QuantWeightMixin, nn.Conv2d):
+
+    def forward(self, x):
+        return self._conv_forward(self.input_quantizer(x),
+                                  self.effective_weight(), self.bias)
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` with both operands fake-quantized (identity until
+    calibrated)."""
+
+    def __init__(self, quantizer_a: FakeQuantizer,
+                 quantizer_b: FakeQuantizer):
+        super().__init__()
+        self.quantizer_a, self.quantizer_b = quantizer_a, quantizer_b
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.quantizer_a(a) @ self.quantizer_b(b)

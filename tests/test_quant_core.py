@@ -1,0 +1,208 @@
+"""PTQ core: quantizer grids against hand-computed values, RepQ-ViT
+reparameterization equivalence, quantization-aware Swin attention, model
+conversion rules and errors."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmcd.core.quant import (LogSqrt2Quantizer, QuantConfig, QuantLinear,
+                             QuantWindowMSA, TanQuantizer, UniformQuantizer,
+                             calibrate, quantize_model, reparameterize,
+                             target_params)
+from mmcd.core.quant.convert import quantizers
+
+
+def _calibrated(q, *batches, weight=None):
+    if weight is not None:
+        q.finalize(weight)
+    else:
+        q.set_state('calib')
+        for b in batches:
+            q(b)
+        q.finalize()
+    q.set_state('quant')
+    return q
+
+
+def test_uniform_quantizer_hand_computed():
+    q = _calibrated(UniformQuantizer(2), torch.tensor([-1.0, 2.0]))
+    assert q.scale.item() == pytest.approx(1.0)
+    assert q.zero_point.item() == 1
+    x = torch.tensor([-1.4, -0.6, 0.4, 1.6, 2.7])
+    torch.testing.assert_close(q(x), torch.tensor([-1.0, -1.0, 0.0, 2.0,
+                                                   2.0]))
+    # error bound inside the range: half a step
+    q8 = _calibrated(UniformQuantizer(8), torch.tensor([-3.0, 5.0]))
+    x = torch.linspace(-3, 5, 1001)
+    assert (q8(x) - x).abs().max() <= q8.scale / 2 + 1e-6
+    assert q8(torch.zeros(1)).item() == 0  # zero is exact
+
+
+def test_uniform_per_channel_weights():
+    w = torch.tensor([[0.0, 1.0, -1.0], [0.0, 10.0, -10.0]])
+    q = _calibrated(UniformQuantizer(4, channel_axis=0), weight=w)
+    torch.testing.assert_close(q.scale, torch.tensor([2 / 15, 20 / 15]))
+    assert (q(w) - w).abs()[0].max() <= 1 / 15 + 1e-6
+
+
+def test_quantile_mse_search_clips_an_outlier():
+    torch.manual_seed(0)
+    data = torch.randn(100_000)
+    data[:5] = 40.0  # a few outliers stretch the min-max range
+    minmax = _calibrated(UniformQuantizer(4), data)
+    mse = _calibrated(UniformQuantizer(4, search='mse'), data)
+    assert mse.scale < minmax.scale / 4
+    assert (mse(data) - data).square().mean() < \
+        (minmax(data) - data).square().mean() / 4
+
+
+def test_log_sqrt2_grid():
+    q = _calibrated(LogSqrt2Quantizer(3))
+    x = torch.tensor([1.0, 0.5, 0.7, 0.25, 0.01, 0.0])
+    expected = torch.tensor([1.0, 0.5, 2**-0.5, 0.25, 0.0, 0.0])
+    torch.testing.assert_close(q(x), expected)
+    # the 8 levels are exactly (sqrt 2)^-q, q = 0..7
+    levels = torch.tensor([2**(-k / 2) for k in range(8)])
+    torch.testing.assert_close(q(levels), levels)
+
+
+def test_tan_quantizer_grid():
+    levels = 15
+    k = torch.arange(levels + 1, dtype=torch.float64)
+    for tau in TanQuantizer.TAUS:
+        grid = 0.5 + torch.atan(tau * (2 * k / levels - 1)) / (
+            2 * math.atan(tau))
+        out = TanQuantizer._fake(grid, tau, levels)
+        torch.testing.assert_close(out, grid)  # levels map to themselves
+        gaps = grid.diff()
+        assert gaps[0] < gaps[levels // 2] and gaps[-1] < gaps[levels // 2]
+    assert TanQuantizer._fake(torch.tensor([0.0, 1.0]), 4.0, 15).tolist() \
+        == pytest.approx([0.0, 1.0])
+    # attention-like data (mass near 0 and near 1): TanQ beats uniform
+    torch.manual_seed(0)
+    data = torch.cat([torch.rand(5000) * 0.05, 1 - torch.rand(500) * 0.05])
+    tan = _calibrated(TanQuantizer(4), data)
+    uni = _calibrated(UniformQuantizer(4), data)
+    assert float(tan.tau) > 1
+    assert (tan(data) - data).square().mean() < \
+        (uni(data) - data).square().mean() / 2
+
+
+@pytest.mark.parametrize('bits', [1, 9, 4.0])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match='2..8'):
+        UniformQuantizer(bits)
+    with pytest.raises(ValueError, match='2..8'):
+        QuantConfig(w_bits=bits)
+
+
+def test_quant_state_needs_calibration():
+    with pytest.raises(RuntimeError, match='not calibrated'):
+        UniformQuantizer(4).set_state('quant')
+
+
+def test_target_params_mean_and_mad():
+    scale = torch.tensor([1.0, 1.1, 0.9, 1.0, 50.0])
+    zero = torch.tensor([3.0, 4.0, 3.0, 4.0, 3.0])
+    s_mean, z_mean = target_params(scale, zero, 'mean')
+    assert s_mean.item() == pytest.approx(10.8)
+    assert z_mean.item() == 3  # round(3.4)
+    s_mad, _ = target_params(scale, zero, 'mad')
+    assert s_mad.item() == pytest.approx(1.0)  # the outlier channel is out
+
+
+def test_reparameterization_is_exact_in_fp():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) * 5)
+        norm.bias.copy_(torch.randn(16))
+    linear = QuantLinear.from_float(nn.Linear(16, 8), 4, 4, 'repq-vit')
+    x = torch.randn(64, 16) * torch.linspace(0.1, 10, 16)
+    before = linear(norm(x))
+    y = norm(x)
+    out = reparameterize(norm, linear, y.amin(0), y.amax(0), 'mean')
+    torch.testing.assert_close(linear(norm(x)), before, rtol=1e-5,
+                               atol=1e-5)
+    # r and t follow the formulas
+    scale_c, zero_c = linear.input_quantizer.params_for_range(
+        y.amin(0), y.amax(0))
+    torch.testing.assert_close(out['r'], scale_c / scale_c.mean())
+    torch.testing.assert_close(out['t'], scale_c.mean() * (
+        zero_c - torch.round(zero_c.mean())))
+    # the rewritten activation has per-channel ranges aligned on one grid
+    y_new = norm(x) + out['t']
+    span = (y_new.amax(0) - y_new.amin(0)) / (y.amax(0) - y.amin(0))
+    torch.testing.assert_close(span, 1 / out['r'], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('size,shift', [((14, 14), 0), ((11, 17), 3)])
+def test_quant_window_msa_matches_mmdet_in_fp(size, shift):
+    from mmdet.models.backbones.swin import ShiftWindowMSA
+    torch.manual_seed(0)
+    attn = ShiftWindowMSA(embed_dims=32, num_heads=4, window_size=7,
+                          shift_size=shift)
+    nn.init.normal_(attn.w_msa.relative_position_bias_table, std=0.5)
+    attn.eval()
+    x = torch.randn(2, size[0] * size[1], 32)
+    ref = attn(x, size)
+    qattn = copy.deepcopy(attn)
+    qattn.w_msa = QuantWindowMSA(qattn.w_msa, 4, 'repq-vit')
+    torch.testing.assert_close(qattn(x, size), ref, rtol=1e-6, atol=1e-6)
+    names = {n for n, _ in qattn.named_parameters()}
+    assert names == {n for n, _ in attn.named_parameters()}
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.patch_embed = nn.Conv2d(3, 8, 2, 2)
+        self.backbone.fc = nn.Linear(8, 8)
+        self.head = nn.Module()
+        self.head.conv = nn.Conv2d(8, 4, 1)
+        self.head.up = nn.ConvTranspose2d(4, 4, 2, 2)
+
+    def forward(self, x):
+        x = self.backbone.patch_embed(x)
+        x = self.backbone.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head.up(self.head.conv(x))
+
+
+def test_conversion_rules_and_calibration():
+    torch.manual_seed(0)
+    net = TinyNet()
+    x = torch.randn(2, 3, 8, 8)
+    ref = net(x)
+    q = quantize_model(copy.deepcopy(net), QuantConfig(8, 8, 'minmax'))
+    assert isinstance(q.backbone.fc, QuantLinear)
+    assert type(q.head.up) is nn.ConvTranspose2d  # stays in FP
+    assert q.backbone.patch_embed.input_quantizer.bits == 8
+    torch.testing.assert_close(q(x), ref)  # 'fp' state: unchanged
+    calibrate(q, QuantConfig(8, 8, 'minmax'), lambda: q(x))
+    out = q(x)
+    assert not torch.equal(out, ref)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    torch.testing.assert_close(q.backbone.fc.weight, net.backbone.fc.weight)
+    with pytest.raises(ValueError, match='already quantized'):
+        quantize_model(q, QuantConfig())
+    only_backbone = quantize_model(copy.deepcopy(net),
+                                   QuantConfig(4, 4, scope='backbone'))
+    assert type(only_backbone.head.conv) is nn.Conv2d
+    skipped = quantize_model(copy.deepcopy(net),
+                             QuantConfig(skip=[r'backbone\.fc']))
+    assert type(skipped.backbone.fc) is nn.Linear
+
+
+def test_unknown_attention_and_method():
+    net = TinyNet()
+    net.head.attn = nn.MultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match=r'head\.attn \(MultiheadAttention'
+                       r'\).*Supported: WindowMSA'):
+        quantize_model(net, QuantConfig())
+    with pytest.raises(ValueError, match='unknown quantization method'):
+        QuantConfig(method='gptq')
+    assert len(quantizers(quantize_model(TinyNet(), QuantConfig()))) == 6
