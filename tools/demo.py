@@ -2,7 +2,8 @@
 
 Generates the toy set if missing, trains the CPU-sized Swin Mask R-CNN with
 Colinearity Decay through ``tools/train.py`` (resuming if a previous demo was
-interrupted), evaluates it with ``tools/test.py``, and prints box/mask mAP
+interrupted), evaluates it with ``tools/test.py`` in floating point and with
+W6A6 and W4A4 RepQ-ViT post-training quantization, and prints box/mask mAP
 and where everything went.
 Each step is the command a user would type; they are printed as they run.
 """
@@ -34,19 +35,25 @@ def main():
          '--resume'])
     with open(osp.join(REPO, args.work_dir, 'last_checkpoint')) as f:
         checkpoint = f.read().strip()
-    test_dir = osp.join(args.work_dir, 'test')
-    run(['tools/test.py', args.config, checkpoint, '--work-dir', test_dir])
-    with open(osp.join(REPO, test_dir, 'test_metrics.json')) as f:
-        metrics = json.load(f)['metrics']
+    rows = {}
+    for name, extra in (('float', []),
+                        ('W6A6 repq-vit', ['--quant', 'w6a6']),
+                        ('W4A4 repq-vit', ['--quant', 'w4a4'])):
+        test_dir = osp.join(args.work_dir, 'test_' + name.split()[0].lower())
+        run(['tools/test.py', args.config, checkpoint, '--work-dir',
+             test_dir, *extra])
+        with open(osp.join(REPO, test_dir, 'test_metrics.json')) as f:
+            rows[name] = json.load(f)['metrics']
     print('\n==== mmcd demo ({:.0f} s) ===='.format(time.time() - start))
     print(f'config      {args.config}')
-    print(f'box  mAP    {metrics["coco/bbox_mAP"]:.3f} '
-          f'(AP50 {metrics["coco/bbox_mAP_50"]:.3f})')
-    print(f'mask mAP    {metrics["coco/segm_mAP"]:.3f} '
-          f'(AP50 {metrics["coco/segm_mAP_50"]:.3f})')
     print(f'checkpoint  {checkpoint}')
+    print(f'{"":16}{"box mAP":>9}{"AP50":>7}{"mask mAP":>10}{"AP50":>7}')
+    for name, m in rows.items():
+        print(f'{name:16}{m["coco/bbox_mAP"]:9.3f}{m["coco/bbox_mAP_50"]:7.3f}'
+              f'{m["coco/segm_mAP"]:10.3f}{m["coco/segm_mAP_50"]:7.3f}')
     print(f'train logs  {args.work_dir}/<timestamp>/<timestamp>.log')
-    print(f'test logs   {test_dir}/ (metrics in test_metrics.json)')
+    print(f'test logs   {args.work_dir}/test_*/ (test_metrics.json, '
+          'quant_results.json)')
 
 
 if __name__ == '__main__':

@@ -16,9 +16,9 @@ from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,
-                                      check_datasets, default_work_dir,
-                                      load_config, set_local_rank_env,
-                                      setup_launcher)
+                                      add_quant_hook, check_datasets,
+                                      default_work_dir, load_config,
+                                      set_local_rank_env, setup_launcher)
 
 
 def parse_args():
@@ -28,6 +28,17 @@ def parse_args():
     parser.add_argument('--work-dir',
                         help='the dir to save the evaluation metrics')
     parser.add_argument('--out', help='dump predictions to this .pkl file')
+    parser.add_argument(
+        '--quant', metavar='wNaM',
+        help='post-training quantization before evaluation, e.g. w4a4 '
+        '(adds a PostTrainingQuantHook)')
+    parser.add_argument('--quant-method', default='repq-vit',
+                        help='minmax, repq-vit or dopq-vit')
+    parser.add_argument('--calib-images', type=int,
+                        help='calibration images (default 32)')
+    parser.add_argument('--compare-fp', action='store_true',
+                        help='with --quant: also evaluate the float model '
+                        'and print both')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, key=value')
@@ -46,6 +57,9 @@ def main():
     if not osp.isfile(args.checkpoint):
         raise UserError(f'checkpoint {args.checkpoint} does not exist')
     cfg.load_from = args.checkpoint
+    if args.quant:
+        add_quant_hook(cfg, args.quant, args.quant_method, args.compare_fp,
+                       args.calib_images)
     check_datasets(cfg, ['test_dataloader'])
     setup_launcher(cfg, args.launcher)
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else

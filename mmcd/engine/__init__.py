@@ -1,5 +1,9 @@
 """MMEngine adapters: optim wrappers, hooks and tool set-up."""
+from .hooks import PostTrainingQuantHook
 from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
                              ColinearityDecayOptimWrapper)
 
-__all__ = ['ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper']
+__all__ = [
+    'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
+    'PostTrainingQuantHook'
+]

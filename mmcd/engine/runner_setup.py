@@ -6,6 +6,7 @@ set-up, which MMEngine 0.10.7's ``init_dist`` cannot do (it calls
 """
 import os
 import os.path as osp
+import re
 from typing import Iterable, Optional
 
 import torch
@@ -122,3 +123,31 @@ def set_local_rank_env(local_rank: int) -> None:
     """``torch.distributed.launch`` passes ``--local-rank``; torchrun sets
     the variable. MMEngine reads the variable."""
     os.environ.setdefault('LOCAL_RANK', str(local_rank))
+
+
+def parse_quant_spec(spec: str):
+    """``'w4a4'`` -> ``(4, 4)``."""
+    match = re.fullmatch(r'w(\d+)a(\d+)', spec.lower())
+    if match is None:
+        raise UserError(f'--quant takes wNaM, e.g. w4a4 or w6a6, got {spec}')
+    return int(match.group(1)), int(match.group(2))
+
+
+def add_quant_hook(cfg: Config, spec: str, method: str, compare_fp: bool,
+                   calib_images: Optional[int]) -> None:
+    """Append a PostTrainingQuantHook for ``--quant`` (replacing one the
+    config already has)."""
+    w_bits, a_bits = parse_quant_spec(spec)
+    hooks = [h for h in cfg.get('custom_hooks', [])
+             if h.get('type') != 'PostTrainingQuantHook']
+    hook = dict(type='PostTrainingQuantHook', w_bits=w_bits, a_bits=a_bits,
+                method=method, compare_fp=compare_fp)
+    if calib_images is not None:
+        hook['calib'] = dict(num_images=calib_images)
+    try:  # bad bits or method: fail here, in one line
+        from mmcd.engine.hooks import PostTrainingQuantHook
+        PostTrainingQuantHook(**{k: v for k, v in hook.items()
+                                 if k != 'type'})
+    except ValueError as err:
+        raise UserError(f'--quant: {err}') from None
+    cfg.custom_hooks = hooks + [hook]

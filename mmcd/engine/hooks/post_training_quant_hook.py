@@ -1,0 +1,199 @@
+"""Post-training quantization of the evaluated model, as an MMEngine hook.
+
+A config that inherits a detector config adds::
+
+    custom_hooks = [dict(type='PostTrainingQuantHook', w_bits=4, a_bits=4,
+                         method='repq-vit', calib=dict(num_images=32))]
+
+and ``tools/test.py CONFIG CHECKPOINT`` reports the quantized COCO mAP
+(``tools/test.py --quant w4a4`` is a shortcut). Before each test (and val)
+epoch the hook copies the model (after EMAHook has swapped in the EMA
+weights: lower priority), converts the copy with
+:func:`mmcd.core.quant.quantize_model`, calibrates it on ``num_images``
+images of a calibration dataloader (default: the train set with the test
+pipeline, i.e. without augmentation) and evaluates the copy instead of the
+model; after the epoch the float model is put back. The trained weights, and
+so every checkpoint, are never touched, and each epoch starts from the float
+model, so quantizers never stack.
+
+With ``compare_fp=True`` the float model is evaluated first in the same run,
+and a table of float vs quantized box/mask AP and the drop is logged.
+Results (bits, method, calibration size, metrics) are written as JSON to
+``quant_results.json`` in the log dir and the work dir.
+"""
+import copy
+import json
+import os.path as osp
+from typing import Dict, Optional, Sequence
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
+from mmengine.utils import ProgressBar
+
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model
+
+REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
+                    'coco/segm_mAP_50')
+
+
+@HOOKS.register_module()
+class PostTrainingQuantHook(Hook):
+    """Quantize the model for evaluation (see module docstring).
+
+    Args:
+        w_bits, a_bits: weight / activation bits, 2..8.
+        method: ``'minmax'``, ``'repq-vit'`` or ``'dopq-vit'``.
+        calib: ``num_images`` (32), ``dataloader`` (a dataloader config;
+            default the train dataloader with the test pipeline, batch 1),
+            ``seed`` (0: which images are drawn).
+        scope, skip, first_layer_bits: see
+            :class:`mmcd.core.quant.QuantConfig`.
+        compare_fp: evaluate the float model first and log both.
+        stages: ``'test'`` and/or ``'val'``.
+    """
+    priority = 'BELOW_NORMAL'  # after EMAHook (NORMAL) swaps in EMA weights
+
+    def __init__(self, w_bits: int = 4, a_bits: int = 4,
+                 method: str = 'repq-vit', calib: Optional[Dict] = None,
+                 scope: str = 'all', skip: Sequence[str] = (),
+                 first_layer_bits: int = 8, compare_fp: bool = False,
+                 stages: Sequence[str] = ('test', 'val')):
+        self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
+                                     tuple(skip), first_layer_bits)
+        calib = dict(calib or {})
+        unknown = set(calib) - {'num_images', 'dataloader', 'seed'}
+        if unknown:
+            raise ValueError(f'calib: unknown option(s) {sorted(unknown)}')
+        self.num_images = int(calib.get('num_images', 32))
+        if self.num_images < 1:
+            raise ValueError('calib.num_images must be >= 1, got '
+                             f'{self.num_images}')
+        self.calib_loader_cfg = calib.get('dataloader')
+        self.seed = calib.get('seed', 0)
+        unknown = set(stages) - {'test', 'val'}
+        if unknown:
+            raise ValueError(f"stages must be 'test' and/or 'val', got "
+                             f'{sorted(unknown)}')
+        self.stages, self.compare_fp = tuple(stages), compare_fp
+        self._float_model = None
+        self._fp_metrics = None
+
+    # ------------------------------------------------------------- stages --
+    def before_test_epoch(self, runner) -> None:
+        if 'test' in self.stages:
+            self._quantize(runner, runner.test_loop)
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        if 'test' in self.stages:
+            self._restore(runner, metrics)
+
+    def before_val_epoch(self, runner) -> None:
+        if 'val' in self.stages:
+            self._quantize(runner, runner.val_loop)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if 'val' in self.stages:
+            self._restore(runner, metrics)
+
+    # ---------------------------------------------------------------- work --
+    def _quantize(self, runner, loop) -> None:
+        model = runner.model
+        float_model = model.module if is_model_wrapper(model) else model
+        self._fp_metrics = None
+        if self.compare_fp:
+            print_log('PostTrainingQuantHook: evaluating the float model',
+                      logger='current')
+            self._fp_metrics = evaluate(float_model, loop)
+        calib_loader = self._calibration_loader(runner)
+        quant_model = copy.deepcopy(float_model)
+        quantize_model(quant_model, self.quant_cfg)
+        cfg = self.quant_cfg
+        print_log(f'PostTrainingQuantHook: W{cfg.w_bits}A{cfg.a_bits} '
+                  f'{cfg.method}, calibrating on {self.num_images} images',
+                  logger='current')
+
+        def run_calibration():
+            bar = ProgressBar(self.num_images)
+            for i, batch in enumerate(calib_loader):
+                if i == self.num_images:
+                    break
+                quant_model.test_step(batch)
+                bar.update()
+            print()  # ProgressBar leaves the cursor on its line
+
+        summary = calibrate(quant_model, cfg, run_calibration)
+        print_log(f'PostTrainingQuantHook: {summary}', logger='current')
+        self._float_model = model
+        runner.model = quant_model
+
+    def _restore(self, runner, metrics) -> None:
+        if self._float_model is None:
+            return
+        runner.model, self._float_model = self._float_model, None
+        cfg = self.quant_cfg
+        results = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                       method=cfg.method, scope=cfg.scope,
+                       calib_images=self.num_images,
+                       metrics=_floats(metrics or {}))
+        if self._fp_metrics is not None:
+            results['fp_metrics'] = _floats(self._fp_metrics)
+            print_log(comparison_table(results), logger='current')
+        if runner.rank == 0:
+            for folder in {runner.log_dir, runner.work_dir}:
+                with open(osp.join(folder, 'quant_results.json'), 'w') as f:
+                    json.dump(results, f, indent=2)
+
+    def _calibration_loader(self, runner):
+        cfg = self.calib_loader_cfg
+        if cfg is None:
+            cfg = copy.deepcopy(runner.cfg.train_dataloader)
+            cfg['dataset']['pipeline'] = copy.deepcopy(
+                runner.cfg.test_dataloader['dataset']['pipeline'])
+            cfg.update(batch_size=1, num_workers=0, persistent_workers=False,
+                       sampler=dict(type='DefaultSampler', shuffle=True,
+                                    seed=self.seed))
+            cfg.pop('batch_sampler', None)
+        loader = Runner.build_dataloader(copy.deepcopy(cfg), seed=self.seed)
+        if len(loader.dataset) < self.num_images:
+            raise ValueError(
+                f'calibration set has {len(loader.dataset)} images, fewer '
+                f'than the {self.num_images} asked for (calib.num_images)')
+        if loader.batch_size != 1:
+            raise ValueError('the calibration dataloader must have '
+                             f'batch_size=1, got {loader.batch_size}')
+        return loader
+
+
+@torch.no_grad()
+def evaluate(model, loop) -> Dict:
+    """Run ``loop``'s dataloader and evaluator on ``model`` (what MMEngine's
+    Val/TestLoop do, without their hooks)."""
+    model.eval()
+    step = model.val_step if type(loop).__name__.startswith('Val') \
+        else model.test_step
+    bar = ProgressBar(len(loop.dataloader))
+    for batch in loop.dataloader:
+        outputs = step(batch)
+        loop.evaluator.process(data_samples=outputs, data_batch=batch)
+        bar.update()
+    print()
+    return loop.evaluator.evaluate(len(loop.dataloader.dataset))
+
+
+def _floats(metrics: Dict) -> Dict:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def comparison_table(results: Dict) -> str:
+    """Float vs quantized AP, and the drop, as a text table."""
+    name = f'W{results["w_bits"]}A{results["a_bits"]} {results["method"]}'
+    lines = [f'{"metric":<18}{"float":>8}{name:>22}{"drop":>8}']
+    for key in REPORTED_METRICS:
+        if key in results['metrics'] and key in results['fp_metrics']:
+            fp, q = results['fp_metrics'][key], results['metrics'][key]
+            lines.append(f'{key:<18}{fp:>8.3f}{q:>22.3f}{fp - q:>8.3f}')
+    return '\n'.join(['PostTrainingQuantHook results:'] + lines)

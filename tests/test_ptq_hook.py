@@ -1,0 +1,108 @@
+"""PostTrainingQuantHook on the toy detector: float vs quantized mAP in one
+run, JSON results, checkpoint untouched, no stacking, 8-bit fidelity."""
+import copy
+import hashlib
+import json
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.runner import Runner
+
+from conftest import micro_config
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model
+from mmcd.core.quant.quantizers import FakeQuantizer
+from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
+
+
+@pytest.fixture(scope='module')
+def trained(micro_data_root, tmp_path_factory):
+    """A toy detector trained for one epoch on the micro set."""
+    work_dir = tmp_path_factory.mktemp('ptq_train')
+    runner = Runner.from_cfg(micro_config(micro_data_root, work_dir))
+    runner.train()
+    return osp.join(work_dir, 'epoch_1.pth')
+
+
+def _digest(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_hook_reports_fp_and_quantized_map(micro_data_root, trained,
+                                           tmp_path):
+    cfg = micro_config(micro_data_root, tmp_path)
+    cfg.load_from = trained
+    cfg.custom_hooks = [dict(type='PostTrainingQuantHook', w_bits=4,
+                             a_bits=4, method='dopq-vit', compare_fp=True,
+                             calib=dict(num_images=4))]
+    before = _digest(trained)
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    weights = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    with open(osp.join(tmp_path, 'quant_results.json')) as f:
+        results = json.load(f)
+    assert (results['w_bits'], results['a_bits'], results['method'],
+            results['calib_images']) == (4, 4, 'dopq-vit', 4)
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        assert -1 <= results['metrics'][key] <= 1
+        assert -1 <= results['fp_metrics'][key] <= 1
+    log = open(osp.join(runner.log_dir, osp.basename(runner.log_dir) +
+                        '.log')).read()
+    assert 'W4A4 dopq-vit' in log and 'drop' in log
+    # the evaluated model is put back, float, and the checkpoint untouched
+    assert not any(isinstance(m, FakeQuantizer)
+                   for m in runner.model.modules())
+    assert _digest(trained) == before
+    runner.test()  # a second run calibrates a fresh copy: nothing stacks
+    for k, v in runner.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert not any(isinstance(m, FakeQuantizer)
+                   for m in runner.model.modules())
+
+
+def test_too_few_calibration_images(micro_data_root, trained, tmp_path):
+    cfg = micro_config(micro_data_root, tmp_path)
+    cfg.load_from = trained
+    cfg.custom_hooks = [dict(type='PostTrainingQuantHook',
+                             calib=dict(num_images=100))]
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match='has 8 images, fewer than the 100'):
+        runner.test()
+
+
+def test_w8a8_detector_features_close_to_fp(micro_data_root, trained,
+                                            tmp_path):
+    cfg = micro_config(micro_data_root, tmp_path)
+    cfg.load_from = trained
+    runner = Runner.from_cfg(cfg)
+    runner.load_checkpoint(trained)
+    model = runner.model
+    model.eval()
+    batches = [model.data_preprocessor(b) for b, _ in
+               zip(runner.build_dataloader(cfg.test_dataloader), range(4))]
+    qcfg = QuantConfig(8, 8, 'repq-vit')
+    qmodel = quantize_model(copy.deepcopy(model), qcfg)
+
+    def run():
+        for b in batches:
+            qmodel.extract_feat(b['inputs'])
+
+    calibrate(qmodel, qcfg, run)
+    with torch.no_grad():
+        for b in batches:
+            for ref, out in zip(model.extract_feat(b['inputs']),
+                                qmodel.extract_feat(b['inputs'])):
+                assert (out - ref).norm() / ref.norm() < 0.1
+
+
+def test_cli_quant_shortcut_errors(trained):
+    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'w9a4')
+    assert_one_line_error(code, out, '--quant', '2..8')
+    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'w4a4', '--quant-method', 'gptq')
+    assert_one_line_error(code, out, 'unknown quantization method')
+    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'four')
+    assert_one_line_error(code, out, 'wNaM')
