@@ -1,5 +1,6 @@
 import copy
 import os.path as osp
+import uuid
 import warnings
 
 import pytest
@@ -54,4 +55,8 @@ def micro_config(data_root, work_dir, base=TOY_CONFIG, img_scale=(128, 128),
     cfg.default_hooks.pop('visualization', None)
     cfg.log_processor.window_size = 1
     cfg.randomness = dict(seed=0)
+    # MMEngine's logger and visualizer are named singletons: give each
+    # runner its own, or a later runner writes into an earlier one's dirs
+    cfg.experiment_name = f'micro_{uuid.uuid4().hex[:8]}'
+    cfg.visualizer.name = cfg.experiment_name
     return copy.deepcopy(cfg)

@@ -197,3 +197,29 @@ def test_ddp_two_processes_identical_weights(tmp_path):
     torch.manual_seed(0)
     assert not torch.equal(weights[0], torch.cat(
         [p.detach().flatten() for p in ViT().parameters()]))
+
+
+def test_cd_uses_each_param_groups_lr():
+    """paramwise_cfg: fc2 at 10x lr gets a 10x CD update."""
+    torch.manual_seed(0)
+    model = ViT(depth=1)
+    cfg = dict(type='ColinearityDecayOptimWrapper',
+               optimizer=dict(type='SGD', lr=0.0), cd=dict(strength=1.0),
+               pairs=dict(kinds=('ffn', )),
+               paramwise_cfg=dict(custom_keys={'fc2': dict(lr_mult=10.0)}))
+    wrapper = build_optim_wrapper(model, cfg)
+    assert len(wrapper.optimizer.param_groups) > 1
+    for group in wrapper.optimizer.param_groups:  # lr 0 does no SGD step
+        group['lr'] = 0.01 * (10 if any(p is model.blocks[0].mlp.fc2.weight
+                                        for p in group['params']) else 1)
+    wrapper.initialize_count_status(model, 0, 1)
+    ref = ViT(depth=1)
+    ref.load_state_dict(model.state_dict())
+    pair = discover_pairs(ref, VIT_RULES, kinds=['ffn'])
+    cd = ColinearityDecay(pair, strength=1.0)
+    cd.step(lambda p: 0.1 if p is ref.blocks[0].mlp.fc2.weight else 0.01)
+    wrapper.update_params(loss_of(model, 0) * 0)
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.weight,
+                               ref.blocks[0].mlp.fc1.weight)
+    torch.testing.assert_close(model.blocks[0].mlp.fc2.weight,
+                               ref.blocks[0].mlp.fc2.weight)

@@ -240,3 +240,22 @@ def test_pair_rule_validation_and_wrong_shapes():
                       num_heads=4)
     with pytest.raises(ValueError, match='fused qkv'):
         discover_pairs(model, [bad_vo])
+
+
+def test_swin_t_pair_counts_and_heads():
+    """mmdet's Swin-T: 12 blocks x 3 kinds, heads from each stage."""
+    from mmdet.models.backbones import SwinTransformer
+    from mmcd.core.pairs import SWIN_RULES
+    swin_t = SwinTransformer(embed_dims=96, depths=[2, 2, 6, 2],
+                             num_heads=[3, 6, 12, 24])
+    pairs = discover_pairs(swin_t, SWIN_RULES + VIT_RULES)
+    assert len(pairs) == 36
+    for kind in ('ffn', 'vo', 'qk'):
+        of_kind = [p for p in pairs if p.kind == kind]
+        assert len(of_kind) == 12
+        if kind != 'ffn':
+            assert sorted(p.num_heads for p in of_kind) == sorted(
+                [3] * 2 + [6] * 2 + [12] * 6 + [24] * 2)
+    a, b = next(p for p in pairs if p.name == 'stages.2.blocks.0.vo'
+                ).matrices()
+    assert a.shape == (12, 32, 384) and b.shape == (12, 384, 32)

@@ -1,15 +1,20 @@
-"""Train the toy Swin Mask R-CNN for a few iterations on the micro toy set,
-evaluate it with CocoMetric, and resume from its checkpoint."""
+"""Train the toy Swin Mask R-CNN with CD for a few iterations on the micro toy
+set, evaluate it with CocoMetric, and resume from its checkpoint (weights,
+message hub, optimizer and CD state)."""
 import os.path as osp
 
 import torch
 from mmengine.runner import Runner
 
-from conftest import micro_config
+from conftest import REPO, micro_config
+
+CD_CONFIG = osp.join(REPO, 'configs', 'toy',
+                     'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
 
 
 def test_train_evaluate_and_resume(micro_data_root, tmp_path):
-    cfg = micro_config(micro_data_root, tmp_path, max_epochs=1)
+    cfg = micro_config(micro_data_root, tmp_path, base=CD_CONFIG,
+                       max_epochs=1)
     runner = Runner.from_cfg(cfg)
     runner.train()
     assert runner.iter == 4  # 8 images, batch 2
@@ -23,9 +28,9 @@ def test_train_evaluate_and_resume(micro_data_root, tmp_path):
     loss_history = runner.message_hub.get_scalar('train/loss').data[0].copy()
 
     # resume: epoch 2 starts from the saved state, message hub included
-    cfg2 = micro_config(micro_data_root, tmp_path, max_epochs=2)
+    cfg2 = micro_config(micro_data_root, tmp_path, base=CD_CONFIG,
+                        max_epochs=2)
     cfg2.resume, cfg2.load_from = True, ckpt
-    cfg2.experiment_name = 'resumed'
     resumed = Runner.from_cfg(cfg2)
     resumed.load_or_resume()
     assert resumed.iter == 4 and resumed.epoch == 1
@@ -33,5 +38,11 @@ def test_train_evaluate_and_resume(micro_data_root, tmp_path):
         assert torch.equal(v, weights[k]), k
     hub_history = resumed.message_hub.get_scalar('train/loss').data[0]
     assert (hub_history[:len(loss_history)] == loss_history).all()
+    cd_state = runner.optim_wrapper.state_dict()['regularizers']['cd']
+    resumed.optim_wrapper.bind_model(resumed.model)
+    resumed_state = resumed.optim_wrapper.state_dict()['regularizers']['cd']
+    assert cd_state.keys() == resumed_state.keys() and len(cd_state) == 30
+    for key, value in cd_state.items():
+        assert torch.equal(value, resumed_state[key]), key
     resumed.train()
     assert resumed.iter == 8 and resumed.epoch == 2

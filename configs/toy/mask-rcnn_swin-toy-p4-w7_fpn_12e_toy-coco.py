@@ -105,3 +105,6 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
+
+# Reproducible toy runs (the COCO configs keep MMEngine's random seed).
+randomness = dict(seed=0)

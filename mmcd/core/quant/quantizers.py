@@ -40,8 +40,10 @@ from torch import nn
 STATES = ('fp', 'calib', 'quant')
 #: Clip quantiles searched for activations (RepQ-ViT).
 ACT_QUANTILES = (0.999, 0.9999, 0.99999, 1.0)
-#: At most this many calibration values are kept per quantizer.
-MAX_SAMPLES = 1 << 20
+#: Calibration values kept per quantizer (a uniform random subsample) and per
+#: observed batch (bounds memory: 32 batches -> 1M values, 4 MB).
+MAX_SAMPLES = 1 << 18
+MAX_BATCH_SAMPLES = 1 << 15
 
 
 def check_bits(bits: int) -> int:
@@ -86,9 +88,7 @@ def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
     flat = x.reshape(-1).float()
     if flat.numel() <= limit:
         return flat
-    idx = torch.randint(flat.numel(), (limit, ), device=flat.device,
-                        generator=None)
-    return flat[idx]
+    return flat[torch.randint(flat.numel(), (limit, ), device=flat.device)]
 
 
 class UniformQuantizer(FakeQuantizer):
@@ -132,7 +132,7 @@ class UniformQuantizer(FakeQuantizer):
         if self.channel_axis is None:
             lo, hi = x.min(), x.max()
             if self.search == 'mse':
-                self._samples.append(_subsample(x, MAX_SAMPLES // 8))
+                self._samples.append(_subsample(x, MAX_BATCH_SAMPLES))
         else:
             dims = [d for d in range(x.dim())
                     if d != self.channel_axis % x.dim()]
@@ -177,14 +177,13 @@ class UniformQuantizer(FakeQuantizer):
         self.zero_point = zero.detach().clone()
 
     def _quantile_search(self, lo, hi):
-        data = torch.cat(self._samples)
-        if data.numel() > MAX_SAMPLES:
-            data = data[torch.randperm(data.numel(),
-                                       device=data.device)[:MAX_SAMPLES]]
+        data = _subsample(torch.cat(self._samples), MAX_SAMPLES)
+        ordered = data.sort().values
+        last = ordered.numel() - 1
         best = None
-        for p in ACT_QUANTILES:
-            clip_lo = torch.quantile(data, 1 - p) if p < 1 else lo
-            clip_hi = torch.quantile(data, p) if p < 1 else hi
+        for p in ACT_QUANTILES:  # lower quantile of the sorted sample
+            clip_lo = ordered[int((1 - p) * last)] if p < 1 else lo
+            clip_hi = ordered[int(p * last)] if p < 1 else hi
             scale, zero = self.params_for_range(clip_lo, clip_hi)
             err = (self._fake(data, scale, zero) - data).square().mean()
             if best is None or err < best[0]:
@@ -266,7 +265,7 @@ class TanQuantizer(FakeQuantizer):
         return self.tau.numel() > 0
 
     def observe(self, x: torch.Tensor) -> None:
-        self._samples.append(_subsample(x, MAX_SAMPLES // 8))
+        self._samples.append(_subsample(x, MAX_BATCH_SAMPLES))
 
     @staticmethod
     def _fake(x, tau, levels):
@@ -278,7 +277,7 @@ class TanQuantizer(FakeQuantizer):
     def finalize(self) -> None:
         if not self._samples:
             raise RuntimeError('no statistics recorded: calibrate first')
-        data = torch.cat(self._samples)
+        data = _subsample(torch.cat(self._samples), MAX_SAMPLES)
         errs = [(self._fake(data, t, 2**self.bits - 1) - data).square().mean()
                 for t in self.TAUS]
         self.tau = torch.tensor(self.TAUS[int(torch.stack(errs).argmin())])

@@ -114,6 +114,8 @@ class ColinearityDecayMixin:
         when you drive the wrapper without a Runner."""
         if is_model_wrapper(model):
             model = model.module
+        if self.matrix_pairs is not None and self._pending_state is None:
+            self._pending_state = self._regularizer_state()  # re-binding
         if self.activation_penalty is not None:
             self.activation_penalty.remove()
         rules = [r for name in self.pairs_cfg['builtin']
@@ -222,14 +224,17 @@ class ColinearityDecayMixin:
                 logger='current', level=logging.WARNING)
 
     # ------------------------------------------------------------ state --
-    def state_dict(self) -> dict:
-        state = super().state_dict()
+    def _regularizer_state(self) -> Dict:
         regularizers = {}
         if self.colinearity_decay is not None:
             regularizers['cd'] = self.colinearity_decay.state_dict()
         if self.spectral_decay is not None:
             regularizers['s2d'] = self.spectral_decay.state_dict()
-        state['regularizers'] = regularizers
+        return regularizers
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state['regularizers'] = self._regularizer_state()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

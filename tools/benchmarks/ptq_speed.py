@@ -1,0 +1,103 @@
+"""Calibration time and quantized-eval throughput of mmcd's PTQ.
+
+For the toy Swin Mask R-CNN and for Mask R-CNN Swin-T at its real shapes,
+built from the configs (random init, random images, no data needed), prints
+in one run: the time to calibrate on 32 images, and the inference time of
+the quantized model as a ratio of the float model's (backbone + neck +
+RPN + RoI heads through ``model.test_step``-equivalent ``predict``).
+
+    python tools/benchmarks/ptq_speed.py [--images 32] [--method repq-vit]
+"""
+import argparse
+import copy
+import os.path as osp
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
+    __file__)))))
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+import torch  # noqa: E402
+from mmdet.registry import MODELS  # noqa: E402
+from mmdet.structures import DetDataSample  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+MODELS_TO_TIME = {
+    'toy Swin Mask R-CNN (256 px)':
+    ('configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py', (256, 256)),
+    'Mask R-CNN Swin-T (512x768 px)':
+    ('configs/cd/mask-rcnn_swin-t_cd.py', (512, 768)),
+}
+
+
+def build(config):
+    cfg = Config.fromfile(osp.join(REPO, config))
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    model.eval()
+    return model
+
+
+def sample(size, gen):
+    h, w = size
+    meta = dict(img_shape=size, ori_shape=size, pad_shape=size,
+                scale_factor=(1.0, 1.0), batch_input_shape=size)
+    return (torch.rand(1, 3, h, w, generator=gen) * 2 - 1,
+            [DetDataSample(metainfo=meta)])
+
+
+@torch.no_grad()
+def timed(model, inputs, repeat):
+    times = []
+    for _ in range(repeat):
+        for images, samples in inputs:
+            start = time.perf_counter()
+            model.predict(images, samples)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--images', type=int, default=32)
+    parser.add_argument('--method', default='repq-vit')
+    parser.add_argument('--bits', type=int, default=4)
+    parser.add_argument('--repeat', type=int, default=2)
+    args = parser.parse_args()
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    print(f'W{args.bits}A{args.bits} {args.method}, {args.images} '
+          f'calibration images, {torch.get_num_threads()} threads')
+    for name, (config, size) in MODELS_TO_TIME.items():
+        model = build(config)
+        gen = torch.Generator().manual_seed(0)
+        calib = [sample(size, gen) for _ in range(args.images)]
+        evals = calib[:4]
+        qcfg = QuantConfig(args.bits, args.bits, args.method)
+        qmodel = quantize_model(copy.deepcopy(model), qcfg)
+
+        def run():
+            for images, samples in calib:
+                qmodel.predict(images, samples)
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            calibrate(qmodel, qcfg, run)
+        calib_s = time.perf_counter() - start
+        fp = timed(model, evals, args.repeat)
+        qt = timed(qmodel, evals, args.repeat)
+        print(f'{name}: calibration {calib_s:.1f} s; eval per image float '
+              f'{fp * 1e3:.0f} ms, quantized {qt * 1e3:.0f} ms, ratio '
+              f'{qt / fp:.2f}')
+
+
+if __name__ == '__main__':
+    main()
