@@ -44,14 +44,23 @@ def micro_config(data_root, work_dir, base=TOY_CONFIG, img_scale=(128, 128),
     for ev in ('val_evaluator', 'test_evaluator'):
         cfg[ev].ann_file = osp.join(data_root,
                                     'annotations/instances_val.json')
-    cfg.train_cfg.max_epochs = max_epochs
-    cfg.train_cfg.val_interval = max_epochs
+    if cfg.train_cfg.get('type') == 'IterBasedTrainLoop':
+        cfg.train_cfg.max_iters = 4 * max_epochs  # an epoch of 8 images
+        cfg.train_cfg.val_interval = 4 * max_epochs
+    else:
+        cfg.train_cfg.max_epochs = max_epochs
+        cfg.train_cfg.val_interval = max_epochs
+    for aug in cfg.model.data_preprocessor.get('batch_augments') or []:
+        aug['size'] = img_scale
     cfg.param_scheduler = [
         dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
              end=2)
     ]
     cfg.default_hooks.logger.interval = 1
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1)
+    if cfg.train_cfg.get('type') == 'IterBasedTrainLoop':
+        cfg.default_hooks.checkpoint.update(interval=4 * max_epochs,
+                                            by_epoch=False)
     cfg.default_hooks.pop('visualization', None)
     cfg.log_processor.window_size = 1
     cfg.randomness = dict(seed=0)

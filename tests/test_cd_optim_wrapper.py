@@ -155,10 +155,17 @@ def test_user_rule_and_kind_filter():
     wrapper.bind_model(model)
     assert [p.name for p in wrapper.matrix_pairs] == ['up']
     vit = ViT()
-    wrapper = make(vit)
-    wrapper.pairs_cfg.update(kinds=('vo', ), exclude=(r'blocks\.1', ))
+    wrapper = build_optim_wrapper(vit, dict(
+        type='ColinearityDecayOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=1.0),
+        pairs=dict(kinds=('vo', ), exclude=(r'blocks\.1', ))))
     wrapper.bind_model(vit)
     assert [p.name for p in wrapper.matrix_pairs] == ['blocks.0.vo']
+    with pytest.raises(ValueError, match='pair kind'):  # at build time
+        build_optim_wrapper(vit, dict(
+            type='ColinearityDecayOptimWrapper',
+            optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=1.0),
+            pairs=dict(rules=[dict(kind='mlp', first='x', second='y')])))
 
 
 def _ddp_worker(rank, world_size, port, out):

@@ -1,9 +1,10 @@
 """MMEngine adapters: optim wrappers, hooks and tool set-up."""
 from .hooks import PostTrainingQuantHook
+from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor
 from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
                              ColinearityDecayOptimWrapper)
 
 __all__ = [
     'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
-    'PostTrainingQuantHook'
+    'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor'
 ]

@@ -13,7 +13,7 @@ nothing here imports mmdet. Pure PyTorch.
 import torch
 from torch import nn
 
-from .modules import QuantMatMul, make_act_quantizer, make_softmax_quantizer
+from .modules import QuantMatMul
 
 WINDOW_MSA_ATTRS = ('qkv', 'proj', 'relative_position_bias_table',
                     'relative_position_index', 'window_size', 'num_heads',
@@ -44,10 +44,8 @@ class QuantWindowMSA(nn.Module):
         self.embed_dims = getattr(window_msa, 'embed_dims', None)
         self.attn_drop = getattr(window_msa, 'attn_drop', nn.Identity())
         self.proj_drop = getattr(window_msa, 'proj_drop', nn.Identity())
-        self.qk_matmul = QuantMatMul(make_act_quantizer(a_bits, method),
-                                     make_act_quantizer(a_bits, method))
-        self.av_matmul = QuantMatMul(make_softmax_quantizer(a_bits, method),
-                                     make_act_quantizer(a_bits, method))
+        self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method)
+        self.av_matmul = QuantMatMul.for_role('av', a_bits, method)
 
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
         batch, tokens, channels = x.shape
@@ -72,6 +70,7 @@ class QuantWindowMSA(nn.Module):
 
 #: Attention classes (by name) that mmcd can quantize, and their
 #: quantization-aware replacement. Containers that only route to one of them
-#: (Swin's ShiftWindowMSA) need no replacement.
+#: (Swin's ShiftWindowMSA) need no replacement, nor does attention written
+#: with :class:`~mmcd.core.quant.modules.MatMul` (mmcd's ViTDet).
 QUANT_ATTENTIONS = {'WindowMSA': QuantWindowMSA}
 ATTENTION_CONTAINERS = {'ShiftWindowMSA'}

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_CONTAINERS, QUANT_ATTENTIONS
-from .modules import QuantConv2d, QuantLinear
+from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .quantizers import FakeQuantizer, check_bits
 from .reparam import ChannelRangeRecorder, find_norm_linear_pairs, \
     reparameterize
@@ -89,11 +89,16 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if kind in QUANT_ATTENTIONS:
             _set_module(model, name, QUANT_ATTENTIONS[kind](
                 module, cfg.a_bits, cfg.method))
+        elif isinstance(module, MatMul):
+            _set_module(model, name, QuantMatMul.for_role(
+                module.role, cfg.a_bits, cfg.method))
         elif ATTENTION_NAME.search(kind) and kind not in \
-                ATTENTION_CONTAINERS:
+                ATTENTION_CONTAINERS and not any(
+                    isinstance(m, MatMul) for m in module.children()):
             raise ValueError(
                 f'cannot quantize attention module {name} ({kind}): its '
-                'matmuls are computed inline. Supported: '
+                'matmuls are computed inline. Supported: attention written '
+                'with mmcd.core.quant.MatMul, '
                 f'{", ".join(sorted(QUANT_ATTENTIONS))} (containers: '
                 f'{", ".join(sorted(ATTENTION_CONTAINERS))}); skip it with '
                 f"skip=[r'{re.escape(name)}'] or scope='backbone'")

@@ -77,6 +77,28 @@ class QuantConv2d(QuantWeightMixin, nn.Conv2d):
                                   self.effective_weight(), self.bias)
 
 
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so that quantization can take it over.
+
+    ``role`` is ``'qk'`` (attention logits) or ``'av'`` (post-softmax
+    weights times values): it picks the quantizer of ``a``. Attention written
+    with these (mmcd's ViTDet) needs no quantization-aware rewrite.
+    """
+    ROLES = ('qk', 'av')
+
+    def __init__(self, role: str):
+        super().__init__()
+        if role not in self.ROLES:
+            raise ValueError(f'MatMul role must be one of {self.ROLES}')
+        self.role = role
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+    def extra_repr(self) -> str:
+        return f'role={self.role}'
+
+
 class QuantMatMul(nn.Module):
     """``a @ b`` with both operands fake-quantized (identity until
     calibrated)."""
@@ -85,6 +107,14 @@ class QuantMatMul(nn.Module):
                  quantizer_b: FakeQuantizer):
         super().__init__()
         self.quantizer_a, self.quantizer_b = quantizer_a, quantizer_b
+
+    @classmethod
+    def for_role(cls, role: str, a_bits: int, method: str) -> 'QuantMatMul':
+        """Uniform quantizers for ``q @ k^T``; the method's post-softmax
+        quantizer for the ``a`` of ``attn @ v``."""
+        first = make_softmax_quantizer(a_bits, method) if role == 'av' \
+            else make_act_quantizer(a_bits, method)
+        return cls(first, make_act_quantizer(a_bits, method))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.quantizer_a(a) @ self.quantizer_b(b)

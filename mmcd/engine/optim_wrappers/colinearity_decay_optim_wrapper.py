@@ -96,6 +96,10 @@ class ColinearityDecayMixin:
             raise ValueError(f'pairs.builtin: unknown rule sets '
                              f'{sorted(unknown)}; known: '
                              f'{sorted(BUILTIN_RULES)}')
+        self.pair_rules = [r for name in self.pairs_cfg['builtin']
+                           for r in BUILTIN_RULES[name]]
+        self.pair_rules += [r if isinstance(r, PairRule) else PairRule(**r)
+                            for r in self.pairs_cfg['rules']]
         self.s2d_cfg, self.tweo_cfg = s2d, tweo
         self.matrix_pairs = None
         self.colinearity_decay = self.spectral_decay = None
@@ -118,16 +122,12 @@ class ColinearityDecayMixin:
             self._pending_state = self._regularizer_state()  # re-binding
         if self.activation_penalty is not None:
             self.activation_penalty.remove()
-        rules = [r for name in self.pairs_cfg['builtin']
-                 for r in BUILTIN_RULES[name]]
-        rules += [r if isinstance(r, PairRule) else PairRule(**r)
-                  for r in self.pairs_cfg['rules']]
-        pairs = discover_pairs(model, rules, self.pairs_cfg['kinds'],
+        pairs = discover_pairs(model, self.pair_rules, self.pairs_cfg['kinds'],
                                self.pairs_cfg['include'],
                                self.pairs_cfg['exclude'])
         if not pairs:
             raise ValueError(f'{type(self).__name__}: ' + describe_no_pairs(
-                model, rules, self.pairs_cfg['kinds']))
+                model, self.pair_rules, self.pairs_cfg['kinds']))
         self.matrix_pairs = pairs
         counts = {k: sum(p.kind == k for p in pairs) for k in PAIR_KINDS}
         print_log(f'{type(self).__name__}: {len(pairs)} matrix pairs '

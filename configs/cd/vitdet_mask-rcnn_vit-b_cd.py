@@ -1,0 +1,6 @@
+# ViTDet Mask R-CNN ViT-B trained with Colinearity Decay: the baseline config
+# with only the optim wrapper type changed (layer-wise lr decay, AdamW and the
+# schedule are inherited). 12 blocks x (ffn, vo, qk) = 36 pairs.
+_base_ = '../vitdet/vitdet_mask-rcnn_vit-b_100e_coco.py'
+
+optim_wrapper = dict(type='ColinearityDecayOptimWrapper', cd=dict(strength=0.1))

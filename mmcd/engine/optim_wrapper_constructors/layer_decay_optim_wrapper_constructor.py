@@ -1,0 +1,73 @@
+"""Layer-wise learning-rate decay for plain-ViT detectors (ViTDet, after
+BEiT / MAE fine-tuning practice)."""
+import re
+from typing import Dict, Tuple
+
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.registry import (OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
+                               OPTIMIZERS)
+
+NO_DECAY_NAMES = ('pos_embed', 'rel_pos_h', 'rel_pos_w')
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the patch embedding and position embedding, ``i + 1`` for
+    ``backbone.blocks.i``, ``num_layers`` for everything after the
+    backbone's blocks (neck, heads)."""
+    if name.startswith(('backbone.patch_embed', 'backbone.pos_embed')):
+        return 0
+    match = re.match(r'backbone\.blocks\.(\d+)\.', name)
+    return int(match.group(1)) + 1 if match else num_layers
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
+    """``lr = base_lr * decay_rate ** (num_layers - layer_id)`` with
+    ``num_layers = len(backbone.blocks) + 1``: the deepest layers (and the
+    neck and heads) train at ``base_lr``, the patch embedding at
+    ``base_lr * decay_rate ** num_layers``. Biases, norms and position
+    embeddings (``pos_embed``, ``rel_pos_*``) get no weight decay.
+
+    ``paramwise_cfg=dict(decay_rate=0.7)``; any optim wrapper type works
+    (``ColinearityDecayOptimWrapper`` included).
+    """
+
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg=None):
+        paramwise_cfg = dict(paramwise_cfg or {})
+        self.decay_rate = float(paramwise_cfg.pop('decay_rate', 0.7))
+        if paramwise_cfg:
+            raise ValueError('LayerDecayOptimWrapperConstructor takes only '
+                             f'decay_rate, got {sorted(paramwise_cfg)}')
+        if not 0 < self.decay_rate <= 1:
+            raise ValueError(f'decay_rate must be in (0, 1], got '
+                             f'{self.decay_rate}')
+        super().__init__(optim_wrapper_cfg, None)
+
+    def __call__(self, model):
+        if is_model_wrapper(model):
+            model = model.module
+        blocks = getattr(getattr(model, 'backbone', None), 'blocks', None)
+        if blocks is None:
+            raise ValueError('LayerDecayOptimWrapperConstructor needs a '
+                             'model with backbone.blocks (a plain ViT)')
+        num_layers = len(blocks) + 1
+        groups: Dict[Tuple[int, bool], dict] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lid = layer_id(name, num_layers)
+            no_decay = param.ndim == 1 or name.endswith(NO_DECAY_NAMES)
+            group = groups.setdefault((lid, no_decay), dict(
+                params=[],
+                lr=self.base_lr * self.decay_rate**(num_layers - lid),
+                weight_decay=0.0 if no_decay else self.base_wd))
+            group['params'].append(param)
+        print_log(f'layer-wise lr decay {self.decay_rate}: {num_layers + 1} '
+                  f'layers, {len(groups)} param groups', logger='current')
+        optimizer_cfg = dict(self.optimizer_cfg)
+        optimizer_cfg['params'] = list(groups.values())
+        optimizer = OPTIMIZERS.build(optimizer_cfg)
+        return OPTIM_WRAPPERS.build(dict(self.optim_wrapper_cfg),
+                                    default_args=dict(optimizer=optimizer))

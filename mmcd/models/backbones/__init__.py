@@ -1,0 +1,3 @@
+from .vit_det import ViTDet
+
+__all__ = ['ViTDet']
