@@ -1,10 +1,11 @@
 """MMEngine adapters: optim wrappers, hooks and tool set-up."""
-from .hooks import PostTrainingQuantHook
+from .hooks import ActivationStatsHook, PostTrainingQuantHook
 from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor
 from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
                              ColinearityDecayOptimWrapper)
 
 __all__ = [
     'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
-    'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor'
+    'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor',
+    'ActivationStatsHook'
 ]

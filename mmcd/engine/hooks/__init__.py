@@ -1,3 +1,7 @@
+from .activation_stats_hook import (ActivationStatsHook,
+                                    collect_activation_stats)
 from .post_training_quant_hook import PostTrainingQuantHook
 
-__all__ = ['PostTrainingQuantHook']
+__all__ = [
+    'ActivationStatsHook', 'collect_activation_stats', 'PostTrainingQuantHook'
+]

@@ -1,0 +1,137 @@
+"""Activation-outlier and alignment statistics during validation / test.
+
+    custom_hooks = [dict(type='ActivationStatsHook', stages=('val', 'test'))]
+
+During the epoch, forward hooks record, for every Transformer block that
+CD's pair rules find, the block output, the FFN hidden activation (input of
+fc2) and the attention input (input of qkv): ``max |x|``, the 99.99th
+percentile of ``|x|``, ``max / median`` and the kurtosis
+(:mod:`mmcd.core.activation_stats`); after it, the alignment of every pair
+(mean and max over heads, :func:`mmcd.core.colinearity.alignment`). All of
+it is logged as scalars through the runner's visualizer (TensorBoard when a
+``TensorboardVisBackend`` is configured), under
+``outliers/<point>/<stat>`` and ``alignment/<pair>/{mean,max}``, and written
+to ``activation_stats_<stage>.json`` in the log dir.
+
+Priority LOW: when a ``PostTrainingQuantHook`` swaps in a quantized copy,
+the statistics are those of the model actually evaluated.
+"""
+import json
+import os.path as osp
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from mmengine.utils import ProgressBar
+
+from mmcd.core.activation_stats import ActivationRecorder, probe_points
+from mmcd.core.colinearity import alignment
+from mmcd.core.pairs import BUILTIN_RULES, discover_pairs
+
+
+def model_pairs(model: torch.nn.Module):
+    """CD's pairs of a model (built-in rules), for statistics."""
+    rules = [r for rule_set in BUILTIN_RULES.values() for r in rule_set]
+    pairs = discover_pairs(model, rules)
+    if not pairs:
+        raise ValueError('no Transformer blocks found: the activation '
+                         'statistics follow CD\'s built-in pair rules')
+    return pairs
+
+
+@torch.no_grad()
+def pair_alignment(pairs) -> Dict[str, Dict[str, float]]:
+    """``{pair name: {'mean': ..., 'max': ...}}`` over heads."""
+    out = {}
+    for pair in pairs:
+        align = alignment(*pair.matrices()).float()
+        out[pair.name] = dict(mean=float(align.mean()),
+                              max=float(align.max()))
+    return out
+
+
+@torch.no_grad()
+def collect_activation_stats(model: torch.nn.Module, batches: Iterable,
+                             num_images: Optional[int] = None,
+                             max_samples: int = 1 << 16):
+    """Run ``model.test_step`` on ``batches`` (at most ``num_images``
+    batches) and return ``(stats, alignment, recorder)``; the recorder keeps
+    the ``|x|`` samples for histograms."""
+    model = model.module if is_model_wrapper(model) else model
+    pairs = model_pairs(model)
+    recorder = ActivationRecorder(probe_points(model, pairs), max_samples)
+    model.eval()
+    try:
+        bar = ProgressBar(num_images) if num_images else None
+        for i, batch in enumerate(batches):
+            if num_images is not None and i == num_images:
+                break
+            model.test_step(batch)
+            if bar:
+                bar.update()
+    finally:
+        recorder.remove()
+    return recorder.results(), pair_alignment(pairs), recorder
+
+
+@HOOKS.register_module()
+class ActivationStatsHook(Hook):
+    """Record outlier and alignment statistics (module docstring).
+
+    Args:
+        stages: ``'val'`` and/or ``'test'``.
+        max_samples: values kept per probe point for percentiles.
+    """
+    priority = 'LOW'
+
+    def __init__(self, stages: Sequence[str] = ('val', 'test'),
+                 max_samples: int = 1 << 16):
+        unknown = set(stages) - {'val', 'test'}
+        if unknown:
+            raise ValueError(f"stages must be 'val' and/or 'test', got "
+                             f'{sorted(unknown)}')
+        self.stages, self.max_samples = tuple(stages), max_samples
+        self._recorder = self._pairs = None
+
+    def _start(self, runner, stage):
+        if stage not in self.stages:
+            return
+        model = runner.model
+        model = model.module if is_model_wrapper(model) else model
+        self._pairs = model_pairs(model)
+        self._recorder = ActivationRecorder(
+            probe_points(model, self._pairs), self.max_samples)
+
+    def _finish(self, runner, stage):
+        if self._recorder is None:
+            return
+        self._recorder.remove()
+        stats = self._recorder.results()
+        align = pair_alignment(self._pairs)
+        self._recorder = self._pairs = None
+        scalars = {f'outliers/{point}/{key}': value
+                   for point, values in stats.items()
+                   for key, value in values.items()}
+        scalars.update({f'alignment/{pair}/{key}': value
+                        for pair, values in align.items()
+                        for key, value in values.items()})
+        runner.visualizer.add_scalars(scalars, step=runner.iter)
+        if runner.rank == 0:
+            path = osp.join(runner.log_dir, f'activation_stats_{stage}.json')
+            with open(path, 'w') as f:
+                json.dump(dict(iter=runner.iter, stats=stats,
+                               alignment=align), f, indent=2)
+
+    def before_val_epoch(self, runner) -> None:
+        self._start(runner, 'val')
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._finish(runner, 'val')
+
+    def before_test_epoch(self, runner) -> None:
+        self._start(runner, 'test')
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._finish(runner, 'test')

@@ -1,0 +1,180 @@
+"""Activation-outlier and alignment statistics of one or more checkpoints,
+with plots.
+
+    python tools/analysis/outliers.py CONFIG CKPT [CKPT ...] \
+        [--labels baseline cd] [--num-images 16] [--out-dir DIR]
+
+Runs ``--num-images`` test images through each checkpoint and writes to
+``--out-dir`` (default ``work_dirs/outliers``):
+
+* ``max_activation.png``: per-layer ``max |x|`` (log scale), one bar per
+  checkpoint, for block outputs, FFN hidden activations and attention inputs;
+* ``alignment.png``: alignment per CD pair (mean over heads; 1 is what
+  random matrices score) for ffn, vo and qk pairs;
+* ``histogram.png``: histogram of ``|x|`` at the layer with the largest
+  ``max |x|`` of any checkpoint, every checkpoint overlaid (log y);
+* ``outliers.json``: all statistics.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
+from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
+                                      check_datasets, load_config)
+
+POINT_KINDS = (('output', 'block output'), ('ffn_hidden', 'FFN hidden'),
+               ('attn_input', 'attention input'))
+PAIR_KINDS = (('ffn', 'FFN fc1 -> fc2'), ('vo', 'attention value -> output'),
+              ('qk', 'attention query <-> key'))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoints', nargs='+')
+    parser.add_argument('--labels', nargs='+')
+    parser.add_argument('--num-images', type=int, default=16)
+    parser.add_argument('--out-dir', default='work_dirs/outliers')
+    parser.add_argument('--cfg-options', nargs='+', default=None,
+                        action=__import__('mmengine').config.DictAction)
+    args = parser.parse_args()
+    labels = args.labels or [osp.splitext(osp.basename(c))[0]
+                             for c in args.checkpoints]
+    if len(labels) != len(args.checkpoints):
+        raise UserError(f'{len(labels)} labels for '
+                        f'{len(args.checkpoints)} checkpoints')
+    return args, labels
+
+
+def measure(cfg, checkpoint, num_images, work_dir):
+    if not osp.isfile(checkpoint):
+        raise UserError(f'checkpoint {checkpoint} does not exist')
+    cfg = cfg.copy()
+    cfg.work_dir, cfg.load_from = work_dir, None
+    runner = Runner.from_cfg(cfg)
+    runner.load_checkpoint(checkpoint, map_location='cpu')
+    loader = runner.build_dataloader(cfg.test_dataloader)
+    if len(loader.dataset) < num_images:
+        raise UserError(f'the test set has {len(loader.dataset)} images, '
+                        f'fewer than --num-images {num_images}')
+    stats, align, recorder = collect_activation_stats(
+        runner.model, loader, num_images)
+    return stats, align, recorder
+
+
+def grouped_bars(ax, names, series, labels, log=False):
+    width = 0.8 / len(series)
+    x = np.arange(len(names))
+    for i, (values, label) in enumerate(zip(series, labels)):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width,
+               label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
+    if log:
+        ax.set_yscale('log')
+    ax.grid(axis='y', alpha=0.3)
+
+
+def short(name):
+    """'backbone.stages.2.blocks.1/ffn_hidden' -> 's2.b1'."""
+    block = name.split('/')[0].replace('backbone.', '')
+    return block.replace('stages.', 's').replace('.blocks.', '.b').replace(
+        'blocks.', 'b')
+
+
+def plot_max_activation(results, labels, path):
+    fig, axes = plt.subplots(len(POINT_KINDS), 1, figsize=(11, 10))
+    for ax, (kind, title) in zip(axes, POINT_KINDS):
+        names = [n for n in results[0][0] if n.endswith('/' + kind)]
+        series = [[stats[n]['max_abs'] for n in names]
+                  for stats, _, _ in results]
+        grouped_bars(ax, [short(n) for n in names], series, labels, log=True)
+        ax.set_title(f'max |activation|: {title}')
+        ax.set_ylabel('max |x| (log)')
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_alignment(results, labels, path):
+    fig, axes = plt.subplots(len(PAIR_KINDS), 1, figsize=(11, 10))
+    for ax, (kind, title) in zip(axes, PAIR_KINDS):
+        names = [n for n in results[0][1] if n.endswith('.' + kind)]
+        series = [[align[n]['mean'] for n in names]
+                  for _, align, _ in results]
+        grouped_bars(ax, [short(n.rsplit('.', 1)[0]) for n in names], series,
+                     labels)
+        ax.axhline(1.0, color='gray', lw=1, ls='--')
+        ax.set_title(f'alignment of {title} (mean over heads; random = 1)')
+        ax.set_ylabel('alignment')
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_histogram(results, labels, path):
+    worst = max(results[0][0], key=lambda n: max(
+        stats[n]['max_abs'] for stats, _, _ in results))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    top = max(stats[worst]['max_abs'] for stats, _, _ in results)
+    bins = np.linspace(0, top, 80)
+    for (_, _, recorder), label in zip(results, labels):
+        ax.hist(recorder.samples(worst).numpy(), bins=bins, alpha=0.5,
+                label=label, log=True)
+    ax.set_title(f'|activation| at {worst} (largest max |x|)')
+    ax.set_xlabel('|x|')
+    ax.set_ylabel('count (log)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return worst
+
+
+def main():
+    args, labels = parse_args()
+    cfg = load_config(args.config, args.cfg_options)
+    check_datasets(cfg, ['test_dataloader'])
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = [measure(cfg, ckpt, args.num_images,
+                       osp.join(args.out_dir, f'run_{i}'))
+               for i, ckpt in enumerate(args.checkpoints)]
+    paths = {name: osp.join(args.out_dir, name) for name in (
+        'max_activation.png', 'alignment.png', 'histogram.png',
+        'outliers.json')}
+    plot_max_activation(results, labels, paths['max_activation.png'])
+    plot_alignment(results, labels, paths['alignment.png'])
+    worst = plot_histogram(results, labels, paths['histogram.png'])
+    with open(paths['outliers.json'], 'w') as f:
+        json.dump({label: dict(checkpoint=ckpt, stats=stats, alignment=align)
+                   for label, ckpt, (stats, align, _) in zip(
+                       labels, args.checkpoints, results)}, f, indent=2)
+    print(f'\nworst layer: {worst}')
+    for label, (stats, align, _) in zip(labels, results):
+        peak = max(v['max_abs'] for v in stats.values())
+        kurt = max(v['kurtosis'] for v in stats.values())
+        print(f'{label:>12}: largest max|x| {peak:.2f}, largest kurtosis '
+              f'{kurt:.1f}, mean alignment '
+              f'{np.mean([a["mean"] for a in align.values()]):.3f}')
+    print('wrote ' + ', '.join(paths.values()))
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f'error: {err}')
