@@ -1,7 +1,11 @@
 from .activation_stats_hook import (ActivationStatsHook,
                                     collect_activation_stats)
-from .post_training_quant_hook import PostTrainingQuantHook
+from .post_training_quant_hook import (PostTrainingQuantHook,
+                                       calibration_loader, evaluate,
+                                       quantize_copy)
 
 __all__ = [
-    'ActivationStatsHook', 'collect_activation_stats', 'PostTrainingQuantHook'
+    'ActivationStatsHook', 'collect_activation_stats',
+    'PostTrainingQuantHook', 'calibration_loader', 'evaluate',
+    'quantize_copy'
 ]

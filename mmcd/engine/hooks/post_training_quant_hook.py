@@ -108,25 +108,10 @@ class PostTrainingQuantHook(Hook):
             print_log('PostTrainingQuantHook: evaluating the float model',
                       logger='current')
             self._fp_metrics = evaluate(float_model, loop)
-        calib_loader = self._calibration_loader(runner)
-        quant_model = copy.deepcopy(float_model)
-        quantize_model(quant_model, self.quant_cfg)
-        cfg = self.quant_cfg
-        print_log(f'PostTrainingQuantHook: W{cfg.w_bits}A{cfg.a_bits} '
-                  f'{cfg.method}, calibrating on {self.num_images} images',
-                  logger='current')
-
-        def run_calibration():
-            bar = ProgressBar(self.num_images)
-            for i, batch in enumerate(calib_loader):
-                if i == self.num_images:
-                    break
-                quant_model.test_step(batch)
-                bar.update()
-            print()  # ProgressBar leaves the cursor on its line
-
-        summary = calibrate(quant_model, cfg, run_calibration)
-        print_log(f'PostTrainingQuantHook: {summary}', logger='current')
+        calib_loader = calibration_loader(runner.cfg, self.num_images,
+                                          self.seed, self.calib_loader_cfg)
+        quant_model = quantize_copy(float_model, self.quant_cfg,
+                                    calib_loader, self.num_images)
         self._float_model = model
         runner.model = quant_model
 
@@ -147,25 +132,54 @@ class PostTrainingQuantHook(Hook):
                 with open(osp.join(folder, 'quant_results.json'), 'w') as f:
                     json.dump(results, f, indent=2)
 
-    def _calibration_loader(self, runner):
-        cfg = self.calib_loader_cfg
-        if cfg is None:
-            cfg = copy.deepcopy(runner.cfg.train_dataloader)
-            cfg['dataset']['pipeline'] = copy.deepcopy(
-                runner.cfg.test_dataloader['dataset']['pipeline'])
-            cfg.update(batch_size=1, num_workers=0, persistent_workers=False,
-                       sampler=dict(type='DefaultSampler', shuffle=True,
-                                    seed=self.seed))
-            cfg.pop('batch_sampler', None)
-        loader = Runner.build_dataloader(copy.deepcopy(cfg), seed=self.seed)
-        if len(loader.dataset) < self.num_images:
-            raise ValueError(
-                f'calibration set has {len(loader.dataset)} images, fewer '
-                f'than the {self.num_images} asked for (calib.num_images)')
-        if loader.batch_size != 1:
-            raise ValueError('the calibration dataloader must have '
-                             f'batch_size=1, got {loader.batch_size}')
-        return loader
+def calibration_loader(cfg, num_images: int, seed: int = 0,
+                       loader_cfg: Optional[Dict] = None):
+    """Dataloader of calibration images: ``loader_cfg``, or by default the
+    train dataloader of ``cfg`` with the test pipeline (no augmentation),
+    batch 1, shuffled with ``seed``. Fails when it has fewer than
+    ``num_images`` images."""
+    if loader_cfg is None:
+        loader_cfg = copy.deepcopy(cfg.train_dataloader)
+        loader_cfg['dataset']['pipeline'] = copy.deepcopy(
+            cfg.test_dataloader['dataset']['pipeline'])
+        loader_cfg.update(batch_size=1, num_workers=0,
+                          persistent_workers=False,
+                          sampler=dict(type='DefaultSampler', shuffle=True,
+                                       seed=seed))
+        loader_cfg.pop('batch_sampler', None)
+    loader = Runner.build_dataloader(copy.deepcopy(loader_cfg), seed=seed)
+    if len(loader.dataset) < num_images:
+        raise ValueError(
+            f'calibration set has {len(loader.dataset)} images, fewer '
+            f'than the {num_images} asked for (calib.num_images)')
+    if loader.batch_size != 1:
+        raise ValueError('the calibration dataloader must have '
+                         f'batch_size=1, got {loader.batch_size}')
+    return loader
+
+
+def quantize_copy(model, quant_cfg: QuantConfig, loader, num_images: int):
+    """A quantized, calibrated copy of ``model`` (which is not touched):
+    :func:`~mmcd.core.quant.quantize_model`, then
+    :func:`~mmcd.core.quant.calibrate` on ``num_images`` batches of
+    ``loader`` through ``test_step``, with a progress bar."""
+    quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
+    print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
+              f'{quant_cfg.method}, calibrating on {num_images} images',
+              logger='current')
+
+    def run_calibration():
+        bar = ProgressBar(num_images)
+        for i, batch in enumerate(loader):
+            if i == num_images:
+                break
+            quant_model.test_step(batch)
+            bar.update()
+        print()  # ProgressBar leaves the cursor on its line
+
+    summary = calibrate(quant_model, quant_cfg, run_calibration)
+    print_log(f'PTQ: {summary}', logger='current')
+    return quant_model
 
 
 @torch.no_grad()
