@@ -94,36 +94,43 @@ def short(name):
         'blocks.', 'b')
 
 
+def plot_panels(path, labels, panels):
+    """One grouped-bar panel per entry of ``panels``: ``(title, ylabel,
+    names, series, log, reference line or None)``."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 10))
+    for ax, (title, ylabel, names, series, log, ref) in zip(axes, panels):
+        grouped_bars(ax, names, series, labels, log=log)
+        if ref is not None:
+            ax.axhline(ref, color='gray', lw=1, ls='--')
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_max_activation(results, labels, path):
-    fig, axes = plt.subplots(len(POINT_KINDS), 1, figsize=(11, 10))
-    for ax, (kind, title) in zip(axes, POINT_KINDS):
+    panels = []
+    for kind, title in POINT_KINDS:
         names = [n for n in results[0][0] if n.endswith('/' + kind)]
         series = [[stats[n]['max_abs'] for n in names]
                   for stats, _, _ in results]
-        grouped_bars(ax, [short(n) for n in names], series, labels, log=True)
-        ax.set_title(f'max |activation|: {title}')
-        ax.set_ylabel('max |x| (log)')
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        panels.append((f'max |activation|: {title}', 'max |x| (log)',
+                       [short(n) for n in names], series, True, None))
+    plot_panels(path, labels, panels)
 
 
 def plot_alignment(results, labels, path):
-    fig, axes = plt.subplots(len(PAIR_KINDS), 1, figsize=(11, 10))
-    for ax, (kind, title) in zip(axes, PAIR_KINDS):
+    panels = []
+    for kind, title in PAIR_KINDS:
         names = [n for n in results[0][1] if n.endswith('.' + kind)]
         series = [[align[n]['mean'] for n in names]
                   for _, align, _ in results]
-        grouped_bars(ax, [short(n.rsplit('.', 1)[0]) for n in names], series,
-                     labels)
-        ax.axhline(1.0, color='gray', lw=1, ls='--')
-        ax.set_title(f'alignment of {title} (mean over heads; random = 1)')
-        ax.set_ylabel('alignment')
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        panels.append((f'alignment of {title} (mean over heads; random = 1)',
+                       'alignment', [short(n.rsplit('.', 1)[0])
+                                     for n in names], series, False, 1.0))
+    plot_panels(path, labels, panels)
 
 
 def plot_histogram(results, labels, path):
