@@ -31,7 +31,7 @@ their flop count: ``B^T (B A)`` and ``(B A) A^T`` (``3nmk``) for wide inner
 dimensions (FFN), or the Gram matrices ``(B^T B) A`` and ``B (A A^T)``
 (``2m^2(n + k)``) for narrow ones (attention heads). Pure PyTorch.
 """
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,19 +102,20 @@ class SpectralNormEstimator:
             v = (mat.transpose(-2, -1) @ mv).squeeze(-1)
             v = v / torch.linalg.vector_norm(v, dim=-1,
                                              keepdim=True).clamp_min(tiny)
-        self.v = v
+        self.v.copy_(v)  # in place: a captured CUDA graph keeps the buffer
         return sigma
 
 
 def colinearity_decay_deltas(
-        a: torch.Tensor, b: torch.Tensor, scale_a: float, scale_b: float,
+        a: torch.Tensor, b: torch.Tensor, scale_a, scale_b,
         sigma_a: torch.Tensor, sigma_b: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CD update of one pair, to be *subtracted* from ``A`` and ``B``.
 
     Args:
         a, b: ``[H, m, k]`` and ``[H, n, m]`` (values before the update).
-        scale_a, scale_b: ``lr * strength`` of each matrix's param group.
+        scale_a, scale_b: ``lr * strength`` of each matrix's param group
+            (a float, or one value per head ``[H]``).
         sigma_a, sigma_b: spectral norms per head, ``[H]``.
 
     Returns:
@@ -140,14 +141,22 @@ class ColinearityDecay:
     non-finite pairs are masked on the device and reported in the returned
     stats.
 
+    With ``cuda_graph=True`` and weights on a GPU, the first step runs
+    eagerly and the step is then captured in a CUDA graph and replayed:
+    launch overhead, not arithmetic, dominates the step on a GPU. Learning
+    rates enter through a device buffer refreshed before each replay. The
+    parameters must keep their storage (in-place updates and
+    ``load_state_dict`` do; re-creating the model does not).
+
     Args:
         pairs: the pairs to decay.
         strength: ``lam`` above (>= 0).
         power_iters: power iterations per call (warm-started).
+        cuda_graph: capture and replay the step on CUDA.
     """
 
     def __init__(self, pairs: Sequence, strength: float,
-                 power_iters: int = 1):
+                 power_iters: int = 1, cuda_graph: bool = False):
         if not strength >= 0:  # also rejects NaN
             raise ValueError(f'CD strength must be >= 0, got {strength}')
         self.pairs, self.strength = list(pairs), float(strength)
@@ -158,6 +167,8 @@ class ColinearityDecay:
         self.groups = [(members, SpectralNormEstimator(power_iters),
                         SpectralNormEstimator(power_iters))
                        for members in groups.values()]
+        self.cuda_graph = cuda_graph
+        self._graph = self._graph_stats = self._scale_buffer = None
 
     @torch.no_grad()
     def step(self, lr_of: Callable[[torch.Tensor], float],
@@ -174,15 +185,59 @@ class ColinearityDecay:
             ``names`` (pairs with non-finite values are left untouched).
             All tensors stay on the weights' device.
         """
+        lrs = self._scale_values(lr_of, self.strength * multiplier)
+        weight = self.pairs[0].first.weight if self.pairs else None
+        if not (self.cuda_graph and weight is not None and weight.is_cuda):
+            return self._apply([
+                tuple(v[0] if len(set(v)) == 1 else torch.tensor(
+                    v, dtype=weight.dtype, device=weight.device)
+                      for v in sides) for sides in lrs])
+        if self._graph is None:  # eager first step, then capture
+            stats = self._apply([tuple(torch.tensor(
+                v, dtype=weight.dtype, device=weight.device) for v in sides)
+                for sides in lrs])
+            flat = [x for sides in lrs for v in sides for x in v]
+            self._scale_buffer = torch.tensor(flat, dtype=weight.dtype,
+                                              device=weight.device)
+            scales, offset = [], 0
+            for sides in lrs:
+                pair_scales = []
+                for v in sides:
+                    pair_scales.append(self._scale_buffer[offset:offset +
+                                                          len(v)])
+                    offset += len(v)
+                scales.append(tuple(pair_scales))
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_stats = self._apply(scales)
+            return stats
+        self._scale_buffer.copy_(torch.tensor(
+            [x for sides in lrs for v in sides for x in v],
+            dtype=self._scale_buffer.dtype), non_blocking=True)
+        self._graph.replay()
+        return self._graph_stats
+
+    def _scale_values(self, lr_of, base) -> List[Tuple[list, list]]:
+        """``lr * strength * multiplier`` per head of every pair, for the
+        ``A`` side and the ``B`` side of each group."""
+        out = []
+        for members, _, _ in self.groups:
+            heads = members[0].matrices()[0].shape[0]
+            out.append(tuple(
+                [base * lr_of(getattr(p, side).weight) for p in members
+                 for _ in range(heads)] for side in ('first', 'second')))
+        return out
+
+    def _apply(self, scales) -> Dict:
+        """The step itself, with per-group ``(scale_a, scale_b)``: floats or
+        per-head tensors."""
         per_kind, update_sq, finite, names = {}, [], [], []
-        for members, sigma_a, sigma_b in self.groups:
+        for (members, sigma_a, sigma_b), (scale_a, scale_b) in zip(
+                self.groups, scales):
             views = [p.matrices() for p in members]
             heads = views[0][0].shape[0]
             a = torch.cat([v[0] for v in views])
             b = torch.cat([v[1] for v in views])
-            base = self.strength * multiplier
-            scale_a = self._scales(members, 'first', base, heads, a, lr_of)
-            scale_b = self._scales(members, 'second', base, heads, a, lr_of)
             da, db, ba_sq = colinearity_decay_deltas(a, b, scale_a, scale_b,
                                                      sigma_a(a), sigma_b(b))
             pair_sq = (da.square().sum((-2, -1)) + db.square().sum(
@@ -205,15 +260,6 @@ class ColinearityDecay:
         return dict(alignment={k: torch.cat(v) for k, v in per_kind.items()},
                     update_sq=torch.stack(update_sq).sum(),
                     finite=torch.cat(finite), names=names)
-
-    @staticmethod
-    def _scales(members, side, base, heads, like, lr_of):
-        """``lr * strength`` per head; a plain float when all agree."""
-        lrs = [lr_of(getattr(p, side).weight) for p in members]
-        if len(set(lrs)) == 1:
-            return base * lrs[0]
-        return torch.tensor(lrs, dtype=like.dtype, device=like.device
-                            ).repeat_interleave(heads) * base
 
     def state_dict(self) -> Dict:
         state = {}

@@ -19,7 +19,8 @@ Args (besides those of the wrapped class):
         N optimizer steps, the update is multiplied by N so the total decay
         is unchanged), ``begin`` / ``end`` (iterations), ``warmup_iters``
         (linear ramp from ``begin``), ``power_iters`` (spectral norm power
-        iterations per step). None disables CD.
+        iterations per step), ``cuda_graph`` (default True: on a GPU, replay
+        the step as a CUDA graph). None disables CD.
     pairs (dict, optional): which pairs the regularizers act on: ``kinds``
         (subset of ``('ffn', 'vo', 'qk')``), ``include`` / ``exclude``
         (regexes on pair names such as ``backbone.stages.0.blocks.1.ffn``),
@@ -52,7 +53,7 @@ from mmcd.core.pairs import (BUILTIN_RULES, PAIR_KINDS, PairRule,
 from mmcd.core.spectral_decay import SelectiveSpectralDecay
 
 CD_KEYS = {'strength', 'interval', 'begin', 'end', 'warmup_iters',
-           'power_iters'}
+           'power_iters', 'cuda_graph'}
 PAIR_KEYS = {'kinds', 'include', 'exclude', 'rules', 'builtin'}
 
 
@@ -80,7 +81,8 @@ class ColinearityDecayMixin:
                 raise ValueError('cd needs a strength, e.g. '
                                  'cd=dict(strength=0.1)')
             self.cd_cfg = {**dict(interval=1, begin=0, end=None,
-                                  warmup_iters=0, power_iters=1), **cd}
+                                  warmup_iters=0, power_iters=1,
+                                  cuda_graph=True), **cd}
             if not self.cd_cfg['strength'] >= 0:
                 raise ValueError('cd strength must be >= 0, got '
                                  f'{self.cd_cfg["strength"]}')
@@ -138,7 +140,8 @@ class ColinearityDecayMixin:
                           for p in g['params']}
         if self.cd_cfg is not None:
             self.colinearity_decay = ColinearityDecay(
-                pairs, self.cd_cfg['strength'], self.cd_cfg['power_iters'])
+                pairs, self.cd_cfg['strength'], self.cd_cfg['power_iters'],
+                self.cd_cfg['cuda_graph'])
         if self.s2d_cfg is not None:
             weights = list({id(w): w for p in pairs
                             for w in p.parameters}.values())
