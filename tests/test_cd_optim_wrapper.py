@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmengine.logging import MessageHub
-from mmengine.optim import OptimWrapper, build_optim_wrapper
+from mmengine.optim import build_optim_wrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
 from mmcd.core import ColinearityDecay, discover_pairs

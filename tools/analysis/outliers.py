@@ -27,6 +27,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
@@ -47,8 +48,8 @@ def parse_args():
     parser.add_argument('--labels', nargs='+')
     parser.add_argument('--num-images', type=int, default=16)
     parser.add_argument('--out-dir', default='work_dirs/outliers')
-    parser.add_argument('--cfg-options', nargs='+', default=None,
-                        action=__import__('mmengine').config.DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
     args = parser.parse_args()
     labels = args.labels or [osp.splitext(osp.basename(c))[0]
                              for c in args.checkpoints]
