@@ -1,6 +1,7 @@
 """mmcd's ViTDet: backbone shapes and errors, windowed vs global attention,
 relative position tables, SimpleFPN, layer-wise lr decay, MAE loading, CD
 pairs, and a toy ViTDet Mask R-CNN trained with CD and evaluated at W4A4."""
+import argparse
 import copy
 import json
 import os.path as osp
@@ -125,7 +126,8 @@ def test_mae_checkpoint_loads_by_name(tmp_path):
     grid = torch.randn(1, 1 + 14 * 14, 32)
     state['pos_embed'] = grid
     path = str(tmp_path / 'mae.pth')
-    torch.save({'model': state}, path)
+    # as the official MAE files: weights under 'model', args pickled too
+    torch.save({'model': state, 'args': argparse.Namespace(lr=1e-3)}, path)
     target = ViTDet(img_size=64, embed_dims=32, depth=3, num_heads=2,
                     window_size=3, global_attn_indexes=(2, ),
                     pretrain_img_size=224,

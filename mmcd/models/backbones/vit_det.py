@@ -16,6 +16,7 @@ checkpoint loads by name (see :meth:`ViTDet.init_weights`).
 The two attention products are :class:`~mmcd.core.quant.modules.MatMul`
 modules, so post-training quantization reaches them without a rewrite.
 """
+import argparse
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -237,13 +238,15 @@ class ViTDet(BaseModule):
         and carry a ``backbone.`` prefix. ``cls_token`` and the final
         ``norm`` / ``fc_norm`` / ``head`` are unused; relative position
         tables are not in MAE and keep their zero init. A ``pos_embed`` of
-        another grid is resized. The file is read with ``weights_only``: an
-        MAE file that pickles its ``argparse.Namespace`` must be re-saved
-        with only ``{'model': state_dict}``.
+        another grid is resized. The file is read with ``weights_only``;
+        the official MAE files also pickle their training ``args``, an
+        ``argparse.Namespace`` (a plain attribute bag), which is allowed
+        for this load only.
         """
         from mmengine.runner.checkpoint import CheckpointLoader
-        state = CheckpointLoader.load_checkpoint(checkpoint,
-                                                 map_location='cpu')
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = CheckpointLoader.load_checkpoint(checkpoint,
+                                                     map_location='cpu')
         state = state.get('model', state.get('state_dict', state))
         state = {k[len('backbone.'):] if k.startswith('backbone.') else k: v
                  for k, v in state.items()}
