@@ -144,11 +144,14 @@ def markdown(args, rows, stats, seconds):
     lines += ['', '## Activation outliers (float model, '
               f'{args.stat_images} val images)', '',
               '| training | largest max abs | largest kurtosis | '
-              'largest max/median | mean alignment |', '|---|---|---|---|---|']
+              'largest max/median | mean alignment |', '|---|---|---|---|---|',
+              ]
     for training, (point_stats, align, _) in stats.items():
         peak = max(v['max_abs'] for v in point_stats.values())
         kurt = max(v['kurtosis'] for v in point_stats.values())
-        ratio = max(v['max_over_median'] for v in point_stats.values())
+        # zero-padded attention inputs can have median 0: finite ratios only
+        ratio = max((v['max_over_median'] for v in point_stats.values()
+                     if v['max_over_median'] != float('inf')), default=0.0)
         mean_align = sum(a['mean'] for a in align.values()) / len(align)
         lines.append(f'| {training} | {peak:.2f} | {kurt:.1f} | '
                      f'{ratio:.0f} | {mean_align:.2f} |')
