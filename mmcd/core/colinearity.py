@@ -192,28 +192,19 @@ class ColinearityDecay:
                 tuple(v[0] if len(set(v)) == 1 else torch.tensor(
                     v, dtype=weight.dtype, device=weight.device)
                       for v in sides) for sides in lrs])
+        flat = torch.tensor([x for sides in lrs for v in sides for x in v],
+                            dtype=weight.dtype)
         if self._graph is None:  # eager first step, then capture
-            stats = self._apply([tuple(torch.tensor(
-                v, dtype=weight.dtype, device=weight.device) for v in sides)
-                for sides in lrs])
-            flat = [x for sides in lrs for v in sides for x in v]
-            self._scale_buffer = torch.tensor(flat, dtype=weight.dtype,
-                                              device=weight.device)
-            scales, offset = [], 0
-            for sides in lrs:
-                pair_scales = []
-                for v in sides:
-                    pair_scales.append(self._scale_buffer[offset:offset +
-                                                          len(v)])
-                    offset += len(v)
-                scales.append(tuple(pair_scales))
+            self._scale_buffer = flat.to(weight.device)
+            views = self._scale_buffer.split(
+                [len(v) for sides in lrs for v in sides])
+            scales = list(zip(views[0::2], views[1::2]))  # (A, B) per group
+            stats = self._apply(scales)
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._graph_stats = self._apply(scales)
             return stats
-        self._scale_buffer.copy_(torch.tensor(
-            [x for sides in lrs for v in sides for x in v],
-            dtype=self._scale_buffer.dtype), non_blocking=True)
+        self._scale_buffer.copy_(flat, non_blocking=True)
         self._graph.replay()
         return self._graph_stats
 
@@ -222,7 +213,7 @@ class ColinearityDecay:
         ``A`` side and the ``B`` side of each group."""
         out = []
         for members, _, _ in self.groups:
-            heads = members[0].matrices()[0].shape[0]
+            heads = members[0].num_heads  # 1 for ffn pairs
             out.append(tuple(
                 [base * lr_of(getattr(p, side).weight) for p in members
                  for _ in range(heads)] for side in ('first', 'second')))
