@@ -18,17 +18,17 @@ the statistics are those of the model actually evaluated.
 """
 import json
 import os.path as osp
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Sequence
 
 import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
-from mmengine.utils import ProgressBar
 
 from mmcd.core.activation_stats import ActivationRecorder, probe_points
 from mmcd.core.colinearity import alignment
 from mmcd.core.pairs import BUILTIN_RULES, discover_pairs
+from .post_training_quant_hook import run_test_steps
 
 
 def model_pairs(model: torch.nn.Module):
@@ -54,23 +54,16 @@ def pair_alignment(pairs) -> Dict[str, Dict[str, float]]:
 
 @torch.no_grad()
 def collect_activation_stats(model: torch.nn.Module, batches: Iterable,
-                             num_images: Optional[int] = None,
-                             max_samples: int = 1 << 16):
-    """Run ``model.test_step`` on ``batches`` (at most ``num_images``
-    batches) and return ``(stats, alignment, recorder)``; the recorder keeps
-    the ``|x|`` samples for histograms."""
+                             num_images: int, max_samples: int = 1 << 16):
+    """Run ``model.test_step`` on the first ``num_images`` batches and
+    return ``(stats, alignment, recorder)``; the recorder keeps the ``|x|``
+    samples for histograms."""
     model = model.module if is_model_wrapper(model) else model
     pairs = model_pairs(model)
     recorder = ActivationRecorder(probe_points(model, pairs), max_samples)
     model.eval()
     try:
-        bar = ProgressBar(num_images) if num_images else None
-        for i, batch in enumerate(batches):
-            if num_images is not None and i == num_images:
-                break
-            model.test_step(batch)
-            if bar:
-                bar.update()
+        run_test_steps(model, batches, num_images)
     finally:
         recorder.remove()
     return recorder.results(), pair_alignment(pairs), recorder

@@ -158,6 +158,18 @@ def calibration_loader(cfg, num_images: int, seed: int = 0,
     return loader
 
 
+def run_test_steps(model, batches, num_batches: int) -> None:
+    """``model.test_step`` on the first ``num_batches`` of ``batches``, with
+    a progress bar."""
+    bar = ProgressBar(num_batches)
+    for i, batch in enumerate(batches):
+        if i == num_batches:
+            break
+        model.test_step(batch)
+        bar.update()
+    print()  # ProgressBar leaves the cursor on its line
+
+
 def quantize_copy(model, quant_cfg: QuantConfig, loader, num_images: int):
     """A quantized, calibrated copy of ``model`` (which is not touched):
     :func:`~mmcd.core.quant.quantize_model`, then
@@ -168,16 +180,9 @@ def quantize_copy(model, quant_cfg: QuantConfig, loader, num_images: int):
               f'{quant_cfg.method}, calibrating on {num_images} images',
               logger='current')
 
-    def run_calibration():
-        bar = ProgressBar(num_images)
-        for i, batch in enumerate(loader):
-            if i == num_images:
-                break
-            quant_model.test_step(batch)
-            bar.update()
-        print()  # ProgressBar leaves the cursor on its line
-
-    summary = calibrate(quant_model, quant_cfg, run_calibration)
+    summary = calibrate(quant_model, quant_cfg,
+                        lambda: run_test_steps(quant_model, loader,
+                                               num_images))
     print_log(f'PTQ: {summary}', logger='current')
     return quant_model
 
