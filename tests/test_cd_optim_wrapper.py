@@ -184,6 +184,9 @@ def _ddp_worker(rank, world_size, port, out):
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save(torch.stack(gathered), out)
+    # leave together: a rank tearing down while the store's host (rank 0)
+    # is gone can wait forever
+    dist.barrier()
     dist.destroy_process_group()
 
 
