@@ -1,5 +1,6 @@
 """MMEngine adapters: optim wrappers, hooks and tool set-up."""
-from .hooks import ActivationStatsHook, PostTrainingQuantHook
+from .hooks import (ActivationStatsHook, PostTrainingQuantHook,
+                    QuantAwareTrainingHook)
 from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor
 from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
                              ColinearityDecayOptimWrapper)
@@ -7,5 +8,5 @@ from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
 __all__ = [
     'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
     'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor',
-    'ActivationStatsHook'
+    'ActivationStatsHook', 'QuantAwareTrainingHook'
 ]

@@ -23,7 +23,7 @@ import sys
 import time
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401
@@ -61,6 +61,9 @@ def parse_args():
     parser.add_argument('--epochs', type=int)
     parser.add_argument('--calib-images', type=int)
     parser.add_argument('--stat-images', type=int, default=8)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override toy config settings of every '
+                        'training, key=value')
     args = parser.parse_args()
     args.bits = args.bits or ([8, 4] if args.quick else [8, 6, 4])
     args.epochs = args.epochs or (2 if args.quick else 12)
@@ -71,6 +74,8 @@ def parse_args():
 
 def toy_config(args, training):
     cfg = Config.fromfile(TOY)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     cfg.work_dir = osp.join(args.work_dir, training)
     cfg.optim_wrapper.update(TRAININGS[training])
     cfg.train_cfg.max_epochs = cfg.train_cfg.val_interval = args.epochs

@@ -1,8 +1,15 @@
-"""Post-training quantization core (fake quantization), pure PyTorch."""
+"""Quantization core (fake quantization): post-training quantization and
+quantization-aware training, pure PyTorch."""
 from .attention import QuantWindowMSA
 from .convert import (METHODS, QuantConfig, calibrate, quantize_model,
                       quantizers, set_quant_state)
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
+from .qat import (QAT_METHODS, OscillationTracker, QATConfig, activate_qat,
+                  freeze_confident_weights, initialize_qat, prepare_qat,
+                  restore_frozen_weights)
+from .qat_quantizers import (LsqActQuantizer, LsqWeightQuantizer,
+                             StatsWeightQuantizer)
+from .qk_reparam import QKReparam
 from .quantizers import LogSqrt2Quantizer, TanQuantizer, UniformQuantizer
 from .reparam import find_norm_linear_pairs, reparameterize, target_params
 
@@ -11,5 +18,8 @@ __all__ = [
     'quantize_model', 'quantizers', 'set_quant_state', 'QuantConv2d',
     'MatMul', 'QuantLinear', 'QuantMatMul', 'LogSqrt2Quantizer', 'TanQuantizer',
     'UniformQuantizer', 'find_norm_linear_pairs', 'reparameterize',
-    'target_params'
+    'target_params', 'QAT_METHODS', 'OscillationTracker', 'QATConfig',
+    'activate_qat', 'freeze_confident_weights', 'initialize_qat',
+    'prepare_qat', 'restore_frozen_weights', 'LsqActQuantizer',
+    'LsqWeightQuantizer', 'StatsWeightQuantizer', 'QKReparam'
 ]

@@ -46,13 +46,17 @@ class QuantWindowMSA(nn.Module):
         self.proj_drop = getattr(window_msa, 'proj_drop', nn.Identity())
         self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method)
         self.av_matmul = QuantMatMul.for_role('av', a_bits, method)
+        self.qk_reparam = None  # QAT's QKReparam (qk_reparam.py) if set
 
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
         batch, tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads,
                                   channels // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        if self.qk_reparam is None:
+            attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        else:
+            attn = self.qk_reparam(x, self.qk_matmul, self.scale)
         area = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[
             self.relative_position_index.view(-1)].view(area, area, -1)

@@ -157,8 +157,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
                 continue  # never executed on the calibration images
             reparameterize(norm, modules[lin_name], *recorder.ranges[norm],
                            target=target)
-    layers = [m for m in model.modules()
-              if isinstance(m, (QuantLinear, QuantConv2d))]
+    # quantized Linear / Conv2d, and QAT's query-key products
+    layers = [m for m in model.modules() if hasattr(m, 'finalize_weight')]
     act_quantizers = [q for q in quantizers(model)
                       if not any(q is m.weight_quantizer for m in layers)]
     for q in act_quantizers:

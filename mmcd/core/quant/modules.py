@@ -4,7 +4,8 @@
 parameters, so module names and checkpoint keys are unchanged (CD's pair
 rules still match) and the float weights are never modified: the
 fake-quantized weight is computed once by :meth:`finalize` and kept in a
-non-persistent buffer. The input (activation) is fake-quantized per tensor,
+non-persistent buffer (QAT: qat.py swaps in trainable quantizers, applied in
+every forward pass). The input (activation) is fake-quantized per tensor,
 the weight per output channel. Pure PyTorch.
 """
 import torch
@@ -55,12 +56,18 @@ class QuantWeightMixin:
     def finalize_weight(self) -> None:
         self.weight_quantizer.finalize(self.weight)
         self.weight_quantizer.set_state('quant')
-        self.quant_weight = self.weight_quantizer(self.weight.detach())
+        if not self.weight_quantizer.trainable:
+            self.quant_weight = self.weight_quantizer(self.weight.detach())
 
     def effective_weight(self):
-        if self.weight_quantizer.state == 'quant':
-            return self.quant_weight
-        return self.weight
+        """The float weight, its cached PTQ fake-quantized copy, or (QAT)
+        the weight fake-quantized in this forward pass, with gradients."""
+        quantizer = self.weight_quantizer
+        if quantizer.state != 'quant':
+            return self.weight
+        if quantizer.trainable:
+            return quantizer(self.weight)
+        return self.quant_weight
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):

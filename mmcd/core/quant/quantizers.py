@@ -29,7 +29,8 @@ Quantizers:
   ``tau`` is chosen per layer by calibration MSE from ``{1, 2, 4, 8, 16}``
   (``tau -> 0`` is the uniform grid).
 
-Pure PyTorch.
+The post-softmax quantizers pass gradients straight through their rounding
+(identity backward), so QAT can keep them (qat.py). Pure PyTorch.
 """
 import math
 from typing import Optional
@@ -54,6 +55,9 @@ def check_bits(bits: int) -> int:
 
 class FakeQuantizer(nn.Module):
     """State handling shared by the quantizers."""
+    #: whether the quantizer has to run in every forward pass with gradients
+    #: (QAT: qat_quantizers.py); PTQ weight quantizers are applied once
+    trainable = False
 
     def __init__(self, bits: int):
         super().__init__()
@@ -246,7 +250,8 @@ class LogSqrt2Quantizer(FakeQuantizer):
         levels = 2**self.bits
         q = torch.round(-2 * torch.log2(x.clamp_min(1e-30)))
         out = torch.pow(2.0, -q.clamp_min(0) / 2)
-        return torch.where(q < levels, out, torch.zeros_like(out))
+        out = torch.where(q < levels, out, torch.zeros_like(out))
+        return x + (out - x).detach()  # straight-through
 
 
 class TanQuantizer(FakeQuantizer):
@@ -284,4 +289,5 @@ class TanQuantizer(FakeQuantizer):
         self._samples = []
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fake(x, float(self.tau), 2**self.bits - 1)
+        out = self._fake(x, float(self.tau), 2**self.bits - 1)
+        return x + (out - x).detach()  # straight-through

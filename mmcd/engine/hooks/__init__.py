@@ -3,9 +3,10 @@ from .activation_stats_hook import (ActivationStatsHook,
 from .post_training_quant_hook import (PostTrainingQuantHook,
                                        calibration_loader, evaluate,
                                        quantize_copy)
+from .quant_aware_training_hook import QuantAwareTrainingHook
 
 __all__ = [
     'ActivationStatsHook', 'collect_activation_stats',
     'PostTrainingQuantHook', 'calibration_loader', 'evaluate',
-    'quantize_copy'
+    'quantize_copy', 'QuantAwareTrainingHook'
 ]

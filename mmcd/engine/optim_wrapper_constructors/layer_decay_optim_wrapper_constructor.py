@@ -28,7 +28,8 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     ``num_layers = len(backbone.blocks) + 1``: the deepest layers (and the
     neck and heads) train at ``base_lr``, the patch embedding at
     ``base_lr * decay_rate ** num_layers``. Biases, norms and position
-    embeddings (``pos_embed``, ``rel_pos_*``) get no weight decay.
+    embeddings (``pos_embed``, ``rel_pos_*``) and QAT's quantizer steps and
+    offsets (0-d or 1-d) get no weight decay.
 
     ``paramwise_cfg=dict(decay_rate=0.7)``; any optim wrapper type works
     (``ColinearityDecayOptimWrapper`` included).
@@ -58,7 +59,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             if not param.requires_grad:
                 continue
             lid = layer_id(name, num_layers)
-            no_decay = param.ndim == 1 or name.endswith(NO_DECAY_NAMES)
+            no_decay = param.ndim <= 1 or name.endswith(NO_DECAY_NAMES)
             group = groups.setdefault((lid, no_decay), dict(
                 params=[],
                 lr=self.base_lr * self.decay_rate**(num_layers - lid),

@@ -83,6 +83,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.qk_matmul, self.av_matmul = MatMul('qk'), MatMul('av')
+        # QAT's query-key reparameterization (mmcd.core.quant.QKReparam)
+        self.qk_reparam = None
         self.use_rel_pos = use_rel_pos
         if use_rel_pos:
             head_dim = dim // num_heads
@@ -96,7 +98,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, b * self.num_heads,
                                                      h * w, -1)
-        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        if self.qk_reparam is None:
+            attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        else:
+            attn = self.qk_reparam(x.reshape(b, h * w, c), self.qk_matmul,
+                                   self.scale).flatten(0, 1)
         if self.use_rel_pos:
             r_h = relative_positions(h, h, self.rel_pos_h)
             r_w = relative_positions(w, w, self.rel_pos_w)

@@ -1,0 +1,15 @@
+# W4A4 quantization-aware training (OFQ: StatsQ weights, LSQ+ activations,
+# query-key reparameterization, confidence-guided annealing over the last
+# 10% of iterations) of Mask R-CNN Swin-T trained with Colinearity Decay.
+# CD stays on during QAT (the optim wrapper is inherited; set
+# optim_wrapper.type='OptimWrapper' to turn it off).
+#   python tools/train.py configs/qat/mask-rcnn_swin-t_cd_w4a4_ofq.py \
+#       --cfg-options load_from=work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth
+# The quantizers start from a RepQ-ViT calibration on 32 train images; the
+# schedule is the inherited 1x one (an untuned starting point).
+_base_ = '../cd/mask-rcnn_swin-t_cd.py'
+load_from = 'work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth'
+custom_hooks = [
+    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
+         init='repq-vit', calib=dict(num_images=32))
+]

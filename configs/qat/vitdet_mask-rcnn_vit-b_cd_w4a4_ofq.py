@@ -1,0 +1,10 @@
+# W4A4 OFQ quantization-aware training of ViTDet Mask R-CNN ViT-B trained
+# with CD (layer-wise lr decay and CD inherited).
+#   python tools/train.py configs/qat/vitdet_mask-rcnn_vit-b_cd_w4a4_ofq.py \
+#       --cfg-options load_from=work_dirs/vitdet_mask-rcnn_vit-b_cd/iter_184375.pth
+_base_ = '../cd/vitdet_mask-rcnn_vit-b_cd.py'
+load_from = 'work_dirs/vitdet_mask-rcnn_vit-b_cd/iter_184375.pth'
+custom_hooks = [
+    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
+         init='repq-vit', calib=dict(num_images=32))
+]

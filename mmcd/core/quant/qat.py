@@ -1,0 +1,251 @@
+"""Quantization-aware training (QAT): LSQ, and OFQ (Liu et al., "Oscillation-
+free Quantization for Low-bit Vision Transformers", ICML 2023). Pure PyTorch.
+
+A model is prepared in two steps, so that a QAT checkpoint loads into a
+prepared model before anything is calibrated (resume, testing):
+
+1. :func:`prepare_qat` converts it as PTQ does (:func:`quantize_model`:
+   same layers, same attention handling), then swaps in trainable
+   quantizers (qat_quantizers.py): LSQ+ for every per-tensor activation, LSQ
+   (``method='lsq'``) or StatsQ (``method='ofq'``) for weights; post-softmax
+   log-sqrt2 / TanQ quantizers stay (fixed grids, straight-through
+   gradients); with ``qk_reparam`` attention logits come from the quantized
+   ``W_Q^T W_K`` (qk_reparam.py). Everything starts in the ``'fp'`` state.
+2. :func:`initialize_qat` runs the PTQ calibration of ``QATConfig.init``
+   (RepQ-ViT by default: LayerNorm reparameterization, activation ranges),
+   which initialises the learnable steps and offsets, and switches the
+   quantizers on.
+
+Confidence-guided annealing (OFQ's CGA), our formulation: at a chosen point
+late in training, :func:`freeze_confident_weights` freezes every quantized
+weight whose latent value is at least ``boundary_range`` steps (default
+0.005) away from its nearest rounding boundary (``boundary_distance``), at
+its current value; only the weights near a boundary, the ones that can still
+flip level (oscillate), keep training. :func:`restore_frozen_weights`, after
+every optimizer (and CD) update, writes the frozen values back, which freezes
+them exactly whatever the optimizer (AdamW moments, weight decay and CD would
+otherwise keep moving them). The frozen set is decided once; masks and
+values are buffers, so they are checkpointed and resumed.
+
+:class:`OscillationTracker` measures oscillation: the fraction of quantized
+weights whose integer level changed at least once over a window of steps.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .convert import QuantConfig, calibrate, quantize_model, quantizers
+from .modules import QuantConv2d, QuantLinear
+from .qat_quantizers import (LsqActQuantizer, TrainableWeightQuantizer,
+                             make_weight_quantizer)
+from .qk_reparam import QKReparam
+from .quantizers import UniformQuantizer
+
+QAT_METHODS = ('lsq', 'ofq')
+
+
+@dataclass
+class QATConfig:
+    """What QAT quantizes and how.
+
+    Args:
+        w_bits, a_bits: 2..8.
+        method: ``'lsq'`` (LSQ weights and LSQ+ activations) or ``'ofq'``
+            (StatsQ weights, LSQ+ activations, query-key reparameterization).
+        init: the PTQ method whose calibration initialises the quantizers
+            (``'minmax'``, ``'repq-vit'`` or ``'dopq-vit'``).
+        qk_reparam: quantize ``W_Q^T W_K`` per head (default: on for
+            ``'ofq'``).
+        scope, skip, first_layer_bits: as in :class:`QuantConfig`.
+    """
+    w_bits: int = 4
+    a_bits: int = 4
+    method: str = 'ofq'
+    init: str = 'repq-vit'
+    qk_reparam: Optional[bool] = None
+    scope: str = 'all'
+    skip: Sequence[str] = field(default_factory=tuple)
+    first_layer_bits: int = 8
+
+    def __post_init__(self):
+        if self.method not in QAT_METHODS:
+            raise ValueError(f'unknown QAT method {self.method!r}; known: '
+                             f'{", ".join(QAT_METHODS)}')
+        if self.qk_reparam is None:
+            self.qk_reparam = self.method == 'ofq'
+        self.ptq_config()  # validates bits, init method, scope
+
+    @property
+    def weight_quantizer(self) -> str:
+        return 'statsq' if self.method == 'ofq' else 'lsq'
+
+    def ptq_config(self) -> QuantConfig:
+        return QuantConfig(self.w_bits, self.a_bits, self.init, self.scope,
+                           tuple(self.skip), self.first_layer_bits)
+
+
+def _swap_act_quantizers(model: nn.Module) -> int:
+    """LSQ+ in place of every uniform (activation) quantizer; weight
+    quantizers are trainable ones by now."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is UniformQuantizer:
+                setattr(module, name, LsqActQuantizer.like(child))
+                count += 1
+    return count
+
+
+def prepare_qat(model: nn.Module, cfg: QATConfig) -> Dict[str, int]:
+    """Convert ``model`` in place for QAT (all quantizers off until
+    :func:`initialize_qat`). Returns counts of what was converted."""
+    quantize_model(model, cfg.ptq_config())
+    layers = [m for m in model.modules()
+              if isinstance(m, (QuantLinear, QuantConv2d))]
+    for layer in layers:
+        layer.weight_quantizer = make_weight_quantizer(
+            cfg.weight_quantizer, cfg.w_bits, layer.weight.shape[0])
+    attentions = 0
+    if cfg.qk_reparam:
+        for module in model.modules():
+            if hasattr(module, 'qk_reparam') and hasattr(module, 'qkv'):
+                channels = module.qkv.in_features
+                module.qk_reparam = QKReparam(
+                    module.qkv, module.num_heads,
+                    make_weight_quantizer(cfg.weight_quantizer, cfg.w_bits,
+                                          module.num_heads * channels))
+                attentions += 1
+        if not attentions:
+            raise ValueError(
+                'qk_reparam=True but no attention in the quantized part of '
+                'the model supports query-key reparameterization (mmcd '
+                "ViTDet and Swin WindowMSA do); set qk_reparam=False")
+    acts = _swap_act_quantizers(model)
+    return dict(layers=len(layers), act_quantizers=acts,
+                qk_reparam=attentions)
+
+
+def trainable_weight_layers(model: nn.Module) -> List[nn.Module]:
+    """Modules whose weight has a trainable quantizer: quantized Linear /
+    Conv2d layers and query-key products."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, 'weight_quantizer', None),
+                          TrainableWeightQuantizer)]
+
+
+def initialize_qat(model: nn.Module, cfg: QATConfig,
+                   run_calibration: Callable[[], None]) -> dict:
+    """Calibrate a model prepared by :func:`prepare_qat` (initialising
+    steps and offsets) and switch quantization on. Returns
+    :func:`calibrate`'s summary."""
+    if not trainable_weight_layers(model):
+        raise ValueError('model is not prepared for QAT: run prepare_qat '
+                         'first')
+    return calibrate(model, cfg.ptq_config(), run_calibration)
+
+
+def activate_qat(model: nn.Module) -> int:
+    """Switch on every calibrated quantizer of a QAT model (after loading a
+    QAT checkpoint, where the on/off state is not stored). Raises if the
+    model has no calibrated QAT quantizer."""
+    layers = trainable_weight_layers(model)
+    if not layers:
+        raise ValueError('model is not prepared for QAT: run prepare_qat '
+                         'first')
+    if not any(m.weight_quantizer.calibrated for m in layers):
+        raise RuntimeError(
+            'the QAT model is not calibrated: its weights come from a '
+            'float checkpoint (or none). Train it with QAT first '
+            '(QuantAwareTrainingHook calibrates before training), or '
+            'evaluate a float checkpoint with PostTrainingQuantHook')
+    on = 0
+    for q in quantizers(model):
+        if q.calibrated:
+            q.set_state('quant')
+            on += 1
+    return on
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    return module.product() if isinstance(module, QKReparam) \
+        else module.weight
+
+
+@torch.no_grad()
+def freeze_confident_weights(model: nn.Module,
+                             boundary_range: float = 0.005) -> Dict:
+    """CGA: freeze the quantized Linear / Conv2d weights at least
+    ``boundary_range`` steps from a rounding boundary (module docstring).
+    Query-key products are not parameters and are left out (their
+    ``W_Q`` / ``W_K`` rows are frozen through the qkv layer). Returns the
+    frozen and total weight counts."""
+    if not 0 < boundary_range <= 0.5:
+        raise ValueError('boundary_range must be in (0, 0.5] (steps), got '
+                         f'{boundary_range}')
+    layers = [m for m in trainable_weight_layers(model)
+              if not isinstance(m, QKReparam)]
+    if not layers:
+        raise ValueError(
+            'confidence-guided annealing needs a QAT model (prepare_qat + '
+            'initialize_qat): no quantized weight with a QAT quantizer')
+    frozen = total = 0
+    for layer in layers:
+        quantizer = layer.weight_quantizer
+        if not quantizer.calibrated:
+            raise RuntimeError('confidence-guided annealing on a QAT model '
+                               'that is not calibrated')
+        mask = quantizer.boundary_distance(layer.weight) >= boundary_range
+        quantizer.frozen_mask = mask
+        quantizer.frozen_value = layer.weight.detach().clone()
+        frozen += int(mask.sum())
+        total += mask.numel()
+    return dict(frozen=frozen, total=total)
+
+
+def annealing_started(model: nn.Module) -> bool:
+    return any(m.weight_quantizer.frozen_mask.numel()
+               for m in trainable_weight_layers(model))
+
+
+@torch.no_grad()
+def restore_frozen_weights(model: nn.Module) -> None:
+    """Write the CGA-frozen weights back (after an optimizer update)."""
+    for layer in trainable_weight_layers(model):
+        quantizer = layer.weight_quantizer
+        if quantizer.frozen_mask.numel():
+            layer.weight.copy_(torch.where(quantizer.frozen_mask,
+                                           quantizer.frozen_value,
+                                           layer.weight))
+
+
+class OscillationTracker:
+    """Fraction of quantized weights whose integer level changed at least
+    once since the last :meth:`pop_fraction` (call :meth:`update` after
+    every optimizer step)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = trainable_weight_layers(model)
+        if not self.layers:
+            raise ValueError('no QAT weight quantizer to track')
+        self.codes = self._codes()
+        self.flipped = [torch.zeros_like(c, dtype=torch.bool)
+                        for c in self.codes]
+
+    def _codes(self):
+        return [m.weight_quantizer.codes(_weight_of(m)) for m in self.layers]
+
+    def update(self) -> None:
+        codes = self._codes()
+        for flipped, old, new in zip(self.flipped, self.codes, codes):
+            flipped |= old != new
+        self.codes = codes
+
+    def pop_fraction(self) -> float:
+        """The fraction since the last call, and a new window."""
+        flips = sum(int(f.sum()) for f in self.flipped)
+        total = sum(f.numel() for f in self.flipped)
+        for f in self.flipped:
+            f.zero_()
+        return flips / total

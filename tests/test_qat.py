@@ -1,0 +1,285 @@
+"""QAT core: straight-through gradients against hand-computed cases, StatsQ,
+CGA, query-key reparameterization, oscillation statistics, a short QAT run,
+bad inputs."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmcd.core.quant import (LsqActQuantizer, LsqWeightQuantizer, MatMul,
+                             OscillationTracker, QATConfig, QKReparam,
+                             StatsWeightQuantizer, activate_qat,
+                             freeze_confident_weights, initialize_qat,
+                             prepare_qat, quantizers, restore_frozen_weights)
+from mmcd.core.quant.qat import trainable_weight_layers
+from mmcd.models.backbones.vit_det import Attention, ViTDet
+
+
+def test_lsq_act_quantizer_ste_gradients():
+    q = LsqActQuantizer(2)  # levels 0..3
+    q._set(torch.tensor(0.5), torch.tensor(1.0))  # step .5, offset -.5
+    assert q.step.item() == 0.5 and q.offset.item() == -0.5
+    q.set_state('quant')
+    x = torch.tensor([-1.0, 0.3, 2.0], requires_grad=True)
+    out = q(x)
+    # u = (x + .5) / .5 = [-1, 1.6, 5] -> clamp [0, 1.6, 3] -> round [0, 2, 3]
+    torch.testing.assert_close(out, torch.tensor([-0.5, 0.5, 1.0]))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 0.0]))
+    # d/ds: lower clip 0, inside round(u) - u = 0.4, upper clip 3; LSQ
+    # gradient scale 1 / sqrt(numel * Qp) = 1 / 3
+    torch.testing.assert_close(q.step.grad, torch.tensor(3.4 / 3))
+    # d/d offset: 0 inside, 1 where clipped
+    torch.testing.assert_close(q.offset.grad, torch.tensor(2.0))
+
+
+def test_lsq_act_quantizer_keeps_repq_channel_shift():
+    q = LsqActQuantizer(8)
+    q._set(torch.tensor(0.01), torch.tensor(128.0))
+    q.channel_offset = torch.tensor([0.0, 3.0])
+    q.set_state('quant')
+    x = torch.tensor([[0.2, -2.9]])
+    # the shift moves channel 1 into range and is removed afterwards
+    torch.testing.assert_close(q(x), x, atol=0.005, rtol=0)
+
+
+def test_lsq_weight_quantizer_ste_gradients():
+    q = LsqWeightQuantizer(3, channels=1)  # levels -4..3
+    with torch.no_grad():
+        q.step.fill_(0.5)
+    q.initialized.fill_(True)
+    q.set_state('quant')
+    w = torch.tensor([[0.2, -0.7, 1.4, 3.0]], requires_grad=True)
+    out = q(w)
+    # u = [0.4, -1.4, 2.8, 6] -> clamp to [-4, 3] -> round [0, -1, 3, 3]
+    torch.testing.assert_close(out, torch.tensor([[0.0, -0.5, 1.5, 1.5]]))
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    # round(u) - u inside: -0.4, 0.4, 0.2; clipped at Qp = 3
+    expected = (-0.4 + 0.4 + 0.2 + 3) / math.sqrt(4 * 3)
+    torch.testing.assert_close(q.step.grad, torch.tensor([expected]))
+
+
+def test_lsq_weight_init_is_lsq_paper_rule():
+    q = LsqWeightQuantizer(4, channels=2)
+    w = torch.tensor([[1.0, -3.0], [0.5, 0.5]])
+    q.finalize(w)
+    torch.testing.assert_close(q.step, torch.tensor([4.0, 1.0]) /
+                               math.sqrt(7))
+
+
+def test_statsq_scale_levels_and_gradient():
+    q = StatsWeightQuantizer(2)
+    q.finalize(None)
+    q.set_state('quant')
+    w = torch.tensor([[0.1, -0.3, 0.5, -0.9], [1.0, 1.0, -1.0, 0.2]],
+                     requires_grad=True)
+    # row 0: alpha = 2 mean|w| = 0.9, step alpha / 2 = 0.45, levels
+    # +-0.225, +-0.675; u = w / step - 1/2 = [-.28, -1.17, .61, -2.5]
+    step = q.step_for(w).flatten()
+    torch.testing.assert_close(step, torch.tensor([0.45, 0.8]))
+    out = q(w)
+    torch.testing.assert_close(out[0], torch.tensor([0.225, -0.225, 0.675,
+                                                     -0.675]))
+    assert (out != 0).all()  # no zero level
+    out.sum().backward()
+    # -0.9 / 0.45 - 0.5 = -2.5 lies outside [-2, 1]: clipped, no gradient;
+    # 1.0 / 0.8 - 0.5 = 0.75 is inside
+    torch.testing.assert_close(w.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0],
+                                                     [1.0, 1.0, 1.0, 1.0]]))
+
+
+def test_statsq_levels_are_symmetric_for_every_bit_width():
+    for bits in range(2, 9):
+        q = StatsWeightQuantizer(bits)
+        q.finalize(None)
+        q.set_state('quant')
+        w = torch.linspace(-3, 3, 4001)[None]
+        levels = q(w).unique()
+        assert levels.numel() == 2**bits
+        torch.testing.assert_close(levels, -levels.flip(0))
+
+
+def test_boundary_distance_and_codes():
+    q = LsqWeightQuantizer(3, channels=1)  # levels -4..3
+    with torch.no_grad():
+        q.step.fill_(1.0)
+    w = torch.tensor([[0.0, 0.499, 0.503, 1.2, 5.0, -4.6]])
+    torch.testing.assert_close(
+        q.boundary_distance(w),
+        torch.tensor([[0.5, 0.001, 0.003, 0.3, 2.5, 1.1]]))
+    assert q.codes(w).tolist() == [[0, 0, 1, 1, 3, -4]]
+
+
+class TinyViT(nn.Module):
+    """A two-block ViTDet with a linear read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = ViTDet(img_size=32, patch_size=8, embed_dims=32,
+                               depth=2, num_heads=2, window_size=2,
+                               global_attn_indexes=(1, ), drop_path_rate=0.)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[0].mean((2, 3)))
+
+
+def qat_model(method='ofq', bits=4, **kwargs):
+    torch.manual_seed(0)
+    model = TinyViT()
+    x = torch.randn(16, 3, 32, 32)
+    cfg = QATConfig(bits, bits, method, **kwargs)
+    prepare_qat(model, cfg)
+    initialize_qat(model, cfg, lambda: model(x[:8]))
+    return model, x, cfg
+
+
+def test_cga_freezes_exactly_the_confident_weights():
+    model, x, _ = qat_model('lsq')
+    layer = model.backbone.blocks[0].mlp.fc1
+    distance = layer.weight_quantizer.boundary_distance(layer.weight)
+    counts = freeze_confident_weights(model, boundary_range=0.05)
+    confident = distance >= 0.05
+    assert torch.equal(layer.weight_quantizer.frozen_mask, confident)
+    assert 0 < (~confident).sum() < confident.sum()
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        restore_frozen_weights(model)
+    after = layer.weight.detach()
+    assert torch.equal(after[confident], before[confident])
+    assert (after[~confident] != before[~confident]).all()
+    total = sum(m.weight.numel() for m in trainable_weight_layers(model)
+                if hasattr(m, 'weight'))
+    assert counts['total'] == total
+
+
+def test_qk_reparam_gives_the_float_logits():
+    torch.manual_seed(0)
+    qkv = nn.Linear(12, 36)
+    x = torch.randn(2, 5, 12)
+    scale = 6**-0.5
+    q, k, _ = qkv(x).view(2, 5, 3, 2, 6).permute(2, 0, 3, 1, 4)
+    expected = (q * scale) @ k.transpose(-2, -1)
+    quantizer = StatsWeightQuantizer(4)  # off: state 'fp'
+    logits = QKReparam(qkv, 2, quantizer)(x, MatMul('qk'), scale)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_reparam_in_vitdet_attention_is_exact_when_off():
+    torch.manual_seed(0)
+    attn = Attention(16, 2, (4, 4))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    x = torch.randn(2, 4, 4, 16)
+    expected = attn(x)
+    attn.qk_reparam = QKReparam(attn.qkv, 2, StatsWeightQuantizer(4))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_reparam_quantizes_the_product():
+    model, x, _ = qat_model('ofq')
+    attn = model.backbone.blocks[0].attn
+    reparam = attn.qk_reparam
+    assert reparam.weight_quantizer.state == 'quant'
+    product = reparam.product()
+    assert product.shape == (2 * 32, 32)
+    # the logits use the quantized product: a changed product quantizer
+    # changes the output
+    out = model(x)
+    with torch.no_grad():
+        attn.qkv.weight[:32].mul_(1.5)
+    assert not torch.allclose(model(x), out)
+
+
+def test_short_qat_run_lowers_the_quantized_loss():
+    model, x, _ = qat_model('ofq')
+    target = torch.randn(16, 4)
+    learnable = [p for n, p in model.named_parameters() if 'quantizer' in n]
+    assert learnable  # LSQ+ steps and offsets
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = (model(x) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    # the quantizer parameters received gradients and moved
+    assert all(p.grad is not None for p in learnable)
+
+
+def test_prepared_model_is_the_float_model_until_calibrated():
+    torch.manual_seed(0)
+    model = TinyViT()
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    prepare_qat(model, QATConfig(4, 4, 'ofq'))
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match='not calibrated'):
+        activate_qat(model)
+
+
+def test_qat_state_round_trips_through_a_state_dict():
+    model, x, cfg = qat_model('lsq')
+    freeze_confident_weights(model)
+    model.eval()
+    expected = model(x)
+    torch.manual_seed(1)
+    fresh = TinyViT()
+    prepare_qat(fresh, cfg)
+    fresh.load_state_dict(model.state_dict())  # strict: every key matches
+    assert activate_qat(fresh) == sum(q.calibrated for q in quantizers(model))
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), expected)
+    layer = fresh.backbone.blocks[1].mlp.fc2
+    assert layer.weight_quantizer.frozen_mask.any()
+
+
+def test_oscillation_tracker_counts_weights_that_changed_level():
+    model, _, _ = qat_model('lsq')
+    tracker = OscillationTracker(model)
+    layer = model.backbone.blocks[0].mlp.fc1
+    quantizer = layer.weight_quantizer
+    with torch.no_grad():
+        original = layer.weight[:1, :10].clone()
+        # levels below the top one move up by exactly one level ...
+        movable = int((quantizer.codes(layer.weight)[0, :10] <
+                       quantizer.qp).sum())
+        layer.weight[0, :10] += quantizer.step[0]
+    tracker.update()
+    with torch.no_grad():
+        layer.weight[:1, :10] = original  # ... and back: an oscillation
+    tracker.update()
+    total = sum(m.weight.numel() for m in trainable_weight_layers(model))
+    assert movable > 5
+    assert tracker.pop_fraction() == pytest.approx(movable / total)
+    assert tracker.pop_fraction() == 0.0  # a new window
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match='bits must be an integer in 2..8'):
+        QATConfig(9, 4)
+    with pytest.raises(ValueError, match='bits must be an integer in 2..8'):
+        QATConfig(4, 1)
+    with pytest.raises(ValueError, match='unknown QAT method'):
+        QATConfig(4, 4, 'pact')
+    with pytest.raises(ValueError, match='needs a QAT model'):
+        freeze_confident_weights(TinyViT())
+    with pytest.raises(ValueError, match='not prepared for QAT'):
+        activate_qat(TinyViT())
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match='set qk_reparam=False'):
+        prepare_qat(mlp, QATConfig(4, 4, 'ofq'))
+    torch.manual_seed(0)
+    model = TinyViT()
+    prepare_qat(model, QATConfig(4, 4, 'lsq'))
+    with pytest.raises(RuntimeError, match='not calibrated'):
+        freeze_confident_weights(model)

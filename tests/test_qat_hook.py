@@ -1,0 +1,113 @@
+"""QuantAwareTrainingHook on the toy Swin Mask R-CNN: QAT from a float
+checkpoint (calibration, optimizer holding the quantizer parameters,
+annealing, oscillation log), resume, testing a QAT checkpoint, and the
+clear error on a float one."""
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.runner import Runner
+
+from conftest import REPO, micro_config
+
+CD_CONFIG = osp.join(REPO, 'configs', 'toy',
+                     'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
+HOOK = dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
+            calib=dict(num_images=2), cga=dict(begin=0.5),
+            oscillation_window=2)
+
+
+def qat_config(data_root, work_dir, max_epochs, **overrides):
+    cfg = micro_config(data_root, work_dir, base=CD_CONFIG,
+                       max_epochs=max_epochs)
+    cfg.custom_hooks = [dict(HOOK, **overrides)]
+    return cfg
+
+
+def test_qat_train_resume_and_test(micro_data_root, tmp_path):
+    # a float checkpoint to start from (as a trained CD model would be)
+    float_cfg = micro_config(micro_data_root, tmp_path / 'float',
+                             base=CD_CONFIG)
+    float_runner = Runner.from_cfg(float_cfg)
+    float_ckpt = str(tmp_path / 'float.pth')
+    torch.save(dict(state_dict=float_runner.model.state_dict(), meta={}),
+               float_ckpt)
+
+    cfg = qat_config(micro_data_root, tmp_path / 'qat', max_epochs=1)
+    cfg.load_from = float_ckpt
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    model = runner.model
+    fc1 = model.backbone.stages[0].blocks[0].ffn.layers[0][0]
+    assert type(fc1.weight_quantizer).__name__ == 'StatsWeightQuantizer'
+    assert fc1.input_quantizer.calibrated and \
+        fc1.input_quantizer.state == 'quant'
+    assert model.backbone.stages[0].blocks[0].attn.w_msa.qk_reparam \
+        is not None
+    # the rebuilt optimizer holds the quantizer parameters, without decay
+    groups = runner.optim_wrapper.optimizer.param_groups
+    step = fc1.input_quantizer.step
+    group = next(g for g in groups if any(p is step for p in g['params']))
+    assert group['weight_decay'] == 0
+    assert type(runner.optim_wrapper).__name__ == \
+        'ColinearityDecayOptimWrapper'  # CD stays on
+    # CGA started at iteration 2 of 4 and froze the confident weights
+    assert fc1.weight_quantizer.frozen_mask.any()
+    assert torch.equal(fc1.weight[fc1.weight_quantizer.frozen_mask],
+                       fc1.weight_quantizer.frozen_value[
+                           fc1.weight_quantizer.frozen_mask])
+    oscillation = runner.message_hub.get_scalar('train/qat_oscillation')
+    assert len(oscillation.data[0]) == 2  # every 2 of 4 iterations
+    assert all(0 <= f <= 1 for f in oscillation.data[0])
+    ckpt = str(tmp_path / 'qat' / 'epoch_1.pth')
+    state = torch.load(ckpt, map_location='cpu', weights_only=False)
+    assert any(k.endswith('input_quantizer.step') for k in
+               state['state_dict'])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # resume: quantizer state, CGA masks and optimizer state come back, and
+    # no new calibration replaces them
+    cfg2 = qat_config(micro_data_root, tmp_path / 'qat', max_epochs=2)
+    cfg2.resume, cfg2.load_from = True, ckpt
+    resumed = Runner.from_cfg(cfg2)
+    resumed.train()
+    assert resumed.iter == 8
+    log = open(resumed.logger.log_file).read()
+    assert 'calibrated on' not in log
+    assert 'confidence-guided annealing from iteration' not in log
+    resumed_fc1 = resumed.model.backbone.stages[0].blocks[0].ffn.layers[0][0]
+    frozen = fc1.weight_quantizer.frozen_mask
+    assert torch.equal(resumed_fc1.weight_quantizer.frozen_mask, frozen)
+    assert torch.equal(resumed_fc1.weight[frozen], weights[
+        'backbone.stages.0.blocks.0.ffn.layers.0.0.weight'][frozen])
+
+    # test a QAT checkpoint: evaluated quantized
+    cfg3 = qat_config(micro_data_root, tmp_path / 'test', max_epochs=1)
+    cfg3.load_from = str(tmp_path / 'qat' / 'epoch_2.pth')
+    tester = Runner.from_cfg(cfg3)
+    metrics = tester.test()
+    assert 'coco/bbox_mAP' in metrics
+    assert tester.model.backbone.stages[0].blocks[0].ffn.layers[0][0] \
+        .input_quantizer.state == 'quant'
+
+    # a float checkpoint under a QAT config: a clear error, not a float test
+    cfg4 = qat_config(micro_data_root, tmp_path / 'test4', max_epochs=1)
+    cfg4.load_from = float_ckpt
+    with pytest.raises(RuntimeError, match='QAT model is not calibrated'):
+        Runner.from_cfg(cfg4).test()
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(w_bits=9), 'bits must be an integer in 2..8'),
+    (dict(method='pact'), 'unknown QAT method'),
+    (dict(cga=dict(begin=1.5)), 'cga.begin is a fraction'),
+    (dict(cga=dict(boundary_range=0)), r'cga.boundary_range must be in'),
+    (dict(cga=dict(start=0.9)), 'cga: unknown option'),
+    (dict(calib=dict(images=3)), 'calib: unknown option'),
+])
+def test_bad_hook_configs(kwargs, message):
+    from mmcd.engine.hooks import QuantAwareTrainingHook
+    args = dict(HOOK, **kwargs)
+    args.pop('type')
+    with pytest.raises(ValueError, match=message):
+        QuantAwareTrainingHook(**args)
