@@ -37,3 +37,22 @@ def test_real_cd_configs_build(name, backbone):
     wrapper.bind_model(model)
     assert type(wrapper).__name__ == 'ColinearityDecayOptimWrapper'
     assert len(wrapper.matrix_pairs) == 36
+
+
+@pytest.mark.parametrize('name,attentions', [
+    ('qat/mask-rcnn_swin-t_cd_w4a4_ofq.py', 12),
+    ('qat/vitdet_mask-rcnn_vit-b_cd_w4a4_ofq.py', 12),
+])
+def test_real_qat_configs_convert(name, attentions):
+    from mmcd.core.quant import prepare_qat
+    from mmcd.engine.hooks import QuantAwareTrainingHook
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(osp.join(REPO, 'configs', name))
+    cfg.model.backbone.init_cfg = None  # no download
+    model = MODELS.build(cfg.model)
+    hook_cfg = dict(cfg.custom_hooks[0])
+    assert hook_cfg.pop('type') == 'QuantAwareTrainingHook'
+    hook = QuantAwareTrainingHook(**hook_cfg)
+    summary = prepare_qat(model, hook.qat_cfg)
+    assert summary['qk_reparam'] == attentions
+    assert cfg.load_from.endswith('.pth')

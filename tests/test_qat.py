@@ -34,6 +34,26 @@ def test_lsq_act_quantizer_ste_gradients():
     torch.testing.assert_close(q.offset.grad, torch.tensor(2.0))
 
 
+def test_lsq_plus_function_matches_the_autograd_composition():
+    from mmcd.core.quant.qat_quantizers import (LsqPlusFunction, round_ste,
+                                                scale_grad)
+    torch.manual_seed(0)
+    x = (torch.randn(64, 8) * 2).requires_grad_()
+    step = torch.tensor(0.3, requires_grad=True)
+    offset = torch.tensor(-1.0, requires_grad=True)
+    grad = torch.randn(64, 8)
+    factor = 1 / math.sqrt(x.numel() * 15)
+    LsqPlusFunction.apply(x, step, offset, 15, factor).backward(grad)
+    fused = x.grad.clone(), step.grad.clone(), offset.grad.clone()
+    for t in (x, step, offset):
+        t.grad = None
+    s = scale_grad(step, factor)
+    u = torch.clamp((x - offset) / s, 0, 15)
+    (round_ste(u) * s + offset).backward(grad)
+    for a, b in zip(fused, (x.grad, step.grad, offset.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_lsq_act_quantizer_keeps_repq_channel_shift():
     q = LsqActQuantizer(8)
     q._set(torch.tensor(0.01), torch.tensor(128.0))

@@ -9,7 +9,10 @@ bit width (default W8A8, W6A6, W4A4) and method (minmax, repq-vit,
 dopq-vit), measures its activation outliers, and writes to ``--work-dir``:
 ``results.md`` (one Markdown table, rows training x method, columns bits,
 cells box AP / mask AP; plus an outlier table), ``results.json`` and the
-outlier plots of tools/analysis/outliers.py. Trainings whose checkpoint
+outlier plots of tools/analysis/outliers.py. QAT rows: each trained model is
+also fine-tuned with quantization-aware training (``--qat-method``, default
+OFQ, at ``--qat-bits``, default W4A4, for ``--qat-epochs``) with its own
+regularizer kept on, and evaluated quantized. Trainings whose checkpoint
 exists are not repeated (delete the folder to start over).
 
 Default: 12 epochs (384 iterations), about 30 minutes on 2 CPU cores;
@@ -27,7 +30,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401
-from mmcd.core.quant import QuantConfig
+from mmcd.core.quant import QAT_METHODS, QuantConfig
 from mmcd.datasets import ensure_toy_coco
 from mmcd.engine.hooks import (calibration_loader, collect_activation_stats,
                                evaluate, quantize_copy)
@@ -61,6 +64,10 @@ def parse_args():
     parser.add_argument('--epochs', type=int)
     parser.add_argument('--calib-images', type=int)
     parser.add_argument('--stat-images', type=int, default=8)
+    parser.add_argument('--qat-method', default='ofq', choices=QAT_METHODS)
+    parser.add_argument('--qat-bits', nargs='*', type=int,
+                        help='QAT bit widths (default 4; none: no QAT rows)')
+    parser.add_argument('--qat-epochs', type=int)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override toy config settings of every '
                         'training, key=value')
@@ -68,6 +75,11 @@ def parse_args():
     args.bits = args.bits or ([8, 4] if args.quick else [8, 6, 4])
     args.epochs = args.epochs or (2 if args.quick else 12)
     args.calib_images = args.calib_images or (4 if args.quick else 16)
+    args.qat_bits = [4] if args.qat_bits is None else args.qat_bits
+    args.qat_epochs = args.qat_epochs or (1 if args.quick else 2)
+    if not set(args.qat_bits) <= set(args.bits):
+        parser.error(f'--qat-bits {args.qat_bits} must be among --bits '
+                     f'{args.bits} (the table has one column per bit width)')
     args.data_root = args.data_root.rstrip('/') + '/'
     return args
 
@@ -120,7 +132,43 @@ def run_training(args, training):
             row[f'{method}/W{bits}A{bits}'] = evaluate(qmodel, loop)
     stats = collect_activation_stats(model, runner.build_dataloader(
         cfg.test_dataloader), args.stat_images)
+    for bits in args.qat_bits:
+        row[f'qat-{args.qat_method}/W{bits}A{bits}'] = run_qat(
+            args, training, checkpoint, bits)
     return row, stats
+
+
+def run_qat(args, training, checkpoint, bits):
+    """Fine-tune ``checkpoint`` with QAT at ``bits`` (the training's
+    regularizer on, a tenth of its lr, constant) and test it quantized;
+    returns the metrics plus the last oscillation fraction."""
+    cfg = toy_config(args, training)
+    cfg.work_dir = osp.join(cfg.work_dir, f'qat-{args.qat_method}_w{bits}')
+    cfg.experiment_name += f'_qat{bits}'
+    cfg.visualizer.name = cfg.experiment_name
+    epochs = args.qat_epochs
+    cfg.train_cfg.max_epochs = epochs
+    cfg.train_cfg.val_interval = epochs + 1  # tested below, not validated
+    cfg.param_scheduler = []
+    cfg.optim_wrapper.optimizer.lr /= 10
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
+                                        interval=epochs)
+    cfg.custom_hooks = [
+        dict(type='QuantAwareTrainingHook', w_bits=bits, a_bits=bits,
+             method=args.qat_method, calib=dict(num_images=args.calib_images),
+             oscillation_window=8)
+    ]
+    qat_checkpoint = osp.join(cfg.work_dir, f'epoch_{epochs}.pth')
+    done = osp.isfile(qat_checkpoint)
+    cfg.load_from = qat_checkpoint if done else checkpoint
+    runner = Runner.from_cfg(cfg)
+    if not done:
+        runner.train()
+    metrics = runner.test()
+    oscillation = runner.message_hub.get_scalar('train/qat_oscillation')
+    metrics['qat_oscillation'] = float(oscillation.current()) \
+        if oscillation is not None and not done else None
+    return metrics
 
 
 def cell(metrics):
@@ -141,11 +189,19 @@ def markdown(args, rows, stats, seconds):
         '| training | PTQ | float | ' + ' | '.join(bits) + ' |',
         '|---|---|---|' + '---|' * len(bits)
     ]
+    methods = list(args.methods) + (
+        [f'qat-{args.qat_method}'] if args.qat_bits else [])
     for training, row in rows.items():
-        for method in args.methods:
-            cells = [cell(row[f'{method}/{b}']) for b in bits]
+        for method in methods:
+            cells = [cell(row[f'{method}/{b}']) if f'{method}/{b}' in row
+                     else '–' for b in bits]
             lines.append(f'| {training} | {method} | {cell(row["float"])} | '
                          + ' | '.join(cells) + ' |')
+    if args.qat_bits:
+        lines += ['', f'QAT rows: {args.qat_epochs} epoch(s) of '
+                  f'{args.qat_method.upper()} fine-tuning from each trained '
+                  'model (its regularizer on, lr / 10), calibration-'
+                  f'initialised on {args.calib_images} images.']
     lines += ['', '## Activation outliers (float model, '
               f'{args.stat_images} val images)', '',
               '| training | largest max abs | largest kurtosis | '

@@ -232,6 +232,7 @@ class OscillationTracker:
         self.codes = self._codes()
         self.flipped = [torch.zeros_like(c, dtype=torch.bool)
                         for c in self.codes]
+        self.steps = 0  # updates in the current window
 
     def _codes(self):
         return [m.weight_quantizer.codes(_weight_of(m)) for m in self.layers]
@@ -241,6 +242,7 @@ class OscillationTracker:
         for flipped, old, new in zip(self.flipped, self.codes, codes):
             flipped |= old != new
         self.codes = codes
+        self.steps += 1
 
     def pop_fraction(self) -> float:
         """The fraction since the last call, and a new window."""
@@ -248,4 +250,5 @@ class OscillationTracker:
         total = sum(f.numel() for f in self.flipped)
         for f in self.flipped:
             f.zero_()
+        self.steps = 0
         return flips / total

@@ -29,7 +29,8 @@ What happens when (:mod:`mmcd.core.quant.qat` does the work):
 * every iteration: after the update, CGA-frozen weights are written back;
   the oscillation fraction (weights whose level changed at least once in
   the last ``oscillation_window`` iterations) is logged as
-  ``qat_oscillation``; at ``cga.begin`` (a fraction of the training
+  ``qat_oscillation`` (and once more for the last, partial window at the
+  end of training); at ``cga.begin`` (a fraction of the training
   iterations) the confident weights are frozen and the frozen fraction is
   logged.
 * ``before_val_epoch`` / ``before_test_epoch``: quantizers on (after a
@@ -208,6 +209,12 @@ class QuantAwareTrainingHook(Hook):
             if (runner.iter + 1) % self.oscillation_window == 0:
                 runner.message_hub.update_scalar(
                     'train/qat_oscillation', self._tracker.pop_fraction())
+
+    def after_train(self, runner) -> None:
+        if self._tracker is not None and self._tracker.steps:
+            # the last, partial window
+            runner.message_hub.update_scalar(
+                'train/qat_oscillation', self._tracker.pop_fraction())
 
     # ------------------------------------------------------- evaluation --
     def before_val_epoch(self, runner) -> None:
