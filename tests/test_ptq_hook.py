@@ -106,3 +106,24 @@ def test_cli_quant_shortcut_errors(trained):
     code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
                          'four')
     assert_one_line_error(code, out, 'wNaM')
+
+
+def test_calibration_images_are_the_same_on_every_rank(micro_data_root,
+                                                        tmp_path,
+                                                        monkeypatch):
+    """MMEngine's DefaultSampler would give each rank its own shard (and
+    each rank its own calibration)."""
+    from mmcd.engine.hooks import calibration_loader
+    cfg = micro_config(micro_data_root, tmp_path)
+
+    def image_ids(rank):
+        monkeypatch.setattr('mmengine.dist.get_dist_info',
+                            lambda *a: (rank, 2))
+        monkeypatch.setattr('mmengine.dataset.sampler.get_dist_info',
+                            lambda *a: (rank, 2))
+        loader = calibration_loader(cfg, 4, seed=3)
+        return [b['data_samples'][0].img_id for b in loader]
+
+    rank0, rank1 = image_ids(0), image_ids(1)
+    assert rank0 == rank1 and sorted(rank0) == sorted(set(rank0))
+    assert len(rank0) == 8  # the whole train set, one image per batch

@@ -4,9 +4,10 @@ from .hooks import (ActivationStatsHook, PostTrainingQuantHook,
 from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor
 from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
                              ColinearityDecayOptimWrapper)
+from .samplers import SameOnAllRanksSampler
 
 __all__ = [
     'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
     'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor',
-    'ActivationStatsHook', 'QuantAwareTrainingHook'
+    'ActivationStatsHook', 'QuantAwareTrainingHook', 'SameOnAllRanksSampler'
 ]

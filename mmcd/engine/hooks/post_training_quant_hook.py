@@ -136,16 +136,15 @@ def calibration_loader(cfg, num_images: int, seed: int = 0,
                        loader_cfg: Optional[Dict] = None):
     """Dataloader of calibration images: ``loader_cfg``, or by default the
     train dataloader of ``cfg`` with the test pipeline (no augmentation),
-    batch 1, shuffled with ``seed``. Fails when it has fewer than
-    ``num_images`` images."""
+    batch 1, shuffled with ``seed``, the same images on every rank of a
+    distributed run. Fails when it has fewer than ``num_images`` images."""
     if loader_cfg is None:
         loader_cfg = copy.deepcopy(cfg.train_dataloader)
         loader_cfg['dataset']['pipeline'] = copy.deepcopy(
             cfg.test_dataloader['dataset']['pipeline'])
         loader_cfg.update(batch_size=1, num_workers=0,
-                          persistent_workers=False,
-                          sampler=dict(type='DefaultSampler', shuffle=True,
-                                       seed=seed))
+                          persistent_workers=False)
+        loader_cfg['sampler'] = dict(type='SameOnAllRanksSampler', seed=seed)
         loader_cfg.pop('batch_sampler', None)
     loader = Runner.build_dataloader(copy.deepcopy(loader_cfg), seed=seed)
     if len(loader.dataset) < num_images:

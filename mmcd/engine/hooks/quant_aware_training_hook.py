@@ -40,6 +40,7 @@ What happens when (:mod:`mmcd.core.quant.qat` does the work):
 import copy
 from typing import Dict, Optional, Sequence
 
+from mmengine.dist import broadcast
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -176,6 +177,11 @@ class QuantAwareTrainingHook(Hook):
             summary = initialize_qat(
                 model, self.qat_cfg,
                 lambda: run_test_steps(model, loader, self.num_images))
+            # every rank calibrated on the same images; rank 0's result
+            # makes the ranks identical to the last bit
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    broadcast(tensor, 0)
             print_log(f'QAT: calibrated on {self.num_images} images: '
                       f'{summary}', logger='current')
         activate_qat(model)
