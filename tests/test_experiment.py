@@ -11,7 +11,7 @@ def test_experiment_quick_micro(micro_data_root, tmp_path):
         micro_data_root, '--epochs', '1', '--trainings', 'baseline', 'cd',
         '--methods', 'minmax', 'dopq-vit', '--bits', '8', '4',
         '--calib-images', '2', '--stat-images', '2', '--work-dir',
-        str(tmp_path))
+        str(tmp_path), timeout=900)
     assert code == 0, out
     table = (tmp_path / 'results.md').read_text().splitlines()
     header = '| training | PTQ | float | W8A8 | W4A4 |'

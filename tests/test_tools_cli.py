@@ -6,9 +6,10 @@ import sys
 from conftest import REPO, TOY_CONFIG
 
 
-def run_tool(*args, cwd=None):
+def run_tool(*args, cwd=None, timeout=300):
+    """Run a tool as a user would; ``timeout`` only guards against hangs."""
     proc = subprocess.run([sys.executable, *args], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -1,0 +1,85 @@
+"""Training-step time of QAT (fake quantization in every forward and
+backward) against float training.
+
+For the toy Swin Mask R-CNN and Mask R-CNN Swin-T at real shapes, built
+from the configs (random init, random images), times the same backbone +
+FPN training steps (forward, a squared-feature loss, backward, AdamW step)
+of the float model and of its QAT copy (calibrated on the timing images,
+quantizers on), interleaved in one run, and prints the ratio. The RPN and
+RoI heads are left out: their float cost dominates a CPU detector step, so
+the backbone + neck ratio is the upper bound of what QAT adds.
+
+    python tools/benchmarks/qat_overhead.py [--method ofq] [--bits 4] [--steps 5]
+"""
+import argparse
+import copy
+import os.path as osp
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
+    __file__)))))
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+import torch  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import QAT_METHODS  # noqa: E402
+from mmcd.core.quant.qat import (QATConfig, activate_qat,  # noqa: E402
+                                 initialize_qat, prepare_qat)
+from ptq_speed import MODELS_TO_TIME, build  # noqa: E402
+
+
+def step_times(model, optimizer, images, steps):
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = sum(f.square().mean() for f in model.extract_feat(images))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--method', default='ofq', choices=QAT_METHODS)
+    parser.add_argument('--bits', type=int, default=4)
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=5)
+    args = parser.parse_args()
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    print(f'W{args.bits}A{args.bits} {args.method} QAT vs float, batch '
+          f'{args.batch}, {args.steps} timed steps each (median), '
+          f'{torch.get_num_threads()} threads')
+    for name, (config, size) in MODELS_TO_TIME.items():
+        float_model = build(config).train()
+        images = torch.rand(args.batch, 3, *size) * 2 - 1
+        qat_model = copy.deepcopy(float_model)
+        cfg = QATConfig(args.bits, args.bits, args.method)
+        prepare_qat(qat_model, cfg)
+        with torch.no_grad():
+            initialize_qat(qat_model, cfg,
+                           lambda: qat_model.extract_feat(images))
+        activate_qat(qat_model)
+        qat_model.train()
+        runs = {}
+        for label, model in (('float', float_model), ('qat', qat_model)):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            step_times(model, optimizer, images, 1)  # warm-up
+            runs[label] = (model, optimizer, [])
+        for _ in range(args.steps):  # interleave to share drift
+            for model, optimizer, times in runs.values():
+                times += step_times(model, optimizer, images, 1)
+        t_float = statistics.median(runs['float'][2])
+        t_qat = statistics.median(runs['qat'][2])
+        print(f'{name}: float {t_float * 1e3:.0f} ms, QAT {t_qat * 1e3:.0f} '
+              f'ms, ratio {t_qat / t_float:.2f}')
+
+
+if __name__ == '__main__':
+    main()
