@@ -192,7 +192,8 @@ def markdown(args, rows, stats, seconds):
         '',
         f'`python tools/analysis/experiment.py'
         f'{" --quick" if args.quick else ""}`: {args.epochs} epochs at lr '
-        f'{args.lr:g} on the toy set, calibration on {args.calib_images} train images, '
+        f'{args.lr:g} on the toy set, calibration on {args.calib_images} '
+        'train images, '
         f'{seconds / 60:.0f} min on this machine. Cells: box AP / mask AP '
         '(COCO AP@[.5:.95], %) on the toy val set.', '',
         '| training | PTQ | float | ' + ' | '.join(bits) + ' |',

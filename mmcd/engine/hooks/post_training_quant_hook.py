@@ -24,6 +24,7 @@ Results (bits, method, calibration size, metrics) are written as JSON to
 import copy
 import json
 import os.path as osp
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -64,16 +65,7 @@ class PostTrainingQuantHook(Hook):
                  stages: Sequence[str] = ('test', 'val')):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
                                      tuple(skip), first_layer_bits)
-        calib = dict(calib or {})
-        unknown = set(calib) - {'num_images', 'dataloader', 'seed'}
-        if unknown:
-            raise ValueError(f'calib: unknown option(s) {sorted(unknown)}')
-        self.num_images = int(calib.get('num_images', 32))
-        if self.num_images < 1:
-            raise ValueError('calib.num_images must be >= 1, got '
-                             f'{self.num_images}')
-        self.calib_loader_cfg = calib.get('dataloader')
-        self.seed = calib.get('seed', 0)
+        self.calib = CalibrationOptions.from_dict(calib)
         unknown = set(stages) - {'test', 'val'}
         if unknown:
             raise ValueError(f"stages must be 'test' and/or 'val', got "
@@ -108,10 +100,9 @@ class PostTrainingQuantHook(Hook):
             print_log('PostTrainingQuantHook: evaluating the float model',
                       logger='current')
             self._fp_metrics = evaluate(float_model, loop)
-        calib_loader = calibration_loader(runner.cfg, self.num_images,
-                                          self.seed, self.calib_loader_cfg)
+        calib_loader = self.calib.loader(runner.cfg)
         quant_model = quantize_copy(float_model, self.quant_cfg,
-                                    calib_loader, self.num_images)
+                                    calib_loader, self.calib.num_images)
         self._float_model = model
         runner.model = quant_model
 
@@ -122,7 +113,7 @@ class PostTrainingQuantHook(Hook):
         cfg = self.quant_cfg
         results = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                        method=cfg.method, scope=cfg.scope,
-                       calib_images=self.num_images,
+                       calib_images=self.calib.num_images,
                        metrics=_floats(metrics or {}))
         if self._fp_metrics is not None:
             results['fp_metrics'] = _floats(self._fp_metrics)
@@ -131,6 +122,33 @@ class PostTrainingQuantHook(Hook):
             for folder in {runner.log_dir, runner.work_dir}:
                 with open(osp.join(folder, 'quant_results.json'), 'w') as f:
                     json.dump(results, f, indent=2)
+
+@dataclass
+class CalibrationOptions:
+    """The ``calib`` option of the quantization hooks: ``num_images`` (32),
+    ``dataloader`` (a dataloader config; default: the train set with the
+    test pipeline, see :func:`calibration_loader`), ``seed`` (0)."""
+    num_images: int = 32
+    dataloader: Optional[Dict] = None
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, calib: Optional[Dict]) -> 'CalibrationOptions':
+        calib = dict(calib or {})
+        unknown = set(calib) - {'num_images', 'dataloader', 'seed'}
+        if unknown:
+            raise ValueError(f'calib: unknown option(s) {sorted(unknown)}')
+        options = cls(**calib)
+        options.num_images = int(options.num_images)
+        if options.num_images < 1:
+            raise ValueError('calib.num_images must be >= 1, got '
+                             f'{options.num_images}')
+        return options
+
+    def loader(self, cfg):
+        return calibration_loader(cfg, self.num_images, self.seed,
+                                  self.dataloader)
+
 
 def calibration_loader(cfg, num_images: int, seed: int = 0,
                        loader_cfg: Optional[Dict] = None):

@@ -52,7 +52,7 @@ from mmcd.core.quant.qat import (OscillationTracker, QATConfig,
                                  freeze_confident_weights, initialize_qat,
                                  prepare_qat, restore_frozen_weights,
                                  trainable_weight_layers)
-from .post_training_quant_hook import calibration_loader, run_test_steps
+from .post_training_quant_hook import CalibrationOptions, run_test_steps
 
 #: substring of every quantizer parameter name (``...input_quantizer.step``)
 QUANTIZER_KEY = 'quantizer.'
@@ -94,16 +94,7 @@ class QuantAwareTrainingHook(Hook):
                  skip: Sequence[str] = (), first_layer_bits: int = 8):
         self.qat_cfg = QATConfig(w_bits, a_bits, method, init, qk_reparam,
                                  scope, tuple(skip), first_layer_bits)
-        calib = dict(calib or {})
-        unknown = set(calib) - {'num_images', 'dataloader', 'seed'}
-        if unknown:
-            raise ValueError(f'calib: unknown option(s) {sorted(unknown)}')
-        self.num_images = int(calib.get('num_images', 32))
-        if self.num_images < 1:
-            raise ValueError('calib.num_images must be >= 1, got '
-                             f'{self.num_images}')
-        self.calib_loader_cfg = calib.get('dataloader')
-        self.seed = calib.get('seed', 0)
+        self.calib = CalibrationOptions.from_dict(calib)
         if cga == 'default':
             cga = dict(begin=0.9) if method == 'ofq' else None
         self.cga = None
@@ -172,17 +163,16 @@ class QuantAwareTrainingHook(Hook):
                 print_log('QAT starts from the initial weights (no '
                           'load_from): QAT is meant to fine-tune a trained '
                           'model', logger='current', level=30)
-            loader = calibration_loader(runner.cfg, self.num_images,
-                                        self.seed, self.calib_loader_cfg)
+            loader = self.calib.loader(runner.cfg)
             summary = initialize_qat(
                 model, self.qat_cfg,
-                lambda: run_test_steps(model, loader, self.num_images))
+                lambda: run_test_steps(model, loader, self.calib.num_images))
             # every rank calibrated on the same images; rank 0's result
             # makes the ranks identical to the last bit
             for tensor in model.state_dict().values():
                 if tensor.is_floating_point():
                     broadcast(tensor, 0)
-            print_log(f'QAT: calibrated on {self.num_images} images: '
+            print_log(f'QAT: calibrated on {self.calib.num_images} images: '
                       f'{summary}', logger='current')
         activate_qat(model)
         model.train()
