@@ -141,8 +141,8 @@ def plot_histogram(results, labels, path):
     top = max(stats[worst]['max_abs'] for stats, _, _ in results)
     bins = np.linspace(0, top, 80)
     for (_, _, recorder), label in zip(results, labels):
-        ax.hist(recorder.samples(worst).numpy(), bins=bins, alpha=0.5,
-                label=label, log=True)
+        ax.hist(recorder.samples(worst).numpy(), bins=bins,
+                histtype='step', linewidth=1.6, label=label, log=True)
     ax.set_title(f'|activation| at {worst} (largest max |x|)')
     ax.set_xlabel('|x|')
     ax.set_ylabel('count (log)')
