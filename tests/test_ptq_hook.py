@@ -71,6 +71,26 @@ def test_too_few_calibration_images(micro_data_root, trained, tmp_path):
         runner.test()
 
 
+@pytest.mark.parametrize('calib,message', [
+    (dict(images=3), r"calib: unknown option\(s\) \['images'\]"),
+    (dict(num_images=0), 'calib.num_images must be >= 1, got 0'),
+])
+def test_bad_calibration_options(calib, message):
+    from mmcd.engine.hooks import PostTrainingQuantHook
+    with pytest.raises(ValueError, match=message):
+        PostTrainingQuantHook(calib=calib)
+
+
+def test_calibration_options_defaults_and_values():
+    from mmcd.engine.hooks.post_training_quant_hook import CalibrationOptions
+    assert CalibrationOptions.from_dict(None) == CalibrationOptions(32, None, 0)
+    loader = dict(batch_size=1)
+    options = CalibrationOptions.from_dict(
+        dict(num_images='4', dataloader=loader, seed=3))
+    assert (options.num_images, options.dataloader, options.seed) == \
+        (4, loader, 3)
+
+
 def test_w8a8_detector_features_close_to_fp(micro_data_root, trained,
                                             tmp_path):
     cfg = micro_config(micro_data_root, tmp_path)

@@ -103,8 +103,9 @@ def toy_config(args, training):
     for scheduler in cfg.param_scheduler:
         if scheduler.type == 'MultiStepLR':  # keep the 9/12, 11/12 drops
             scheduler.end = args.epochs
-            scheduler.milestones = [max(1, args.epochs * 3 // 4),
-                                    max(1, args.epochs * 11 // 12)]
+            # a short run gets one drop, not two at the same epoch
+            scheduler.milestones = sorted({max(1, args.epochs * 3 // 4),
+                                           max(1, args.epochs * 11 // 12)})
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
                                         interval=args.epochs)
     cfg.default_hooks.pop('visualization', None)
