@@ -1,8 +1,8 @@
 # W4A4 quantization-aware training (OFQ: StatsQ weights, LSQ+ activations,
 # query-key reparameterization, confidence-guided annealing over the last
 # 10% of iterations) of Mask R-CNN Swin-T trained with Colinearity Decay.
-# CD stays on during QAT (the optim wrapper is inherited; set
-# optim_wrapper.type='OptimWrapper' to turn it off).
+# CD stays on during QAT (the optim wrapper is inherited;
+# mask-rcnn_swin-t_w4a4_ofq.py is the same QAT without CD).
 #   python tools/train.py configs/qat/mask-rcnn_swin-t_cd_w4a4_ofq.py \
 #       --cfg-options load_from=work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth
 # The quantizers start from a RepQ-ViT calibration on 32 train images; the

@@ -1,17 +1,9 @@
 # W4A4 OFQ quantization-aware fine-tuning of the toy Swin Mask R-CNN trained
-# with CD (the demo's checkpoint), CD kept on: 2 epochs at the final lr of
-# the toy schedule, calibration on 16 toy train images, annealing over the
-# last quarter.
+# with CD (the demo's checkpoint), CD kept on; the QAT settings are those of
+# the baseline's ..._qat-w4a4.py.
 #   python tools/train.py configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd_qat-w4a4.py
-_base_ = './mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py'
+_base_ = './mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_qat-w4a4.py'
 load_from = 'work_dirs/demo/epoch_12.pth'
-max_epochs = 2
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-param_scheduler = []
-optim_wrapper = dict(optimizer=dict(lr=4e-5))
-default_hooks = dict(checkpoint=dict(interval=1))
-custom_hooks = [
-    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
-         init='repq-vit', calib=dict(num_images=16), cga=dict(begin=0.75),
-         oscillation_window=8)
-]
+# CD as in ..._cd.py (the two bases cannot be merged: both set optim_wrapper)
+optim_wrapper = dict(type='ColinearityDecayOptimWrapper',
+                     cd=dict(strength=2.0))

@@ -10,8 +10,9 @@ checkpoint adds::
 ``tools/train.py`` then fine-tunes the quantized model and every validation
 evaluates it quantized; ``tools/test.py CONFIG QAT_CHECKPOINT`` tests it.
 The optim wrapper is the config's: CD stays on during QAT when the config
-has ``ColinearityDecayOptimWrapper`` (set ``optim_wrapper.type=
-'OptimWrapper'`` to turn it off).
+has ``ColinearityDecayOptimWrapper`` (to turn it off, inherit the baseline
+config or replace the wrapper with ``dict(_delete_=True, type=
+'OptimWrapper', ...)``).
 
 What happens when (:mod:`mmcd.core.quant.qat` does the work):
 
