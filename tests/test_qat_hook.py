@@ -2,7 +2,11 @@
 checkpoint (calibration, optimizer holding the quantizer parameters,
 annealing, oscillation log), resume, testing a QAT checkpoint, and the
 clear error on a float one."""
+import os
 import os.path as osp
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +115,36 @@ def test_bad_hook_configs(kwargs, message):
     args.pop('type')
     with pytest.raises(ValueError, match=message):
         QuantAwareTrainingHook(**args)
+
+
+def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):
+    """tools/train.py --launcher pytorch with 2 gloo processes: QAT rebuilds
+    the DDP wrapper, calibrates on the same images on every rank and
+    anneals; both ranks end with the same weights, quantizer parameters
+    and CGA masks."""
+    cfg = qat_config(micro_data_root, tmp_path, max_epochs=2)
+    cfg.custom_imports = dict(imports=['mmcd', 'rank_state_hook'],
+                              allow_failed_imports=False)
+    cfg.custom_hooks.append(dict(type='SaveRankStateHook'))
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    config = str(tmp_path / 'qat_ddp.py')
+    cfg.dump(config)
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO, osp.join(REPO, 'tests')]), OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
+         '2', '--master_port', str(port), osp.join(REPO, 'tools/train.py'),
+         config, '--launcher', 'pytorch'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert 'confidence-guided annealing from iteration 2' in out
+    states = [torch.load(tmp_path / f'rank{r}_state.pth') for r in (0, 1)]
+    assert states[0].keys() == states[1].keys()
+    masks = [k for k in states[0] if k.endswith('frozen_mask')]
+    assert masks and any(states[0][k].any() for k in masks)
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
