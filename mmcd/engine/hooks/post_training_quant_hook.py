@@ -123,6 +123,7 @@ class PostTrainingQuantHook(Hook):
                 with open(osp.join(folder, 'quant_results.json'), 'w') as f:
                     json.dump(results, f, indent=2)
 
+
 @dataclass
 class CalibrationOptions:
     """The ``calib`` option of the quantization hooks: ``num_images`` (32),
