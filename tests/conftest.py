@@ -1,5 +1,6 @@
 import copy
 import os.path as osp
+import socket
 import uuid
 import warnings
 
@@ -25,6 +26,13 @@ def micro_data_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('toy_coco'))
     ensure_toy_coco(root, MICRO_SPEC)
     return root + '/'
+
+
+def free_port() -> int:
+    """A free loopback port for a test's process group."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def micro_config(data_root, work_dir, base=TOY_CONFIG, img_scale=(128, 128),

@@ -1,7 +1,6 @@
 """ColinearityDecayOptimWrapper: config building, schedule, accumulation,
 clip_grad, state round trip, bad configs, DDP."""
 import datetime
-import socket
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from mmengine.registry import OPTIM_WRAPPERS
 from mmcd.core import ColinearityDecay, discover_pairs
 from mmcd.core.pairs import VIT_RULES
 from mmcd.engine.runner_setup import AMP_VARIANTS
+from conftest import free_port
 from test_colinearity import ViT
 
 
@@ -192,9 +192,7 @@ def _ddp_worker(rank, world_size, port, out):
 
 def test_ddp_two_processes_identical_weights(tmp_path):
     out = str(tmp_path / 'weights.pt')
-    with socket.socket() as sock:  # a free loopback port
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):

@@ -4,7 +4,6 @@ annealing, oscillation log), resume, testing a QAT checkpoint, and the
 clear error on a float one."""
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from mmengine.runner import Runner
 
-from conftest import REPO, micro_config
+from conftest import REPO, free_port, micro_config
 
 CD_CONFIG = osp.join(REPO, 'configs', 'toy',
                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
@@ -129,9 +128,7 @@ def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     config = str(tmp_path / 'qat_ddp.py')
     cfg.dump(config)
-    with socket.socket() as sock:  # a free loopback port
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [REPO, osp.join(REPO, 'tests')]), OMP_NUM_THREADS='1')
     proc = subprocess.run(
