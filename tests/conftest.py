@@ -1,6 +1,11 @@
+import contextlib
 import copy
+import os
 import os.path as osp
-import socket
+import signal
+import subprocess
+import sys
+import tempfile
 import uuid
 import warnings
 
@@ -28,11 +33,53 @@ def micro_data_root(tmp_path_factory):
     return root + '/'
 
 
-def free_port() -> int:
-    """A free loopback port for a test's process group."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+def _processes_tagged(tag: str):
+    """PIDs of this machine's processes whose environment holds ``tag``."""
+    needle = tag.encode()
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                if needle in f.read():
+                    yield int(entry)
+        except OSError:  # gone, or not ours to read
+            continue
+
+
+def run_bounded(cmd, timeout: float, env=None):
+    """Run ``cmd`` (e.g. torchrun and its workers) and return its exit code
+    and output; past ``timeout`` seconds, fail the test.
+
+    Every process the command starts carries a tag in its environment, so
+    all of them, torchrun's workers included (torchrun starts each in a
+    session of its own), are killed at the end, however it ends: a hang is a
+    test failure within ``timeout``, never a CI time-out or a stray process.
+    Output goes to a file, not a pipe that a surviving grandchild could hold
+    open.
+    """
+    tag = f'MMCD_TEST_RUN={uuid.uuid4().hex}'
+    env = dict(os.environ if env is None else env)
+    env[tag.split('=')[0]] = tag.split('=')[1]
+    with tempfile.TemporaryFile('w+') as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for pid in _processes_tagged(tag):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+    if proc.returncode == -signal.SIGKILL:
+        pytest.fail(f'{" ".join(map(str, cmd[:6]))} ... did not finish in '
+                    f'{timeout} s; its output ended with:\n{output[-4000:]}')
+    return proc.returncode, output
 
 
 def micro_config(data_root, work_dir, base=TOY_CONFIG, img_scale=(128, 128),
@@ -77,3 +124,17 @@ def micro_config(data_root, work_dir, base=TOY_CONFIG, img_scale=(128, 128),
     cfg.experiment_name = f'micro_{uuid.uuid4().hex[:8]}'
     cfg.visualizer.name = cfg.experiment_name
     return copy.deepcopy(cfg)
+
+
+def dist_train(config: str, nproc: int = 2, timeout: float = 300):
+    """``tools/dist_train.sh CONFIG NPROC`` as a user runs it (torchrun,
+    gloo on CPU, the standalone rendezvous on a free port); the test hook
+    module ``rank_state_hook`` is importable. Returns the combined output;
+    fails on a non-zero exit or past ``timeout``."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([REPO, osp.join(REPO, 'tests')]))
+    code, output = run_bounded(
+        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), config,
+         str(nproc)], timeout=timeout, env=env)
+    assert code == 0, output[-5000:]
+    return output

@@ -1,21 +1,22 @@
 """ColinearityDecayOptimWrapper: config building, schedule, accumulation,
 clip_grad, state round trip, bad configs, DDP."""
-import datetime
-import time
+import os.path as osp
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from mmengine.logging import MessageHub
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import OPTIM_WRAPPERS
+from mmengine.runner import Runner
 
 from mmcd.core import ColinearityDecay, discover_pairs
 from mmcd.core.pairs import VIT_RULES
 from mmcd.engine.runner_setup import AMP_VARIANTS
-from conftest import free_port
+from conftest import REPO, dist_train, micro_config
 from test_colinearity import ViT
+
+TOY_CD_CONFIG = osp.join(REPO, 'configs', 'toy',
+                         'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
 
 
 def make(model, accumulative_counts=1, clip_grad=None, **cd_kwargs):
@@ -168,43 +169,27 @@ def test_user_rule_and_kind_filter():
             pairs=dict(rules=[dict(kind='mlp', first='x', second='y')])))
 
 
-def _ddp_worker(rank, world_size, port, out):
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
-                            rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.manual_seed(0)  # same init on every rank
-    from mmengine.model import MMDistributedDataParallel
-    model = MMDistributedDataParallel(module=ViT(), device_ids=None)
-    wrapper = make(model.module)
-    wrapper.initialize_count_status(model, 0, 3)
-    for it in range(3):
-        wrapper.update_params(loss_of(model, 100 * rank + it))  # rank data
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(world_size)]
-    dist.all_gather(gathered, flat)
-    if rank == 0:
-        torch.save(torch.stack(gathered), out)
-    # leave together: a rank tearing down while the store's host (rank 0)
-    # is gone can wait forever
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def test_ddp_two_processes_identical_weights(tmp_path):
-    out = str(tmp_path / 'weights.pt')
-    port = free_port()
-    ctx = mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail('2-process DDP run did not finish in 240 s')
-    weights = torch.load(out)
-    assert torch.equal(weights[0], weights[1])
-    torch.manual_seed(0)
-    assert not torch.equal(weights[0], torch.cat(
-        [p.detach().flatten() for p in ViT().parameters()]))
+def test_ddp_two_processes_identical_weights(micro_data_root, tmp_path):
+    """tools/dist_train.sh, 2 gloo processes, the toy detector with CD: each
+    rank sees other images, CD runs on every rank after the all-reduced step,
+    and the ranks end bit-identical."""
+    cfg = micro_config(micro_data_root, tmp_path, base=TOY_CD_CONFIG)
+    cfg.custom_imports = dict(imports=['mmcd', 'rank_state_hook'],
+                              allow_failed_imports=False)
+    cfg.custom_hooks = [dict(type='SaveRankStateHook')]
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    config = str(tmp_path / 'cd_ddp.py')
+    cfg.dump(config)
+    out = dist_train(config)
+    assert 'cd_update_norm' in out
+    assert 'Epoch(train) [1][2/2]' in out  # 8 images: 2 batches of 2 a rank
+    states = [torch.load(tmp_path / f'rank{r}_state.pth') for r in (0, 1)]
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+    initial = Runner.from_cfg(micro_config(
+        micro_data_root, tmp_path / 'init', base=TOY_CD_CONFIG)).model
+    key = 'backbone.stages.0.blocks.0.ffn.layers.0.0.weight'
+    assert not torch.equal(states[0][key], initial.state_dict()[key])
 
 
 def test_cd_uses_each_param_groups_lr():
@@ -231,3 +216,39 @@ def test_cd_uses_each_param_groups_lr():
                                ref.blocks[0].mlp.fc1.weight)
     torch.testing.assert_close(model.blocks[0].mlp.fc2.weight,
                                ref.blocks[0].mlp.fc2.weight)
+
+
+def test_amp_skipped_step_skips_cd(monkeypatch):
+    """When the loss scaler skips a step (an inf gradient), CD does not run:
+    every weight stays as it was. On CPU: the availability check patched,
+    torch's CPU GradScaler in place of the CUDA one."""
+    from mmengine.optim.optimizer import amp_optimizer_wrapper
+    monkeypatch.setattr(amp_optimizer_wrapper, 'is_cuda_available',
+                        lambda: True)
+    torch.manual_seed(0)
+    model = ViT()
+    wrapper = build_optim_wrapper(model, dict(
+        type='ColinearityDecayAmpOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=1.0)))
+    wrapper.loss_scaler = torch.amp.GradScaler('cpu', init_scale=4.0)
+    wrapper.initialize_count_status(model, 0, 4)
+    hub = MessageHub.get_current_instance()
+
+    def weights():
+        return [p.detach().clone() for p in model.parameters()]
+
+    loss = loss_of(model, 0)
+    before = weights()
+    wrapper.backward(loss)
+    model.blocks[0].mlp.fc1.weight.grad[0, 0] = float('inf')
+    hub.update_scalar('train/cd_update_norm', -1.0)
+    wrapper.step()
+    wrapper.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(weights(), before))
+    assert hub.get_scalar('train/cd_update_norm').current() == -1.0
+    assert wrapper.loss_scaler.get_scale() == 2.0  # the scaler saw the inf
+
+    # the next, finite step runs the optimizer and CD
+    wrapper.update_params(loss_of(model, 1))
+    assert hub.get_scalar('train/cd_update_norm').current() > 0
+    assert all(not torch.equal(p, q) for p, q in zip(weights(), before))

@@ -2,16 +2,13 @@
 checkpoint (calibration, optimizer holding the quantizer parameters,
 annealing, oscillation log), resume, testing a QAT checkpoint, and the
 clear error on a float one."""
-import os
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
 from mmengine.runner import Runner
 
-from conftest import REPO, free_port, micro_config
+from conftest import REPO, dist_train, micro_config
 
 CD_CONFIG = osp.join(REPO, 'configs', 'toy',
                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
@@ -117,7 +114,7 @@ def test_bad_hook_configs(kwargs, message):
 
 
 def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):
-    """tools/train.py --launcher pytorch with 2 gloo processes: QAT rebuilds
+    """tools/dist_train.sh with 2 gloo processes: QAT rebuilds
     the DDP wrapper, calibrates on the same images on every rank and
     anneals; both ranks end with the same weights, quantizer parameters
     and CGA masks."""
@@ -128,16 +125,7 @@ def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     config = str(tmp_path / 'qat_ddp.py')
     cfg.dump(config)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [REPO, osp.join(REPO, 'tests')]), OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
-         '2', '--master_port', str(port), osp.join(REPO, 'tools/train.py'),
-         config, '--launcher', 'pytorch'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
+    out = dist_train(config)
     assert 'confidence-guided annealing from iteration 2' in out
     states = [torch.load(tmp_path / f'rank{r}_state.pth') for r in (0, 1)]
     assert states[0].keys() == states[1].keys()

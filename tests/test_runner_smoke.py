@@ -46,3 +46,28 @@ def test_train_evaluate_and_resume(micro_data_root, tmp_path):
         assert torch.equal(value, resumed_state[key]), key
     resumed.train()
     assert resumed.iter == 8 and resumed.epoch == 2
+
+
+def test_run_bounded_kills_a_hung_process_tree():
+    """The harness of the torchrun tests: a command whose child hangs in a
+    session of its own (as torchrun's workers live) fails the test at the
+    deadline, and no process of it survives."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from conftest import _processes_tagged, run_bounded
+    hang = ('import subprocess, sys, time; subprocess.Popen([sys.executable, '
+            '"-c", "import time; time.sleep(600)"], start_new_session=True); '
+            'print("started", flush=True); time.sleep(600)')
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match='did not finish in 3'):
+        run_bounded([sys.executable, '-c', hang], timeout=3)
+    assert time.monotonic() - start < 60
+    code, out = run_bounded([sys.executable, '-c', 'print("done")'], 60)
+    assert (code, out) == (0, 'done\n')
+    leftover = subprocess.run(['pgrep', '-f', 'time.sleep\\(600\\)'],
+                              capture_output=True, text=True).stdout
+    assert leftover == '', leftover

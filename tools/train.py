@@ -1,7 +1,8 @@
 """Train a detector; MMDetection's ``tools/train.py`` command line.
 
-Differences: ``--amp`` keeps custom optim wrappers (their AMP variant), CPU
-runs under torchrun use gloo, and bad configs, data paths and checkpoints end
+Differences: ``--amp`` keeps custom optim wrappers (their AMP variant),
+``--resume`` is bit-exact (:class:`mmcd.engine.hooks.RNGStateHook` is added),
+CPU runs under torchrun use gloo, and bad configs, data paths and checkpoints end
 in one line saying what to do.
 """
 import argparse
@@ -13,7 +14,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError, check_datasets,
+from mmcd.engine.runner_setup import (USER_ERRORS, UserError,
+                                      add_rng_state_hook, check_datasets,
                                       default_work_dir, enable_amp,
                                       load_config, set_local_rank_env,
                                       setup_launcher)
@@ -61,6 +63,7 @@ def main():
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     check_datasets(cfg, ['train_dataloader', 'val_dataloader'])
+    add_rng_state_hook(cfg)
     setup_launcher(cfg, args.launcher)
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else
               RUNNERS.build(cfg))

@@ -1,6 +1,6 @@
 """MMEngine adapters: optim wrappers, hooks and tool set-up."""
 from .hooks import (ActivationStatsHook, PostTrainingQuantHook,
-                    QuantAwareTrainingHook)
+                    QuantAwareTrainingHook, RNGStateHook)
 from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor
 from .optim_wrappers import (ColinearityDecayAmpOptimWrapper,
                              ColinearityDecayOptimWrapper)
@@ -9,5 +9,6 @@ from .samplers import SameOnAllRanksSampler
 __all__ = [
     'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
     'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor',
-    'ActivationStatsHook', 'QuantAwareTrainingHook', 'SameOnAllRanksSampler'
+    'ActivationStatsHook', 'QuantAwareTrainingHook', 'RNGStateHook',
+    'SameOnAllRanksSampler'
 ]

@@ -1,6 +1,7 @@
 """What ``tools/train.py`` and ``tools/test.py`` do before MMEngine's Runner
 takes over: config loading with clear errors, dataset pre-flight checks,
-``--amp`` that keeps custom optim wrappers, and CPU (gloo) distributed
+``--amp`` that keeps custom optim wrappers, the RNG-state hook that makes
+``--resume`` bit-exact, and CPU (gloo) distributed
 set-up, which MMEngine 0.10.7's ``init_dist`` cannot do (it calls
 ``torch.cuda.set_device`` whatever the backend).
 """
@@ -117,6 +118,15 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
         find_unused_parameters=cfg.get('find_unused_parameters', False))
     wrapper['device_ids'] = None  # CPU modules take no device ids
     cfg.model_wrapper_cfg = wrapper
+
+
+def add_rng_state_hook(cfg: Config) -> None:
+    """Give every training run :class:`~mmcd.engine.hooks.RNGStateHook`
+    (bit-exact ``--resume``) unless the config lists it already."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(h.get('type') in ('RNGStateHook', 'mmcd.RNGStateHook')
+               for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type='RNGStateHook')]
 
 
 def set_local_rank_env(local_rank: int) -> None:

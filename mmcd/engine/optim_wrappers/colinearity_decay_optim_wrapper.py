@@ -9,7 +9,7 @@ In a config that inherits an MMDetection config, only the type changes and a
                          cd=dict(strength=0.1))
 
 CD runs after every real optimizer step (not on accumulation-only
-iterations), scaled by the lr of each matrix's param group, see
+iterations, nor when AMP's loss scaler skips the step), scaled by the lr of each matrix's param group, see
 :mod:`mmcd.core.colinearity`. The model is bound when the Runner calls
 ``initialize_count_status(model, ...)`` at the start of training; that is
 where pairs are discovered (see :mod:`mmcd.core.pairs`).
@@ -107,6 +107,13 @@ class ColinearityDecayMixin:
         self.colinearity_decay = self.spectral_decay = None
         self.activation_penalty = None
         self._pending_state: Optional[Dict] = None
+        # AmpOptimWrapper skips optimizer.step() on inf/NaN gradients; the
+        # regularizers must skip that step too, so count the real ones
+        self._optimizer_steps = 0
+        self.optimizer.register_step_post_hook(self._count_optimizer_step)
+
+    def _count_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_steps += 1
 
     # ---------------------------------------------------------- binding --
     def initialize_count_status(self, model, init_counts: int,
@@ -187,7 +194,10 @@ class ColinearityDecayMixin:
         return ramp * cfg['interval']
 
     def step(self, **kwargs) -> None:
+        steps_before = self._optimizer_steps
         super().step(**kwargs)
+        if self._optimizer_steps == steps_before:
+            return  # the loss scaler skipped the step (inf/NaN gradients)
         if self.matrix_pairs is None:
             raise RuntimeError(
                 f'{type(self).__name__}.step() before the model was bound: '
@@ -276,7 +286,8 @@ class ColinearityDecayAmpOptimWrapper(ColinearityDecayMixin,
     """:class:`~mmengine.optim.AmpOptimWrapper` (CUDA/NPU/MLU mixed
     precision) with Colinearity Decay. ``tools/train.py --amp`` picks it for
     configs that use :class:`ColinearityDecayOptimWrapper`. CD runs on the
-    fp32 master weights after the (possibly skipped) scaled step."""
+    fp32 master weights after the scaled step, and not at all when the
+    loss scaler skips the step (inf/NaN gradients)."""
 
     def __init__(self, optimizer, cd: Optional[dict] = None,
                  pairs: Optional[dict] = None, s2d: Optional[dict] = None,
