@@ -104,11 +104,8 @@ def test_w8a8_detector_features_close_to_fp(micro_data_root, trained,
     qcfg = QuantConfig(8, 8, 'repq-vit')
     qmodel = quantize_model(copy.deepcopy(model), qcfg)
 
-    def run():
-        for b in batches:
-            qmodel.extract_feat(b['inputs'])
-
-    calibrate(qmodel, qcfg, run)
+    calibrate(qmodel, qcfg, lambda: qmodel.extract_feat(
+        torch.cat([b['inputs'] for b in batches])))  # one batch
     with torch.no_grad():
         for b in batches:
             for ref, out in zip(model.extract_feat(b['inputs']),
@@ -142,8 +139,12 @@ def test_calibration_images_are_the_same_on_every_rank(micro_data_root,
         monkeypatch.setattr('mmengine.dataset.sampler.get_dist_info',
                             lambda *a: (rank, 2))
         loader = calibration_loader(cfg, 4, seed=3)
-        return [b['data_samples'][0].img_id for b in loader]
+        return [[s.img_id for s in b['data_samples']] for b in loader]
 
     rank0, rank1 = image_ids(0), image_ids(1)
-    assert rank0 == rank1 and sorted(rank0) == sorted(set(rank0))
-    assert len(rank0) == 8  # the whole train set, one image per batch
+    assert rank0 == rank1
+    # the calibration set is the first batch: 4 distinct images; the
+    # loader runs over the whole train set (8 images) in batches of 4
+    assert [len(b) for b in rank0] == [4, 4]
+    flat = [i for b in rank0 for i in b]
+    assert sorted(flat) == sorted(set(flat))

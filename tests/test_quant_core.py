@@ -15,15 +15,16 @@ from mmcd.core.quant import (LogSqrt2Quantizer, QuantConfig, QuantLinear,
 from mmcd.core.quant.convert import quantizers
 
 
-def _calibrated(q, *batches, weight=None):
+def _calibrated(q, data=None, weight=None):
+    """Calibrate as the model does: weights from the weight, activations on
+    the first tensor through the quantizer in 'calib' state."""
     if weight is not None:
         q.finalize(weight)
+        q.set_state('quant')
     else:
         q.set_state('calib')
-        for b in batches:
-            q(b)
-        q.finalize()
-    q.set_state('quant')
+        q(data)
+        assert q.state == 'quant'
     return q
 
 
@@ -53,16 +54,19 @@ def test_quantile_mse_search_clips_an_outlier():
     data = torch.randn(100_000)
     data[:5] = 40.0  # a few outliers stretch the min-max range
     minmax = _calibrated(UniformQuantizer(4), data)
-    mse = _calibrated(UniformQuantizer(4, search='mse'), data)
+    mse = _calibrated(UniformQuantizer(4, search='quantile'), data)
     assert mse.scale < minmax.scale / 4
     assert (mse(data) - data).square().mean() < \
         (minmax(data) - data).square().mean() / 4
 
 
 def test_log_sqrt2_grid():
-    q = _calibrated(LogSqrt2Quantizer(3))
-    x = torch.tensor([1.0, 0.5, 0.7, 0.25, 0.01, 0.0])
-    expected = torch.tensor([1.0, 0.5, 2**-0.5, 0.25, 0.0, 0.0])
+    # more than 0.1% of the values at 1: every quantile candidate is 1
+    q = _calibrated(LogSqrt2Quantizer(3), torch.cat([torch.ones(100),
+                                                     torch.rand(1000)]))
+    assert q.delta.item() == 1.0
+    x = torch.tensor([1.0, 0.5, 0.7, 0.25, 0.01, 0.0, 3.0])
+    expected = torch.tensor([1.0, 0.5, 2**-0.5, 0.25, 0.0, 0.0, 1.0])
     torch.testing.assert_close(q(x), expected)
     # the 8 levels are exactly (sqrt 2)^-q, q = 0..7
     levels = torch.tensor([2**(-k / 2) for k in range(8)])
@@ -70,25 +74,22 @@ def test_log_sqrt2_grid():
 
 
 def test_tan_quantizer_grid():
-    levels = 15
-    k = torch.arange(levels + 1, dtype=torch.float64)
-    for tau in TanQuantizer.TAUS:
-        grid = 0.5 + torch.atan(tau * (2 * k / levels - 1)) / (
-            2 * math.atan(tau))
-        out = TanQuantizer._fake(grid, tau, levels)
-        torch.testing.assert_close(out, grid)  # levels map to themselves
-        gaps = grid.diff()
-        assert gaps[0] < gaps[levels // 2] and gaps[-1] < gaps[levels // 2]
-    assert TanQuantizer._fake(torch.tensor([0.0, 1.0]), 4.0, 15).tolist() \
-        == pytest.approx([0.0, 1.0])
-    # attention-like data (mass near 0 and near 1): TanQ beats uniform
     torch.manual_seed(0)
+    # attention-like data (mass near 0 and near 1): TanQ beats uniform
     data = torch.cat([torch.rand(5000) * 0.05, 1 - torch.rand(500) * 0.05])
     tan = _calibrated(TanQuantizer(4), data)
     uni = _calibrated(UniformQuantizer(4), data)
     assert float(tan.tau) > 1
     assert (tan(data) - data).square().mean() < \
         (uni(data) - data).square().mean() / 2
+    delta = float(tan.delta)
+    for tau in TanQuantizer.TAUS:
+        grid = tan.levels_of(tau, delta).float()
+        gaps = grid.diff()
+        assert gaps[0] < gaps[7] and gaps[-1] < gaps[7]
+        assert grid[0] == 0 and grid[-1] == pytest.approx(delta)
+        tan.tau.fill_(tau)
+        torch.testing.assert_close(tan(grid), grid)  # levels are fixed points
 
 
 @pytest.mark.parametrize('bits', [1, 9, 4.0])
@@ -109,9 +110,10 @@ def test_target_params_mean_and_mad():
     zero = torch.tensor([3.0, 4.0, 3.0, 4.0, 3.0])
     s_mean, z_mean = target_params(scale, zero, 'mean')
     assert s_mean.item() == pytest.approx(10.8)
-    assert z_mean.item() == 3  # round(3.4)
-    s_mad, _ = target_params(scale, zero, 'mad')
+    assert z_mean.item() == pytest.approx(3.4)  # RepQ-ViT does not round
+    s_mad, z_mad = target_params(scale, zero, 'mad')
     assert s_mad.item() == pytest.approx(1.0)  # the outlier channel is out
+    assert z_mad.item() == pytest.approx(3.5)  # of both
 
 
 def test_reparameterization_is_exact_in_fp():
@@ -124,15 +126,17 @@ def test_reparameterization_is_exact_in_fp():
     x = torch.randn(64, 16) * torch.linspace(0.1, 10, 16)
     before = linear(norm(x))
     y = norm(x)
-    out = reparameterize(norm, linear, y.amin(0), y.amax(0), 'mean')
+    scale_c, zero_c = linear.input_quantizer.params_for_range(
+        y.amin(0), y.amax(0))
+    out = reparameterize(norm, linear, scale_c, zero_c, 'mean')
+    assert linear.input_quantizer.state == 'quant'  # the target grid
+    linear.input_quantizer.set_state('fp')
     torch.testing.assert_close(linear(norm(x)), before, rtol=1e-5,
                                atol=1e-5)
     # r and t follow the formulas
-    scale_c, zero_c = linear.input_quantizer.params_for_range(
-        y.amin(0), y.amax(0))
     torch.testing.assert_close(out['r'], scale_c / scale_c.mean())
     torch.testing.assert_close(out['t'], scale_c.mean() * (
-        zero_c - torch.round(zero_c.mean())))
+        zero_c - zero_c.mean()))
     # the rewritten activation has per-channel ranges aligned on one grid
     y_new = norm(x) + out['t']
     span = (y_new.amax(0) - y_new.amin(0)) / (y.amax(0) - y.amin(0))

@@ -28,7 +28,7 @@ class QuantWindowMSA(nn.Module):
     ``attn`` with the method's post-softmax quantizer.
     """
 
-    def __init__(self, window_msa: nn.Module, a_bits: int, method: str):
+    def __init__(self, window_msa: nn.Module, a_bits: int, method):
         super().__init__()
         missing = [a for a in WINDOW_MSA_ATTRS if not hasattr(window_msa, a)]
         if missing:

@@ -7,26 +7,31 @@ matmuls, in backbone, neck and heads; the patch embedding's input at 8 bits.
 point. ``scope='backbone'`` restricts quantization to the backbone; ``skip``
 patterns (regular expressions searched in module names) leave layers out.
 
-Methods: ``minmax`` (baseline: min-max ranges, uniform post-softmax),
-``repq-vit`` (LayerNorm scale reparameterization with mean target, quantile
-MSE search for activations, MSE clipping for weights, log-sqrt2 post-softmax)
-and ``dopq-vit`` (the same with the MAD-guided reparameterization target and
-TanQ post-softmax). Pure PyTorch.
+Methods (methods.py): ``minmax`` (min-max ranges, uniform post-softmax),
+``repq-vit`` (RepQ-ViT: LayerNorm scale reparameterization with its mean
+target, quantile/MSE search for activations and weights, log-sqrt2
+post-softmax with a calibrated scale) and ``dopq-vit`` (the same with our
+MAD-guided target and TanQ). Calibration follows RepQ-ViT's code: one pass
+over the calibration images, as one batch, with quantization on, each
+quantizer calibrating on the first tensor it sees (quantizers.py); the
+post-LayerNorm inputs are quantized per channel in that pass and
+reparameterized after it. Pure PyTorch.
 """
 import re
-from dataclasses import dataclass, field
-from typing import Callable, List, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .attention import ATTENTION_CONTAINERS, QUANT_ATTENTIONS
+from .methods import QUANT_METHODS, QuantMethod, get_method
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
-from .quantizers import FakeQuantizer, check_bits
-from .reparam import ChannelRangeRecorder, find_norm_linear_pairs, \
-    reparameterize
+from .quantizers import SEARCHES, FakeQuantizer, UniformQuantizer, check_bits
+from .reparam import find_norm_linear_pairs, reparameterize
 
-METHODS = ('minmax', 'repq-vit', 'dopq-vit')
+#: Registered method names (methods.py), for help texts and choices.
+METHODS = tuple(QUANT_METHODS)
 ATTENTION_NAME = re.compile(r'attention|msa', re.IGNORECASE)
 
 
@@ -36,7 +41,10 @@ class QuantConfig:
 
     Args:
         w_bits, a_bits: 2..8.
-        method: one of :data:`METHODS`.
+        method: a registered method (:data:`METHODS`, methods.py).
+        weight_search: override the method's weight range search
+            (``'quantile'``, RepQ-ViT's; ``'clip-ratio'``, ours; or
+            ``'minmax'``); None keeps the method's.
         scope: ``'all'`` or ``'backbone'`` (modules under ``backbone.``).
         skip: regexes of module names left in floating point.
         first_layer_bits: input bits of modules matching
@@ -49,17 +57,29 @@ class QuantConfig:
     skip: Sequence[str] = field(default_factory=tuple)
     first_layer_bits: int = 8
     first_layer_pattern: str = r'patch_embed'
+    weight_search: Optional[str] = None
 
     def __post_init__(self):
         check_bits(self.w_bits)
         check_bits(self.a_bits)
         check_bits(self.first_layer_bits)
-        if self.method not in METHODS:
-            raise ValueError(f'unknown quantization method {self.method!r}; '
-                             f'known: {", ".join(METHODS)}')
+        get_method(self.method)  # registered?
+        if self.weight_search not in (None, ) + SEARCHES:
+            raise ValueError(f'weight_search must be one of {SEARCHES}, got '
+                             f'{self.weight_search!r}')
         if self.scope not in ('all', 'backbone'):
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
+
+
+    @property
+    def spec(self) -> QuantMethod:
+        """The method, with ``weight_search`` applied."""
+        method = get_method(self.method)
+        if self.weight_search is None:
+            return method
+        return replace(method, name=f'{method.name}+{self.weight_search}',
+                       weight_search=self.weight_search)
 
 
 def _in_scope(name: str, cfg: QuantConfig) -> bool:
@@ -82,16 +102,17 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """
     if any(isinstance(m, FakeQuantizer) for m in model.modules()):
         raise ValueError('model is already quantized; quantize a float copy')
+    method = cfg.spec
     for name, module in list(model.named_modules()):
         if not name or not _in_scope(name, cfg):
             continue
         kind = type(module).__name__
         if kind in QUANT_ATTENTIONS:
             _set_module(model, name, QUANT_ATTENTIONS[kind](
-                module, cfg.a_bits, cfg.method))
+                module, cfg.a_bits, method))
         elif isinstance(module, MatMul):
             _set_module(model, name, QuantMatMul.for_role(
-                module.role, cfg.a_bits, cfg.method))
+                module.role, cfg.a_bits, method))
         elif ATTENTION_NAME.search(kind) and kind not in \
                 ATTENTION_CONTAINERS and not any(
                     isinstance(m, MatMul) for m in module.children()):
@@ -110,11 +131,14 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         if isinstance(module, nn.Linear) and not isinstance(module,
                                                              QuantLinear):
             _set_module(model, name, QuantLinear.from_float(
-                module, cfg.w_bits, a_bits, cfg.method))
+                module, cfg.w_bits, a_bits, method))
         elif isinstance(module, nn.Conv2d) and not isinstance(
                 module, QuantConv2d):
             _set_module(model, name, QuantConv2d.from_float(
-                module, cfg.w_bits, a_bits, cfg.method))
+                module, cfg.w_bits, a_bits, method))
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantizer):
+            module.layer_name = name
     return model
 
 
@@ -127,58 +151,74 @@ def set_quant_state(model: nn.Module, state: str) -> None:
         q.set_state(state)
 
 
+def _weight_layers(model: nn.Module) -> List[nn.Module]:
+    """Quantized Linear / Conv2d, and QAT's query-key products."""
+    return [m for m in model.modules() if hasattr(m, 'finalize_weight')]
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, cfg: QuantConfig,
               run_calibration: Callable[[], None]) -> dict:
     """Calibrate a model converted by :func:`quantize_model` and switch it
-    to quantized inference.
+    to quantized inference, as RepQ-ViT's code does.
 
-    ``run_calibration`` runs the model (in eval mode) on the calibration
-    images; it is called twice for ``repq-vit`` / ``dopq-vit`` (per-channel
-    LayerNorm ranges for the reparameterization, then the quantizers' own
-    statistics) and once for ``minmax``. Returns a summary.
+    1. Weights are quantized (their own range search).
+    2. ``run_calibration`` runs the model (eval mode) **once** on the
+       calibration images, as one batch: every activation quantizer
+       calibrates on the first tensor it sees and quantizes from then on,
+       so each layer sees the inputs of the already-quantized layers before
+       it. For a reparameterized method the post-LayerNorm inputs are
+       quantized per channel in this pass.
+    3. Reparameterization (methods with a target): per-channel grids ->
+       target, folded into LayerNorm and Linear, target kept; the Linear's
+       weight is quantized again.
+
+    A quantizer the pass never reached stays in float; their names are in
+    the summary (``unreached``), which the caller should report. Returns
+    the summary.
     """
     model.eval()
-    reparam_pairs = []
-    if cfg.method in ('repq-vit', 'dopq-vit'):
-        modules = dict(model.named_modules())
-        reparam_pairs = [(n, lin) for n, lin in find_norm_linear_pairs(model)
-                         if isinstance(modules[lin], QuantLinear)]
-        recorder = ChannelRangeRecorder([modules[n] for n, _ in
-                                         reparam_pairs])
-        try:
-            run_calibration()
-        finally:
-            recorder.remove()
-        target = 'mean' if cfg.method == 'repq-vit' else 'mad'
-        for norm_name, lin_name in reparam_pairs:
-            norm = modules[norm_name]
-            if norm not in recorder.ranges:
-                continue  # never executed on the calibration images
-            reparameterize(norm, modules[lin_name], *recorder.ranges[norm],
-                           target=target)
-    # quantized Linear / Conv2d, and QAT's query-key products
-    layers = [m for m in model.modules() if hasattr(m, 'finalize_weight')]
+    method = cfg.spec
+    layers = _weight_layers(model)
+    for layer in layers:
+        layer.finalize_weight()
+    modules = dict(model.named_modules())
+    per_channel = []  # (norm, linear, the linear's own input quantizer)
+    if method.reparam_target is not None:
+        for norm_name, lin_name in find_norm_linear_pairs(model):
+            linear = modules[lin_name]
+            if not isinstance(linear, QuantLinear):
+                continue
+            own = linear.input_quantizer
+            linear.input_quantizer = UniformQuantizer(
+                own.bits, -1, 'quantile', keep_zero=True)
+            linear.input_quantizer.layer_name = own.layer_name
+            per_channel.append((modules[norm_name], linear, own))
+    weight_quantizers = {id(m.weight_quantizer) for m in layers}
     act_quantizers = [q for q in quantizers(model)
-                      if not any(q is m.weight_quantizer for m in layers)]
+                      if id(q) not in weight_quantizers]
     for q in act_quantizers:
         q.set_state('calib')
     try:
         run_calibration()
     except BaseException:
+        for _, linear, own in per_channel:
+            linear.input_quantizer = own
         set_quant_state(model, 'fp')
         raise
-    unused = []
+    unreached = []
     for q in act_quantizers:
-        try:
-            q.finalize()
-        except RuntimeError:  # a layer the calibration never reached
-            unused.append(q)
-            q.set_state('fp')
-            continue
-        q.set_state('quant')
-    for layer in layers:
-        layer.finalize_weight()
-    return dict(layers=len(layers), reparameterized=len(reparam_pairs),
-                act_quantizers=len(act_quantizers),
-                unreached_quantizers=len(unused))
+        if q.state == 'calib':
+            unreached.append(q.layer_name)
+            q.state = 'fp'
+    reparameterized = 0
+    for norm, linear, own in per_channel:
+        grid, linear.input_quantizer = linear.input_quantizer, own
+        if grid.calibrated:  # else: unreached, left in float
+            reparameterize(norm, linear, *grid.channel_params(),
+                           target=method.reparam_target)
+            linear.finalize_weight()
+            reparameterized += 1
+    return dict(method=method.name, layers=len(layers),
+                reparameterized=reparameterized,
+                act_quantizers=len(act_quantizers), unreached=unreached)

@@ -12,36 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import (FakeQuantizer, LogSqrt2Quantizer, TanQuantizer,
-                         UniformQuantizer)
-
-
-def make_act_quantizer(bits: int, method: str) -> UniformQuantizer:
-    return UniformQuantizer(bits, None,
-                            'minmax' if method == 'minmax' else 'mse')
-
-
-def make_softmax_quantizer(bits: int, method: str) -> FakeQuantizer:
-    """Post-softmax quantizer of each method: uniform (minmax), log-sqrt2
-    (RepQ-ViT) or TanQ (DopQ-ViT)."""
-    if method == 'repq-vit':
-        return LogSqrt2Quantizer(bits)
-    if method == 'dopq-vit':
-        return TanQuantizer(bits)
-    return UniformQuantizer(bits, None, 'minmax')
+from .methods import get_method
+from .quantizers import FakeQuantizer
 
 
 class QuantWeightMixin:
     """Weight and input quantizers around a float layer's forward."""
 
-    def _init_quant(self, w_bits: int, a_bits: int, method: str):
-        self.weight_quantizer = UniformQuantizer(
-            w_bits, 0, 'minmax' if method == 'minmax' else 'mse')
-        self.input_quantizer = make_act_quantizer(a_bits, method)
+    def _init_quant(self, w_bits: int, a_bits: int, method):
+        method = get_method(method)
+        self.weight_quantizer = method.weight_quantizer(w_bits)
+        self.input_quantizer = method.act_quantizer(a_bits)
         self.register_buffer('quant_weight', None, persistent=False)
 
     @classmethod
-    def from_float(cls, layer, w_bits: int, a_bits: int, method: str):
+    def from_float(cls, layer, w_bits: int, a_bits: int, method):
+        """The quantized twin of ``layer`` (sharing its parameters);
+        ``method`` a registered name or a
+        :class:`~mmcd.core.quant.methods.QuantMethod`."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.__dict__.update({k: v for k, v in layer.__dict__.items()
@@ -116,12 +104,13 @@ class QuantMatMul(nn.Module):
         self.quantizer_a, self.quantizer_b = quantizer_a, quantizer_b
 
     @classmethod
-    def for_role(cls, role: str, a_bits: int, method: str) -> 'QuantMatMul':
+    def for_role(cls, role: str, a_bits: int, method) -> 'QuantMatMul':
         """Uniform quantizers for ``q @ k^T``; the method's post-softmax
         quantizer for the ``a`` of ``attn @ v``."""
-        first = make_softmax_quantizer(a_bits, method) if role == 'av' \
-            else make_act_quantizer(a_bits, method)
-        return cls(first, make_act_quantizer(a_bits, method))
+        method = get_method(method)
+        first = method.softmax_quantizer(a_bits) if role == 'av' \
+            else method.act_quantizer(a_bits)
+        return cls(first, method.act_quantizer(a_bits))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.quantizer_a(a) @ self.quantizer_b(b)

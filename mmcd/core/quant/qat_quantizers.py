@@ -76,24 +76,7 @@ class LsqPlusFunction(torch.autograd.Function):
         return grad_x, grad_step, grad_offset, None, None
 
 
-class ResizableStateMixin:
-    """Loads buffers and parameters whose shape is only known after
-    calibration (empty until then) at the shape stored in the checkpoint,
-    so a model converted for QAT loads a QAT checkpoint before it was ever
-    calibrated (``--resume``, ``tools/test.py``)."""
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name, tensor in list(self._buffers.items()) + list(
-                self._parameters.items()):
-            stored = state_dict.get(prefix + name)
-            if tensor is not None and stored is not None and \
-                    tensor.shape != stored.shape and tensor.numel() == 0:
-                tensor.data = torch.empty_like(stored, device=tensor.device,
-                                               dtype=tensor.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-class LsqActQuantizer(ResizableStateMixin, UniformQuantizer):
+class LsqActQuantizer(UniformQuantizer):
     """Learnable per-tensor activation quantizer (LSQ+), calibrated like
     :class:`UniformQuantizer` (``search`` ``'minmax'`` or ``'mse'``)."""
     trainable = True
@@ -135,7 +118,7 @@ class LsqActQuantizer(ResizableStateMixin, UniformQuantizer):
         return super().extra_repr() + ', lsq+'
 
 
-class TrainableWeightQuantizer(ResizableStateMixin, FakeQuantizer):
+class TrainableWeightQuantizer(FakeQuantizer):
     """Symmetric signed per-output-channel weight quantizer (see module
     docstring); subclasses give the step."""
     trainable = True

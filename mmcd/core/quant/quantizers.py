@@ -5,46 +5,66 @@ Every quantizer is an ``nn.Module`` with three states:
 
 * ``'fp'``: identity (the default, so a converted model is exactly the float
   model until it is calibrated);
-* ``'calib'``: identity that records statistics of what passes through;
-* ``'quant'``: fake quantization with the parameters fixed by
-  :meth:`finalize` from the recorded statistics.
+* ``'calib'``: the first tensor that passes through sets the parameters
+  (:meth:`calibrate`), the quantizer switches to ``'quant'`` and quantizes
+  that tensor already. As in RepQ-ViT's code, the calibration images go
+  through the model once, as one batch, with quantization on: every layer
+  is calibrated on the whole calibration set, with the inputs that the
+  already-quantized layers before it produce. The search scores every
+  candidate on that full tensor (no subsample);
+* ``'quant'``: fake quantization with the fixed parameters.
 
-Quantizers:
+Calibration refuses NaN/inf inputs (naming the layer); a constant input has
+no range to search and gets the grid of ``[min(c, 0), max(c, 0)]``, where
+``c`` is exact.
+
+Quantizers and their sources (RepQ-ViT: Li et al., ICCV 2023, and its public
+code; DopQ-ViT: Yang et al., 2024, whose equations are not public to us):
 
 * :class:`UniformQuantizer`: ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
-  ``x^ = (q - z) s``; asymmetric, per tensor or per channel; range by
-  min-max or, for activations, by the clipping search of RepQ-ViT (Li et
-  al., ICCV 2023): the clip range at the quantiles ``p in {0.999, 0.9999,
-  0.99999, 1}`` with the lowest MSE on the calibration data; weights search
-  a clipping ratio per output channel by MSE.
-* :class:`LogSqrt2Quantizer` (RepQ-ViT) for post-softmax attention in
-  ``[0, 1]``: ``q = clamp(round(-2 log2 x), 0, 2^b - 1)``,
-  ``x^ = 2^(-q / 2)``; values below the last level become 0.
-* :class:`TanQuantizer`, our formulation of DopQ-ViT's TanQ (its equations
-  are not public to us), also for post-softmax values: levels
-  ``l_k = 1/2 + arctan(tau (2k/K - 1)) / (2 arctan tau)``, ``K = 2^b - 1``,
-  which are dense near 0 *and* near 1 (where the few large attention weights
-  that matter live) and sparse in between; encoding is the inverse, a
-  tangent: ``k = round(K (1 + tan((2x - 1) arctan tau) / tau) / 2)``.
-  ``tau`` is chosen per layer by calibration MSE from ``{1, 2, 4, 8, 16}``
-  (``tau -> 0`` is the uniform grid).
+  ``x^ = (q - z) s``, asymmetric, per tensor or per channel. Ranges:
+
+  - ``'minmax'``: ``[min(x, 0), max(x, 0)]`` (0 exactly representable);
+  - ``'quantile'`` (RepQ-ViT, activations and weights): the clip range
+    ``[Q(1 - p), Q(p)]`` for ``p in {0.999, 0.9999, 0.99999}``, quantiles
+    with linear interpolation as ``torch.quantile``, ``s = (hi - lo) /
+    (2^b - 1)``, ``z = round(-lo / s)``; the ``p`` with the least mean
+    squared error, per tensor or per channel;
+  - ``'clip-ratio'`` (ours, weights): ``[r min, r max]`` per output channel
+    for 11 ratios ``r in [0.5, 1]``, least MSE per channel. It measured
+    slightly below the quantile search's error on weights; RepQ-ViT's
+    ``'quantile'`` is the default of ``repq-vit`` and ``dopq-vit``
+    (``weight_search='clip-ratio'`` selects ours).
+
+* :class:`LogSqrt2Quantizer` (RepQ-ViT) for post-softmax values:
+  ``q = round(-2 log2(x / D))``, values with ``q >= 2^b`` become 0, the rest
+  ``x^ = D 2^(-ceil(q/2)) (sqrt 2 if q odd else 1)`` (``= D 2^(-q/2)``);
+  ``q`` is clamped at 0, so ``x > D`` gives ``D``. The scale ``D`` is the
+  quantile ``Q(p)``, ``p in {0.999, 0.9999, 0.99999}``, of least MSE.
+  Without ``D`` (the grid fixed at 1) a 4096-key attention row, whose weights
+  sit near ``1/4096``, falls below the last level and quantizes to zero.
+* :class:`TanQuantizer`, our formulation of DopQ-ViT's TanQ on ``[0, D]``:
+  levels ``D l_k``, ``l_k = 1/2 + arctan(tau (2k/K - 1)) / (2 arctan tau)``,
+  ``K = 2^b - 1``, dense near 0 and near ``D`` and sparse between; encoding
+  by the inverse, ``k = round(K (1 + tan((2 x/D - 1) arctan tau) / tau) /
+  2)``. ``(D, tau)`` jointly by least MSE over the three quantiles above and
+  ``tau in {1, 2, 4, 8, 16}``.
 
 The post-softmax quantizers pass gradients straight through their rounding
 (identity backward), so QAT can keep them (qat.py). Pure PyTorch.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 STATES = ('fp', 'calib', 'quant')
-#: Clip quantiles searched for activations (RepQ-ViT).
-ACT_QUANTILES = (0.999, 0.9999, 0.99999, 1.0)
-#: Calibration values kept per quantizer (a uniform random subsample) and per
-#: observed batch (bounds memory: 32 batches -> 1M values, 4 MB).
-MAX_SAMPLES = 1 << 18
-MAX_BATCH_SAMPLES = 1 << 15
+#: Clip quantiles searched by RepQ-ViT (activations, weights, log-sqrt2).
+RANGE_QUANTILES = (0.999, 0.9999, 0.99999)
+#: Clipping ratios of the ``'clip-ratio'`` weight search (ours).
+CLIP_RATIOS = tuple(torch.linspace(0.5, 1.0, 11).tolist())
+SEARCHES = ('minmax', 'quantile', 'clip-ratio')
 
 
 def check_bits(bits: int) -> int:
@@ -53,8 +73,42 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def quantiles(rows: torch.Tensor, ps: Sequence[float]) -> torch.Tensor:
+    """Quantiles of each row of ``rows`` (``[R, N]``), as ``torch.quantile``
+    computes them (linear interpolation at position ``p (N - 1)``), for
+    tail probabilities ``ps`` (each ``>= 0.99`` or ``<= 0.01``). Returns
+    ``[len(ps), R]``.
+
+    ``torch.quantile`` sorts and refuses inputs over 16M values; only the
+    tails are needed here, so a partial sort (``topk``) of the largest or
+    smallest ``1%`` does, on tensors of any size.
+    """
+    n = rows.shape[-1]
+    if any(0.01 < p < 0.99 for p in ps):
+        raise ValueError(f'tail quantiles only, got {list(ps)}')
+    positions = [p * (n - 1) for p in ps]
+    floors = [math.floor(pos) for pos in positions]
+    # one partial sort per tail, deep enough for its deepest quantile
+    k_top = max([n - f for p, f in zip(ps, floors) if p >= 0.99],
+                default=0)
+    k_bottom = max([min(f + 1, n - 1) + 1 for p, f in zip(ps, floors)
+                    if p <= 0.01], default=0)
+    top = rows.topk(k_top, dim=-1, sorted=True).values if k_top else None
+    bottom = rows.topk(k_bottom, dim=-1, largest=False,
+                       sorted=True).values if k_bottom else None
+    out = []
+    for p, pos, lo in zip(ps, positions, floors):
+        hi = min(lo + 1, n - 1)
+        if p >= 0.99:  # ascending index i = descending index n - 1 - i
+            v_lo, v_hi = top[:, n - 1 - lo], top[:, n - 1 - hi]
+        else:
+            v_lo, v_hi = bottom[:, lo], bottom[:, hi]
+        out.append(v_lo + (v_hi - v_lo) * (pos - lo))
+    return torch.stack(out)
+
+
 class FakeQuantizer(nn.Module):
-    """State handling shared by the quantizers."""
+    """State handling shared by the quantizers (module docstring)."""
     #: whether the quantizer has to run in every forward pass with gradients
     #: (QAT: qat_quantizers.py); PTQ weight quantizers are applied once
     trainable = False
@@ -63,13 +117,15 @@ class FakeQuantizer(nn.Module):
         super().__init__()
         self.bits = check_bits(bits)
         self.state = 'fp'
+        #: the module path, for messages (set by ``quantize_model``)
+        self.layer_name = type(self).__name__
 
     def set_state(self, state: str) -> None:
         if state not in STATES:
             raise ValueError(f'quantizer state must be one of {STATES}')
         if state == 'quant' and not self.calibrated:
-            raise RuntimeError(f'{type(self).__name__} is not calibrated: '
-                               'run calibration and finalize() first')
+            raise RuntimeError(f'{self.layer_name} is not calibrated: run '
+                               'calibration first')
         self.state = state
 
     @property
@@ -78,21 +134,45 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == 'calib':
-            self.observe(x.detach())
-            return x
+            data = x.detach()
+            if not torch.isfinite(data).all():
+                raise ValueError(f'calibration input of {self.layer_name} '
+                                 'has NaN or inf values')
+            self.calibrate(data)
+            self.state = 'quant'
         if self.state == 'quant':
             return self.quantize(x)
         return x
 
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the parameters from the calibration tensor ``x``."""
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f'bits={self.bits}, state={self.state}'
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Buffers and parameters whose shape is only known after
+        calibration (empty until then) load at the shape stored in the
+        checkpoint, so a converted model loads a calibrated checkpoint
+        before it was ever calibrated (QAT ``--resume``, ``tools/test.py``
+        of a QAT checkpoint)."""
+        for name, tensor in list(self._buffers.items()) + list(
+                self._parameters.items()):
+            stored = state_dict.get(prefix + name)
+            if tensor is not None and stored is not None and \
+                    tensor.shape != stored.shape and tensor.numel() == 0:
+                tensor.data = torch.empty_like(stored, device=tensor.device,
+                                               dtype=tensor.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
-    flat = x.reshape(-1).float()
-    if flat.numel() <= limit:
-        return flat
-    return flat[torch.randint(flat.numel(), (limit, ), device=flat.device)]
+
+def _mse(a: torch.Tensor, b: torch.Tensor, dim=None) -> torch.Tensor:
+    diff = (a - b).square()
+    return diff.mean() if dim is None else diff.mean(dim)
 
 
 class UniformQuantizer(FakeQuantizer):
@@ -101,24 +181,29 @@ class UniformQuantizer(FakeQuantizer):
     Args:
         bits: 2..8.
         channel_axis: None for per tensor, else the axis with one scale per
-            index (weights: 0, the output channels).
-        search: ``'minmax'`` or ``'mse'`` (activations: quantile clipping;
-            per-channel weights: clipping ratio per channel).
+            index (weights: 0, the output channels; post-LayerNorm
+            activations during RepQ-ViT's calibration: -1).
+        search: ``'minmax'``, ``'quantile'`` or ``'clip-ratio'`` (weights),
+            see the module docstring.
+        keep_zero: extend every searched clip range to include 0, so that
+            0 is exactly representable (the per-channel grids of
+            reparameterized post-LayerNorm activations: Swin zero-pads them,
+            and the padding must stay 0; reparam.py).
     """
 
     def __init__(self, bits: int, channel_axis: Optional[int] = None,
-                 search: str = 'minmax'):
+                 search: str = 'minmax', keep_zero: bool = False):
         super().__init__(bits)
-        if search not in ('minmax', 'mse'):
-            raise ValueError(f"search must be 'minmax' or 'mse', got {search}")
+        self.keep_zero = keep_zero
+        if search not in SEARCHES:
+            raise ValueError(f'search must be one of {SEARCHES}, got '
+                             f'{search!r}')
         self.channel_axis, self.search = channel_axis, search
         self.register_buffer('scale', torch.empty(0))
         self.register_buffer('zero_point', torch.empty(0))
         # per-channel offset added before and removed after quantization:
-        # the zero-point half of RepQ-ViT's reparameterization (reparam.py)
+        # the shift half of RepQ-ViT's reparameterization (reparam.py)
         self.register_buffer('channel_offset', torch.empty(0))
-        self._min = self._max = None
-        self._samples = []
 
     @property
     def levels(self) -> int:
@@ -131,83 +216,62 @@ class UniformQuantizer(FakeQuantizer):
     def _shifted(self, x):
         return x + self.channel_offset if self.channel_offset.numel() else x
 
-    def observe(self, x: torch.Tensor) -> None:
-        x = self._shifted(x)
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[channels, values]`` (one row per tensor), searched in
+        float32 at least."""
+        x = x if x.dtype == torch.float64 else x.float()
         if self.channel_axis is None:
-            lo, hi = x.min(), x.max()
-            if self.search == 'mse':
-                self._samples.append(_subsample(x, MAX_BATCH_SAMPLES))
-        else:
-            dims = [d for d in range(x.dim())
-                    if d != self.channel_axis % x.dim()]
-            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
-        self._min = lo if self._min is None else torch.minimum(self._min, lo)
-        self._max = hi if self._max is None else torch.maximum(self._max, hi)
-
-    def channel_ranges(self):
-        """Observed (min, max), per channel if ``channel_axis`` is set."""
-        if self._min is None:
-            raise RuntimeError('no statistics recorded: calibrate first')
-        return self._min, self._max
+            return x.reshape(1, -1)
+        return x.movedim(self.channel_axis, 0).reshape(
+            x.shape[self.channel_axis], -1)
 
     def params_for_range(self, lo: torch.Tensor, hi: torch.Tensor):
         """Scale and zero point whose grid spans ``[min(lo, 0), max(hi, 0)]``
-        (0 stays exactly representable)."""
+        (0 stays exactly representable): the min-max grid."""
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / self.levels).clamp_min(1e-8)
         zero = torch.round(-lo / scale)
+        return scale, zero
+
+    def _clip_params(self, lo: torch.Tensor, hi: torch.Tensor):
+        """RepQ-ViT's grid of a clip range: ``s = (hi - lo) / (2^b - 1)``,
+        ``z = round(-lo / s)``; a range of width 0 (a constant) falls back
+        to the min-max grid, where the constant is exact."""
+        if self.keep_zero:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        width = hi - lo
+        flat = width <= 1e-8 * hi.abs().clamp_min(1.0)
+        scale = torch.where(flat, torch.ones_like(width), width / self.levels)
+        zero = torch.round(-lo / scale)
+        if flat.any():
+            mm_scale, mm_zero = self.params_for_range(lo, hi)
+            scale = torch.where(flat, mm_scale, scale)
+            zero = torch.where(flat, mm_zero, zero)
         return scale, zero
 
     def _fake(self, x, scale, zero):
         q = torch.clamp(torch.round(x / scale) + zero, 0, self.levels)
         return (q - zero) * scale
 
-    def finalize(self, weight: Optional[torch.Tensor] = None) -> None:
-        """Fix scale and zero point from the statistics (or from ``weight``
-        for weight quantizers)."""
-        if weight is not None:
-            self._calibrate_weight(weight.detach())
-        else:
-            lo, hi = self.channel_ranges()
-            scale, zero = self.params_for_range(lo, hi)
-            if self.search == 'mse' and self.channel_axis is None:
-                scale, zero = self._quantile_search(lo, hi)
-            self._set(scale, zero)
-        self._min = self._max = None
-        self._samples = []
-
-    def _set(self, scale, zero):
-        self.scale = scale.detach().clone()
-        self.zero_point = zero.detach().clone()
-
-    def _quantile_search(self, lo, hi):
-        data = _subsample(torch.cat(self._samples), MAX_SAMPLES)
-        ordered = data.sort().values
-        last = ordered.numel() - 1
-        best = None
-        for p in ACT_QUANTILES:  # lower quantile of the sorted sample
-            clip_lo = ordered[int((1 - p) * last)] if p < 1 else lo
-            clip_hi = ordered[int(p * last)] if p < 1 else hi
-            scale, zero = self.params_for_range(clip_lo, clip_hi)
-            err = (self._fake(data, scale, zero) - data).square().mean()
-            if best is None or err < best[0]:
-                best = (err, scale, zero)
-        return best[1], best[2]
-
-    def _calibrate_weight(self, w: torch.Tensor) -> None:
-        axis = self.channel_axis
-        dims = [d for d in range(w.dim()) if d != axis] if axis is not None \
-            else list(range(w.dim()))
-        lo, hi = w.amin(dim=dims), w.amax(dim=dims)
+    def _search(self, rows: torch.Tensor):
+        """Per-row (scale, zero) of least MSE among the candidates of
+        ``self.search``."""
+        lo, hi = rows.amin(1), rows.amax(1)
         if self.search == 'minmax':
-            self._set(*self.params_for_range(lo, hi))
-            return
-        shape = [-1 if d == axis else 1 for d in range(w.dim())]
+            return self.params_for_range(lo, hi)
+        if self.search == 'quantile':
+            ps = RANGE_QUANTILES
+            lows = quantiles(rows, [1 - p for p in ps])
+            highs = quantiles(rows, ps)
+            candidates = [self._clip_params(lows[i], highs[i])
+                          for i in range(len(ps))]
+        else:
+            candidates = [self.params_for_range(lo * r, hi * r)
+                          for r in CLIP_RATIOS]
         best_err = best = None
-        for ratio in torch.linspace(0.5, 1.0, 11).tolist():
-            scale, zero = self.params_for_range(lo * ratio, hi * ratio)
-            err = (self._fake(w, scale.view(shape), zero.view(shape)) -
-                   w).square().mean(dim=dims)
+        for scale, zero in candidates:  # the first of equal errors wins
+            err = _mse(self._fake(rows, scale[:, None], zero[:, None]), rows,
+                       dim=1)
             if best is None:
                 best_err, best = err, (scale, zero)
                 continue
@@ -215,7 +279,37 @@ class UniformQuantizer(FakeQuantizer):
             best_err = torch.where(better, err, best_err)
             best = (torch.where(better, scale, best[0]),
                     torch.where(better, zero, best[1]))
-        self._set(*best)
+        return best
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        rows = self._rows(self._shifted(x))
+        scale, zero = self._search(rows)
+        if self.channel_axis is None:
+            scale, zero = scale[0], zero[0]
+        self._set(scale, zero)
+
+    def finalize(self, weight: torch.Tensor) -> None:
+        """Weight quantizers: the parameters from the weight itself."""
+        self.calibrate(weight.detach())
+
+    def _set(self, scale, zero):
+        self.scale = scale.detach().clone()
+        self.zero_point = zero.detach().clone()
+
+    def set_params(self, scale: torch.Tensor, zero: torch.Tensor,
+                   channel_offset: Optional[torch.Tensor] = None) -> None:
+        """Fix the parameters from outside (RepQ-ViT's reparameterization
+        keeps its target grid) and switch quantization on."""
+        self._set(scale, zero)
+        if channel_offset is not None:
+            self.channel_offset = channel_offset.detach().clone()
+        self.state = 'quant'
+
+    def channel_params(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated per-channel (scale, zero point)."""
+        if not self.calibrated:
+            raise RuntimeError(f'{self.layer_name} is not calibrated')
+        return self.scale, self.zero_point
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.scale, self.zero_point
@@ -229,65 +323,97 @@ class UniformQuantizer(FakeQuantizer):
         return self._fake(x, scale, zero)
 
 
-class LogSqrt2Quantizer(FakeQuantizer):
-    """log-sqrt(2) quantizer for values in ``[0, 1]`` (post-softmax)."""
+class _PostSoftmaxQuantizer(FakeQuantizer):
+    """A quantizer of values in ``[0, D]`` with a calibrated scale ``D``
+    (a buffer) and straight-through gradients."""
 
     def __init__(self, bits: int):
         super().__init__(bits)
-        self.register_buffer('ready', torch.zeros((), dtype=torch.bool))
+        self.register_buffer('delta', torch.empty(0))
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.ready)
+        return self.delta.numel() > 0
 
-    def observe(self, x: torch.Tensor) -> None:
-        pass  # the grid is fixed: levels 2^(-q/2) of the maximum 1
-
-    def finalize(self) -> None:
-        self.ready.fill_(True)
+    @staticmethod
+    def _delta_candidates(x: torch.Tensor) -> torch.Tensor:
+        """The quantiles ``p in {0.999, 0.9999, 0.99999}`` of ``x``; a
+        tensor whose quantiles are all 0 (a mask of zeros) gets its
+        maximum, or 1."""
+        deltas = quantiles(x.reshape(1, -1), RANGE_QUANTILES)[:, 0]
+        if not (deltas > 0).any():
+            peak = float(x.max())
+            deltas = torch.full_like(deltas, peak if peak > 0 else 1.0)
+        return deltas.clamp_min(1e-30)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        levels = 2**self.bits
-        q = torch.round(-2 * torch.log2(x.clamp_min(1e-30)))
-        out = torch.pow(2.0, -q.clamp_min(0) / 2)
-        out = torch.where(q < levels, out, torch.zeros_like(out))
+        out = self._fake(x.detach(), self.delta.to(x.dtype),
+                         *self._extra_params())
         return x + (out - x).detach()  # straight-through
 
+    def _extra_params(self):
+        return ()
 
-class TanQuantizer(FakeQuantizer):
-    """Tangent-encoded quantizer for values in ``[0, 1]`` (module
+
+class LogSqrt2Quantizer(_PostSoftmaxQuantizer):
+    """RepQ-ViT's log-sqrt2 quantizer with its calibrated scale (module
     docstring)."""
+
+    def _fake(self, x, delta):
+        levels = 2**self.bits
+        q = torch.round(-2 * torch.log2(x / delta))
+        dropped = q >= levels  # also x = 0 (q = inf)
+        q = q.clamp(0, levels - 1)
+        odd = torch.remainder(q, 2)
+        out = torch.pow(2.0, -torch.ceil(q / 2)) * (
+            1 + odd * (math.sqrt(2) - 1)) * delta
+        return torch.where(dropped, torch.zeros_like(out), out)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        data = x if x.dtype == torch.float64 else x.float()
+        best = None
+        for delta in self._delta_candidates(data):
+            err = _mse(self._fake(data, delta), data)
+            if best is None or err < best[0]:
+                best = (err, delta)
+        self.delta = best[1].detach().clone()
+
+
+class TanQuantizer(_PostSoftmaxQuantizer):
+    """Tangent-encoded quantizer on ``[0, D]`` (module docstring)."""
 
     TAUS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
     def __init__(self, bits: int):
         super().__init__(bits)
         self.register_buffer('tau', torch.empty(0))
-        self._samples = []
 
-    @property
-    def calibrated(self) -> bool:
-        return self.tau.numel() > 0
+    def _extra_params(self):
+        return (float(self.tau), )
 
-    def observe(self, x: torch.Tensor) -> None:
-        self._samples.append(_subsample(x, MAX_BATCH_SAMPLES))
+    def levels_of(self, tau: float, delta: float = 1.0) -> torch.Tensor:
+        """The ``2^b`` levels ``D l_k``."""
+        k = torch.arange(2**self.bits, dtype=torch.float64)
+        levels = 2**self.bits - 1
+        return delta * (0.5 + torch.atan(tau * (2 * k / levels - 1)) /
+                        (2 * math.atan(tau)))
 
-    @staticmethod
-    def _fake(x, tau, levels):
+    def _fake(self, x, delta, tau):
+        levels = 2**self.bits - 1
         atan = math.atan(tau)
-        k = torch.round(levels * (1 + torch.tan(
-            (2 * x.clamp(0, 1) - 1) * atan) / tau) / 2)
-        return 0.5 + torch.atan(tau * (2 * k / levels - 1)) / (2 * atan)
+        u = (x / delta).clamp(0, 1)
+        k = torch.round(levels * (1 + torch.tan((2 * u - 1) * atan) / tau) /
+                        2)
+        return delta * (0.5 + torch.atan(tau * (2 * k / levels - 1)) /
+                        (2 * atan))
 
-    def finalize(self) -> None:
-        if not self._samples:
-            raise RuntimeError('no statistics recorded: calibrate first')
-        data = _subsample(torch.cat(self._samples), MAX_SAMPLES)
-        errs = [(self._fake(data, t, 2**self.bits - 1) - data).square().mean()
-                for t in self.TAUS]
-        self.tau = torch.tensor(self.TAUS[int(torch.stack(errs).argmin())])
-        self._samples = []
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._fake(x, float(self.tau), 2**self.bits - 1)
-        return x + (out - x).detach()  # straight-through
+    def calibrate(self, x: torch.Tensor) -> None:
+        data = x if x.dtype == torch.float64 else x.float()
+        best = None
+        for delta in self._delta_candidates(data):
+            for tau in self.TAUS:
+                err = _mse(self._fake(data, delta, tau), data)
+                if best is None or err < best[0]:
+                    best = (err, delta, tau)
+        self.delta = best[1].detach().clone()
+        self.tau = torch.tensor(best[2])

@@ -1,35 +1,47 @@
 """Scale reparameterization of post-LayerNorm activations (RepQ-ViT, Li et
-al., ICCV 2023), with the DopQ-ViT MAD-guided target as an option.
+al., ICCV 2023), with our formulation of DopQ-ViT's MAD-guided target.
 
 Post-LayerNorm activations vary a lot between channels, so a per-tensor
 quantizer wastes its grid; per-channel activation quantization is not
 hardware friendly. RepQ-ViT calibrates per-channel parameters ``(s_c, z_c)``
-of the LayerNorm output ``y`` and rewrites the network so that one per-tensor
-``(s~, z~)`` quantizes the rewritten activation exactly as ``(s_c, z_c)``
-quantized ``y``:
+of the LayerNorm output ``y`` (the quantile/MSE search of quantizers.py, per
+channel, during the calibration pass), picks a per-tensor target
+``(s~, z~)`` and rewrites the network so that ``(s~, z~)`` quantizes the
+rewritten activation exactly as ``(s_c, z_c)`` quantized ``y``:
 
     r_c = s_c / s~,   t_c = s~ (z_c - z~)
     y'  = y / r + t                       (quantized per tensor with s~, z~)
     LN:  gamma' = gamma / r,  beta' = beta / r          (+ t, see below)
     next Linear:  W' = W diag(r)                        (- W (r t) in bias)
 
-which is exactly equivalent in floating point. mmcd folds the scale part
-``r`` into the LayerNorm and the next Linear, and keeps the shift ``t`` inside
-the Linear's input quantizer (``x -> Q(x + t) - t``). The float function and
-the quantization grid are the same as RepQ-ViT's; the reason is Swin's window
-attention, which zero-pads the LayerNorm output before ``qkv``: with ``t``
-folded into ``beta`` the padded zeros would no longer mean zero. In an integer
-deployment ``t`` folds into ``beta`` and the bias as in RepQ-ViT (padding
-with ``t``).
+which is exactly equivalent in floating point. The target is kept as the
+quantizer's grid (not searched again: a re-search would undo the choice of
+target), and the next Linear's weight is quantized again after the fold.
+mmcd folds the scale part ``r`` into the LayerNorm and the next Linear, and
+keeps the shift ``t`` inside the Linear's input quantizer
+(``x -> Q(x + t) - t``). The float function and the quantization grid are
+RepQ-ViT's; the reason is Swin's window attention, which zero-pads the
+LayerNorm output before ``qkv``: with ``t`` folded into ``beta`` the padded
+zeros would no longer mean zero. In an integer deployment ``t`` folds into
+``beta`` and the bias as in RepQ-ViT (padding with ``t``). For the same
+reason the per-channel clip ranges are extended to include 0 (RepQ-ViT's
+quantile range may exclude it): otherwise a padded zero of a channel whose
+calibration values were all positive would be quantized to that channel's
+minimum.
 
-Target scale: RepQ-ViT uses ``s~ = mean(s_c)``, ``z~ = round(mean(z_c))``.
-DopQ-ViT's MOSF replaces the mean, whose value outlier channels drag up, by a
-MAD-guided choice; our formulation (DopQ's equations are not public to us):
-the mean over the channels whose ``s_c`` is within 3 median absolute
-deviations of the median (likewise for ``z_c``). Pure PyTorch.
+Targets:
+
+* ``'mean'`` (RepQ-ViT's code): ``s~ = mean(s_c)``, ``z~ = mean(z_c)``, the
+  latter not rounded (as there).
+* ``'mad'``: DopQ-ViT's MOSF replaces the mean, which outlier channels drag
+  up, by a choice guided by the median absolute deviation. Our formulation
+  (its equations are not public to us): the mean over the channels whose
+  ``s_c`` lies within 3 MADs of the median of ``s_c``, and ``z~`` the mean
+  of ``z_c`` over the same channels, so that outlier channels (large
+  ``s_c``) are left out of both. Pure PyTorch.
 """
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -65,62 +77,35 @@ def find_norm_linear_pairs(model: nn.Module) -> List[Tuple[str, str]]:
 def target_params(scale: torch.Tensor, zero: torch.Tensor,
                   target: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor ``(s~, z~)`` from per-channel ``(s_c, z_c)``: ``'mean'``
-    (RepQ-ViT) or ``'mad'`` (DopQ-ViT-style robust mean)."""
+    (RepQ-ViT) or ``'mad'`` (our MOSF, module docstring)."""
     if target == 'mean':
-        return scale.mean(), torch.round(zero.mean())
+        return scale.mean(), zero.mean()
     if target != 'mad':
         raise ValueError(f"target must be 'mean' or 'mad', got {target!r}")
-
-    def robust_mean(values):
-        med = values.median()
-        mad = (values - med).abs().median()
-        keep = (values - med).abs() <= 3 * mad
-        return values[keep].mean() if keep.any() else med
-
-    return robust_mean(scale), torch.round(robust_mean(zero))
+    deviation = (scale - scale.median()).abs()
+    keep = deviation <= 3 * deviation.median()
+    return scale[keep].mean(), zero[keep].mean()
 
 
 @torch.no_grad()
 def reparameterize(norm: nn.LayerNorm, linear: nn.Module,
-                   channel_min: torch.Tensor, channel_max: torch.Tensor,
+                   scale_c: torch.Tensor, zero_c: torch.Tensor,
                    target: str = 'mean') -> Dict[str, torch.Tensor]:
-    """Fold RepQ-ViT's per-channel scales into ``norm`` and ``linear`` (in
-    place) and give ``linear.input_quantizer`` the per-channel shift.
+    """Fold RepQ-ViT's per-channel scales ``scale_c`` (with zero points
+    ``zero_c``) into ``norm`` and ``linear`` (in place) and give
+    ``linear.input_quantizer`` the target grid and the per-channel shift,
+    quantization on.
 
-    ``linear`` is a :class:`~mmcd.core.quant.modules.QuantLinear`; its input
-    quantizer's bit width defines the per-channel grids. Returns ``r`` and
-    ``t``.
+    ``linear`` is a :class:`~mmcd.core.quant.modules.QuantLinear`. Returns
+    ``r``, ``t`` and the target.
     """
     if norm.weight is None or norm.bias is None:
         raise ValueError('reparameterization needs an affine LayerNorm')
-    quantizer = linear.input_quantizer
-    scale_c, zero_c = quantizer.params_for_range(channel_min, channel_max)
     scale_t, zero_t = target_params(scale_c, zero_c, target)
     r = scale_c / scale_t
     t = scale_t * (zero_c - zero_t)
     norm.weight.div_(r)
     norm.bias.div_(r)
     linear.weight.mul_(r[None, :])
-    quantizer.channel_offset = t.clone()
-    return dict(r=r, t=t)
-
-
-class ChannelRangeRecorder:
-    """Per-channel min/max of the outputs of some modules (forward hooks),
-    last dimension as channels."""
-
-    def __init__(self, modules: Sequence[nn.Module]):
-        self.ranges = {}
-        self.handles = [m.register_forward_hook(self._hook) for m in modules]
-
-    def _hook(self, module, inputs, output):
-        flat = output.detach().reshape(-1, output.shape[-1])
-        lo, hi = flat.amin(0), flat.amax(0)
-        if module in self.ranges:
-            old_lo, old_hi = self.ranges[module]
-            lo, hi = torch.minimum(lo, old_lo), torch.maximum(hi, old_hi)
-        self.ranges[module] = (lo, hi)
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+    linear.input_quantizer.set_params(scale_t, zero_t, channel_offset=t)
+    return dict(r=r, t=t, scale=scale_t, zero=zero_t)

@@ -23,6 +23,7 @@ Results (bits, method, calibration size, metrics) are written as JSON to
 """
 import copy
 import json
+import logging
 import os.path as osp
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -152,28 +153,47 @@ class CalibrationOptions:
 
 
 def calibration_loader(cfg, num_images: int, seed: int = 0,
-                       loader_cfg: Optional[Dict] = None):
+                       loader_cfg: Optional[Dict] = None, batch_size=None):
     """Dataloader of calibration images: ``loader_cfg``, or by default the
     train dataloader of ``cfg`` with the test pipeline (no augmentation),
-    batch 1, shuffled with ``seed``, the same images on every rank of a
-    distributed run. Fails when it has fewer than ``num_images`` images."""
+    shuffled with ``seed``, the same images on every rank of a distributed
+    run; batches of ``batch_size`` (default ``num_images``: the calibration
+    set is one batch, see :func:`mmcd.core.quant.calibrate`). Fails when it
+    has fewer than ``num_images`` images."""
     if loader_cfg is None:
         loader_cfg = copy.deepcopy(cfg.train_dataloader)
         loader_cfg['dataset']['pipeline'] = copy.deepcopy(
             cfg.test_dataloader['dataset']['pipeline'])
-        loader_cfg.update(batch_size=1, num_workers=0,
-                          persistent_workers=False)
+        loader_cfg.update(num_workers=0, persistent_workers=False)
         loader_cfg['sampler'] = dict(type='SameOnAllRanksSampler', seed=seed)
         loader_cfg.pop('batch_sampler', None)
-    loader = Runner.build_dataloader(copy.deepcopy(loader_cfg), seed=seed)
+    loader_cfg = copy.deepcopy(loader_cfg)
+    loader_cfg['batch_size'] = batch_size or num_images
+    loader = Runner.build_dataloader(loader_cfg, seed=seed)
     if len(loader.dataset) < num_images:
         raise ValueError(
             f'calibration set has {len(loader.dataset)} images, fewer '
             f'than the {num_images} asked for (calib.num_images)')
-    if loader.batch_size != 1:
-        raise ValueError('the calibration dataloader must have '
-                         f'batch_size=1, got {loader.batch_size}')
     return loader
+
+
+def calibrate_on(model, quant_cfg, loader, what: str = 'PTQ',
+                 calibrate_fn=calibrate) -> Dict:
+    """Calibrate ``model`` (converted for ``quant_cfg``) on the first batch
+    of ``loader`` (all calibration images, one ``test_step``), and log the
+    summary; layers the calibration never reached are named in a warning
+    (they stay in float)."""
+    batch = next(iter(loader))
+    summary = calibrate_fn(model, quant_cfg, lambda: model.test_step(batch))
+    unreached = summary.pop('unreached')
+    print_log(f'{what}: calibrated on {len(batch["inputs"])} images: '
+              f'{summary}', logger='current')
+    if unreached:
+        print_log(f'{what}: {len(unreached)} quantizer(s) never ran on the '
+                  'calibration images and stay in float: '
+                  f'{", ".join(unreached)}', logger='current',
+                  level=logging.WARNING)
+    return summary
 
 
 def run_test_steps(model, batches, num_batches: int) -> None:
@@ -191,17 +211,13 @@ def run_test_steps(model, batches, num_batches: int) -> None:
 def quantize_copy(model, quant_cfg: QuantConfig, loader, num_images: int):
     """A quantized, calibrated copy of ``model`` (which is not touched):
     :func:`~mmcd.core.quant.quantize_model`, then
-    :func:`~mmcd.core.quant.calibrate` on ``num_images`` batches of
-    ``loader`` through ``test_step``, with a progress bar."""
+    :func:`~mmcd.core.quant.calibrate` on the first batch of ``loader``
+    (:func:`calibration_loader`: the ``num_images`` images)."""
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
               f'{quant_cfg.method}, calibrating on {num_images} images',
               logger='current')
-
-    summary = calibrate(quant_model, quant_cfg,
-                        lambda: run_test_steps(quant_model, loader,
-                                               num_images))
-    print_log(f'PTQ: {summary}', logger='current')
+    calibrate_on(quant_model, quant_cfg, loader)
     return quant_model
 
 

@@ -53,7 +53,7 @@ from mmcd.core.quant.qat import (OscillationTracker, QATConfig,
                                  freeze_confident_weights, initialize_qat,
                                  prepare_qat, restore_frozen_weights,
                                  trainable_weight_layers)
-from .post_training_quant_hook import CalibrationOptions, run_test_steps
+from .post_training_quant_hook import CalibrationOptions, calibrate_on
 
 #: substring of every quantizer parameter name (``...input_quantizer.step``)
 QUANTIZER_KEY = 'quantizer.'
@@ -164,17 +164,13 @@ class QuantAwareTrainingHook(Hook):
                 print_log('QAT starts from the initial weights (no '
                           'load_from): QAT is meant to fine-tune a trained '
                           'model', logger='current', level=30)
-            loader = self.calib.loader(runner.cfg)
-            summary = initialize_qat(
-                model, self.qat_cfg,
-                lambda: run_test_steps(model, loader, self.calib.num_images))
+            calibrate_on(model, self.qat_cfg, self.calib.loader(runner.cfg),
+                         what='QAT', calibrate_fn=initialize_qat)
             # every rank calibrated on the same images; rank 0's result
             # makes the ranks identical to the last bit
             for tensor in model.state_dict().values():
                 if tensor.is_floating_point():
                     broadcast(tensor, 0)
-            print_log(f'QAT: calibrated on {self.calib.num_images} images: '
-                      f'{summary}', logger='current')
         activate_qat(model)
         model.train()
         if self.oscillation_window:
