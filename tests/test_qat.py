@@ -103,11 +103,12 @@ def test_statsq_scale_levels_and_gradient():
     torch.testing.assert_close(out[0], torch.tensor([0.225, -0.225, 0.675,
                                                      -0.675]))
     assert (out != 0).all()  # no zero level
-    out.sum().backward()
-    # -0.9 / 0.45 - 0.5 = -2.5 lies outside [-2, 1]: clipped, no gradient;
-    # 1.0 / 0.8 - 0.5 = 0.75 is inside
-    torch.testing.assert_close(w.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0],
-                                                     [1.0, 1.0, 1.0, 1.0]]))
+    upstream = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    (out * upstream).sum().backward()
+    # -0.9 / 0.45 - 0.5 = -2.5 lies outside [-2, 1] and is clipped in the
+    # forward pass, yet OFQ's identity STE gives it its gradient too (the
+    # step, a statistic, is not differentiated): dw^/dw = 1 everywhere
+    torch.testing.assert_close(w.grad, upstream)
 
 
 def test_statsq_levels_are_symmetric_for_every_bit_width():
@@ -177,6 +178,41 @@ def test_cga_freezes_exactly_the_confident_weights():
     total = sum(m.weight.numel() for m in trainable_weight_layers(model)
                 if hasattr(m, 'weight'))
     assert counts['total'] == total
+
+
+def test_cga_decides_the_frozen_set_anew_every_iteration():
+    """A weight that moves out of the boundary range is frozen at the next
+    iteration; a frozen one that gets near a boundary is released."""
+    model, _, _ = qat_model('lsq')
+    layer = model.backbone.blocks[0].mlp.fc1
+    step = float(layer.weight_quantizer.step[0])
+    with torch.no_grad():  # row 0: level boundaries at (k + 1/2) * step
+        layer.weight[0, 0] = 0.5 * step + 0.001 * step  # 0.001 steps away
+        layer.weight[0, 1] = 0.2 * step                 # 0.3 steps away
+    freeze_confident_weights(model, boundary_range=0.005)
+    mask = layer.weight_quantizer.frozen_mask
+    assert (bool(mask[0, 0]), bool(mask[0, 1])) == (False, True)
+    with torch.no_grad():  # the update moved them: 0 out, 1 in
+        layer.weight[0, 0] = 0.3 * step
+        layer.weight[0, 1] = 1.5 * step - 0.002 * step
+    counts = freeze_confident_weights(model, boundary_range=0.005)
+    mask = layer.weight_quantizer.frozen_mask
+    assert (bool(mask[0, 0]), bool(mask[0, 1])) == (True, False)
+    assert isinstance(counts['frozen'], torch.Tensor)  # no host sync
+
+
+def test_cga_leaves_the_query_key_rows_to_the_product():
+    """Under query-key reparameterization W_Q / W_K rows are quantized only
+    through W_Q^T W_K: the qkv weight quantizer never freezes them."""
+    model, _, _ = qat_model('ofq')
+    freeze_confident_weights(model, boundary_range=0.005)
+    for block in model.backbone.blocks:
+        qkv = block.attn.qkv
+        assert block.attn.qk_reparam is not None
+        mask = qkv.weight_quantizer.frozen_mask
+        channels = qkv.in_features
+        assert not mask[:2 * channels].any()
+        assert mask[2 * channels:].float().mean() > 0.5  # W_V rows freeze
 
 
 def test_qk_reparam_gives_the_float_logits():
@@ -293,6 +329,8 @@ def test_bad_inputs():
         QATConfig(4, 4, 'pact')
     with pytest.raises(ValueError, match='needs a QAT model'):
         freeze_confident_weights(TinyViT())
+    with pytest.raises(ValueError, match=r'in \(0, 0.5\)'):
+        freeze_confident_weights(TinyViT(), boundary_range=0.5)
     with pytest.raises(ValueError, match='not prepared for QAT'):
         activate_qat(TinyViT())
     mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))

@@ -52,6 +52,9 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
     assert type(runner.optim_wrapper).__name__ == \
         'ColinearityDecayOptimWrapper'  # CD stays on
     # CGA started at iteration 2 of 4 and froze the confident weights
+    frozen = runner.message_hub.get_scalar('train/qat_cga_frozen')
+    assert len(frozen.data[0]) == 2  # iterations 2 and 3, each decided anew
+    assert all(0 < f < 1 for f in frozen.data[0])
     assert fc1.weight_quantizer.frozen_mask.any()
     assert torch.equal(fc1.weight[fc1.weight_quantizer.frozen_mask],
                        fc1.weight_quantizer.frozen_value[
@@ -65,8 +68,8 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
                state['state_dict'])
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
-    # resume: quantizer state, CGA masks and optimizer state come back, and
-    # no new calibration replaces them
+    # resume: quantizer state and optimizer state come back, no new
+    # calibration replaces them; annealing goes on from iteration 4 of 8
     cfg2 = qat_config(micro_data_root, tmp_path / 'qat', max_epochs=2)
     cfg2.resume, cfg2.load_from = True, ckpt
     resumed = Runner.from_cfg(cfg2)
@@ -74,12 +77,13 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
     assert resumed.iter == 8
     log = open(resumed.logger.log_file).read()
     assert 'calibrated on' not in log
-    assert 'confidence-guided annealing from iteration' not in log
+    assert 'confidence-guided annealing from iteration 4' in log
     resumed_fc1 = resumed.model.backbone.stages[0].blocks[0].ffn.layers[0][0]
-    frozen = fc1.weight_quantizer.frozen_mask
-    assert torch.equal(resumed_fc1.weight_quantizer.frozen_mask, frozen)
-    assert torch.equal(resumed_fc1.weight[frozen], weights[
-        'backbone.stages.0.blocks.0.ffn.layers.0.0.weight'][frozen])
+    quantizer = resumed_fc1.weight_quantizer
+    assert torch.equal(resumed_fc1.weight[quantizer.frozen_mask],
+                       quantizer.frozen_value[quantizer.frozen_mask])
+    assert not torch.equal(resumed_fc1.weight, weights[
+        'backbone.stages.0.blocks.0.ffn.layers.0.0.weight'])
 
     # test a QAT checkpoint: evaluated quantized
     cfg3 = qat_config(micro_data_root, tmp_path / 'test', max_epochs=1)
@@ -102,6 +106,7 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
     (dict(method='pact'), 'unknown QAT method'),
     (dict(cga=dict(begin=1.5)), 'cga.begin is a fraction'),
     (dict(cga=dict(boundary_range=0)), r'cga.boundary_range must be in'),
+    (dict(cga=dict(boundary_range=0.5)), r'in \(0, 0.5\)'),
     (dict(cga=dict(start=0.9)), 'cga: unknown option'),
     (dict(calib=dict(images=3)), 'calib: unknown option'),
 ])

@@ -19,23 +19,45 @@ def _matrix_with_singular_values(s, rows=6, cols=5):
     return u, torch.tensor(s, dtype=torch.float64), v
 
 
-def test_s2d_rank_selection_and_update():
+def test_s2d_rank_selection_and_penalty_gradient():
     u, s, v = _matrix_with_singular_values([4.0, 1.0, 0.1])
     w = nn.Parameter(u @ torch.diag(s) @ v.T)
-    w0 = w.detach().clone()
     # energy shares: 16/17.01 = 0.941 < 0.95, 17/17.01 = 0.9994 -> k = 2
     s2d = SelectiveSpectralDecay([w], strength=0.01, tau=0.95, max_rank=3,
                                  power=2)
     assert s2d.selected_rank(s) == 2
-    assert SelectiveSpectralDecay([w], max_rank=1).selected_rank(s) == 1
     assert SelectiveSpectralDecay([w], tau=0.9).selected_rank(s) == 1
-    s2d.step(lambda p: 0.5)
-    expected = 0.5 * 0.01 * (16 * u[:, :1] @ v[:, :1].T +
-                             1 * u[:, 1:2] @ v[:, 1:2].T)
-    torch.testing.assert_close(w0 - w.detach(), expected)
+    # max_rank 1 and no share >= tau within it: no k, no penalty (not k=1)
+    assert SelectiveSpectralDecay([w], max_rank=1).selected_rank(s) == 0
+    penalty = s2d.penalty()
+    # the paper's loss: lam / (n + 1) * (4^3 + 1^3)
+    assert penalty.item() == pytest.approx(0.01 / 3 * 65)
+    penalty.backward()
+    # its gradient: lam * sum_i s_i^n u_i v_i^T
+    expected = 0.01 * (16 * u[:, :1] @ v[:, :1].T +
+                       1 * u[:, 1:2] @ v[:, 1:2].T)
+    torch.testing.assert_close(w.grad, expected)
+    # and autograd of the loss written from the singular values
+    w.grad = None
+    (0.01 / 3 * torch.linalg.svdvals(w)[:2].pow(3).sum()).backward()
+    torch.testing.assert_close(w.grad, expected)
 
 
-def test_s2d_uses_cached_vectors_between_refreshes():
+def test_s2d_layer_with_no_qualifying_rank_gets_nothing():
+    u, s, v = _matrix_with_singular_values([1.0, 1.0, 1.0])  # flat spectrum
+    flat = nn.Parameter(u @ torch.diag(s) @ v.T)
+    u2, s2, v2 = _matrix_with_singular_values([5.0, 0.1, 0.1])
+    peaked = nn.Parameter(u2 @ torch.diag(s2) @ v2.T)
+    s2d = SelectiveSpectralDecay([flat, peaked], strength=1.0, tau=0.95,
+                                 max_rank=2)
+    s2d.penalty().backward()
+    assert flat.grad is None or not flat.grad.any()
+    assert peaked.grad.abs().sum() > 0
+    only_flat = SelectiveSpectralDecay([flat], strength=1.0, max_rank=2)
+    assert only_flat.penalty().item() == 0
+
+
+def test_s2d_refreshes_its_svd_every_interval_of_optimizer_steps():
     u, s, v = _matrix_with_singular_values([3.0, 1.0])
     w = nn.Parameter(u @ torch.diag(s) @ v.T)
     s2d = SelectiveSpectralDecay([w], svd_interval=3)
@@ -43,8 +65,23 @@ def test_s2d_uses_cached_vectors_between_refreshes():
     real_refresh = s2d.refresh
     s2d.refresh = lambda: calls.append(s2d.steps) or real_refresh()
     for _ in range(7):
-        s2d.step(lambda p: 1.0)
+        s2d.penalty()  # two backward passes per step (accumulation)
+        s2d.penalty()
+        s2d.step_done()
     assert calls == [0, 3, 6]
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(tau=0), r'tau must be in \(0, 1\]'),
+    (dict(tau=1.5), r'tau must be in \(0, 1\]'),
+    (dict(max_rank=0), 'max_rank must be an integer >= 1'),
+    (dict(power=-1), 'power must be >= 0'),
+    (dict(svd_interval=0), 'svd_interval must be an integer >= 1'),
+    (dict(strength=-1), 'strength must be >= 0'),
+])
+def test_s2d_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelectiveSpectralDecay([nn.Parameter(torch.ones(2, 2))], **kwargs)
 
 
 class TwoBlocks(nn.Module):
@@ -89,8 +126,18 @@ def test_runner_logs_cd_s2d_tweo_metrics(micro_data_root, tmp_path):
     # toy Swin: depths 1/1/2/1 = 5 blocks x 3 kinds
     assert 'ColinearityDecayOptimWrapper: 15 matrix pairs' in log
     for key in ('cd_align_ffn_mean', 'cd_align_vo_max', 'cd_align_qk_mean',
-                'cd_update_norm', 's2d_update_norm', 'loss_tweo'):
+                'cd_update_norm', 'loss_s2d', 'loss_tweo'):
         assert key in log, key
     scalars = open(glob.glob(osp.join(tmp_path, '*', 'vis_data',
                                       'scalars.json'))[0]).read()
     assert 'cd_align_ffn_mean' in scalars
+
+
+def test_s2d_options_fail_when_the_wrapper_is_built():
+    from mmengine.optim import build_optim_wrapper
+    for s2d, message in ((dict(tau=2.0), 'tau must be in'),
+                         (dict(rank=3), "unexpected keyword argument 'rank'")):
+        with pytest.raises(ValueError, match=message):
+            build_optim_wrapper(nn.Linear(2, 2), dict(
+                type='ColinearityDecayOptimWrapper',
+                optimizer=dict(type='SGD', lr=0.1), s2d=s2d))

@@ -1,53 +1,65 @@
-"""Selective Spectral Decay (S2D), a comparison regularizer for CD.
+"""Selective Spectral Decay (S2D), a comparison regularizer for CD, as the
+S2D paper has it: a loss term, so its gradient goes through the optimizer
+(AdamW's normalization included) like the task loss.
 
 Penalty on a weight ``W`` with singular values ``s_1 >= s_2 >= ...``::
 
     R(W) = lam / (n + 1) * sum_{i <= k} s_i^(n + 1)
     dR/dW = lam * sum_{i <= k} s_i^n u_i v_i^T
 
-applied, like CD, as a decoupled update after the optimizer step:
-``W <- W - lr * dR/dW``. ``k`` is chosen per layer as the smallest
-``k <= max_rank`` whose top components carry a share ``>= tau`` of the
-layer's output energy, ``sum_{i<=k} s_i^2 / sum_i s_i^2`` (our reading of
-"share of the neurons' output": the fraction of ``||W x||^2`` for isotropic
-``x``), else ``max_rank``. The singular vectors are recomputed every
-``svd_interval`` steps and cached; in between ``s_i = u_i^T W v_i`` is
-re-evaluated from the current weight, which is exact while the cached
-vectors are still singular vectors and cheap (no SVD) otherwise.
+``k`` is chosen per layer as the smallest ``k <= max_rank`` whose top
+components carry a share ``>= tau`` of the layer's output energy,
+``sum_{i<=k} s_i^2 / sum_i s_i^2`` (our reading of "share of the neurons'
+output": the fraction of ``||W x||^2`` for isotropic ``x``); when no
+``k <= max_rank`` reaches ``tau`` the layer gets no penalty. The singular
+vectors are recomputed every ``svd_interval`` optimizer steps and cached; in
+between ``s_i = u_i^T W v_i`` is evaluated from the current weight
+(differentiable in ``W``), so ``dR/dW`` is exactly the formula above with the
+cached vectors, which are exact singular vectors right after a refresh.
 Defaults follow the S2D paper: tau 0.95, max_rank 3, svd_interval 100,
 power n = 2, lam 5e-4. Pure PyTorch.
 """
-from typing import Callable, Dict, Sequence
+from typing import Dict, Sequence
 
 import torch
 
 
 class SelectiveSpectralDecay:
-    """S2D over a list of 2-D weights (parameters)."""
+    """S2D over a list of 2-D weights (parameters). :meth:`penalty` is
+    added to the loss; :meth:`step_done` counts optimizer steps (for the
+    SVD refresh)."""
 
     def __init__(self, weights: Sequence[torch.Tensor],
                  strength: float = 5e-4, tau: float = 0.95,
                  max_rank: int = 3, svd_interval: int = 100,
-                 power: int = 2):
+                 power: float = 2):
         if not strength >= 0:
-            raise ValueError(f'S2D strength must be >= 0, got {strength}')
-        if not 0 < tau <= 1 or max_rank < 1 or svd_interval < 1:
-            raise ValueError('S2D needs 0 < tau <= 1, max_rank >= 1 and '
-                             'svd_interval >= 1')
+            raise ValueError(f's2d strength must be >= 0, got {strength}')
+        if not 0 < tau <= 1:
+            raise ValueError(f's2d tau must be in (0, 1], got {tau}')
+        if not (isinstance(max_rank, int) and max_rank >= 1):
+            raise ValueError(f's2d max_rank must be an integer >= 1, got '
+                             f'{max_rank}')
+        if not (isinstance(svd_interval, int) and svd_interval >= 1):
+            raise ValueError('s2d svd_interval must be an integer >= 1, got '
+                             f'{svd_interval}')
+        if not power >= 0:
+            raise ValueError(f's2d power must be >= 0, got {power}')
         self.weights = list(weights)
         self.strength, self.tau, self.max_rank = float(strength), tau, \
             max_rank
         self.svd_interval, self.power = svd_interval, power
-        self.steps = 0
+        self.steps = 0  # optimizer steps taken
+        self.refreshed_at = None  # step of the cached SVD
         self.cache: Dict[int, tuple] = {}
 
     def selected_rank(self, s: torch.Tensor) -> int:
-        """Smallest ``k <= max_rank`` with energy share ``>= tau``."""
+        """Smallest ``k <= max_rank`` with energy share ``>= tau``, or 0
+        (no penalty) when none reaches it."""
         share = s.square().cumsum(0) / s.square().sum().clamp_min(
             torch.finfo(s.dtype).tiny)
-        reached = (share >= self.tau).nonzero()
-        k = int(reached[0]) + 1 if len(reached) else self.max_rank
-        return min(k, self.max_rank)
+        reached = (share[:self.max_rank] >= self.tau).nonzero()
+        return int(reached[0]) + 1 if len(reached) else 0
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -57,27 +69,34 @@ class SelectiveSpectralDecay:
                                         full_matrices=False)
             k = self.selected_rank(s)
             self.cache[i] = (u[:, :k].to(w.dtype), vh[:k].to(w.dtype))
+        self.refreshed_at = self.steps
 
-    @torch.no_grad()
-    def step(self, lr_of: Callable[[torch.Tensor], float],
-             multiplier: float = 1.0) -> torch.Tensor:
-        """One decoupled S2D update; returns the squared update norm."""
-        if self.steps % self.svd_interval == 0 or not self.cache:
+    def penalty(self) -> torch.Tensor:
+        """``sum_W lam / (n + 1) sum_{i <= k} s_i^(n + 1)``, differentiable
+        in the weights (refreshing the SVD when it is due)."""
+        if self.refreshed_at is None or \
+                self.steps - self.refreshed_at >= self.svd_interval:
             self.refresh()
-        self.steps += 1
-        update_sq = torch.zeros(())
+        total = None
         for i, w in enumerate(self.weights):
             u, vh = self.cache[i]
-            s = torch.einsum('rk,rc,kc->k', u, w.detach(), vh)
-            grad = (u * s.clamp_min(0).pow(self.power)) @ vh
-            delta = grad * (self.strength * multiplier * lr_of(w))
-            w.data.sub_(delta)
-            update_sq = update_sq.to(delta.device) + delta.square().sum()
-        return update_sq
+            if u.shape[1] == 0:
+                continue  # no k reached tau: no penalty
+            s = torch.einsum('rk,rc,kc->k', u, w, vh).clamp_min(0)
+            term = s.pow(self.power + 1).sum()
+            total = term if total is None else total + term.to(total)
+        if total is None:
+            return torch.zeros((), device=self.weights[0].device)
+        return total * (self.strength / (self.power + 1))
+
+    def step_done(self) -> None:
+        self.steps += 1
 
     def state_dict(self) -> Dict:
-        return dict(steps=self.steps, cache=dict(self.cache))
+        return dict(steps=self.steps, refreshed_at=self.refreshed_at,
+                    cache=dict(self.cache))
 
     def load_state_dict(self, state: Dict) -> None:
         self.steps = state['steps']
+        self.refreshed_at = state.get('refreshed_at', self.steps)
         self.cache = dict(state['cache'])

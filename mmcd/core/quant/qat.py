@@ -16,16 +16,22 @@ prepared model before anything is calibrated (resume, testing):
    which initialises the learnable steps and offsets, and switches the
    quantizers on.
 
-Confidence-guided annealing (OFQ's CGA), our formulation: at a chosen point
-late in training, :func:`freeze_confident_weights` freezes every quantized
-weight whose latent value is at least ``boundary_range`` steps (default
-0.005) away from its nearest rounding boundary (``boundary_distance``), at
-its current value; only the weights near a boundary, the ones that can still
-flip level (oscillate), keep training. :func:`restore_frozen_weights`, after
-every optimizer (and CD) update, writes the frozen values back, which freezes
-them exactly whatever the optimizer (AdamW moments, weight decay and CD would
-otherwise keep moving them). The frozen set is decided once; masks and
-values are buffers, so they are checkpointed and resumed.
+Confidence-guided annealing (OFQ's CGA): from a chosen point late in
+training, **at every iteration** :func:`freeze_confident_weights` decides
+anew which quantized weights are confident, i.e. at least
+``boundary_range`` steps (default 0.005) away from their nearest rounding
+boundary (``boundary_distance``), and freezes them at their current value
+for that iteration; only the weights near a boundary, the ones that can
+still flip level (oscillate), train. A weight that moves out of the range
+is frozen from the next iteration on; a frozen one whose distance shrinks
+(StatsQ's step follows the other weights) is released.
+:func:`restore_frozen_weights`, after every optimizer (and CD) update,
+writes the frozen values back, which freezes them exactly whatever the
+optimizer (AdamW moments, weight decay and CD would otherwise move them).
+Under query-key reparameterization the ``W_Q`` / ``W_K`` rows of a qkv layer
+are quantized only through the product ``W_Q^T W_K``, never by the qkv
+layer's weight quantizer, so they are never frozen by it (they train, as in
+OFQ). The masks are computed on the device without host synchronisation.
 
 :class:`OscillationTracker` measures oscillation: the fraction of quantized
 weights whose integer level changed at least once over a window of steps.
@@ -173,16 +179,24 @@ def _weight_of(module: nn.Module) -> torch.Tensor:
         else module.weight
 
 
+def _reparameterized_rows(model: nn.Module) -> Dict[int, int]:
+    """``id(qkv layer) -> number of leading rows (W_Q, W_K)`` that the
+    forward pass quantizes only through a query-key product."""
+    return {id(m.qkv): 2 * m.qkv.in_features for m in model.modules()
+            if isinstance(getattr(m, 'qk_reparam', None), QKReparam)}
+
+
 @torch.no_grad()
 def freeze_confident_weights(model: nn.Module,
                              boundary_range: float = 0.005) -> Dict:
-    """CGA: freeze the quantized Linear / Conv2d weights at least
-    ``boundary_range`` steps from a rounding boundary (module docstring).
-    Query-key products are not parameters and are left out (their
-    ``W_Q`` / ``W_K`` rows are frozen through the qkv layer). Returns the
-    frozen and total weight counts."""
-    if not 0 < boundary_range <= 0.5:
-        raise ValueError('boundary_range must be in (0, 0.5] (steps), got '
+    """CGA, one iteration: freeze (for this iteration's update) the
+    quantized Linear / Conv2d weights at least ``boundary_range`` steps
+    from a rounding boundary (module docstring). Query-key products are not
+    parameters and are left out, and so are the ``W_Q`` / ``W_K`` rows they
+    quantize. Returns ``frozen`` (a 0-dim tensor on the weights' device:
+    reading it is the only host synchronisation) and ``total``."""
+    if not 0 < boundary_range < 0.5:
+        raise ValueError('boundary_range must be in (0, 0.5) (steps), got '
                          f'{boundary_range}')
     layers = [m for m in trainable_weight_layers(model)
               if not isinstance(m, QKReparam)]
@@ -190,23 +204,21 @@ def freeze_confident_weights(model: nn.Module,
         raise ValueError(
             'confidence-guided annealing needs a QAT model (prepare_qat + '
             'initialize_qat): no quantized weight with a QAT quantizer')
-    frozen = total = 0
+    only_through_product = _reparameterized_rows(model)
+    frozen, total = None, 0
     for layer in layers:
         quantizer = layer.weight_quantizer
         if not quantizer.calibrated:
             raise RuntimeError('confidence-guided annealing on a QAT model '
                                'that is not calibrated')
         mask = quantizer.boundary_distance(layer.weight) >= boundary_range
+        mask[:only_through_product.get(id(layer), 0)] = False
         quantizer.frozen_mask = mask
         quantizer.frozen_value = layer.weight.detach().clone()
-        frozen += int(mask.sum())
+        count = mask.sum()
+        frozen = count if frozen is None else frozen + count.to(frozen)
         total += mask.numel()
     return dict(frozen=frozen, total=total)
-
-
-def annealing_started(model: nn.Module) -> bool:
-    return any(m.weight_quantizer.frozen_mask.numel()
-               for m in trainable_weight_layers(model))
 
 
 @torch.no_grad()

@@ -24,7 +24,9 @@ the range only. With ``u = x / s``:
   ``alpha = 2 mean|W_row|`` per output row, ``n = 2^(b-1)`` levels each side,
   step ``alpha / n``, levels at ``(k + 1/2) alpha / n`` for ``k in [-n, n-1]``:
   symmetric with no zero level. The step is not differentiated (a
-  statistic; gradients reach ``W`` only through the STE).
+  statistic; gradients reach ``W`` only through the STE), and the STE is the
+  identity for every weight, also those beyond the clip range (LSQ zeroes
+  those: 13% of the weights of a layer at 4 bits, 23% at 2 bits).
 
 Both weight quantizers write ``w^ = (clamp(round(w / s - o), q_n, q_p) + o) s``
 with offset ``o = 0`` (LSQ) or ``1/2`` (StatsQ); rounding boundaries are at
@@ -124,6 +126,9 @@ class TrainableWeightQuantizer(FakeQuantizer):
     trainable = True
     #: ``o``: 0 puts a level at 0, 1/2 leaves 0 out (StatsQ)
     level_offset = 0.0
+    #: True: no gradient outside the clip range (LSQ); False: identity
+    #: straight-through for every weight (OFQ's StatsQ)
+    clip_gradient = True
 
     def __init__(self, bits: int):
         super().__init__(bits)
@@ -146,8 +151,13 @@ class TrainableWeightQuantizer(FakeQuantizer):
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         step = self.step_for(w)
-        u = torch.clamp(w / step - self.level_offset, self.qn, self.qp)
-        return (round_ste(u) + self.level_offset) * step
+        u = w / step - self.level_offset
+        if self.clip_gradient:
+            level = round_ste(torch.clamp(u, self.qn, self.qp))
+        else:  # forward clamp(round(u)), backward identity in u
+            level = u + (torch.round(torch.clamp(u, self.qn, self.qp)) -
+                         u).detach()
+        return (level + self.level_offset) * step
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
@@ -195,8 +205,11 @@ class LsqWeightQuantizer(TrainableWeightQuantizer):
 
 
 class StatsWeightQuantizer(TrainableWeightQuantizer):
-    """OFQ's StatsQ: step ``2 mean|W_row| / 2^(b-1)``, no zero level."""
+    """OFQ's StatsQ: step ``2 mean|W_row| / 2^(b-1)``, no zero level, and
+    the identity straight-through gradient for every weight, clipped or
+    not (as OFQ's code: the clamp is not differentiated)."""
     level_offset = 0.5
+    clip_gradient = False
 
     def finalize(self, weight: torch.Tensor) -> None:
         self.initialized.fill_(True)  # the step is a statistic of W

@@ -31,9 +31,10 @@ What happens when (:mod:`mmcd.core.quant.qat` does the work):
   the oscillation fraction (weights whose level changed at least once in
   the last ``oscillation_window`` iterations) is logged as
   ``qat_oscillation`` (and once more for the last, partial window at the
-  end of training); at ``cga.begin`` (a fraction of the training
-  iterations) the confident weights are frozen and the frozen fraction is
-  logged.
+  end of training); from ``cga.begin`` (a fraction of the training
+  iterations) on, before every iteration the confident weights are
+  decided anew and frozen for that update, and the frozen fraction is
+  logged as ``qat_cga_frozen``.
 * ``before_val_epoch`` / ``before_test_epoch``: quantizers on (after a
   checkpoint load their on/off state, which is not stored, is restored);
   a float checkpoint fails here with a clear error.
@@ -49,7 +50,7 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
 
 from mmcd.core.quant.qat import (OscillationTracker, QATConfig,
-                                 activate_qat, annealing_started,
+                                 activate_qat,
                                  freeze_confident_weights, initialize_qat,
                                  prepare_qat, restore_frozen_weights,
                                  trainable_weight_layers)
@@ -111,14 +112,15 @@ class QuantAwareTrainingHook(Hook):
                 raise ValueError('cga.begin is a fraction of the training '
                                  f'iterations in [0, 1), got '
                                  f'{self.cga["begin"]}')
-            if not 0 < self.cga['boundary_range'] <= 0.5:
-                raise ValueError('cga.boundary_range must be in (0, 0.5] '
+            if not 0 < self.cga['boundary_range'] < 0.5:
+                raise ValueError('cga.boundary_range must be in (0, 0.5) '
                                  f'(steps), got {self.cga["boundary_range"]}')
         if oscillation_window < 0:
             raise ValueError('oscillation_window must be >= 0, got '
                              f'{oscillation_window}')
         self.oscillation_window = oscillation_window
         self._tracker = None
+        self._annealing = False
 
     # -------------------------------------------------------- conversion --
     def before_run(self, runner) -> None:
@@ -179,18 +181,20 @@ class QuantAwareTrainingHook(Hook):
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if self.cga is None:
             return
-        model = _unwrap(runner.model)
         begin = int(self.cga['begin'] * runner.max_iters)
-        if runner.iter >= begin and not annealing_started(model):
-            counts = freeze_confident_weights(model,
-                                              self.cga['boundary_range'])
+        if runner.iter < begin:
+            return
+        counts = freeze_confident_weights(_unwrap(runner.model),
+                                          self.cga['boundary_range'])
+        fraction = float(counts['frozen']) / counts['total']
+        if runner.iter == begin or not self._annealing:
             print_log(f'QAT: confidence-guided annealing from iteration '
-                      f'{runner.iter}: {counts["frozen"]} of '
-                      f'{counts["total"]} weights frozen, '
-                      f'{counts["total"] - counts["frozen"]} train on',
+                      f'{runner.iter}: the confident weights, now '
+                      f'{fraction:.1%} of {counts["total"]}, are decided '
+                      'anew and frozen at every iteration',
                       logger='current')
-            runner.message_hub.update_info(
-                'qat_cga_frozen', counts['frozen'] / counts['total'])
+        self._annealing = True
+        runner.message_hub.update_scalar('train/qat_cga_frozen', fraction)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:

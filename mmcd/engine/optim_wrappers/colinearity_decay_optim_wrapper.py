@@ -26,15 +26,16 @@ Args (besides those of the wrapped class):
         (regexes on pair names such as ``backbone.stages.0.blocks.1.ffn``),
         ``rules`` (extra :class:`~mmcd.core.pairs.PairRule` dicts),
         ``builtin`` (built-in rule sets, default ``('swin', 'vit')``).
-    s2d (dict, optional): Selective Spectral Decay on the pairs' matrices:
-        ``strength``, ``tau``, ``max_rank``, ``svd_interval``, ``power``.
+    s2d (dict, optional): Selective Spectral Decay on the pairs' matrices,
+        a loss term (through the optimizer, as the S2D paper): ``strength``,
+        ``tau``, ``max_rank``, ``svd_interval``, ``power``.
     tweo (dict, optional): activation penalty on the output of the blocks
         that hold the pairs: ``weight``, ``tau``, ``p``.
 
 Logged through the MessageHub on each CD step (so in the MMEngine log and
 TensorBoard): ``cd_align_{kind}_mean`` / ``_max`` (see
 :func:`mmcd.core.colinearity.alignment`), ``cd_update_norm``; plus
-``s2d_update_norm`` and ``loss_tweo`` when enabled.
+``loss_s2d`` and ``loss_tweo`` when enabled.
 """
 import logging
 import math
@@ -102,6 +103,11 @@ class ColinearityDecayMixin:
                            for r in BUILTIN_RULES[name]]
         self.pair_rules += [r if isinstance(r, PairRule) else PairRule(**r)
                             for r in self.pairs_cfg['rules']]
+        if s2d is not None:  # bad options fail now, not at training start
+            try:
+                SelectiveSpectralDecay([], **s2d)
+            except TypeError as err:
+                raise ValueError(f's2d: {err}') from None
         self.s2d_cfg, self.tweo_cfg = s2d, tweo
         self.matrix_pairs = None
         self.colinearity_decay = self.spectral_decay = None
@@ -171,11 +177,17 @@ class ColinearityDecayMixin:
 
     # --------------------------------------------------------- training --
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """The task loss plus the loss-term regularizers (TWEO, S2D), each
+        scaled like the task loss for gradient accumulation and logged."""
+        penalties = {}
         if self.activation_penalty is not None:
-            penalty = self.activation_penalty.pop_loss().to(loss.device)
-            MessageHub.get_current_instance().update_scalar(
-                'train/loss_tweo', float(penalty.detach()))
-            loss = loss + self.scale_loss(penalty)
+            penalties['loss_tweo'] = self.activation_penalty.pop_loss()
+        if self.spectral_decay is not None:
+            penalties['loss_s2d'] = self.spectral_decay.penalty()
+        hub = MessageHub.get_current_instance()
+        for name, penalty in penalties.items():
+            hub.update_scalar(f'train/{name}', float(penalty.detach()))
+            loss = loss + self.scale_loss(penalty.to(loss.device))
         super().backward(loss, **kwargs)
 
     def cd_multiplier(self) -> float:
@@ -210,9 +222,7 @@ class ColinearityDecayMixin:
                 self._log_cd(hub, self.colinearity_decay.step(
                     self._lr_of, multiplier))
         if self.spectral_decay is not None:
-            update_sq = self.spectral_decay.step(self._lr_of)
-            hub.update_scalar('train/s2d_update_norm',
-                              float(update_sq.sqrt()))
+            self.spectral_decay.step_done()  # counts towards the SVD refresh
 
     @staticmethod
     def _log_cd(hub: MessageHub, stats: Dict) -> None:
