@@ -2,8 +2,8 @@
 
 Differences: ``--amp`` keeps custom optim wrappers (their AMP variant),
 ``--resume`` is bit-exact (:class:`mmcd.engine.hooks.RNGStateHook` is added),
-CPU runs under torchrun use gloo, and bad configs, data paths and checkpoints end
-in one line saying what to do.
+CPU runs under torchrun use gloo, and bad configs, data paths and checkpoints
+end in one line saying what to do.
 """
 import argparse
 import sys

@@ -71,7 +71,6 @@ class QuantConfig:
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
 
-
     @property
     def spec(self) -> QuantMethod:
         """The method, with ``weight_search`` applied."""

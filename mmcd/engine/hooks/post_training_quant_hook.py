@@ -48,11 +48,13 @@ class PostTrainingQuantHook(Hook):
 
     Args:
         w_bits, a_bits: weight / activation bits, 2..8.
-        method: ``'minmax'``, ``'repq-vit'`` or ``'dopq-vit'``.
+        method: a registered method (``'minmax'``, ``'repq-vit'``,
+            ``'dopq-vit'``, :mod:`mmcd.core.quant.methods`).
         calib: ``num_images`` (32), ``dataloader`` (a dataloader config;
-            default the train dataloader with the test pipeline, batch 1),
+            default the train dataloader with the test pipeline; its batch
+            size is set to num_images: the calibration set is one batch),
             ``seed`` (0: which images are drawn).
-        scope, skip, first_layer_bits: see
+        scope, skip, first_layer_bits, weight_search: see
             :class:`mmcd.core.quant.QuantConfig`.
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
@@ -63,9 +65,11 @@ class PostTrainingQuantHook(Hook):
                  method: str = 'repq-vit', calib: Optional[Dict] = None,
                  scope: str = 'all', skip: Sequence[str] = (),
                  first_layer_bits: int = 8, compare_fp: bool = False,
-                 stages: Sequence[str] = ('test', 'val')):
+                 stages: Sequence[str] = ('test', 'val'),
+                 weight_search: Optional[str] = None):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
-                                     tuple(skip), first_layer_bits)
+                                     tuple(skip), first_layer_bits,
+                                     weight_search=weight_search)
         self.calib = CalibrationOptions.from_dict(calib)
         unknown = set(stages) - {'test', 'val'}
         if unknown:
@@ -153,13 +157,13 @@ class CalibrationOptions:
 
 
 def calibration_loader(cfg, num_images: int, seed: int = 0,
-                       loader_cfg: Optional[Dict] = None, batch_size=None):
+                       loader_cfg: Optional[Dict] = None):
     """Dataloader of calibration images: ``loader_cfg``, or by default the
     train dataloader of ``cfg`` with the test pipeline (no augmentation),
     shuffled with ``seed``, the same images on every rank of a distributed
-    run; batches of ``batch_size`` (default ``num_images``: the calibration
-    set is one batch, see :func:`mmcd.core.quant.calibrate`). Fails when it
-    has fewer than ``num_images`` images."""
+    run; its batch size is ``num_images`` (the calibration set is its first
+    batch, see :func:`mmcd.core.quant.calibrate`). Fails when it has fewer
+    than ``num_images`` images."""
     if loader_cfg is None:
         loader_cfg = copy.deepcopy(cfg.train_dataloader)
         loader_cfg['dataset']['pipeline'] = copy.deepcopy(
@@ -168,7 +172,7 @@ def calibration_loader(cfg, num_images: int, seed: int = 0,
         loader_cfg['sampler'] = dict(type='SameOnAllRanksSampler', seed=seed)
         loader_cfg.pop('batch_sampler', None)
     loader_cfg = copy.deepcopy(loader_cfg)
-    loader_cfg['batch_size'] = batch_size or num_images
+    loader_cfg['batch_size'] = num_images
     loader = Runner.build_dataloader(loader_cfg, seed=seed)
     if len(loader.dataset) < num_images:
         raise ValueError(

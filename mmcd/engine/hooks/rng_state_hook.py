@@ -159,7 +159,8 @@ class RNGStateHook(Hook):
             print_log('RNGStateHook: the checkpoint has no RNG states of '
                       f'iteration {runner.iter} (an older checkpoint, or one '
                       'written without this hook): training resumes, but '
-                      'not bit-exactly', logger='current', level=logging.WARNING)
+                      'not bit-exactly', logger='current',
+                      level=logging.WARNING)
             return
         rank, world_size = get_dist_info()
         ranks = saved['ranks']

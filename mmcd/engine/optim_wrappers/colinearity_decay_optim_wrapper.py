@@ -9,7 +9,8 @@ In a config that inherits an MMDetection config, only the type changes and a
                          cd=dict(strength=0.1))
 
 CD runs after every real optimizer step (not on accumulation-only
-iterations, nor when AMP's loss scaler skips the step), scaled by the lr of each matrix's param group, see
+iterations, nor when AMP's loss scaler skips the step), scaled by the lr of
+each matrix's param group, see
 :mod:`mmcd.core.colinearity`. The model is bound when the Runner calls
 ``initialize_count_status(model, ...)`` at the start of training; that is
 where pairs are discovered (see :mod:`mmcd.core.pairs`).
