@@ -61,6 +61,26 @@ def test_hook_reports_fp_and_quantized_map(micro_data_root, trained,
                    for m in runner.model.modules())
 
 
+def test_one_calibration_image_as_repq_vit_on_coco(micro_data_root, trained,
+                                                  tmp_path):
+    """RepQ-ViT calibrates COCO on one image: calib.num_images=1 works, in
+    one pass with quantization on, and every layer the image reaches is
+    calibrated."""
+    cfg = micro_config(micro_data_root, tmp_path)
+    cfg.load_from = trained
+    cfg.custom_hooks = [dict(type='PostTrainingQuantHook', w_bits=4,
+                             a_bits=4, method='repq-vit',
+                             calib=dict(num_images=1))]
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    assert -1 <= metrics['coco/bbox_mAP'] <= 1
+    log = open(osp.join(runner.log_dir, osp.basename(runner.log_dir) +
+                        '.log')).read()
+    assert "PTQ: calibrated on 1 images: {'method': 'repq-vit'" in log
+    assert "'reparameterized': 13" in log  # 5 blocks x 2 + 3 merges
+    assert 'stay in float' not in log
+
+
 def test_too_few_calibration_images(micro_data_root, trained, tmp_path):
     cfg = micro_config(micro_data_root, tmp_path)
     cfg.load_from = trained
