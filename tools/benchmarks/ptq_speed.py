@@ -9,6 +9,7 @@ quantized model as a ratio of the float model's (backbone + neck + RPN +
 RoI heads through ``model.test_step``-equivalent ``predict``).
 
     python tools/benchmarks/ptq_speed.py [--images 32] [--method repq-vit]
+        [--models toy swin-t]
 """
 import argparse
 import copy
@@ -32,10 +33,11 @@ from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MODELS_TO_TIME = {
-    'toy Swin Mask R-CNN (256 px)':
-    ('configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py', (256, 256)),
-    'Mask R-CNN Swin-T (512x768 px)':
-    ('configs/cd/mask-rcnn_swin-t_cd.py', (512, 768)),
+    'toy': ('toy Swin Mask R-CNN (256 px)',
+            'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py',
+            (256, 256)),
+    'swin-t': ('Mask R-CNN Swin-T (512x768 px)',
+               'configs/cd/mask-rcnn_swin-t_cd.py', (512, 768)),
 }
 
 
@@ -73,12 +75,14 @@ def main():
     parser.add_argument('--method', default='repq-vit')
     parser.add_argument('--bits', type=int, default=4)
     parser.add_argument('--repeat', type=int, default=2)
+    parser.add_argument('--models', nargs='+', default=list(MODELS_TO_TIME),
+                        choices=list(MODELS_TO_TIME))
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'W{args.bits}A{args.bits} {args.method}, {args.images} '
           f'calibration images, {torch.get_num_threads()} threads')
-    for name, (config, size) in MODELS_TO_TIME.items():
+    for name, config, size in (MODELS_TO_TIME[m] for m in args.models):
         model = build(config)
         gen = torch.Generator().manual_seed(0)
         calib = [sample(size, gen) for _ in range(args.images)]

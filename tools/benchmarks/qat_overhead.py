@@ -56,7 +56,7 @@ def main():
     print(f'W{args.bits}A{args.bits} {args.method} QAT vs float, batch '
           f'{args.batch}, {args.steps} timed steps each (median), '
           f'{torch.get_num_threads()} threads')
-    for name, (config, size) in MODELS_TO_TIME.items():
+    for name, config, size in MODELS_TO_TIME.values():
         float_model = build(config).train()
         images = torch.rand(args.batch, 3, *size) * 2 - 1
         qat_model = copy.deepcopy(float_model)
