@@ -170,6 +170,11 @@ class FakeQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _for_search(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision the range searches use: float32 at least."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _mse(a: torch.Tensor, b: torch.Tensor, dim=None) -> torch.Tensor:
     diff = (a - b).square()
     return diff.mean() if dim is None else diff.mean(dim)
@@ -219,7 +224,7 @@ class UniformQuantizer(FakeQuantizer):
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``[channels, values]`` (one row per tensor), searched in
         float32 at least."""
-        x = x if x.dtype == torch.float64 else x.float()
+        x = _for_search(x)
         if self.channel_axis is None:
             return x.reshape(1, -1)
         return x.movedim(self.channel_axis, 0).reshape(
@@ -354,6 +359,16 @@ class _PostSoftmaxQuantizer(FakeQuantizer):
     def _extra_params(self):
         return ()
 
+    def calibrate(self, x: torch.Tensor) -> None:
+        """The candidate parameters (:meth:`_candidates`) of least MSE."""
+        data = _for_search(x)
+        best = None
+        for params in self._candidates(self._delta_candidates(data)):
+            err = _mse(self._fake(data, *params), data)
+            if best is None or err < best[0]:
+                best = (err, params)
+        self._set_params(*best[1])
+
 
 class LogSqrt2Quantizer(_PostSoftmaxQuantizer):
     """RepQ-ViT's log-sqrt2 quantizer with its calibrated scale (module
@@ -366,14 +381,11 @@ class LogSqrt2Quantizer(_PostSoftmaxQuantizer):
         out = delta * torch.exp2(-0.5 * q.clamp_min(0))
         return torch.where(q < 2**self.bits, out, 0.0)  # x = 0: q = inf
 
-    def calibrate(self, x: torch.Tensor) -> None:
-        data = x if x.dtype == torch.float64 else x.float()
-        best = None
-        for delta in self._delta_candidates(data):
-            err = _mse(self._fake(data, delta), data)
-            if best is None or err < best[0]:
-                best = (err, delta)
-        self.delta = best[1].detach().clone()
+    def _candidates(self, deltas):
+        return ((delta, ) for delta in deltas)
+
+    def _set_params(self, delta):
+        self.delta = delta.detach().clone()
 
 
 class TanQuantizer(_PostSoftmaxQuantizer):
@@ -388,29 +400,27 @@ class TanQuantizer(_PostSoftmaxQuantizer):
     def _extra_params(self):
         return (float(self.tau), )
 
-    def levels_of(self, tau: float, delta: float = 1.0) -> torch.Tensor:
-        """The ``2^b`` levels ``D l_k``."""
-        k = torch.arange(2**self.bits, dtype=torch.float64)
+    def _level(self, k, delta, tau):
+        """``D l_k = D (1/2 + arctan(tau (2k/K - 1)) / (2 arctan tau))``."""
         levels = 2**self.bits - 1
         return delta * (0.5 + torch.atan(tau * (2 * k / levels - 1)) /
                         (2 * math.atan(tau)))
 
+    def levels_of(self, tau: float, delta: float = 1.0) -> torch.Tensor:
+        """The ``2^b`` levels ``D l_k``."""
+        return self._level(torch.arange(2**self.bits, dtype=torch.float64),
+                           delta, tau)
+
     def _fake(self, x, delta, tau):
         levels = 2**self.bits - 1
-        atan = math.atan(tau)
         u = (x / delta).clamp(0, 1)
-        k = torch.round(levels * (1 + torch.tan((2 * u - 1) * atan) / tau) /
-                        2)
-        return delta * (0.5 + torch.atan(tau * (2 * k / levels - 1)) /
-                        (2 * atan))
+        k = torch.round(levels * (1 + torch.tan(
+            (2 * u - 1) * math.atan(tau)) / tau) / 2)
+        return self._level(k, delta, tau)
 
-    def calibrate(self, x: torch.Tensor) -> None:
-        data = x if x.dtype == torch.float64 else x.float()
-        best = None
-        for delta in self._delta_candidates(data):
-            for tau in self.TAUS:
-                err = _mse(self._fake(data, delta, tau), data)
-                if best is None or err < best[0]:
-                    best = (err, delta, tau)
-        self.delta = best[1].detach().clone()
-        self.tau = torch.tensor(best[2])
+    def _candidates(self, deltas):
+        return ((delta, tau) for delta in deltas for tau in self.TAUS)
+
+    def _set_params(self, delta, tau):
+        self.delta = delta.detach().clone()
+        self.tau = torch.tensor(tau)
