@@ -75,7 +75,9 @@ def heavy_tailed(kind, n=200_000, seed=0):
     if kind.startswith('student'):
         df = float(kind[-1])
         normal = torch.randn(n, generator=gen)
-        chi2 = torch.distributions.Chi2(df).sample((n, ))
+        with torch.random.fork_rng():  # Chi2 samples from the global RNG
+            torch.manual_seed(seed)
+            chi2 = torch.distributions.Chi2(df).sample((n, ))
         return normal / (chi2 / df).sqrt()
     x = torch.randn(n // 64, 64, generator=gen)  # outlier channels
     x[:, :3] *= 60
@@ -89,6 +91,67 @@ def test_quantiles_are_torch_quantile():
     torch.testing.assert_close(
         quantiles(x, ps),
         torch.quantile(x, torch.tensor(ps, dtype=torch.float64), dim=1))
+
+
+def strided_trap(n=1 << 17, stride=8):
+    """Large values exactly where a strided subsample looks, small ones
+    elsewhere: the subsample's threshold guess is too high."""
+    x = torch.rand(n, dtype=torch.float64, generator=torch.Generator(
+    ).manual_seed(1))
+    x[::stride] += 1e6
+    return x
+
+
+@pytest.mark.parametrize('case', ['relu', 'negative-relu', 'trap', 'float32'])
+def test_quantiles_of_long_rows_are_torch_quantile(case):
+    """Rows past the partial-sort shortcut's threshold (65536 values): with
+    ties at the tail (a ReLU's zeros), and with a subsample that misleads
+    the shortcut, the quantiles stay exact."""
+    x = heavy_tailed('student2', 300_000).double()
+    x = {'relu': x.relu(), 'negative-relu': -x.relu(), 'trap': strided_trap(),
+         'float32': x.float()}[case].reshape(1, -1)
+    ps = [0.999, 0.9999, 0.99999, 0.001, 0.0001, 0.00001]
+    # the reference in float64: torch.quantile of a float32 tensor rounds
+    # the position p (N - 1) to float32 (0.03 apart at N = 3e5)
+    expected = torch.quantile(x.double(), torch.tensor(
+        ps, dtype=torch.float64), dim=1).to(x.dtype)
+    tolerance = 0 if x.dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(quantiles(x, ps), expected, rtol=tolerance,
+                               atol=0)
+
+
+def test_uniform_search_scores_every_value_of_a_long_tensor():
+    """900k values, past one chunk of the streamed MSE (2^18): the same
+    clip and MSE as the reference on the whole tensor."""
+    x = heavy_tailed('student3', 900_000).relu()
+    ref_err, ref_lo, ref_hi = ref_uniform_search(x, 4)
+    q = calibrated(UniformQuantizer(4, search='quantile'), x.double())
+    assert q.scale.item() == pytest.approx(float((ref_hi - ref_lo) / 15),
+                                           rel=1e-9)
+    err = (q(x.double()) - x.double()).square().mean()
+    assert err.item() == pytest.approx(ref_err.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize('quantizer', ['uniform', 'channel-offset',
+                                       'log-sqrt2', 'tanq'])
+def test_quantize_in_chunks_equals_whole_tensor(quantizer):
+    """Without autograd a long tensor is fake-quantized in chunks, a short
+    one at once: the two agree to the bit."""
+    x = heavy_tailed('student3', 600_000).reshape(-1, 60)
+    if quantizer in ('log-sqrt2', 'tanq'):
+        x = x.abs() / x.abs().amax()
+        q = {'log-sqrt2': LogSqrt2Quantizer, 'tanq': TanQuantizer}[
+            quantizer](4)
+    else:
+        q = UniformQuantizer(4, search='quantile')
+    q = calibrated(q, x)
+    if quantizer == 'channel-offset':
+        q.set_params(q.scale, q.zero_point, torch.linspace(-1, 1, 60))
+    with torch.no_grad():  # 600k values: in chunks of 2^18 ...
+        chunked = q(x)
+        # ... and 1000-row pieces (60k values), each quantized at once
+        pieces = torch.cat([q(piece) for piece in x.split(1000)])
+    assert torch.equal(chunked, pieces)
 
 
 def test_uniform_quantile_search_by_hand():
@@ -297,14 +360,23 @@ def test_reparameterized_model_is_float_exact_and_keeps_the_target():
 
 
 # ------------------------------------------------------------ bad input --
-def test_calibration_with_nan_names_the_layer():
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_calibration_with_nan_names_the_layer(bad):
     net, x = outlier_channel_model()
     cfg = QuantConfig(4, 4, 'minmax')
     q = quantize_model(net, cfg)
-    x[0, 0, 0] = float('nan')
+    x[0, 0, 0] = bad
     with pytest.raises(ValueError, match=r'blk\.attn\.qkv\.input_quantizer '
                        'has NaN or inf'):
         calibrate(q, cfg, lambda: q(x))
+
+
+def test_empty_calibration_input_names_the_layer():
+    q = UniformQuantizer(4, search='quantile')
+    q.layer_name = 'roi_head.mask_head.convs.0.conv.input_quantizer'
+    with pytest.raises(ValueError, match=r'mask_head\.convs\.0\.conv\.input_'
+                       r'quantizer is empty'):
+        calibrated(q, torch.empty(0, 256, 14, 14))
 
 
 @pytest.mark.parametrize('search', ['minmax', 'quantile'])

@@ -3,8 +3,9 @@
 For the toy Swin Mask R-CNN and for Mask R-CNN Swin-T at its real shapes,
 built from the configs (random init, random images, no data needed), prints
 in one run: the time to calibrate on 32 images (one batch, quantization on,
-as :func:`mmcd.core.quant.calibrate` does) as a ratio of the float model's
-inference on the same 32 images one by one, and the inference time of the
+as :func:`mmcd.core.quant.calibrate` does; median of ``--repeat`` runs) as a
+ratio of the float model's inference on the same 32 images one by one
+(median per image times 32), and the inference time of the
 quantized model as a ratio of the float model's (backbone + neck + RPN +
 RoI heads through ``model.test_step``-equivalent ``predict``).
 
@@ -88,16 +89,18 @@ def main():
         calib = [sample(size, gen) for _ in range(args.images)]
         evals = calib[:4]
         qcfg = QuantConfig(args.bits, args.bits, args.method)
-        qmodel = quantize_model(copy.deepcopy(model), qcfg)
-
         batch = torch.cat([images for images, _ in calib])
         batch_samples = [s for _, samples in calib for s in samples]
-        start = time.perf_counter()
-        with torch.no_grad():
-            calibrate(qmodel, qcfg,
-                      lambda: qmodel.predict(batch, batch_samples))
-        calib_s = time.perf_counter() - start
-        fp_all = timed(model, calib, 1) * len(calib)
+        calib_times = []
+        for _ in range(args.repeat):  # a fresh copy each time
+            qmodel = quantize_model(copy.deepcopy(model), qcfg)
+            start = time.perf_counter()
+            with torch.no_grad():
+                calibrate(qmodel, qcfg,
+                          lambda: qmodel.predict(batch, batch_samples))
+            calib_times.append(time.perf_counter() - start)
+        calib_s = statistics.median(calib_times)
+        fp_all = timed(model, calib, args.repeat) * len(calib)
         fp = timed(model, evals, args.repeat)
         qt = timed(qmodel, evals, args.repeat)
         print(f'{name}: calibration {calib_s:.1f} s, float inference of the '
