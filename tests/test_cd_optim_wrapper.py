@@ -9,7 +9,8 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from mmengine.runner import Runner
 
-from mmcd.core import ColinearityDecay, discover_pairs
+from mmcd.core import (ColinearityDecay, ColinearityDecayRegularizer,
+                       Regularizer, discover_pairs, register_regularizer)
 from mmcd.core.pairs import VIT_RULES
 from mmcd.engine.runner_setup import AMP_VARIANTS
 from conftest import REPO, dist_train, micro_config
@@ -69,30 +70,80 @@ def test_step_with_clip_equals_plain_step_then_cd():
         assert hub.get_scalar('train/' + key).current() >= 0
 
 
-def test_cd_only_on_real_optimizer_steps(monkeypatch):
+@register_regularizer
+class StepRecorder(Regularizer):
+    """Records when the wrapper calls it (a regularizer of this test)."""
+    name = 'test_step_recorder'
+
+    def __init__(self, penalty: float = 0.0):
+        self.penalty, self.steps, self.bound_to = penalty, [], None
+
+    def bind(self, model, pairs, lr_of):
+        self.bound_to = [p.name for p in pairs]
+
+    def loss(self):
+        return torch.tensor(self.penalty)
+
+    def after_step(self, iteration, optimizer_step):
+        self.steps.append((iteration, optimizer_step))
+        return {'test_recorded': torch.tensor(float(len(self.steps)))}
+
+
+def test_regularizers_act_only_on_real_optimizer_steps():
     model = ViT()
-    wrapper = make(model, accumulative_counts=2)
+    wrapper = build_optim_wrapper(model, dict(
+        type='ColinearityDecayOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.1), accumulative_counts=2,
+        regularizers=[dict(type='test_step_recorder', penalty=0.25)]))
     wrapper.initialize_count_status(model, 0, 5)
-    calls = []
-    real_step = wrapper.colinearity_decay.step
-    monkeypatch.setattr(wrapper.colinearity_decay, 'step',
-                        lambda *a: calls.append(wrapper._inner_count)
-                        or real_step(*a))
+    recorder = wrapper.regularizers[0]
+    assert recorder.bound_to == [p.name for p in wrapper.matrix_pairs]
     for it in range(5):
         wrapper.update_params(loss_of(model, it))
-    assert calls == [2, 4, 5]  # steps at 2, 4 and the last (partial) one
+    # steps after iterations 1, 3 and the last (partial) one, 4
+    assert recorder.steps == [(1, 0), (3, 1), (4, 2)]
+    hub = MessageHub.get_current_instance()
+    assert hub.get_scalar('train/test_recorded').current() == 3
+    assert hub.get_scalar('train/loss_test_step_recorder').current() == 0.25
+
+
+def test_a_config_lists_several_regularizers_and_bad_names_fail():
+    model = ViT()
+    wrapper = build_optim_wrapper(model, dict(
+        type='ColinearityDecayOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=0.5),
+        regularizers=[dict(type='tweo', weight=0.01),
+                      dict(type='test_step_recorder')]))
+    assert [r.name for r in wrapper.regularizers] == [
+        'cd', 'tweo', 'test_step_recorder']
+    with pytest.raises(ValueError, match=r"unknown regularizer 'l2'; "
+                       r'registered: cd, s2d, test_step_recorder, tweo'):
+        build_optim_wrapper(model, dict(
+            type='ColinearityDecayOptimWrapper',
+            optimizer=dict(type='SGD', lr=0.1),
+            regularizers=[dict(type='l2')]))
+    with pytest.raises(ValueError, match=r"\['cd'\] given twice"):
+        build_optim_wrapper(model, dict(
+            type='ColinearityDecayOptimWrapper',
+            optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=0.5),
+            regularizers=[dict(type='cd', strength=1.0)]))
+    with pytest.raises(ValueError, match='cd needs a strength'):
+        build_optim_wrapper(model, dict(
+            type='ColinearityDecayOptimWrapper',
+            optimizer=dict(type='SGD', lr=0.1), cd=dict(interval=2)))
 
 
 def test_schedule_window_warmup_and_interval():
-    model = ViT()
-    wrapper = make(model, begin=2, end=8, warmup_iters=4, interval=2)
-    factors = []
-    for it in range(10):
-        wrapper._inner_count = it + 1
-        factors.append(wrapper.cd_multiplier())
+    cd = ColinearityDecayRegularizer(0.5, begin=2, end=8, warmup_iters=4,
+                                     interval=2)
+    factors = [cd.multiplier(it, it) for it in range(10)]
     # iterations 2..7 are in the window, every 2nd optimizer step, ramp
     # (it - begin + 1) / 4, times the interval
     assert factors == [0, 0, 0.5, 0, 1.5, 0, 2, 0, 0, 0]
+    with pytest.raises(ValueError, match=r'cd end \(5\) <= begin \(5\)'):
+        ColinearityDecayRegularizer(0.5, begin=5, end=5)
+    with pytest.raises(ValueError, match='cd interval must be an integer'):
+        ColinearityDecayRegularizer(0.5, interval=0)
 
 
 def test_state_round_trip_restores_cd_state():
@@ -110,10 +161,10 @@ def test_state_round_trip_restores_cd_state():
     wrapper2 = make(model2)
     wrapper2.load_state_dict(state)
     wrapper2.initialize_count_status(model2, 2, 10)
-    for (_, *old), (_, *new) in zip(wrapper.colinearity_decay.groups,
-                                    wrapper2.colinearity_decay.groups):
-        for est_old, est_new in zip(old, new):
-            assert torch.equal(est_old.v, est_new.v)
+    restored = wrapper2.state_dict()['regularizers']['cd']
+    assert restored.keys() == state['regularizers']['cd'].keys()
+    for key, value in state['regularizers']['cd'].items():
+        assert torch.equal(restored[key], value), key
     wrapper.update_params(loss_of(model, 9))
     wrapper2.update_params(loss_of(model2, 9))
     for p, q in zip(model.parameters(), model2.parameters()):

@@ -1,4 +1,5 @@
-"""mmcd.core is pure PyTorch: none of its modules imports OpenMMLab."""
+"""The layers: mmcd.core is pure PyTorch (none of its modules imports
+OpenMMLab); the tools import the package, never each other."""
 import ast
 import glob
 import os.path as osp
@@ -8,17 +9,31 @@ from conftest import REPO
 OPENMMLAB = ('mmengine', 'mmcv', 'mmdet', 'mmpretrain')
 
 
+def absolute_imports(path):
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module
+
+
 def test_core_imports_no_openmmlab():
     files = glob.glob(osp.join(REPO, 'mmcd', 'core', '**', '*.py'),
                       recursive=True)
     assert len(files) > 8
     for path in files:
-        tree = ast.parse(open(path).read())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            for name in names:
-                assert not name.startswith(OPENMMLAB), f'{path}: {name}'
+        for name in absolute_imports(path):
+            assert not name.startswith(OPENMMLAB), f'{path}: {name}'
+
+
+def test_tools_do_not_import_each_other():
+    """Shared code lives in the package; a tool may import only the
+    bootstrap modules that put the repository on the path."""
+    files = glob.glob(osp.join(REPO, 'tools', '**', '*.py'), recursive=True)
+    tool_modules = {osp.splitext(osp.basename(f))[0] for f in files}
+    allowed = {'_bootstrap', '_analysis_bootstrap'}
+    assert len(files) > 8
+    for path in files:
+        for name in absolute_imports(path):
+            top = name.split('.')[0]
+            assert top not in tool_modules - allowed, f'{path}: {name}'

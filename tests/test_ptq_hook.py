@@ -102,7 +102,7 @@ def test_bad_calibration_options(calib, message):
 
 
 def test_calibration_options_defaults_and_values():
-    from mmcd.engine.hooks.post_training_quant_hook import CalibrationOptions
+    from mmcd.engine import CalibrationOptions
     assert CalibrationOptions.from_dict(None) == CalibrationOptions(32, None, 0)
     loader = dict(batch_size=1)
     options = CalibrationOptions.from_dict(
@@ -150,7 +150,7 @@ def test_calibration_images_are_the_same_on_every_rank(micro_data_root,
                                                         monkeypatch):
     """MMEngine's DefaultSampler would give each rank its own shard (and
     each rank its own calibration)."""
-    from mmcd.engine.hooks import calibration_loader
+    from mmcd.engine import calibration_loader
     cfg = micro_config(micro_data_root, tmp_path)
 
     def image_ids(rank):

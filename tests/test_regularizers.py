@@ -136,7 +136,8 @@ def test_runner_logs_cd_s2d_tweo_metrics(micro_data_root, tmp_path):
 def test_s2d_options_fail_when_the_wrapper_is_built():
     from mmengine.optim import build_optim_wrapper
     for s2d, message in ((dict(tau=2.0), 'tau must be in'),
-                         (dict(rank=3), "unexpected keyword argument 'rank'")):
+                         (dict(rank=3), r"s2d: unknown option\(s\) \['rank'\]; "
+                          r"allowed: \['max_rank', 'power'")):
         with pytest.raises(ValueError, match=message):
             build_optim_wrapper(nn.Linear(2, 2), dict(
                 type='ColinearityDecayOptimWrapper',

@@ -1,19 +1,27 @@
-"""Pure-PyTorch core of mmcd: matrix-pair discovery, Colinearity Decay, the
-comparison regularizers, activation statistics and (in :mod:`.quant`)
+"""Pure-PyTorch core of mmcd: matrix-pair discovery, the regularizer
+interface with Colinearity Decay and the comparison regularizers, activation
+statistics and (in :mod:`.quant`)
 post-training quantization. Nothing here imports OpenMMLab."""
-from .activation_penalty import ActivationPenalty
+from .activation_penalty import (ActivationPenalty,
+                                 ActivationPenaltyRegularizer)
 from .activation_stats import (ActivationRecorder, StatsAccumulator,
                                probe_points, tensor_stats)
-from .colinearity import (ColinearityDecay, SpectralNormEstimator, alignment,
+from .colinearity import (ColinearityDecay, ColinearityDecayRegularizer,
+                          SpectralNormEstimator, alignment,
                           colinearity_decay_deltas, penalty_gradients)
 from .pairs import (BUILTIN_RULES, PAIR_KINDS, SWIN_RULES, VIT_RULES,
                     MatrixPair, PairRule, discover_pairs)
-from .spectral_decay import SelectiveSpectralDecay
+from .regularizers import (REGULARIZERS, Regularizer, build_regularizer,
+                           register_regularizer)
+from .spectral_decay import SelectiveSpectralDecay, SpectralDecayRegularizer
 
 __all__ = [
     'ActivationRecorder', 'StatsAccumulator', 'probe_points', 'tensor_stats',
     'ActivationPenalty', 'ColinearityDecay', 'SpectralNormEstimator',
     'alignment', 'colinearity_decay_deltas', 'penalty_gradients',
     'BUILTIN_RULES', 'PAIR_KINDS', 'SWIN_RULES', 'VIT_RULES', 'MatrixPair',
-    'PairRule', 'discover_pairs', 'SelectiveSpectralDecay'
+    'PairRule', 'discover_pairs', 'SelectiveSpectralDecay',
+    'ColinearityDecayRegularizer', 'SpectralDecayRegularizer',
+    'ActivationPenaltyRegularizer', 'REGULARIZERS', 'Regularizer',
+    'build_regularizer', 'register_regularizer'
 ]

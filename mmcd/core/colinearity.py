@@ -29,11 +29,17 @@ iteration (:class:`SpectralNormEstimator`).
 Cost: with ``A [m, k]`` and ``B [n, m]`` the three products are ordered by
 their flop count: ``B^T (B A)`` and ``(B A) A^T`` (``3nmk``) for wide inner
 dimensions (FFN), or the Gram matrices ``(B^T B) A`` and ``B (A A^T)``
-(``2m^2(n + k)``) for narrow ones (attention heads). Pure PyTorch.
+(``2m^2(n + k)``) for narrow ones (attention heads).
+
+:class:`ColinearityDecayRegularizer` is CD as a registered regularizer
+(``cd``, :mod:`.regularizers`), with its schedule. Pure PyTorch.
 """
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .regularizers import Regularizer, register_regularizer
 
 
 def alignment(a: torch.Tensor, b: torch.Tensor,
@@ -268,3 +274,92 @@ class ColinearityDecay:
                 keys = [f'{p.name}/{side}' for p in members]
                 if all(k in state for k in keys):
                     est.v = torch.cat([state[k] for k in keys])
+
+
+@register_regularizer
+class ColinearityDecayRegularizer(Regularizer):
+    """CD as a registered regularizer (``cd``): :class:`ColinearityDecay`
+    on the bound pairs after every real optimizer step, on a schedule.
+
+    Args:
+        strength: ``lam`` (>= 0, required).
+        interval: act every ``interval`` optimizer steps, with the update
+            multiplied by ``interval`` (the same total decay).
+        begin, end: iterations ``[begin, end)`` in which CD acts (end None:
+            to the end of training).
+        warmup_iters: linear ramp of the strength over the first
+            ``warmup_iters`` iterations from ``begin``.
+        power_iters: power iterations per step for the spectral norms.
+        cuda_graph: on a GPU, replay the step as a CUDA graph.
+
+    Logs ``cd_update_norm``, ``cd_align_{kind}_mean`` / ``_max`` (per-head
+    alignment, :func:`alignment`) and ``cd_skipped_pairs`` (pairs left
+    unchanged because of non-finite values; named in a warning).
+    """
+    name = 'cd'
+
+    def __init__(self, strength: float, interval: int = 1, begin: int = 0,
+                 end: Optional[int] = None, warmup_iters: int = 0,
+                 power_iters: int = 1, cuda_graph: bool = True):
+        if not strength >= 0:  # also rejects NaN
+            raise ValueError(f'cd strength must be >= 0, got {strength}')
+        if not (isinstance(interval, int) and interval >= 1):
+            raise ValueError(f'cd interval must be an integer >= 1, got '
+                             f'{interval!r}')
+        if end is not None and end <= begin:
+            raise ValueError(f'cd end ({end}) <= begin ({begin}): CD would '
+                             'never run; set end=None to run to the end')
+        if warmup_iters < 0 or begin < 0:
+            raise ValueError('cd begin and warmup_iters must be >= 0')
+        self.strength, self.interval = float(strength), interval
+        self.begin, self.end, self.warmup_iters = begin, end, warmup_iters
+        self.power_iters, self.cuda_graph = power_iters, cuda_graph
+        self.decay: Optional[ColinearityDecay] = None
+        self.lr_of = None
+        self._last_stats: Optional[Dict] = None
+
+    def bind(self, model, pairs, lr_of) -> None:
+        self.decay = ColinearityDecay(pairs, self.strength, self.power_iters,
+                                      self.cuda_graph)
+        self.lr_of = lr_of
+
+    def multiplier(self, iteration: int, optimizer_step: int) -> float:
+        """Window, warm-up and interval factor of the update after
+        ``iteration`` (0: no CD at this step)."""
+        end = math.inf if self.end is None else self.end
+        if not self.begin <= iteration < end:
+            return 0.0
+        if optimizer_step % self.interval:
+            return 0.0
+        ramp = 1.0
+        if self.warmup_iters > 0:
+            ramp = min(1.0, (iteration - self.begin + 1) / self.warmup_iters)
+        return ramp * self.interval
+
+    def after_step(self, iteration, optimizer_step):
+        multiplier = self.multiplier(iteration, optimizer_step)
+        if multiplier == 0:
+            return {}
+        stats = self._last_stats = self.decay.step(self.lr_of, multiplier)
+        logged = {'cd_update_norm': stats['update_sq'].sqrt()}
+        for kind in sorted(stats['alignment']):
+            align = stats['alignment'][kind].float()
+            logged[f'cd_align_{kind}_mean'] = align.mean()
+            logged[f'cd_align_{kind}_max'] = align.max()
+        logged['cd_skipped_pairs'] = (~stats['finite']).sum()
+        return logged
+
+    def describe(self, logged):
+        if not logged.get('cd_skipped_pairs'):
+            return None
+        skipped = [name for name, ok in zip(
+            self._last_stats['names'], self._last_stats['finite'].tolist())
+            if not ok]
+        return ('Colinearity decay skipped pairs with non-finite values '
+                f'(left unchanged): {", ".join(skipped)}')
+
+    def state_dict(self) -> Dict:
+        return self.decay.state_dict() if self.decay is not None else {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.decay.load_state_dict(state)

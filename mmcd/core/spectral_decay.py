@@ -17,11 +17,14 @@ between ``s_i = u_i^T W v_i`` is evaluated from the current weight
 (differentiable in ``W``), so ``dR/dW`` is exactly the formula above with the
 cached vectors, which are exact singular vectors right after a refresh.
 Defaults follow the S2D paper: tau 0.95, max_rank 3, svd_interval 100,
-power n = 2, lam 5e-4. Pure PyTorch.
+power n = 2, lam 5e-4. Registered as the regularizer ``s2d``
+(:class:`SpectralDecayRegularizer`, :mod:`.regularizers`). Pure PyTorch.
 """
 from typing import Dict, Sequence
 
 import torch
+
+from .regularizers import Regularizer, register_regularizer
 
 
 class SelectiveSpectralDecay:
@@ -100,3 +103,38 @@ class SelectiveSpectralDecay:
         self.steps = state['steps']
         self.refreshed_at = state.get('refreshed_at', self.steps)
         self.cache = dict(state['cache'])
+
+
+@register_regularizer
+class SpectralDecayRegularizer(Regularizer):
+    """S2D as a registered regularizer (``s2d``): the penalty of
+    :class:`SelectiveSpectralDecay` on the weights of the bound pairs, as a
+    loss term; options as :class:`SelectiveSpectralDecay`'s (checked when
+    the regularizer is built)."""
+    name = 's2d'
+
+    def __init__(self, strength: float = 5e-4, tau: float = 0.95,
+                 max_rank: int = 3, svd_interval: int = 100,
+                 power: float = 2):
+        self.options = dict(strength=strength, tau=tau, max_rank=max_rank,
+                            svd_interval=svd_interval, power=power)
+        SelectiveSpectralDecay([], **self.options)  # bad options fail now
+        self.decay = None
+
+    def bind(self, model, pairs, lr_of) -> None:
+        weights = {id(w): w for pair in pairs for w in pair.parameters}
+        self.decay = SelectiveSpectralDecay(list(weights.values()),
+                                            **self.options)
+
+    def loss(self) -> torch.Tensor:
+        return self.decay.penalty()
+
+    def after_step(self, iteration, optimizer_step):
+        self.decay.step_done()  # counts towards the SVD refresh
+        return {}
+
+    def state_dict(self) -> Dict:
+        return self.decay.state_dict() if self.decay is not None else {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.decay.load_state_dict(state)

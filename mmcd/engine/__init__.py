@@ -1,4 +1,8 @@
-"""MMEngine adapters: optim wrappers, hooks and tool set-up."""
+"""MMEngine adapters: optim wrappers, hooks, calibration helpers and tool
+set-up."""
+from .calibration import (CalibrationOptions, calibrate_on,
+                          calibration_loader, evaluate, quantize_copy,
+                          run_test_steps)
 from .hooks import (ActivationStatsHook, PostTrainingQuantHook,
                     QuantAwareTrainingHook, RNGStateHook)
 from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor
@@ -10,5 +14,6 @@ __all__ = [
     'ColinearityDecayOptimWrapper', 'ColinearityDecayAmpOptimWrapper',
     'PostTrainingQuantHook', 'LayerDecayOptimWrapperConstructor',
     'ActivationStatsHook', 'QuantAwareTrainingHook', 'RNGStateHook',
-    'SameOnAllRanksSampler'
+    'SameOnAllRanksSampler', 'CalibrationOptions', 'calibrate_on',
+    'calibration_loader', 'evaluate', 'quantize_copy', 'run_test_steps'
 ]

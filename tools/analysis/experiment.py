@@ -37,10 +37,10 @@ from mmengine.runner import Runner
 import mmcd  # noqa: F401
 from mmcd.core.quant import QAT_METHODS, QuantConfig
 from mmcd.datasets import ensure_toy_coco
-from mmcd.engine.hooks import (calibration_loader, collect_activation_stats,
-                               evaluate, quantize_copy)
-from outliers import (plot_alignment, plot_histogram,  # noqa: E402
-                      plot_max_activation)
+from mmcd.engine import calibration_loader, evaluate, quantize_copy
+from mmcd.engine.hooks import collect_activation_stats
+from mmcd.visualization import (plot_alignment, plot_histogram,
+                                plot_max_activation)
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY = osp.join(REPO, 'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py')

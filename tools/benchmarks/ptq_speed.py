@@ -24,32 +24,13 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
     __file__)))))
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 import torch  # noqa: E402
-from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
-from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-MODELS_TO_TIME = {
-    'toy': ('toy Swin Mask R-CNN (256 px)',
-            'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py',
-            (256, 256)),
-    'swin-t': ('Mask R-CNN Swin-T (512x768 px)',
-               'configs/cd/mask-rcnn_swin-t_cd.py', (512, 768)),
-}
-
-
-def build(config):
-    cfg = Config.fromfile(osp.join(REPO, config))
-    cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    model.eval()
-    return model
-
+from mmcd.engine.benchmark_models import (  # noqa: E402
+    BENCHMARK_DETECTORS, build_detector)
 
 def sample(size, gen):
     h, w = size
@@ -76,15 +57,16 @@ def main():
     parser.add_argument('--method', default='repq-vit')
     parser.add_argument('--bits', type=int, default=4)
     parser.add_argument('--repeat', type=int, default=2)
-    parser.add_argument('--models', nargs='+', default=list(MODELS_TO_TIME),
-                        choices=list(MODELS_TO_TIME))
+    parser.add_argument('--models', nargs='+',
+                        default=list(BENCHMARK_DETECTORS),
+                        choices=list(BENCHMARK_DETECTORS))
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'W{args.bits}A{args.bits} {args.method}, {args.images} '
           f'calibration images, {torch.get_num_threads()} threads')
-    for name, config, size in (MODELS_TO_TIME[m] for m in args.models):
-        model = build(config)
+    for name, config, size in (BENCHMARK_DETECTORS[m] for m in args.models):
+        model = build_detector(config)
         gen = torch.Generator().manual_seed(0)
         calib = [sample(size, gen) for _ in range(args.images)]
         evals = calib[:4]

@@ -29,7 +29,8 @@ import mmcd  # noqa: E402,F401
 from mmcd.core.quant import QAT_METHODS  # noqa: E402
 from mmcd.core.quant.qat import (QATConfig, activate_qat,  # noqa: E402
                                  initialize_qat, prepare_qat)
-from ptq_speed import MODELS_TO_TIME, build  # noqa: E402
+from mmcd.engine.benchmark_models import (  # noqa: E402
+    BENCHMARK_DETECTORS, build_detector)
 
 
 def step_times(model, optimizer, images, steps):
@@ -56,8 +57,8 @@ def main():
     print(f'W{args.bits}A{args.bits} {args.method} QAT vs float, batch '
           f'{args.batch}, {args.steps} timed steps each (median), '
           f'{torch.get_num_threads()} threads')
-    for name, config, size in MODELS_TO_TIME.values():
-        float_model = build(config).train()
+    for name, config, size in BENCHMARK_DETECTORS.values():
+        float_model = build_detector(config).train()
         images = torch.rand(args.batch, 3, *size) * 2 - 1
         qat_model = copy.deepcopy(float_model)
         cfg = QATConfig(args.bits, args.bits, args.method)

@@ -28,7 +28,7 @@ from mmengine.registry import HOOKS
 from mmcd.core.activation_stats import ActivationRecorder, probe_points
 from mmcd.core.colinearity import alignment
 from mmcd.core.pairs import BUILTIN_RULES, discover_pairs
-from .post_training_quant_hook import run_test_steps
+from ..calibration import run_test_steps
 
 
 def model_pairs(model: torch.nn.Module):

@@ -21,22 +21,17 @@ and a table of float vs quantized box/mask AP and the drop is logged.
 Results (bits, method, calibration size, metrics) are written as JSON to
 ``quant_results.json`` in the log dir and the work dir.
 """
-import copy
 import json
-import logging
 import os.path as osp
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
-from mmengine.runner import Runner
-from mmengine.utils import ProgressBar
 
-from mmcd.core.quant import QuantConfig, calibrate, quantize_model
+from mmcd.core.quant import QuantConfig
+from ..calibration import CalibrationOptions, evaluate, quantize_copy
 
 REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
                     'coco/segm_mAP_50')
@@ -127,118 +122,6 @@ class PostTrainingQuantHook(Hook):
             for folder in {runner.log_dir, runner.work_dir}:
                 with open(osp.join(folder, 'quant_results.json'), 'w') as f:
                     json.dump(results, f, indent=2)
-
-
-@dataclass
-class CalibrationOptions:
-    """The ``calib`` option of the quantization hooks: ``num_images`` (32),
-    ``dataloader`` (a dataloader config; default: the train set with the
-    test pipeline, see :func:`calibration_loader`), ``seed`` (0)."""
-    num_images: int = 32
-    dataloader: Optional[Dict] = None
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, calib: Optional[Dict]) -> 'CalibrationOptions':
-        calib = dict(calib or {})
-        unknown = set(calib) - {'num_images', 'dataloader', 'seed'}
-        if unknown:
-            raise ValueError(f'calib: unknown option(s) {sorted(unknown)}')
-        options = cls(**calib)
-        options.num_images = int(options.num_images)
-        if options.num_images < 1:
-            raise ValueError('calib.num_images must be >= 1, got '
-                             f'{options.num_images}')
-        return options
-
-    def loader(self, cfg):
-        return calibration_loader(cfg, self.num_images, self.seed,
-                                  self.dataloader)
-
-
-def calibration_loader(cfg, num_images: int, seed: int = 0,
-                       loader_cfg: Optional[Dict] = None):
-    """Dataloader of calibration images: ``loader_cfg``, or by default the
-    train dataloader of ``cfg`` with the test pipeline (no augmentation),
-    shuffled with ``seed``, the same images on every rank of a distributed
-    run; its batch size is ``num_images`` (the calibration set is its first
-    batch, see :func:`mmcd.core.quant.calibrate`). Fails when it has fewer
-    than ``num_images`` images."""
-    if loader_cfg is None:
-        loader_cfg = copy.deepcopy(cfg.train_dataloader)
-        loader_cfg['dataset']['pipeline'] = copy.deepcopy(
-            cfg.test_dataloader['dataset']['pipeline'])
-        loader_cfg.update(num_workers=0, persistent_workers=False)
-        loader_cfg['sampler'] = dict(type='SameOnAllRanksSampler', seed=seed)
-        loader_cfg.pop('batch_sampler', None)
-    loader_cfg = copy.deepcopy(loader_cfg)
-    loader_cfg['batch_size'] = num_images
-    loader = Runner.build_dataloader(loader_cfg, seed=seed)
-    if len(loader.dataset) < num_images:
-        raise ValueError(
-            f'calibration set has {len(loader.dataset)} images, fewer '
-            f'than the {num_images} asked for (calib.num_images)')
-    return loader
-
-
-def calibrate_on(model, quant_cfg, loader, what: str = 'PTQ',
-                 calibrate_fn=calibrate) -> Dict:
-    """Calibrate ``model`` (converted for ``quant_cfg``) on the first batch
-    of ``loader`` (all calibration images, one ``test_step``), and log the
-    summary; layers the calibration never reached are named in a warning
-    (they stay in float)."""
-    batch = next(iter(loader))
-    summary = calibrate_fn(model, quant_cfg, lambda: model.test_step(batch))
-    unreached = summary.pop('unreached')
-    print_log(f'{what}: calibrated on {len(batch["inputs"])} images: '
-              f'{summary}', logger='current')
-    if unreached:
-        print_log(f'{what}: {len(unreached)} quantizer(s) never ran on the '
-                  'calibration images and stay in float: '
-                  f'{", ".join(unreached)}', logger='current',
-                  level=logging.WARNING)
-    return summary
-
-
-def run_test_steps(model, batches, num_batches: int) -> None:
-    """``model.test_step`` on the first ``num_batches`` of ``batches``, with
-    a progress bar."""
-    bar = ProgressBar(num_batches)
-    for i, batch in enumerate(batches):
-        if i == num_batches:
-            break
-        model.test_step(batch)
-        bar.update()
-    print()  # ProgressBar leaves the cursor on its line
-
-
-def quantize_copy(model, quant_cfg: QuantConfig, loader, num_images: int):
-    """A quantized, calibrated copy of ``model`` (which is not touched):
-    :func:`~mmcd.core.quant.quantize_model`, then
-    :func:`~mmcd.core.quant.calibrate` on the first batch of ``loader``
-    (:func:`calibration_loader`: the ``num_images`` images)."""
-    quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
-    print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
-              f'{quant_cfg.method}, calibrating on {num_images} images',
-              logger='current')
-    calibrate_on(quant_model, quant_cfg, loader)
-    return quant_model
-
-
-@torch.no_grad()
-def evaluate(model, loop) -> Dict:
-    """Run ``loop``'s dataloader and evaluator on ``model`` (what MMEngine's
-    Val/TestLoop do, without their hooks)."""
-    model.eval()
-    step = model.val_step if type(loop).__name__.startswith('Val') \
-        else model.test_step
-    bar = ProgressBar(len(loop.dataloader))
-    for batch in loop.dataloader:
-        outputs = step(batch)
-        loop.evaluator.process(data_samples=outputs, data_batch=batch)
-        bar.update()
-    print()
-    return loop.evaluator.evaluate(len(loop.dataloader.dataset))
 
 
 def _floats(metrics: Dict) -> Dict:

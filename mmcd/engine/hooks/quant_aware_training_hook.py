@@ -54,7 +54,7 @@ from mmcd.core.quant.qat import (OscillationTracker, QATConfig,
                                  freeze_confident_weights, initialize_qat,
                                  prepare_qat, restore_frozen_weights,
                                  trainable_weight_layers)
-from .post_training_quant_hook import CalibrationOptions, calibrate_on
+from ..calibration import CalibrationOptions, calibrate_on
 
 #: substring of every quantizer parameter name (``...input_quantizer.step``)
 QUANTIZER_KEY = 'quantizer.'

@@ -1,5 +1,6 @@
 """MMEngine optim wrappers that add Colinearity Decay (and the S2D / TWEO
-comparison regularizers) to any optimizer.
+comparison regularizers, or any registered :class:`~mmcd.core.regularizers.
+Regularizer`) to any optimizer.
 
 In a config that inherits an MMDetection config, only the type changes and a
 ``cd`` dict is added; the optimizer, ``paramwise_cfg``, ``clip_grad`` and
@@ -21,7 +22,9 @@ Args (besides those of the wrapped class):
         is unchanged), ``begin`` / ``end`` (iterations), ``warmup_iters``
         (linear ramp from ``begin``), ``power_iters`` (spectral norm power
         iterations per step), ``cuda_graph`` (default True: on a GPU, replay
-        the step as a CUDA graph). None disables CD.
+        the step as a CUDA graph); see
+        :class:`~mmcd.core.colinearity.ColinearityDecayRegularizer`. None
+        disables CD.
     pairs (dict, optional): which pairs the regularizers act on: ``kinds``
         (subset of ``('ffn', 'vo', 'qk')``), ``include`` / ``exclude``
         (regexes on pair names such as ``backbone.stages.0.blocks.1.ffn``),
@@ -32,15 +35,20 @@ Args (besides those of the wrapped class):
         ``tau``, ``max_rank``, ``svd_interval``, ``power``.
     tweo (dict, optional): activation penalty on the output of the blocks
         that hold the pairs: ``weight``, ``tau``, ``p``.
+    regularizers (list of dict, optional): more regularizers by registered
+        name, ``dict(type=NAME, **options)``; ``cd=...`` is short for
+        ``dict(type='cd', ...)`` here (so are ``s2d`` and ``tweo``). Each
+        name at most once.
 
-Logged through the MessageHub on each CD step (so in the MMEngine log and
-TensorBoard): ``cd_align_{kind}_mean`` / ``_max`` (see
-:func:`mmcd.core.colinearity.alignment`), ``cd_update_norm``; plus
-``loss_s2d`` and ``loss_tweo`` when enabled.
+Logged through the MessageHub (so in the MMEngine log and TensorBoard):
+the scalars each regularizer returns after a step (CD:
+``cd_align_{kind}_mean`` / ``_max``, see
+:func:`mmcd.core.colinearity.alignment`, ``cd_update_norm``,
+``cd_skipped_pairs``), and every loss term as ``loss_<name>``
+(``loss_s2d``, ``loss_tweo``).
 """
 import logging
-import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from mmengine.logging import MessageHub, print_log
@@ -48,48 +56,48 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from mmcd.core.activation_penalty import ActivationPenalty
-from mmcd.core.colinearity import ColinearityDecay
 from mmcd.core.pairs import (BUILTIN_RULES, PAIR_KINDS, PairRule,
                              describe_no_pairs, discover_pairs)
-from mmcd.core.spectral_decay import SelectiveSpectralDecay
+from mmcd.core.regularizers import (REGULARIZERS, Regularizer,
+                                    build_regularizer)
 
-CD_KEYS = {'strength', 'interval', 'begin', 'end', 'warmup_iters',
-           'power_iters', 'cuda_graph'}
 PAIR_KEYS = {'kinds', 'include', 'exclude', 'rules', 'builtin'}
 
 
-def _check_keys(section: str, given: dict, allowed: set) -> dict:
-    unknown = set(given) - allowed
-    if unknown:
-        raise ValueError(f'{section}: unknown option(s) {sorted(unknown)}; '
-                         f'allowed: {sorted(allowed)}')
-    return dict(given)
+def regularizer_configs(cd: Optional[dict], s2d: Optional[dict],
+                        tweo: Optional[dict],
+                        regularizers: Optional[Sequence[dict]]
+                        ) -> List[dict]:
+    """The ``cd`` / ``s2d`` / ``tweo`` shorthands and the ``regularizers``
+    list as one list of ``dict(type=NAME, ...)``."""
+    configs = [dict(type=name, **options) for name, options in (
+        ('cd', cd), ('s2d', s2d), ('tweo', tweo)) if options is not None]
+    for cfg in regularizers or ():
+        if not isinstance(cfg, dict) or 'type' not in cfg:
+            raise ValueError('regularizers: each entry is a dict with a '
+                             f'type (one of {sorted(REGULARIZERS)}), got '
+                             f'{cfg!r}')
+        configs.append(dict(cfg))
+    names = [cfg['type'] for cfg in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f'regularizer(s) {repeated} given twice')
+    return configs
 
 
-class ColinearityDecayMixin:
-    """The regularizer logic, shared by the plain and AMP wrappers."""
+class RegularizedOptimWrapperMixin:
+    """Drives a list of :class:`~mmcd.core.regularizers.Regularizer`, shared
+    by the plain and AMP wrappers."""
 
-    def _setup_regularizers(self, cd: Optional[dict], pairs: Optional[dict],
-                            s2d: Optional[dict], tweo: Optional[dict]):
-        if cd is None and s2d is None and tweo is None:
+    def _setup_regularizers(self, cd, pairs, s2d, tweo, regularizers):
+        configs = regularizer_configs(cd, s2d, tweo, regularizers)
+        if not configs:
             raise ValueError(
-                f'{type(self).__name__} without cd, s2d or tweo does '
-                'nothing; use OptimWrapper, or give cd=dict(strength=...)')
-        self.cd_cfg = None
-        if cd is not None:
-            cd = _check_keys('cd', cd, CD_KEYS)
-            if 'strength' not in cd:
-                raise ValueError('cd needs a strength, e.g. '
-                                 'cd=dict(strength=0.1)')
-            self.cd_cfg = {**dict(interval=1, begin=0, end=None,
-                                  warmup_iters=0, power_iters=1,
-                                  cuda_graph=True), **cd}
-            if not self.cd_cfg['strength'] >= 0:
-                raise ValueError('cd strength must be >= 0, got '
-                                 f'{self.cd_cfg["strength"]}')
-            if self.cd_cfg['interval'] < 1:
-                raise ValueError('cd interval must be >= 1')
+                f'{type(self).__name__} without cd, s2d, tweo or '
+                'regularizers does nothing; use OptimWrapper, or give '
+                'cd=dict(strength=...)')
+        self.regularizers: List[Regularizer] = [
+            build_regularizer(cfg) for cfg in configs]
         self.pairs_cfg = {
             **dict(kinds=PAIR_KINDS, include=(), exclude=(), rules=(),
                    builtin=tuple(BUILTIN_RULES)),
@@ -104,15 +112,7 @@ class ColinearityDecayMixin:
                            for r in BUILTIN_RULES[name]]
         self.pair_rules += [r if isinstance(r, PairRule) else PairRule(**r)
                             for r in self.pairs_cfg['rules']]
-        if s2d is not None:  # bad options fail now, not at training start
-            try:
-                SelectiveSpectralDecay([], **s2d)
-            except TypeError as err:
-                raise ValueError(f's2d: {err}') from None
-        self.s2d_cfg, self.tweo_cfg = s2d, tweo
         self.matrix_pairs = None
-        self.colinearity_decay = self.spectral_decay = None
-        self.activation_penalty = None
         self._pending_state: Optional[Dict] = None
         # AmpOptimWrapper skips optimizer.step() on inf/NaN gradients; the
         # regularizers must skip that step too, so count the real ones
@@ -129,15 +129,16 @@ class ColinearityDecayMixin:
         self.bind_model(model)
 
     def bind_model(self, model: torch.nn.Module) -> None:
-        """Discover the pairs of ``model`` and build the regularizers. Called
-        by the Runner through ``initialize_count_status``; call it yourself
-        when you drive the wrapper without a Runner."""
+        """Discover the pairs of ``model`` and bind the regularizers to it.
+        Called by the Runner through ``initialize_count_status``; call it
+        yourself when you drive the wrapper without a Runner. Binding again
+        (a converted model) keeps the regularizers' state."""
         if is_model_wrapper(model):
             model = model.module
         if self.matrix_pairs is not None and self._pending_state is None:
             self._pending_state = self._regularizer_state()  # re-binding
-        if self.activation_penalty is not None:
-            self.activation_penalty.remove()
+        for regularizer in self.regularizers:
+            regularizer.unbind()
         pairs = discover_pairs(model, self.pair_rules, self.pairs_cfg['kinds'],
                                self.pairs_cfg['include'],
                                self.pairs_cfg['exclude'])
@@ -147,26 +148,15 @@ class ColinearityDecayMixin:
         self.matrix_pairs = pairs
         counts = {k: sum(p.kind == k for p in pairs) for k in PAIR_KINDS}
         print_log(f'{type(self).__name__}: {len(pairs)} matrix pairs '
-                  f'({", ".join(f"{k}: {n}" for k, n in counts.items())})',
+                  f'({", ".join(f"{k}: {n}" for k, n in counts.items())}), '
+                  'regularizers: '
+                  f'{", ".join(r.name for r in self.regularizers)}',
                   logger='current')
         self._group_of = {id(p): i for i, g in
                           enumerate(self.optimizer.param_groups)
                           for p in g['params']}
-        if self.cd_cfg is not None:
-            self.colinearity_decay = ColinearityDecay(
-                pairs, self.cd_cfg['strength'], self.cd_cfg['power_iters'],
-                self.cd_cfg['cuda_graph'])
-        if self.s2d_cfg is not None:
-            weights = list({id(w): w for p in pairs
-                            for w in p.parameters}.values())
-            self.spectral_decay = SelectiveSpectralDecay(weights,
-                                                         **self.s2d_cfg)
-        if self.tweo_cfg is not None:
-            modules = dict(model.named_modules())
-            blocks = {p.name.rsplit('.', 1)[0] for p in pairs}
-            self.activation_penalty = ActivationPenalty(
-                [modules[b] for b in sorted(blocks) if b in modules],
-                **self.tweo_cfg)
+        for regularizer in self.regularizers:
+            regularizer.bind(model, pairs, self._lr_of)
         if self._pending_state is not None:
             self._load_regularizer_state(self._pending_state)
             self._pending_state = None
@@ -178,33 +168,17 @@ class ColinearityDecayMixin:
 
     # --------------------------------------------------------- training --
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
-        """The task loss plus the loss-term regularizers (TWEO, S2D), each
-        scaled like the task loss for gradient accumulation and logged."""
-        penalties = {}
-        if self.activation_penalty is not None:
-            penalties['loss_tweo'] = self.activation_penalty.pop_loss()
-        if self.spectral_decay is not None:
-            penalties['loss_s2d'] = self.spectral_decay.penalty()
+        """The task loss plus the regularizers' loss terms, each scaled like
+        the task loss for gradient accumulation and logged."""
         hub = MessageHub.get_current_instance()
-        for name, penalty in penalties.items():
-            hub.update_scalar(f'train/{name}', float(penalty.detach()))
+        for regularizer in self.regularizers:
+            penalty = regularizer.loss()
+            if penalty is None:
+                continue
+            hub.update_scalar(f'train/loss_{regularizer.name}',
+                              float(penalty.detach()))
             loss = loss + self.scale_loss(penalty.to(loss.device))
         super().backward(loss, **kwargs)
-
-    def cd_multiplier(self) -> float:
-        """Warm-up / window / interval factor of the CD update at the
-        current iteration (0 means: no CD at this step)."""
-        cfg = self.cd_cfg
-        cur = self._inner_count - 1  # iteration being finished (0-based)
-        end = cfg['end'] if cfg['end'] is not None else math.inf
-        if not cfg['begin'] <= cur < end:
-            return 0.0
-        if (cur // self._accumulative_counts) % cfg['interval']:
-            return 0.0
-        ramp = 1.0
-        if cfg['warmup_iters'] > 0:
-            ramp = min(1.0, (cur - cfg['begin'] + 1) / cfg['warmup_iters'])
-        return ramp * cfg['interval']
 
     def step(self, **kwargs) -> None:
         steps_before = self._optimizer_steps
@@ -216,45 +190,33 @@ class ColinearityDecayMixin:
                 f'{type(self).__name__}.step() before the model was bound: '
                 'the Runner does it in initialize_count_status(); without '
                 'a Runner call bind_model(model) first')
-        hub = MessageHub.get_current_instance()
-        if self.colinearity_decay is not None:
-            multiplier = self.cd_multiplier()
-            if multiplier > 0:
-                self._log_cd(hub, self.colinearity_decay.step(
-                    self._lr_of, multiplier))
-        if self.spectral_decay is not None:
-            self.spectral_decay.step_done()  # counts towards the SVD refresh
+        iteration = self._inner_count - 1  # the one being finished
+        optimizer_step = iteration // self._accumulative_counts
+        scalars = {}
+        for regularizer in self.regularizers:
+            scalars.update(regularizer.after_step(iteration, optimizer_step))
+        self._log(scalars)
 
-    @staticmethod
-    def _log_cd(hub: MessageHub, stats: Dict) -> None:
-        """Log CD's stats with a single device-to-host copy."""
-        kinds = sorted(stats['alignment'])
-        summary = [stats['update_sq'].sqrt()]
-        for kind in kinds:
-            align = stats['alignment'][kind].float()
-            summary += [align.mean(), align.max()]
-        values = torch.cat([torch.stack(summary).float(),
-                            stats['finite'].float()]).tolist()
-        hub.update_scalar('train/cd_update_norm', values[0])
-        for i, kind in enumerate(kinds):
-            hub.update_scalar(f'train/cd_align_{kind}_mean', values[1 + 2 * i])
-            hub.update_scalar(f'train/cd_align_{kind}_max', values[2 + 2 * i])
-        flags = values[1 + 2 * len(kinds):]
-        skipped = [n for n, ok in zip(stats['names'], flags) if not ok]
-        if skipped:
-            print_log(
-                'Colinearity decay skipped pairs with non-finite values '
-                f'(left unchanged): {", ".join(skipped)}',
-                logger='current', level=logging.WARNING)
+    def _log(self, scalars: Dict[str, torch.Tensor]) -> None:
+        """Log the regularizers' scalars with one device-to-host copy, and
+        their warnings."""
+        if not scalars:
+            return
+        device = next(iter(scalars.values())).device
+        values = torch.stack([v.detach().float().reshape(()).to(device)
+                              for v in scalars.values()]).tolist()
+        logged = dict(zip(scalars, values))
+        hub = MessageHub.get_current_instance()
+        for name, value in logged.items():
+            hub.update_scalar(f'train/{name}', value)
+        for regularizer in self.regularizers:
+            message = regularizer.describe(logged)
+            if message:
+                print_log(message, logger='current', level=logging.WARNING)
 
     # ------------------------------------------------------------ state --
     def _regularizer_state(self) -> Dict:
-        regularizers = {}
-        if self.colinearity_decay is not None:
-            regularizers['cd'] = self.colinearity_decay.state_dict()
-        if self.spectral_decay is not None:
-            regularizers['s2d'] = self.spectral_decay.state_dict()
-        return regularizers
+        return {r.name: r.state_dict() for r in self.regularizers}
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -272,27 +234,36 @@ class ColinearityDecayMixin:
         else:
             self._load_regularizer_state(regularizers)
 
-    def _load_regularizer_state(self, regularizers: Dict) -> None:
-        if self.colinearity_decay is not None and 'cd' in regularizers:
-            self.colinearity_decay.load_state_dict(regularizers['cd'])
-        if self.spectral_decay is not None and 's2d' in regularizers:
-            self.spectral_decay.load_state_dict(regularizers['s2d'])
+    def _load_regularizer_state(self, states: Dict) -> None:
+        for regularizer in self.regularizers:
+            if states.get(regularizer.name):
+                regularizer.load_state_dict(states[regularizer.name])
+
+
+def _check_keys(section: str, given: dict, allowed: set) -> dict:
+    unknown = set(given) - allowed
+    if unknown:
+        raise ValueError(f'{section}: unknown option(s) {sorted(unknown)}; '
+                         f'allowed: {sorted(allowed)}')
+    return dict(given)
 
 
 @OPTIM_WRAPPERS.register_module()
-class ColinearityDecayOptimWrapper(ColinearityDecayMixin, OptimWrapper):
-    """:class:`~mmengine.optim.OptimWrapper` with Colinearity Decay (module
-    docstring: options and formula)."""
+class ColinearityDecayOptimWrapper(RegularizedOptimWrapperMixin,
+                                   OptimWrapper):
+    """:class:`~mmengine.optim.OptimWrapper` with Colinearity Decay and any
+    other registered regularizers (module docstring: options)."""
 
     def __init__(self, optimizer, cd: Optional[dict] = None,
                  pairs: Optional[dict] = None, s2d: Optional[dict] = None,
-                 tweo: Optional[dict] = None, **kwargs):
+                 tweo: Optional[dict] = None,
+                 regularizers: Optional[Sequence[dict]] = None, **kwargs):
         super().__init__(optimizer=optimizer, **kwargs)
-        self._setup_regularizers(cd, pairs, s2d, tweo)
+        self._setup_regularizers(cd, pairs, s2d, tweo, regularizers)
 
 
 @OPTIM_WRAPPERS.register_module()
-class ColinearityDecayAmpOptimWrapper(ColinearityDecayMixin,
+class ColinearityDecayAmpOptimWrapper(RegularizedOptimWrapperMixin,
                                       AmpOptimWrapper):
     """:class:`~mmengine.optim.AmpOptimWrapper` (CUDA/NPU/MLU mixed
     precision) with Colinearity Decay. ``tools/train.py --amp`` picks it for
@@ -302,6 +273,7 @@ class ColinearityDecayAmpOptimWrapper(ColinearityDecayMixin,
 
     def __init__(self, optimizer, cd: Optional[dict] = None,
                  pairs: Optional[dict] = None, s2d: Optional[dict] = None,
-                 tweo: Optional[dict] = None, **kwargs):
+                 tweo: Optional[dict] = None,
+                 regularizers: Optional[Sequence[dict]] = None, **kwargs):
         super().__init__(optimizer=optimizer, **kwargs)
-        self._setup_regularizers(cd, pairs, s2d, tweo)
+        self._setup_regularizers(cd, pairs, s2d, tweo, regularizers)
