@@ -93,7 +93,7 @@ def test_quantiles_are_torch_quantile():
         torch.quantile(x, torch.tensor(ps, dtype=torch.float64), dim=1))
 
 
-def strided_trap(n=1 << 17, stride=8):
+def strided_trap(n, stride=18):
     """Large values exactly where a strided subsample looks, small ones
     elsewhere: the subsample's threshold guess is too high."""
     x = torch.rand(n, dtype=torch.float64, generator=torch.Generator(
@@ -102,14 +102,17 @@ def strided_trap(n=1 << 17, stride=8):
     return x
 
 
-@pytest.mark.parametrize('case', ['relu', 'negative-relu', 'trap', 'float32'])
+@pytest.mark.parametrize('case', ['relu', 'negative-relu', 'trap', 'float32',
+                                  'mixed-rows'])
 def test_quantiles_of_long_rows_are_torch_quantile(case):
     """Rows past the partial-sort shortcut's threshold (65536 values): with
     ties at the tail (a ReLU's zeros), and with a subsample that misleads
     the shortcut, the quantiles stay exact."""
     x = heavy_tailed('student2', 300_000).double()
-    x = {'relu': x.relu(), 'negative-relu': -x.relu(), 'trap': strided_trap(),
-         'float32': x.float()}[case].reshape(1, -1)
+    x = {'relu': x.relu(), 'negative-relu': -x.relu(),
+         'trap': strided_trap(300_000), 'float32': x.float(),
+         'mixed-rows': torch.stack([x, x.relu(), strided_trap(300_000)])
+         }[case].reshape(-1, 300_000)
     ps = [0.999, 0.9999, 0.99999, 0.001, 0.0001, 0.00001]
     # the reference in float64: torch.quantile of a float32 tensor rounds
     # the position p (N - 1) to float32 (0.03 apart at N = 3e5)

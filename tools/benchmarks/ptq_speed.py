@@ -3,9 +3,9 @@
 For the toy Swin Mask R-CNN and for Mask R-CNN Swin-T at its real shapes,
 built from the configs (random init, random images, no data needed), prints
 in one run: the time to calibrate on 32 images (one batch, quantization on,
-as :func:`mmcd.core.quant.calibrate` does; median of ``--repeat`` runs) as a
-ratio of the float model's inference on the same 32 images one by one
-(median per image times 32), and the inference time of the
+as :func:`mmcd.core.quant.calibrate` does) as a ratio of the float model's
+inference on the same 32 images one by one, timed right after it (median of
+``--repeat`` such pairs), and the inference time of the
 quantized model as a ratio of the float model's (backbone + neck + RPN +
 RoI heads through ``model.test_step``-equivalent ``predict``).
 
@@ -73,24 +73,25 @@ def main():
         qcfg = QuantConfig(args.bits, args.bits, args.method)
         batch = torch.cat([images for images, _ in calib])
         batch_samples = [s for _, samples in calib for s in samples]
-        calib_times = []
-        for _ in range(args.repeat):  # a fresh copy each time
+        calib_times, float_times = [], []
+        for _ in range(args.repeat):  # interleaved, so both share drift
             qmodel = quantize_model(copy.deepcopy(model), qcfg)
             start = time.perf_counter()
             with torch.no_grad():
                 calibrate(qmodel, qcfg,
                           lambda: qmodel.predict(batch, batch_samples))
             calib_times.append(time.perf_counter() - start)
-        calib_s = statistics.median(calib_times)
-        fp_all = timed(model, calib, args.repeat) * len(calib)
+            float_times.append(sum(timed(model, [one], 1) for one in calib))
+        runs = list(zip(calib_times, float_times))
+        ratio = statistics.median(c / f for c, f in runs)
         fp = timed(model, evals, args.repeat)
         qt = timed(qmodel, evals, args.repeat)
-        print(f'{name}: calibration {calib_s:.1f} s, float inference of the '
-              f'same {len(calib)} images {fp_all:.1f} s, ratio '
-              f'{calib_s / fp_all:.2f}; eval per image float '
-              f'{fp * 1e3:.0f} ms, quantized {qt * 1e3:.0f} ms, ratio '
-              f'{qt / fp:.2f}')
-
+        print(f'{name}: calibration {statistics.median(calib_times):.1f} s, '
+              f'float inference of the same {len(calib)} images '
+              f'{statistics.median(float_times):.1f} s, ratio {ratio:.2f} '
+              f'(median of {args.repeat} interleaved runs: '
+              f'{", ".join(f"{c / f:.2f}" for c, f in runs)}); eval per image float {fp * 1e3:.0f} ms, quantized '
+              f'{qt * 1e3:.0f} ms, ratio {qt / fp:.2f}')
 
 if __name__ == '__main__':
     main()

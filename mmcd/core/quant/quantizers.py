@@ -120,36 +120,49 @@ def extreme_values(rows: torch.Tensor, k: int,
     (``[R, N]``), sorted from the extreme inward, exactly as
     ``rows.topk(k, sorted=True)``.
 
-    ``topk`` over a long row costs about as much as a full sort of it, so a
-    long row is first cut down (written for the largest; the smallest
+    ``topk`` over a long row costs about as much as a full sort of it, so
+    long rows are first cut down (written for the largest; the smallest
     mirror it): the value ``t`` ranked ``2k N'/N + 16`` in an evenly strided
-    subsample of ``N' ~ 16384`` values is a guess for a threshold below the
-    ``k``-th largest value. If at least ``k`` values are ``> t``, they hold
-    the top ``k`` of the row; if fewer, but enough values equal ``t`` to
-    make up ``k`` (ties, e.g. a ReLU's zeros), the top ``k`` are those
-    ``> t`` followed by copies of ``t``; both exact. Otherwise (``t`` was
-    guessed too extreme) the full ``topk`` runs.
+    subsample of ``N' ~ 16384`` values of a row is a guess for a threshold
+    below its ``k``-th largest value. If at least ``k`` values are ``> t``,
+    they hold the top ``k`` of the row (all rows at once: one comparison,
+    one selection, one ``topk`` of the survivors); if fewer, but enough
+    values equal ``t`` to make up ``k`` (ties, e.g. a ReLU's zeros), the top
+    ``k`` are those ``> t`` followed by copies of ``t``; both exact.
+    Otherwise (``t`` was guessed too extreme) that row's full ``topk`` runs.
     """
-    length = rows.shape[1]
+    num_rows, length = rows.shape
     if length <= _PREFILTER_MIN_LENGTH:
         return rows.topk(k, dim=1, largest=largest, sorted=True).values
-    beyond = torch.gt if largest else torch.lt
-    out = []
-    for row in rows:
-        sample = row[::length // 16384]
-        rank = min(sample.numel(), 2 * k * sample.numel() // length + 16)
-        threshold = sample.topk(rank, largest=largest).values[-1]
-        kept = row[beyond(row, threshold)]
-        if kept.numel() >= k:
-            out.append(kept.topk(k, largest=largest, sorted=True).values)
-        elif int(torch.count_nonzero(row == threshold)) >= k - kept.numel():
-            # ties at the threshold (a ReLU's zeros) fill the rest exactly
-            out.append(torch.cat([
-                kept.sort(descending=largest).values,
-                threshold.expand(k - kept.numel())]))
+    sample = rows[:, ::length // 16384]
+    rank = min(sample.shape[1], 2 * k * sample.shape[1] // length + 16)
+    thresholds = sample.topk(rank, dim=1, largest=largest).values[:, -1:]
+    row_of, column_of = (torch.gt if largest else torch.lt)(
+        rows, thresholds).nonzero(as_tuple=True)
+    survivors = rows[row_of, column_of]  # row by row, in order
+    counts = torch.bincount(row_of, minlength=num_rows)
+    # the survivors of every row, padded to the longest with -inf (+inf)
+    padded = torch.full((num_rows, int(counts.max())),
+                        -math.inf if largest else math.inf,
+                        dtype=rows.dtype, device=rows.device)
+    padded[torch.arange(padded.shape[1], device=rows.device) <
+           counts[:, None]] = survivors
+    out = padded.topk(min(k, padded.shape[1]), dim=1, largest=largest,
+                      sorted=True).values
+    if bool((counts >= k).all()):
+        return out
+    short = [int(i) for i in (counts < k).nonzero()[:, 0]]
+    out = torch.cat([out, out.new_empty(num_rows, k - out.shape[1])], 1)
+    for i in short:
+        row, count, threshold = rows[i], int(counts[i]), thresholds[i]
+        if int(torch.count_nonzero(row == threshold)) >= k - count:
+            # ties at the threshold fill the rest exactly
+            out[i, :count] = padded[i, :count].sort(
+                descending=largest).values
+            out[i, count:] = threshold
         else:
-            out.append(row.topk(k, largest=largest, sorted=True).values)
-    return torch.stack(out)
+            out[i] = row.topk(k, largest=largest, sorted=True).values
+    return out
 
 
 class FakeQuantizer(nn.Module):
@@ -231,19 +244,21 @@ def _for_search(x: torch.Tensor) -> torch.Tensor:
 _CHUNK = 1 << 18
 
 
-def map_in_chunks(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` for an elementwise ``fn`` whose parameters broadcast along
-    the last dimension, computed over chunks of rows of ``x`` viewed as
-    ``[-1, x.shape[-1]]`` (:data:`_CHUNK`). Runs ``fn(x)`` at once when
-    autograd needs the graph."""
+def map_in_chunks(fn, x: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``fn(x, None)`` for an elementwise ``fn(src, out)`` whose parameters
+    broadcast along the last dimension and whose result has ``dtype``,
+    computed over chunks of rows of ``x`` viewed as ``[-1, x.shape[-1]]``
+    (:data:`_CHUNK`), each written by ``fn`` into its slice ``out`` of the
+    result. Runs ``fn(x, None)`` at once when autograd needs the graph."""
     if x.dim() == 0 or x.numel() <= _CHUNK or (
             torch.is_grad_enabled() and x.requires_grad):
-        return fn(x)
+        return fn(x, None)
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(rows)
+    out = torch.empty_like(rows, dtype=dtype)
     step = max(1, _CHUNK // rows.shape[1])
     for src, dst in zip(rows.split(step), out.split(step)):
-        dst.copy_(fn(src))
+        fn(src, dst)
     return out.view(x.shape)
 
 
@@ -342,10 +357,12 @@ class UniformQuantizer(FakeQuantizer):
             zero = torch.where(flat, mm_zero, zero)
         return scale, zero
 
-    def _fake(self, x, scale, zero):
+    def _fake(self, x, scale, zero, out=None):
         """``(clamp(round(x / s) + z, 0, 2^b - 1) - z) s``, in place on one
-        temporary (2.6x faster than a new tensor per op, measured)."""
-        q = torch.div(x, scale).round_().add_(zero).clamp_(0, self.levels)
+        tensor (``out`` if given; 2.6x faster than a new tensor per op,
+        measured)."""
+        q = torch.div(x, scale, out=out).round_().add_(zero).clamp_(
+            0, self.levels)
         return q.sub_(zero).mul_(scale)
 
     def _search(self, rows: torch.Tensor):
@@ -411,12 +428,14 @@ class UniformQuantizer(FakeQuantizer):
             scale, zero = scale.view(shape), zero.view(shape)
             return self._fake_shifted(x, scale, zero, offset)
         return map_in_chunks(
-            lambda part: self._fake_shifted(part, scale, zero, offset), x)
+            lambda part, out: self._fake_shifted(part, scale, zero, offset,
+                                                 out), x,
+            torch.result_type(x, scale))  # half inputs: float32 grid math
 
-    def _fake_shifted(self, x, scale, zero, offset):
+    def _fake_shifted(self, x, scale, zero, offset, out=None):
         if offset.numel():
-            return self._fake(x + offset, scale, zero) - offset
-        return self._fake(x, scale, zero)
+            return self._fake(x + offset, scale, zero, out).sub_(offset)
+        return self._fake(x, scale, zero, out)
 
 
 class _PostSoftmaxQuantizer(FakeQuantizer):
@@ -444,8 +463,11 @@ class _PostSoftmaxQuantizer(FakeQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.delta.to(x.dtype), *self._extra_params())
-        out = map_in_chunks(lambda part: self._fake(part, *params),
-                            x.detach())
+        def fake(part, out):
+            result = self._fake(part, *params)
+            return result if out is None else out.copy_(result)
+
+        out = map_in_chunks(fake, x.detach(), x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return x + (out - x).detach()  # straight-through
         return out
