@@ -5,7 +5,7 @@ import torch
 from mmengine.optim import build_optim_wrapper
 
 from mmcd.core import ColinearityDecay, discover_pairs
-from mmcd.core.pairs import VIT_RULES
+from mmcd.core import VIT_RULES
 from test_cd_optim_wrapper import loss_of
 from test_colinearity import ViT
 

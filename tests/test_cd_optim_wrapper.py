@@ -11,7 +11,7 @@ from mmengine.runner import Runner
 
 from mmcd.core import (ColinearityDecay, ColinearityDecayRegularizer,
                        Regularizer, discover_pairs, register_regularizer)
-from mmcd.core.pairs import VIT_RULES
+from mmcd.core import VIT_RULES
 from mmcd.engine.runner_setup import AMP_VARIANTS
 from conftest import REPO, dist_train, micro_config
 from test_colinearity import ViT

@@ -5,7 +5,7 @@ from torch import nn
 
 from mmcd.core import (ColinearityDecay, PairRule, SpectralNormEstimator,
                        alignment, discover_pairs, penalty_gradients)
-from mmcd.core.pairs import VIT_RULES
+from mmcd.core import VIT_RULES
 
 
 class Attention(nn.Module):
@@ -245,7 +245,7 @@ def test_pair_rule_validation_and_wrong_shapes():
 def test_swin_t_pair_counts_and_heads():
     """mmdet's Swin-T: 12 blocks x 3 kinds, heads from each stage."""
     from mmdet.models.backbones import SwinTransformer
-    from mmcd.core.pairs import SWIN_RULES
+    from mmcd.core import SWIN_RULES
     swin_t = SwinTransformer(embed_dims=96, depths=[2, 2, 6, 2],
                              num_heads=[3, 6, 12, 24])
     pairs = discover_pairs(swin_t, SWIN_RULES + VIT_RULES)

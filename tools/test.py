@@ -15,6 +15,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
+from mmcd.core.quant.methods import QUANT_METHODS
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,
                                       add_quant_hook, check_datasets,
                                       default_work_dir, load_config,
@@ -33,7 +34,8 @@ def parse_args():
         help='post-training quantization before evaluation, e.g. w4a4 '
         '(adds a PostTrainingQuantHook)')
     parser.add_argument('--quant-method', default='repq-vit',
-                        help='minmax, repq-vit or dopq-vit')
+                        help='a registered PTQ method: '
+                        f'{", ".join(QUANT_METHODS)}')
     parser.add_argument('--calib-images', type=int,
                         help='calibration images (default 32)')
     parser.add_argument('--compare-fp', action='store_true',

@@ -1,4 +1,5 @@
-"""Pure-PyTorch core of mmcd: matrix-pair discovery, the regularizer
+"""Pure-PyTorch core of mmcd: one spec per backbone family, matrix-pair
+discovery, the regularizer
 interface with Colinearity Decay and the comparison regularizers, activation
 statistics and (in :mod:`.quant`)
 post-training quantization. Nothing here imports OpenMMLab."""
@@ -9,8 +10,10 @@ from .activation_stats import (ActivationRecorder, StatsAccumulator,
 from .colinearity import (ColinearityDecay, ColinearityDecayRegularizer,
                           SpectralNormEstimator, alignment,
                           colinearity_decay_deltas, penalty_gradients)
-from .pairs import (BUILTIN_RULES, PAIR_KINDS, SWIN_RULES, VIT_RULES,
-                    MatrixPair, PairRule, discover_pairs)
+from .architectures import (ARCHITECTURES, SWIN_RULES, VIT_RULES,
+                            ArchitectureSpec, pair_rules,
+                            register_architecture)
+from .pairs import PAIR_KINDS, MatrixPair, PairRule, discover_pairs
 from .regularizers import (REGULARIZERS, Regularizer, build_regularizer,
                            register_regularizer)
 from .spectral_decay import SelectiveSpectralDecay, SpectralDecayRegularizer
@@ -19,7 +22,9 @@ __all__ = [
     'ActivationRecorder', 'StatsAccumulator', 'probe_points', 'tensor_stats',
     'ActivationPenalty', 'ColinearityDecay', 'SpectralNormEstimator',
     'alignment', 'colinearity_decay_deltas', 'penalty_gradients',
-    'BUILTIN_RULES', 'PAIR_KINDS', 'SWIN_RULES', 'VIT_RULES', 'MatrixPair',
+    'ARCHITECTURES', 'ArchitectureSpec', 'pair_rules',
+    'register_architecture', 'PAIR_KINDS', 'SWIN_RULES', 'VIT_RULES',
+    'MatrixPair',
     'PairRule', 'discover_pairs', 'SelectiveSpectralDecay',
     'ColinearityDecayRegularizer', 'SpectralDecayRegularizer',
     'ActivationPenaltyRegularizer', 'REGULARIZERS', 'Regularizer',

@@ -13,10 +13,9 @@ Transformer block, ``y = B act(A x)``:
 
 Pairs are found by rules on module names: a regular expression for the first
 module (its named groups fill the second module's template), the pair kind,
-and where the head count lives. Built-in rules cover MMDetection's
-``SwinTransformer`` (``attn.w_msa.qkv/proj``, mmcv ``FFN``
-``ffn.layers.0.0/1``) and timm / mmpretrain / mmcd ViT blocks
-(``attn.qkv/proj``, ``mlp.fc1/fc2``). Matrices are exposed as batched views
+and where the head count lives. The built-in rules are part of each
+backbone family's spec (:mod:`mmcd.core.architectures`: MMDetection's
+``SwinTransformer``, timm / mmpretrain / mmcd ViT blocks). Matrices are exposed as batched views
 ``[heads, rows, cols]`` of the parameters' storage, so an in-place update of
 a view updates the model. Pure PyTorch: no OpenMMLab import.
 """
@@ -64,7 +63,7 @@ class PairRule:
                              '`num_heads`')
 
 
-def _attention_rules(attn: str, qkv: str = 'qkv', proj: str = 'proj'):
+def attention_rules(attn: str, qkv: str = 'qkv', proj: str = 'proj'):
     """vo and qk rules for a fused ``{block}.{attn}.{qkv}`` projection and its
     ``{block}.{attn}.{proj}`` output projection."""
     first = rf'(?P<block>.+)\.{re.escape(attn)}\.{qkv}'
@@ -74,24 +73,6 @@ def _attention_rules(attn: str, qkv: str = 'qkv', proj: str = 'proj'):
                  name='{block}.vo'),
         PairRule('qk', first, heads_from=owner, name='{block}.qk'),
     ]
-
-
-#: MMDetection's SwinTransformer: ``SwinBlock.attn.w_msa`` and mmcv's FFN.
-SWIN_RULES = (
-    PairRule('ffn', r'(?P<block>.+)\.ffn\.layers\.0\.0',
-             '{block}.ffn.layers.1', name='{block}.ffn'),
-    *_attention_rules('attn.w_msa'),
-)
-
-#: timm / mmpretrain / mmcd ViT blocks: ``attn.qkv``, ``attn.proj``,
-#: ``mlp.fc1``, ``mlp.fc2``.
-VIT_RULES = (
-    PairRule('ffn', r'(?P<block>.+)\.mlp\.fc1', '{block}.mlp.fc2',
-             name='{block}.ffn'),
-    *_attention_rules('attn'),
-)
-
-BUILTIN_RULES = {'swin': SWIN_RULES, 'vit': VIT_RULES}
 
 
 @dataclass

@@ -8,7 +8,8 @@ products as :class:`~mmcd.core.quant.modules.QuantMatMul`: with quantization
 off the output is the float module's (tested). Recognised by attribute
 layout (``qkv``, ``proj``, ``relative_position_bias_table``,
 ``relative_position_index``, ``window_size``, ``num_heads``, ``scale``), so
-nothing here imports mmdet. Pure PyTorch.
+nothing here imports mmdet; the Swin spec (:mod:`mmcd.core.architectures.
+swin`) maps ``WindowMSA`` to it. Pure PyTorch.
 """
 import torch
 from torch import nn
@@ -71,10 +72,3 @@ class QuantWindowMSA(nn.Module):
             batch, tokens, channels)
         return self.proj_drop(self.proj(out))
 
-
-#: Attention classes (by name) that mmcd can quantize, and their
-#: quantization-aware replacement. Containers that only route to one of them
-#: (Swin's ShiftWindowMSA) need no replacement, nor does attention written
-#: with :class:`~mmcd.core.quant.modules.MatMul` (mmcd's ViTDet).
-QUANT_ATTENTIONS = {'WindowMSA': QuantWindowMSA}
-ATTENTION_CONTAINERS = {'ShiftWindowMSA'}

@@ -24,7 +24,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .attention import ATTENTION_CONTAINERS, QUANT_ATTENTIONS
+from ..architectures import (attention_container_names,
+                             first_layer_pattern, is_attention_container,
+                             quant_attention_for, quant_attention_names)
 from .methods import QUANT_METHODS, QuantMethod, get_method
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .quantizers import SEARCHES, FakeQuantizer, UniformQuantizer, check_bits
@@ -48,7 +50,8 @@ class QuantConfig:
         scope: ``'all'`` or ``'backbone'`` (modules under ``backbone.``).
         skip: regexes of module names left in floating point.
         first_layer_bits: input bits of modules matching
-            ``first_layer_pattern`` (the patch embedding).
+            ``first_layer_pattern`` (default None: the first layers of the
+            registered architecture specs, the patch embedding).
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -56,7 +59,7 @@ class QuantConfig:
     scope: str = 'all'
     skip: Sequence[str] = field(default_factory=tuple)
     first_layer_bits: int = 8
-    first_layer_pattern: str = r'patch_embed'
+    first_layer_pattern: Optional[str] = None
     weight_search: Optional[str] = None
 
     def __post_init__(self):
@@ -102,31 +105,33 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if any(isinstance(m, FakeQuantizer) for m in model.modules()):
         raise ValueError('model is already quantized; quantize a float copy')
     method = cfg.spec
+    first_layer = cfg.first_layer_pattern or first_layer_pattern()
     for name, module in list(model.named_modules()):
         if not name or not _in_scope(name, cfg):
             continue
         kind = type(module).__name__
-        if kind in QUANT_ATTENTIONS:
-            _set_module(model, name, QUANT_ATTENTIONS[kind](
-                module, cfg.a_bits, method))
+        replacement = quant_attention_for(name, module)
+        if replacement is not None:
+            _set_module(model, name, replacement(module, cfg.a_bits, method))
         elif isinstance(module, MatMul):
             _set_module(model, name, QuantMatMul.for_role(
                 module.role, cfg.a_bits, method))
-        elif ATTENTION_NAME.search(kind) and kind not in \
-                ATTENTION_CONTAINERS and not any(
+        elif ATTENTION_NAME.search(kind) and not is_attention_container(
+                module) and not any(
                     isinstance(m, MatMul) for m in module.children()):
             raise ValueError(
                 f'cannot quantize attention module {name} ({kind}): its '
                 'matmuls are computed inline. Supported: attention written '
                 'with mmcd.core.quant.MatMul, '
-                f'{", ".join(sorted(QUANT_ATTENTIONS))} (containers: '
-                f'{", ".join(sorted(ATTENTION_CONTAINERS))}); skip it with '
+                f'{", ".join(quant_attention_names())} (containers: '
+                f'{", ".join(attention_container_names())}; both from the '
+                'architecture specs, mmcd.core.architectures); skip it with '
                 f"skip=[r'{re.escape(name)}'] or scope='backbone'")
     for name, module in list(model.named_modules()):
         if not name or not _in_scope(name, cfg):
             continue
         a_bits = cfg.first_layer_bits if re.search(
-            cfg.first_layer_pattern, name) else cfg.a_bits
+            first_layer, name) else cfg.a_bits
         if isinstance(module, nn.Linear) and not isinstance(module,
                                                              QuantLinear):
             _set_module(model, name, QuantLinear.from_float(

@@ -46,24 +46,15 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-#: (LayerNorm, next Linear) name patterns; ``{p}`` is the shared prefix.
-REPARAM_RULES = (
-    # mmdet Swin: attention, FFN, patch merging
-    (r'(?P<p>.+)\.norm1', '{p}.attn.w_msa.qkv'),
-    (r'(?P<p>.+)\.norm2', '{p}.ffn.layers.0.0'),
-    (r'(?P<p>.+)\.downsample\.norm', '{p}.downsample.reduction'),
-    # timm / mmpretrain / mmcd ViT blocks
-    (r'(?P<p>.+)\.norm1', '{p}.attn.qkv'),
-    (r'(?P<p>.+)\.norm2', '{p}.mlp.fc1'),
-)
-
+from ..architectures import reparam_rules
 
 def find_norm_linear_pairs(model: nn.Module) -> List[Tuple[str, str]]:
-    """(LayerNorm name, Linear name) pairs of ``model`` that the rules
-    find."""
+    """(LayerNorm name, Linear name) pairs of ``model`` that the
+    architecture specs' reparameterization rules find
+    (:mod:`mmcd.core.architectures`)."""
     modules = dict(model.named_modules())
     pairs = []
-    for norm_pat, lin_tpl in REPARAM_RULES:
+    for norm_pat, lin_tpl in reparam_rules():
         for name, mod in modules.items():
             match = re.fullmatch(norm_pat, name)
             if match is None or not isinstance(mod, nn.LayerNorm):

@@ -27,14 +27,15 @@ from mmengine.registry import HOOKS
 
 from mmcd.core.activation_stats import ActivationRecorder, probe_points
 from mmcd.core.colinearity import alignment
-from mmcd.core.pairs import BUILTIN_RULES, discover_pairs
+from mmcd.core.architectures import pair_rules
+from mmcd.core.pairs import discover_pairs
 from ..calibration import run_test_steps
 
 
 def model_pairs(model: torch.nn.Module):
-    """CD's pairs of a model (built-in rules), for statistics."""
-    rules = [r for rule_set in BUILTIN_RULES.values() for r in rule_set]
-    pairs = discover_pairs(model, rules)
+    """CD's pairs of a model (the rules of every architecture spec), for
+    statistics."""
+    pairs = discover_pairs(model, pair_rules())
     if not pairs:
         raise ValueError('no Transformer blocks found: the activation '
                          'statistics follow CD\'s built-in pair rules')

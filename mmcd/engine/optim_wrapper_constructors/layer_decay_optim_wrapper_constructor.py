@@ -1,6 +1,5 @@
 """Layer-wise learning-rate decay for plain-ViT detectors (ViTDet, after
 BEiT / MAE fine-tuning practice)."""
-import re
 from typing import Dict, Tuple
 
 from mmengine.logging import print_log
@@ -9,38 +8,35 @@ from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import (OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
                                OPTIMIZERS)
 
-NO_DECAY_NAMES = ('pos_embed', 'rel_pos_h', 'rel_pos_w')
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for the patch embedding and position embedding, ``i + 1`` for
-    ``backbone.blocks.i``, ``num_layers`` for everything after the
-    backbone's blocks (neck, heads)."""
-    if name.startswith(('backbone.patch_embed', 'backbone.pos_embed')):
-        return 0
-    match = re.match(r'backbone\.blocks\.(\d+)\.', name)
-    return int(match.group(1)) + 1 if match else num_layers
-
+from mmcd.core.architectures import get_architectures
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """``lr = base_lr * decay_rate ** (num_layers - layer_id)`` with
     ``num_layers = len(backbone.blocks) + 1``: the deepest layers (and the
     neck and heads) train at ``base_lr``, the patch embedding at
-    ``base_lr * decay_rate ** num_layers``. Biases, norms and position
-    embeddings (``pos_embed``, ``rel_pos_*``) and QAT's quantizer steps and
-    offsets (0-d or 1-d) get no weight decay.
+    ``base_lr * decay_rate ** num_layers``. Biases, norms and the
+    architecture's no-decay parameters (ViT: ``pos_embed``, ``rel_pos_*``)
+    and QAT's quantizer steps and offsets (0-d or 1-d) get no weight decay.
+    Layer ids and no-decay names come from the architecture spec
+    (:mod:`mmcd.core.architectures`; ``vit``: ``backbone.blocks.<i>``).
 
-    ``paramwise_cfg=dict(decay_rate=0.7)``; any optim wrapper type works
-    (``ColinearityDecayOptimWrapper`` included).
+    ``paramwise_cfg=dict(decay_rate=0.7, architecture='vit')``; any optim
+    wrapper type works (``ColinearityDecayOptimWrapper`` included).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg=None):
         paramwise_cfg = dict(paramwise_cfg or {})
         self.decay_rate = float(paramwise_cfg.pop('decay_rate', 0.7))
+        self.spec = get_architectures(
+            [paramwise_cfg.pop('architecture', 'vit')])[0]
         if paramwise_cfg:
             raise ValueError('LayerDecayOptimWrapperConstructor takes only '
-                             f'decay_rate, got {sorted(paramwise_cfg)}')
+                             'decay_rate and architecture, got '
+                             f'{sorted(paramwise_cfg)}')
+        if self.spec.layer_id is None:
+            raise ValueError(f'architecture {self.spec.name!r} defines no '
+                             'layer ids for layer-wise lr decay')
         if not 0 < self.decay_rate <= 1:
             raise ValueError(f'decay_rate must be in (0, 1], got '
                              f'{self.decay_rate}')
@@ -58,8 +54,9 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            lid = layer_id(name, num_layers)
-            no_decay = param.ndim <= 1 or name.endswith(NO_DECAY_NAMES)
+            lid = self.spec.layer_id(name, num_layers)
+            no_decay = param.ndim <= 1 or name.endswith(
+                self.spec.no_decay_names)
             group = groups.setdefault((lid, no_decay), dict(
                 params=[],
                 lr=self.base_lr * self.decay_rate**(num_layers - lid),

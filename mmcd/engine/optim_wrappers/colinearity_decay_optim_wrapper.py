@@ -29,7 +29,8 @@ Args (besides those of the wrapped class):
         (subset of ``('ffn', 'vo', 'qk')``), ``include`` / ``exclude``
         (regexes on pair names such as ``backbone.stages.0.blocks.1.ffn``),
         ``rules`` (extra :class:`~mmcd.core.pairs.PairRule` dicts),
-        ``builtin`` (built-in rule sets, default ``('swin', 'vit')``).
+        ``builtin`` (the architecture specs whose pair rules apply, default
+        all registered: ``('swin', 'vit')``, :mod:`mmcd.core.architectures`).
     s2d (dict, optional): Selective Spectral Decay on the pairs' matrices,
         a loss term (through the optimizer, as the S2D paper): ``strength``,
         ``tau``, ``max_rank``, ``svd_interval``, ``power``.
@@ -56,8 +57,9 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from mmcd.core.pairs import (BUILTIN_RULES, PAIR_KINDS, PairRule,
-                             describe_no_pairs, discover_pairs)
+from mmcd.core.architectures import ARCHITECTURES, pair_rules
+from mmcd.core.pairs import (PAIR_KINDS, PairRule, describe_no_pairs,
+                             discover_pairs)
 from mmcd.core.regularizers import (REGULARIZERS, Regularizer,
                                     build_regularizer)
 
@@ -100,16 +102,13 @@ class RegularizedOptimWrapperMixin:
             build_regularizer(cfg) for cfg in configs]
         self.pairs_cfg = {
             **dict(kinds=PAIR_KINDS, include=(), exclude=(), rules=(),
-                   builtin=tuple(BUILTIN_RULES)),
+                   builtin=tuple(ARCHITECTURES)),
             **_check_keys('pairs', pairs or {}, PAIR_KEYS)
         }
-        unknown = set(self.pairs_cfg['builtin']) - set(BUILTIN_RULES)
-        if unknown:
-            raise ValueError(f'pairs.builtin: unknown rule sets '
-                             f'{sorted(unknown)}; known: '
-                             f'{sorted(BUILTIN_RULES)}')
-        self.pair_rules = [r for name in self.pairs_cfg['builtin']
-                           for r in BUILTIN_RULES[name]]
+        try:
+            self.pair_rules = pair_rules(self.pairs_cfg['builtin'])
+        except ValueError as err:
+            raise ValueError(f'pairs.builtin: {err}') from None
         self.pair_rules += [r if isinstance(r, PairRule) else PairRule(**r)
                             for r in self.pairs_cfg['rules']]
         self.matrix_pairs = None

@@ -1,0 +1,38 @@
+"""Plain ViT blocks of timm, mmpretrain and mmcd's ViTDet: ``attn.qkv``
+(fused), ``attn.proj``, ``mlp.fc1`` -> ``mlp.fc2``, ``norm1`` / ``norm2``,
+``patch_embed`` first; layer ids for layer-wise lr decay from
+``backbone.blocks.<i>``. Attention written with
+:class:`mmcd.core.quant.MatMul` (mmcd's ViTDet) needs no replacement."""
+import re
+
+from ..pairs import PairRule, attention_rules
+from . import ArchitectureSpec, register_architecture
+
+VIT_RULES = (
+    PairRule('ffn', r'(?P<block>.+)\.mlp\.fc1', '{block}.mlp.fc2',
+             name='{block}.ffn'),
+    *attention_rules('attn'),
+)
+
+
+def vit_layer_id(name: str, num_layers: int):
+    """0 for the patch and position embeddings, ``i + 1`` for
+    ``backbone.blocks.i``, ``num_layers`` for everything after the blocks
+    (neck, heads)."""
+    if name.startswith(('backbone.patch_embed', 'backbone.pos_embed')):
+        return 0
+    match = re.match(r'backbone\.blocks\.(\d+)\.', name)
+    return int(match.group(1)) + 1 if match else num_layers
+
+
+VIT = register_architecture(ArchitectureSpec(
+    name='vit',
+    pair_rules=VIT_RULES,
+    reparam_rules=(
+        (r'(?P<p>.+)\.norm1', '{p}.attn.qkv'),
+        (r'(?P<p>.+)\.norm2', '{p}.mlp.fc1'),
+    ),
+    first_layer=r'patch_embed',
+    layer_id=vit_layer_id,
+    no_decay_names=('pos_embed', 'rel_pos_h', 'rel_pos_w'),
+))
