@@ -44,10 +44,13 @@ from mmcd.visualization import (plot_alignment, plot_histogram,
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY = osp.join(REPO, 'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py')
-#: optim wrapper of each training, on top of the toy config's AdamW
+TOY_CD = TOY.replace('toy-coco.py', 'toy-coco_cd.py')
+#: optim wrapper of each training, on top of the toy config's AdamW; CD as
+#: the toy CD config has it
 TRAININGS = {
     'baseline': dict(type='OptimWrapper'),
-    'cd': dict(type='ColinearityDecayOptimWrapper', cd=dict(strength=2.0)),
+    'cd': dict(type='ColinearityDecayOptimWrapper',
+               cd=Config.fromfile(TOY_CD).optim_wrapper.cd.to_dict()),
     's2d': dict(type='ColinearityDecayOptimWrapper',
                 s2d=dict(strength=5e-4)),
     'tweo': dict(type='ColinearityDecayOptimWrapper',
