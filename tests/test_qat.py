@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from mmcd.core.quant import (LsqActQuantizer, LsqWeightQuantizer, MatMul,
-                             OscillationTracker, QATConfig, QKReparam,
+from mmcd.core.quant import (QAT_METHODS, LsqActQuantizer,
+                             LsqWeightQuantizer, MatMul, OscillationTracker,
+                             QATConfig, QATMethod, QKReparam,
                              StatsWeightQuantizer, activate_qat,
                              freeze_confident_weights, initialize_qat,
-                             prepare_qat, quantizers, restore_frozen_weights)
+                             prepare_qat, quantizers, register_qat_method,
+                             restore_frozen_weights)
 from mmcd.core.quant.qat import trainable_weight_layers
 from mmcd.models.backbones.vit_det import Attention, ViTDet
 
@@ -320,12 +322,30 @@ def test_oscillation_tracker_counts_weights_that_changed_level():
     assert tracker.pop_fraction() == 0.0  # a new window
 
 
+def test_a_registered_qat_method_is_one_object():
+    """LSQ weights with OFQ's query-key reparameterization, by name."""
+    method = register_qat_method(QATMethod('test-lsq-qk', 'lsq',
+                                           qk_reparam=True))
+    try:
+        model = TinyViT()
+        prepare_qat(model, QATConfig(4, 4, 'test-lsq-qk'))
+        attn = model.backbone.blocks[0].attn
+        assert isinstance(attn.qk_reparam.weight_quantizer,
+                          LsqWeightQuantizer)
+        assert isinstance(attn.qkv.weight_quantizer, LsqWeightQuantizer)
+    finally:
+        QAT_METHODS.pop(method.name)
+    with pytest.raises(ValueError, match='weight_quantizer must be one of'):
+        QATMethod('pact', 'pact')
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match='bits must be an integer in 2..8'):
         QATConfig(9, 4)
     with pytest.raises(ValueError, match='bits must be an integer in 2..8'):
         QATConfig(4, 1)
-    with pytest.raises(ValueError, match='unknown QAT method'):
+    with pytest.raises(ValueError, match="unknown QAT method 'pact'; "
+                       'registered: lsq, ofq'):
         QATConfig(4, 4, 'pact')
     with pytest.raises(ValueError, match='needs a QAT model'):
         freeze_confident_weights(TinyViT())

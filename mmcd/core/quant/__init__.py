@@ -4,8 +4,10 @@ from .attention import QuantWindowMSA
 from .convert import (METHODS, QuantConfig, calibrate, quantize_model,
                       quantizers, set_quant_state)
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
-from .qat import (QAT_METHODS, OscillationTracker, QATConfig, activate_qat,
-                  freeze_confident_weights, initialize_qat, prepare_qat,
+from .methods import QuantMethod, get_method, register_method
+from .qat import (QAT_METHODS, OscillationTracker, QATConfig, QATMethod,
+                  activate_qat, freeze_confident_weights, get_qat_method,
+                  initialize_qat, prepare_qat, register_qat_method,
                   restore_frozen_weights)
 from .qat_quantizers import (LsqActQuantizer, LsqWeightQuantizer,
                              StatsWeightQuantizer)
@@ -21,5 +23,7 @@ __all__ = [
     'target_params', 'QAT_METHODS', 'OscillationTracker', 'QATConfig',
     'activate_qat', 'freeze_confident_weights', 'initialize_qat',
     'prepare_qat', 'restore_frozen_weights', 'LsqActQuantizer',
-    'LsqWeightQuantizer', 'StatsWeightQuantizer', 'QKReparam'
+    'LsqWeightQuantizer', 'StatsWeightQuantizer', 'QKReparam', 'QuantMethod',
+    'get_method', 'register_method', 'QATMethod', 'get_qat_method',
+    'register_qat_method'
 ]

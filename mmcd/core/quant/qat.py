@@ -44,12 +44,57 @@ from torch import nn
 
 from .convert import QuantConfig, calibrate, quantize_model, quantizers
 from .modules import QuantConv2d, QuantLinear
-from .qat_quantizers import (LsqActQuantizer, TrainableWeightQuantizer,
-                             make_weight_quantizer)
+from .qat_quantizers import (WEIGHT_QUANTIZERS, LsqActQuantizer,
+                             TrainableWeightQuantizer)
 from .qk_reparam import QKReparam
 from .quantizers import UniformQuantizer
 
-QAT_METHODS = ('lsq', 'ofq')
+
+
+@dataclass(frozen=True)
+class QATMethod:
+    """A QAT method: its trainable weight quantizer (a name of
+    :data:`~mmcd.core.quant.qat_quantizers.WEIGHT_QUANTIZERS`; activations
+    are LSQ+ in both), and its defaults for query-key reparameterization
+    and confidence-guided annealing (``cga``: options or None).
+    :func:`register_qat_method` adds one."""
+    name: str
+    weight_quantizer: str
+    qk_reparam: bool = False
+    cga: Optional[Dict] = None
+
+    def __post_init__(self):
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ValueError(f'{self.name}: weight_quantizer must be one of '
+                             f'{sorted(WEIGHT_QUANTIZERS)}')
+
+    def make_weight_quantizer(self, bits: int, channels: int):
+        return WEIGHT_QUANTIZERS[self.weight_quantizer](bits, channels)
+
+
+QAT_METHODS: Dict[str, QATMethod] = {}
+
+
+def register_qat_method(method: QATMethod) -> QATMethod:
+    if method.name in QAT_METHODS:
+        raise ValueError(f'QAT method {method.name!r} is registered already')
+    QAT_METHODS[method.name] = method
+    return method
+
+
+def get_qat_method(name: str) -> QATMethod:
+    if name not in QAT_METHODS:
+        raise ValueError(f'unknown QAT method {name!r}; registered: '
+                         f'{", ".join(QAT_METHODS)}')
+    return QAT_METHODS[name]
+
+
+#: LSQ (Esser et al., ICLR 2020): learned steps for weights and activations
+register_qat_method(QATMethod('lsq', 'lsq'))
+#: OFQ (Liu et al., ICML 2023): StatsQ weights, query-key
+#: reparameterization, CGA over the last 10% of training
+register_qat_method(QATMethod('ofq', 'statsq', qk_reparam=True,
+                              cga=dict(begin=0.9)))
 
 
 @dataclass
@@ -58,12 +103,13 @@ class QATConfig:
 
     Args:
         w_bits, a_bits: 2..8.
-        method: ``'lsq'`` (LSQ weights and LSQ+ activations) or ``'ofq'``
-            (StatsQ weights, LSQ+ activations, query-key reparameterization).
+        method: a registered QAT method (:class:`QATMethod`): ``'lsq'``
+            (LSQ weights and LSQ+ activations) or ``'ofq'`` (StatsQ weights,
+            LSQ+ activations, query-key reparameterization, CGA).
         init: the PTQ method whose calibration initialises the quantizers
             (``'minmax'``, ``'repq-vit'`` or ``'dopq-vit'``).
-        qk_reparam: quantize ``W_Q^T W_K`` per head (default: on for
-            ``'ofq'``).
+        qk_reparam: quantize ``W_Q^T W_K`` per head (default: the method's,
+            on for ``'ofq'``).
         scope, skip, first_layer_bits: as in :class:`QuantConfig`.
     """
     w_bits: int = 4
@@ -76,16 +122,18 @@ class QATConfig:
     first_layer_bits: int = 8
 
     def __post_init__(self):
-        if self.method not in QAT_METHODS:
-            raise ValueError(f'unknown QAT method {self.method!r}; known: '
-                             f'{", ".join(QAT_METHODS)}')
+        spec = get_qat_method(self.method)
         if self.qk_reparam is None:
-            self.qk_reparam = self.method == 'ofq'
+            self.qk_reparam = spec.qk_reparam
         self.ptq_config()  # validates bits, init method, scope
 
     @property
+    def spec(self) -> QATMethod:
+        return get_qat_method(self.method)
+
+    @property
     def weight_quantizer(self) -> str:
-        return 'statsq' if self.method == 'ofq' else 'lsq'
+        return self.spec.weight_quantizer
 
     def ptq_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.init, self.scope,
@@ -111,8 +159,8 @@ def prepare_qat(model: nn.Module, cfg: QATConfig) -> Dict[str, int]:
     layers = [m for m in model.modules()
               if isinstance(m, (QuantLinear, QuantConv2d))]
     for layer in layers:
-        layer.weight_quantizer = make_weight_quantizer(
-            cfg.weight_quantizer, cfg.w_bits, layer.weight.shape[0])
+        layer.weight_quantizer = cfg.spec.make_weight_quantizer(
+            cfg.w_bits, layer.weight.shape[0])
     attentions = 0
     if cfg.qk_reparam:
         for module in model.modules():
@@ -120,8 +168,8 @@ def prepare_qat(model: nn.Module, cfg: QATConfig) -> Dict[str, int]:
                 channels = module.qkv.in_features
                 module.qk_reparam = QKReparam(
                     module.qkv, module.num_heads,
-                    make_weight_quantizer(cfg.weight_quantizer, cfg.w_bits,
-                                          module.num_heads * channels))
+                    cfg.spec.make_weight_quantizer(
+                        cfg.w_bits, module.num_heads * channels))
                 attentions += 1
         if not attentions:
             raise ValueError(

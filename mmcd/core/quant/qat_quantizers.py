@@ -220,13 +220,8 @@ class StatsWeightQuantizer(TrainableWeightQuantizer):
             self._rows(w))
 
 
-WEIGHT_QUANTIZERS = {'lsq': LsqWeightQuantizer, 'statsq': StatsWeightQuantizer}
-
-
-def make_weight_quantizer(kind: str, bits: int, channels: int):
-    if kind == 'lsq':
-        return LsqWeightQuantizer(bits, channels)
-    if kind == 'statsq':
-        return StatsWeightQuantizer(bits)
-    raise ValueError(f"weight quantizer must be one of "
-                     f"{sorted(WEIGHT_QUANTIZERS)}, got {kind!r}")
+#: trainable weight quantizers by name: ``factory(bits, out_channels)``
+WEIGHT_QUANTIZERS = {
+    'lsq': LsqWeightQuantizer,
+    'statsq': lambda bits, channels: StatsWeightQuantizer(bits),
+}

@@ -98,7 +98,7 @@ class QuantAwareTrainingHook(Hook):
                                  scope, tuple(skip), first_layer_bits)
         self.calib = CalibrationOptions.from_dict(calib)
         if cga == 'default':
-            cga = dict(begin=0.9) if method == 'ofq' else None
+            cga = self.qat_cfg.spec.cga
         self.cga = None
         if cga is not None:
             cga = dict(cga)
