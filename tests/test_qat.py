@@ -20,9 +20,8 @@ from mmcd.models.backbones.vit_det import Attention, ViTDet
 
 def test_lsq_act_quantizer_ste_gradients():
     q = LsqActQuantizer(2)  # levels 0..3
-    q._set(torch.tensor(0.5), torch.tensor(1.0))  # step .5, offset -.5
+    q.set_params(torch.tensor(0.5), torch.tensor(1.0))  # step .5, offset -.5
     assert q.step.item() == 0.5 and q.offset.item() == -0.5
-    q.set_state('quant')
     x = torch.tensor([-1.0, 0.3, 2.0], requires_grad=True)
     out = q(x)
     # u = (x + .5) / .5 = [-1, 1.6, 5] -> clamp [0, 1.6, 3] -> round [0, 2, 3]
@@ -58,9 +57,8 @@ def test_lsq_plus_function_matches_the_autograd_composition():
 
 def test_lsq_act_quantizer_keeps_repq_channel_shift():
     q = LsqActQuantizer(8)
-    q._set(torch.tensor(0.01), torch.tensor(128.0))
-    q.channel_offset = torch.tensor([0.0, 3.0])
-    q.set_state('quant')
+    q.set_params(torch.tensor(0.01), torch.tensor(128.0),
+                 channel_offset=torch.tensor([0.0, 3.0]))
     x = torch.tensor([[0.2, -2.9]])
     # the shift moves channel 1 into range and is removed afterwards
     torch.testing.assert_close(q(x), x, atol=0.005, rtol=0)

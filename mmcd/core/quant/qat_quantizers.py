@@ -80,7 +80,8 @@ class LsqPlusFunction(torch.autograd.Function):
 
 class LsqActQuantizer(UniformQuantizer):
     """Learnable per-tensor activation quantizer (LSQ+), calibrated like
-    :class:`UniformQuantizer` (``search`` ``'minmax'`` or ``'mse'``)."""
+    :class:`UniformQuantizer` (with its ``search``); ``set_params`` sets the
+    step ``s`` and the offset ``-z s``."""
     trainable = True
 
     def __init__(self, bits: int, search: str = 'minmax'):
