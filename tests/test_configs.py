@@ -25,7 +25,9 @@ MMDET_SWIN = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', 'swin',
                          ids=[osp.relpath(p, REPO) for p in CONFIGS])
 def test_config_loads(path):
     cfg = Config.fromfile(path)
-    assert cfg.model.type == 'MaskRCNN'
+    detector = cfg.model.detector if cfg.model.type == 'QATDetector' \
+        else cfg.model
+    assert detector.type == 'MaskRCNN'
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'
 
 
@@ -83,15 +85,15 @@ def test_real_cd_configs_build(name, backbone):
     ('qat/vitdet_mask-rcnn_vit-b_cd_w4a4_ofq.py', 12),
 ])
 def test_real_qat_configs_convert(name, attentions):
-    from mmcd.core.quant import prepare_qat
     from mmcd.engine.hooks import QuantAwareTrainingHook
     init_default_scope('mmdet')
     cfg = Config.fromfile(osp.join(REPO, 'configs', name))
-    cfg.model.backbone.init_cfg = None  # no download
-    model = MODELS.build(cfg.model)
+    cfg.model.detector.backbone.init_cfg = None  # no download
+    model = MODELS.build(cfg.model)  # QATDetector: converted when built
+    assert model.qat_config.qk_reparam == bool(attentions)
+    assert sum(getattr(m, 'qk_reparam', None) is not None
+               for m in model.modules()) == attentions
     hook_cfg = dict(cfg.custom_hooks[0])
     assert hook_cfg.pop('type') == 'QuantAwareTrainingHook'
-    hook = QuantAwareTrainingHook(**hook_cfg)
-    summary = prepare_qat(model, hook.qat_cfg)
-    assert summary['qk_reparam'] == attentions
+    QuantAwareTrainingHook(**hook_cfg)
     assert cfg.load_from.endswith('.pth')

@@ -12,14 +12,17 @@ from conftest import REPO, dist_train, micro_config
 
 CD_CONFIG = osp.join(REPO, 'configs', 'toy',
                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
-HOOK = dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
-            calib=dict(num_images=2), cga=dict(begin=0.5),
-            oscillation_window=2)
+HOOK = dict(type='QuantAwareTrainingHook', calib=dict(num_images=2),
+            cga=dict(begin=0.5), oscillation_window=2)
+QAT = dict(w_bits=4, a_bits=4, method='ofq')
 
 
 def qat_config(data_root, work_dir, max_epochs, **overrides):
     cfg = micro_config(data_root, work_dir, base=CD_CONFIG,
                        max_epochs=max_epochs)
+    cfg.model = dict(type='QATDetector', detector=cfg.model, qat=QAT)
+    cfg.optim_wrapper.paramwise_cfg.custom_keys['quantizer.'] = dict(
+        decay_mult=0.0)
     cfg.custom_hooks = [dict(HOOK, **overrides)]
     return cfg
 
@@ -102,8 +105,8 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
 
 
 @pytest.mark.parametrize('kwargs,message', [
-    (dict(w_bits=9), 'bits must be an integer in 2..8'),
-    (dict(method='pact'), 'unknown QAT method'),
+    (dict(w_bits=4), r'w_bits belong to the model now: model = dict\('
+     r"_delete_=True, type='QATDetector'"),
     (dict(cga=dict(begin=1.5)), 'cga.begin is a fraction'),
     (dict(cga=dict(boundary_range=0)), r'cga.boundary_range must be in'),
     (dict(cga=dict(boundary_range=0.5)), r'in \(0, 0.5\)'),
@@ -119,9 +122,9 @@ def test_bad_hook_configs(kwargs, message):
 
 
 def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):
-    """tools/dist_train.sh with 2 gloo processes: QAT rebuilds
-    the DDP wrapper, calibrates on the same images on every rank and
-    anneals; both ranks end with the same weights, quantizer parameters
+    """tools/dist_train.sh with 2 gloo processes: the converted model is
+    wrapped for DDP, calibrated on the same images on every rank and
+    annealed; both ranks end with the same weights, quantizer parameters
     and CGA masks."""
     cfg = qat_config(micro_data_root, tmp_path, max_epochs=2)
     cfg.custom_imports = dict(imports=['mmcd', 'rank_state_hook'],
@@ -138,3 +141,31 @@ def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):
     assert masks and any(states[0][k].any() for k in masks)
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+@pytest.mark.parametrize('qat,message', [
+    (dict(w_bits=9), 'bits must be an integer in 2..8'),
+    (dict(method='pact'), "unknown QAT method 'pact'; registered: lsq, ofq"),
+    (dict(bits=4), r"QATDetector qat: unknown option\(s\) \['bits'\]"),
+])
+def test_bad_qat_detector_configs(qat, message):
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    detector = Config.fromfile(CD_CONFIG).model
+    with pytest.raises(ValueError, match=message):
+        MODELS.build(dict(type='QATDetector', detector=detector, qat=qat))
+
+
+def test_hook_refuses_a_float_model_and_decayed_steps(micro_data_root,
+                                                       tmp_path):
+    cfg = qat_config(micro_data_root, tmp_path / 'float', max_epochs=1)
+    cfg.model = cfg.model.detector  # the hook without QATDetector
+    with pytest.raises(ValueError, match='needs a model converted for QAT'):
+        Runner.from_cfg(cfg).train()
+    cfg = qat_config(micro_data_root, tmp_path / 'decay', max_epochs=1)
+    del cfg.optim_wrapper.paramwise_cfg.custom_keys['quantizer.']
+    with pytest.raises(ValueError, match=r"quantizer parameter\(s\) \(e\.g\. "
+                       r".+quantizer\.(step|offset)\) get weight decay"):
+        Runner.from_cfg(cfg).train()

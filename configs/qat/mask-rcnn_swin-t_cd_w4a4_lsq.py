@@ -2,7 +2,4 @@
 # steps, no query-key reparameterization, no annealing) of Mask R-CNN Swin-T
 # trained with CD: the common QAT baseline to compare OFQ with.
 _base_ = './mask-rcnn_swin-t_cd_w4a4_ofq.py'
-custom_hooks = [
-    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='lsq',
-         init='repq-vit', calib=dict(num_images=32))
-]
+model = dict(qat=dict(method='lsq'))

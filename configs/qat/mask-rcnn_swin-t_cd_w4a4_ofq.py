@@ -9,7 +9,14 @@
 # schedule is the inherited 1x one (an untuned starting point).
 _base_ = '../cd/mask-rcnn_swin-t_cd.py'
 load_from = 'work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth'
+model = dict(
+    _delete_=True,
+    type='QATDetector',
+    detector={{_base_.model}},
+    qat=dict(w_bits=4, a_bits=4, method='ofq', init='repq-vit'))
+# the learned quantizer steps and offsets get no weight decay
+optim_wrapper = dict(paramwise_cfg=dict(
+    custom_keys={'quantizer.': dict(decay_mult=0.)}))
 custom_hooks = [
-    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
-         init='repq-vit', calib=dict(num_images=32))
+    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32))
 ]

@@ -4,7 +4,12 @@
 #       --cfg-options load_from=work_dirs/vitdet_mask-rcnn_vit-b_cd/iter_184375.pth
 _base_ = '../cd/vitdet_mask-rcnn_vit-b_cd.py'
 load_from = 'work_dirs/vitdet_mask-rcnn_vit-b_cd/iter_184375.pth'
+# (layer-wise lr decay exempts the quantizers' 0-d/1-d steps from decay)
+model = dict(
+    _delete_=True,
+    type='QATDetector',
+    detector={{_base_.model}},
+    qat=dict(w_bits=4, a_bits=4, method='ofq', init='repq-vit'))
 custom_hooks = [
-    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
-         init='repq-vit', calib=dict(num_images=32))
+    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32))
 ]

@@ -10,10 +10,17 @@ load_from = 'work_dirs/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco/epoch_12.pth'
 max_epochs = 2
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = []
-optim_wrapper = dict(optimizer=dict(lr=4e-5))
+model = dict(
+    _delete_=True,
+    type='QATDetector',
+    detector={{_base_.model}},
+    qat=dict(w_bits=4, a_bits=4, method='ofq', init='repq-vit'))
+# the learned quantizer steps and offsets get no weight decay
+optim_wrapper = dict(
+    optimizer=dict(lr=4e-5),
+    paramwise_cfg=dict(custom_keys={'quantizer.': dict(decay_mult=0.)}))
 default_hooks = dict(checkpoint=dict(interval=1))
 custom_hooks = [
-    dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4, method='ofq',
-         init='repq-vit', calib=dict(num_images=16), cga=dict(begin=0.75),
-         oscillation_window=8)
+    dict(type='QuantAwareTrainingHook', calib=dict(num_images=16),
+         cga=dict(begin=0.75), oscillation_window=8)
 ]

@@ -166,10 +166,14 @@ def run_qat(args, training, checkpoint, bits):
     cfg.optim_wrapper.optimizer.lr /= 10
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
                                         interval=epochs)
+    cfg.model = dict(type='QATDetector', detector=cfg.model,
+                     qat=dict(w_bits=bits, a_bits=bits,
+                              method=args.qat_method))
+    cfg.optim_wrapper.paramwise_cfg.custom_keys['quantizer.'] = dict(
+        decay_mult=0.0)
     cfg.custom_hooks = [
-        dict(type='QuantAwareTrainingHook', w_bits=bits, a_bits=bits,
-             method=args.qat_method, calib=dict(num_images=args.calib_images),
-             oscillation_window=8)
+        dict(type='QuantAwareTrainingHook',
+             calib=dict(num_images=args.calib_images), oscillation_window=8)
     ]
     qat_checkpoint = osp.join(cfg.work_dir, f'epoch_{epochs}.pth')
     done = osp.isfile(qat_checkpoint)

@@ -1,32 +1,30 @@
 """Quantization-aware training (LSQ / OFQ) as an MMEngine hook.
 
 A config that inherits a (CD) detector config and starts from its trained
-checkpoint adds::
+checkpoint converts the model when it is built (``QATDetector``,
+:mod:`mmcd.models.qat_detector`) and adds the hook::
 
     load_from = 'work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth'
-    custom_hooks = [dict(type='QuantAwareTrainingHook', w_bits=4, a_bits=4,
-                         method='ofq')]
+    model = dict(_delete_=True, type='QATDetector', detector={{_base_.model}},
+                 qat=dict(w_bits=4, a_bits=4, method='ofq'))
+    custom_hooks = [dict(type='QuantAwareTrainingHook',
+                         calib=dict(num_images=32))]
 
 ``tools/train.py`` then fine-tunes the quantized model and every validation
 evaluates it quantized; ``tools/test.py CONFIG QAT_CHECKPOINT`` tests it.
-The optim wrapper is the config's: CD stays on during QAT when the config
-has ``ColinearityDecayOptimWrapper`` (to turn it off, inherit the baseline
-config or replace the wrapper with ``dict(_delete_=True, type=
-'OptimWrapper', ...)``).
+The optimizer is built once by the Runner, from the config, over the
+converted model: the quantizers' steps and offsets need no weight decay
+(``paramwise_cfg.custom_keys={'quantizer.': dict(decay_mult=0.)}``, or
+LayerDecayOptimWrapperConstructor, which exempts 0-d and 1-d parameters);
+the hook checks it. The optim wrapper is the config's: CD stays on during
+QAT when the config has ``ColinearityDecayOptimWrapper``.
 
 What happens when (:mod:`mmcd.core.quant.qat` does the work):
 
-* ``before_run`` (priority ABOVE_NORMAL, before EMAHook copies the model):
-  the model is converted for QAT (:func:`prepare_qat`), quantizers off, so
-  that the checkpoint of a QAT run, loaded right after, restores steps,
-  offsets, reparameterized weights and CGA state (``--resume``,
-  ``tools/test.py``). In training, the optim wrapper and the parameter
-  schedulers are rebuilt from the config so that they hold the new
-  quantizer parameters (without weight decay), and a distributed model is
-  re-wrapped.
 * ``before_train``: unless a QAT checkpoint was resumed, the quantizers are
-  initialised by the PTQ calibration of ``init`` (default RepQ-ViT) on
-  ``calib.num_images`` training images (test pipeline), then switched on.
+  initialised by the PTQ calibration of the model's ``qat.init`` (default
+  RepQ-ViT) on ``calib.num_images`` training images (test pipeline), the
+  ranks of a distributed run made identical, then switched on.
 * every iteration: after the update, CGA-frozen weights are written back;
   the oscillation fraction (weights whose level changed at least once in
   the last ``oscillation_window`` iterations) is logged as
@@ -39,20 +37,18 @@ What happens when (:mod:`mmcd.core.quant.qat` does the work):
   checkpoint load their on/off state, which is not stored, is restored);
   a float checkpoint fails here with a clear error.
 """
-import copy
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 from mmengine.dist import broadcast
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
-from mmengine.optim import OptimWrapper, OptimWrapperDict
+from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS
 
-from mmcd.core.quant.qat import (OscillationTracker, QATConfig,
-                                 activate_qat,
+from mmcd.core.quant.qat import (OscillationTracker, activate_qat,
                                  freeze_confident_weights, initialize_qat,
-                                 prepare_qat, restore_frozen_weights,
+                                 restore_frozen_weights,
                                  trainable_weight_layers)
 from ..calibration import CalibrationOptions, calibrate_on
 
@@ -64,98 +60,64 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
+#: the settings of the conversion, given to ``QATDetector`` (the model)
+MODEL_SETTINGS = ('w_bits', 'a_bits', 'method', 'init', 'qk_reparam',
+                  'scope', 'skip', 'first_layer_bits')
+
+
 @HOOKS.register_module()
 class QuantAwareTrainingHook(Hook):
-    """Fine-tune the model with fake quantization (module docstring).
+    """Fine-tune a ``QATDetector`` with fake quantization (module
+    docstring).
 
     Args:
-        w_bits, a_bits: 2..8.
-        method: ``'ofq'`` (StatsQ weights, query-key reparameterization,
-            CGA) or ``'lsq'`` (LSQ weights).
-        init: PTQ method of the initial calibration (``'repq-vit'``,
-            ``'dopq-vit'`` or ``'minmax'``).
         calib: ``num_images`` (32), ``dataloader``, ``seed`` (0), as in
             :class:`PostTrainingQuantHook`.
-        qk_reparam: quantize ``W_Q^T W_K`` (default: on for ``'ofq'``).
         cga: confidence-guided annealing, ``dict(begin=0.9,
             boundary_range=0.005)``: from ``begin`` (fraction of the
             training iterations) on, only weights within ``boundary_range``
-            steps of a rounding boundary train. Default: on for ``'ofq'``,
-            off for ``'lsq'``; ``cga=None`` turns it off.
+            steps of a rounding boundary train. Default: the QAT method's
+            (on for ``'ofq'``, off for ``'lsq'``); ``cga=None`` turns it off.
         oscillation_window: iterations per oscillation measurement; 0
             turns it off.
-        scope, skip, first_layer_bits: see :class:`QuantConfig`.
     """
-    priority = 'ABOVE_NORMAL'  # convert before EMAHook copies the model
+    priority = 'ABOVE_NORMAL'  # calibrate before EMAHook's first update
 
-    def __init__(self, w_bits: int = 4, a_bits: int = 4,
-                 method: str = 'ofq', init: str = 'repq-vit',
-                 calib: Optional[Dict] = None,
-                 qk_reparam: Optional[bool] = None, cga='default',
-                 oscillation_window: int = 50, scope: str = 'all',
-                 skip: Sequence[str] = (), first_layer_bits: int = 8):
-        self.qat_cfg = QATConfig(w_bits, a_bits, method, init, qk_reparam,
-                                 scope, tuple(skip), first_layer_bits)
+    def __init__(self, calib: Optional[Dict] = None, cga='default',
+                 oscillation_window: int = 50, **model_settings):
+        moved = sorted(set(model_settings) & set(MODEL_SETTINGS))
+        if moved:
+            raise ValueError(
+                f'QuantAwareTrainingHook: {", ".join(moved)} belong to the '
+                "model now: model = dict(_delete_=True, type='QATDetector', "
+                'detector={{_base_.model}}, qat=dict('
+                f'{moved[0]}=...)) (mmcd.models.qat_detector)')
+        if model_settings:
+            raise ValueError('QuantAwareTrainingHook: unknown option(s) '
+                             f'{sorted(model_settings)}')
         self.calib = CalibrationOptions.from_dict(calib)
-        if cga == 'default':
-            cga = self.qat_cfg.spec.cga
-        self.cga = None
-        if cga is not None:
-            cga = dict(cga)
-            unknown = set(cga) - {'begin', 'boundary_range'}
-            if unknown:
-                raise ValueError(f'cga: unknown option(s) {sorted(unknown)}')
-            self.cga = dict(begin=float(cga.get('begin', 0.9)),
-                            boundary_range=float(
-                                cga.get('boundary_range', 0.005)))
-            if not 0 <= self.cga['begin'] < 1:
-                raise ValueError('cga.begin is a fraction of the training '
-                                 f'iterations in [0, 1), got '
-                                 f'{self.cga["begin"]}')
-            if not 0 < self.cga['boundary_range'] < 0.5:
-                raise ValueError('cga.boundary_range must be in (0, 0.5) '
-                                 f'(steps), got {self.cga["boundary_range"]}')
+        self.cga = cga if cga == 'default' else _check_cga(cga)
         if oscillation_window < 0:
             raise ValueError('oscillation_window must be >= 0, got '
                              f'{oscillation_window}')
         self.oscillation_window = oscillation_window
+        self.qat_cfg = None
         self._tracker = None
         self._annealing = False
 
-    # -------------------------------------------------------- conversion --
     def before_run(self, runner) -> None:
         model = _unwrap(runner.model)
-        if trainable_weight_layers(model):
-            return  # converted by an earlier run of this runner
-        device = next(model.parameters()).device
-        summary = prepare_qat(model, self.qat_cfg)
-        model.to(device)
-        cfg = self.qat_cfg
-        print_log(f'QAT: W{cfg.w_bits}A{cfg.a_bits} {cfg.method} '
-                  f'({cfg.weight_quantizer} weights, init {cfg.init}): '
-                  f'{summary}', logger='current')
-        if isinstance(runner.optim_wrapper, (OptimWrapper, OptimWrapperDict)):
-            self._rebuild_optimization(runner)
-
-    def _rebuild_optimization(self, runner) -> None:
-        """New optimizer (holding the quantizer parameters) and schedulers,
-        built from the config as ``Runner.train`` built the first ones."""
-        if is_model_wrapper(runner.model):
-            runner.model = runner.wrap_model(
-                runner.cfg.get('model_wrapper_cfg'), runner.model.module)
-        optim_cfg = copy.deepcopy(runner.cfg.optim_wrapper)
-        if optim_cfg.get('constructor', 'DefaultOptimWrapperConstructor') \
-                == 'DefaultOptimWrapperConstructor':
-            paramwise = optim_cfg.setdefault('paramwise_cfg', {})
-            paramwise.setdefault('custom_keys', {}).setdefault(
-                QUANTIZER_KEY, dict(decay_mult=0.0))
-        runner.optim_wrapper = runner.build_optim_wrapper(optim_cfg)
-        scheduler_cfg = copy.deepcopy(runner.cfg.get('param_scheduler'))
-        runner.param_schedulers = scheduler_cfg
-        runner.scale_lr(runner.optim_wrapper, runner.auto_scale_lr)
-        if scheduler_cfg is not None:
-            runner.param_schedulers = runner.build_param_scheduler(
-                scheduler_cfg)
+        self.qat_cfg = getattr(model, 'qat_config', None)
+        if self.qat_cfg is None or not trainable_weight_layers(model):
+            raise ValueError(
+                'QuantAwareTrainingHook needs a model converted for QAT: '
+                "model = dict(_delete_=True, type='QATDetector', "
+                'detector={{_base_.model}}, qat=dict(w_bits=4, a_bits=4, '
+                "method='ofq'))")
+        if self.cga == 'default':
+            self.cga = _check_cga(self.qat_cfg.spec.cga)
+        if isinstance(runner.optim_wrapper, OptimWrapper):
+            _check_no_quantizer_decay(model, runner.optim_wrapper)
 
     # --------------------------------------------------------- training --
     def before_train(self, runner) -> None:
@@ -219,3 +181,34 @@ class QuantAwareTrainingHook(Hook):
 
     def before_test_epoch(self, runner) -> None:
         activate_qat(_unwrap(runner.model))
+
+
+def _check_cga(cga: Optional[Dict]) -> Optional[Dict]:
+    if cga is None:
+        return None
+    unknown = set(cga) - {'begin', 'boundary_range'}
+    if unknown:
+        raise ValueError(f'cga: unknown option(s) {sorted(unknown)}')
+    cga = dict(begin=float(cga.get('begin', 0.9)),
+               boundary_range=float(cga.get('boundary_range', 0.005)))
+    if not 0 <= cga['begin'] < 1:
+        raise ValueError('cga.begin is a fraction of the training '
+                         f'iterations in [0, 1), got {cga["begin"]}')
+    if not 0 < cga['boundary_range'] < 0.5:
+        raise ValueError('cga.boundary_range must be in (0, 0.5) '
+                         f'(steps), got {cga["boundary_range"]}')
+    return cga
+
+
+def _check_no_quantizer_decay(model, optim_wrapper: OptimWrapper) -> None:
+    """Weight decay would shrink the learned steps towards 0: refuse it."""
+    decayed = {id(p) for group in optim_wrapper.optimizer.param_groups
+               if group.get('weight_decay', 0) > 0 for p in group['params']}
+    names = [n for n, p in model.named_parameters()
+             if QUANTIZER_KEY in n and id(p) in decayed]
+    if names:
+        raise ValueError(
+            f'{len(names)} quantizer parameter(s) (e.g. {names[0]}) get '
+            'weight decay, which shrinks the learned steps: add '
+            "paramwise_cfg=dict(custom_keys={'quantizer.': "
+            'dict(decay_mult=0.)}) to the optim_wrapper')
