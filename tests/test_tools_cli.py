@@ -57,3 +57,8 @@ def test_make_toy_coco_cli(tmp_path):
                          '--num-train', '2', '--num-val', '1')
     assert code == 0, out
     assert osp.isfile(tmp_path / 'annotations' / 'instances_val.json')
+
+
+def test_cd_interval_needs_the_every_step_reference():
+    code, out = run_tool('tools/analysis/cd_interval.py', '--intervals', '4')
+    assert_one_line_error(code, out, '--intervals must include 1')
