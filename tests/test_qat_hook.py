@@ -12,18 +12,19 @@ from conftest import REPO, dist_train, micro_config
 
 CD_CONFIG = osp.join(REPO, 'configs', 'toy',
                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
-HOOK = dict(type='QuantAwareTrainingHook', calib=dict(num_images=2),
-            cga=dict(begin=0.5), oscillation_window=2)
+HOOKS = [dict(type='QuantAwareTrainingHook', calib=dict(num_images=2)),
+         dict(type='ConfidenceGuidedAnnealingHook', begin=0.5),
+         dict(type='QuantOscillationHook', window=2)]
 QAT = dict(w_bits=4, a_bits=4, method='ofq')
 
 
-def qat_config(data_root, work_dir, max_epochs, **overrides):
+def qat_config(data_root, work_dir, max_epochs, hooks=HOOKS):
     cfg = micro_config(data_root, work_dir, base=CD_CONFIG,
                        max_epochs=max_epochs)
     cfg.model = dict(type='QATDetector', detector=cfg.model, qat=QAT)
     cfg.optim_wrapper.paramwise_cfg.custom_keys['quantizer.'] = dict(
         decay_mult=0.0)
-    cfg.custom_hooks = [dict(HOOK, **overrides)]
+    cfg.custom_hooks = [dict(hook) for hook in hooks]
     return cfg
 
 
@@ -104,21 +105,39 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
         Runner.from_cfg(cfg4).test()
 
 
-@pytest.mark.parametrize('kwargs,message', [
-    (dict(w_bits=4), r'w_bits belong to the model now: model = dict\('
-     r"_delete_=True, type='QATDetector'"),
-    (dict(cga=dict(begin=1.5)), 'cga.begin is a fraction'),
-    (dict(cga=dict(boundary_range=0)), r'cga.boundary_range must be in'),
-    (dict(cga=dict(boundary_range=0.5)), r'in \(0, 0.5\)'),
-    (dict(cga=dict(start=0.9)), 'cga: unknown option'),
-    (dict(calib=dict(images=3)), 'calib: unknown option'),
+@pytest.mark.parametrize('hook,kwargs,message', [
+    ('QuantAwareTrainingHook', dict(w_bits=4),
+     r"w_bits belong to the model now: model = dict\(_delete_=True, "
+     r"type='QATDetector', detector=\{\{_base_.model\}\}"),
+    ('QuantAwareTrainingHook', dict(cga=dict(begin=0.9)),
+     "cga is a hook of its own now: custom_hooks \\+= "
+     r"\[dict\(type='ConfidenceGuidedAnnealingHook'"),
+    ('QuantAwareTrainingHook', dict(oscillation_window=8),
+     "QuantOscillationHook"),
+    ('QuantAwareTrainingHook', dict(calib=dict(images=3)),
+     'calib: unknown option'),
+    ('ConfidenceGuidedAnnealingHook', dict(begin=1.5),
+     'begin is a fraction'),
+    ('ConfidenceGuidedAnnealingHook', dict(boundary_range=0),
+     r'boundary_range must be in \(0, 0.5\)'),
+    ('ConfidenceGuidedAnnealingHook', dict(boundary_range=0.5),
+     r'boundary_range must be in \(0, 0.5\)'),
+    ('QuantOscillationHook', dict(window=0), 'window must be an integer'),
 ])
-def test_bad_hook_configs(kwargs, message):
-    from mmcd.engine.hooks import QuantAwareTrainingHook
-    args = dict(HOOK, **kwargs)
-    args.pop('type')
+def test_bad_hook_configs(hook, kwargs, message):
+    from mmcd.engine import hooks
     with pytest.raises(ValueError, match=message):
-        QuantAwareTrainingHook(**args)
+        getattr(hooks, hook)(**kwargs)
+
+
+def test_ofq_without_its_annealing_hook_says_so(micro_data_root, tmp_path):
+    cfg = qat_config(micro_data_root, tmp_path, max_epochs=1,
+                     hooks=HOOKS[:1])
+    runner = Runner.from_cfg(cfg)
+    runner.call_hook('before_run')
+    log = open(runner.logger.log_file).read()
+    assert "QAT method 'ofq' anneals (CGA) but the config has no " \
+        'ConfidenceGuidedAnnealingHook' in log
 
 
 def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):

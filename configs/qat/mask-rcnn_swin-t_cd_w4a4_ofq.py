@@ -18,5 +18,7 @@ model = dict(
 optim_wrapper = dict(paramwise_cfg=dict(
     custom_keys={'quantizer.': dict(decay_mult=0.)}))
 custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32))
+    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
+    dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ's CGA
+    dict(type='QuantOscillationHook', window=50)
 ]

@@ -11,5 +11,7 @@ model = dict(
     detector={{_base_.model}},
     qat=dict(w_bits=4, a_bits=4, method='ofq', init='repq-vit'))
 custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32))
+    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
+    dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ's CGA
+    dict(type='QuantOscillationHook', window=50)
 ]

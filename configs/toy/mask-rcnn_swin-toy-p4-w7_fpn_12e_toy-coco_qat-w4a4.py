@@ -21,6 +21,7 @@ optim_wrapper = dict(
     paramwise_cfg=dict(custom_keys={'quantizer.': dict(decay_mult=0.)}))
 default_hooks = dict(checkpoint=dict(interval=1))
 custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=16),
-         cga=dict(begin=0.75), oscillation_window=8)
+    dict(type='QuantAwareTrainingHook', calib=dict(num_images=16)),
+    dict(type='ConfidenceGuidedAnnealingHook', begin=0.75),
+    dict(type='QuantOscillationHook', window=8)
 ]

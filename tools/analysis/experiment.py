@@ -35,7 +35,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401
-from mmcd.core.quant import QAT_METHODS, QuantConfig
+from mmcd.core.quant import QAT_METHODS, QuantConfig, get_qat_method
 from mmcd.datasets import ensure_toy_coco
 from mmcd.engine import calibration_loader, evaluate, quantize_copy
 from mmcd.engine.hooks import collect_activation_stats
@@ -173,8 +173,13 @@ def run_qat(args, training, checkpoint, bits):
         decay_mult=0.0)
     cfg.custom_hooks = [
         dict(type='QuantAwareTrainingHook',
-             calib=dict(num_images=args.calib_images), oscillation_window=8)
+             calib=dict(num_images=args.calib_images)),
+        dict(type='QuantOscillationHook', window=8)
     ]
+    cga = get_qat_method(args.qat_method).cga
+    if cga is not None:  # the method as published (OFQ anneals)
+        cfg.custom_hooks.append(
+            dict(type='ConfidenceGuidedAnnealingHook', **cga))
     qat_checkpoint = osp.join(cfg.work_dir, f'epoch_{epochs}.pth')
     done = osp.isfile(qat_checkpoint)
     cfg.load_from = qat_checkpoint if done else checkpoint

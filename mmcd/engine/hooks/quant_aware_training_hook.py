@@ -7,8 +7,10 @@ checkpoint converts the model when it is built (``QATDetector``,
     load_from = 'work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth'
     model = dict(_delete_=True, type='QATDetector', detector={{_base_.model}},
                  qat=dict(w_bits=4, a_bits=4, method='ofq'))
-    custom_hooks = [dict(type='QuantAwareTrainingHook',
-                         calib=dict(num_images=32))]
+    custom_hooks = [
+        dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
+        dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ
+        dict(type='QuantOscillationHook', window=50)]
 
 ``tools/train.py`` then fine-tunes the quantized model and every validation
 evaluates it quantized; ``tools/test.py CONFIG QAT_CHECKPOINT`` tests it.
@@ -19,23 +21,23 @@ LayerDecayOptimWrapperConstructor, which exempts 0-d and 1-d parameters);
 the hook checks it. The optim wrapper is the config's: CD stays on during
 QAT when the config has ``ColinearityDecayOptimWrapper``.
 
-What happens when (:mod:`mmcd.core.quant.qat` does the work):
+Three hooks, each doing one thing (:mod:`mmcd.core.quant.qat` does the
+work):
 
-* ``before_train``: unless a QAT checkpoint was resumed, the quantizers are
-  initialised by the PTQ calibration of the model's ``qat.init`` (default
-  RepQ-ViT) on ``calib.num_images`` training images (test pipeline), the
-  ranks of a distributed run made identical, then switched on.
-* every iteration: after the update, CGA-frozen weights are written back;
-  the oscillation fraction (weights whose level changed at least once in
-  the last ``oscillation_window`` iterations) is logged as
-  ``qat_oscillation`` (and once more for the last, partial window at the
-  end of training); from ``cga.begin`` (a fraction of the training
-  iterations) on, before every iteration the confident weights are
-  decided anew and frozen for that update, and the frozen fraction is
-  logged as ``qat_cga_frozen``.
-* ``before_val_epoch`` / ``before_test_epoch``: quantizers on (after a
-  checkpoint load their on/off state, which is not stored, is restored);
-  a float checkpoint fails here with a clear error.
+* :class:`QuantAwareTrainingHook`: at ``before_train``, unless a QAT
+  checkpoint was resumed, the PTQ calibration of the model's ``qat.init``
+  (default RepQ-ViT) on ``calib.num_images`` training images (test
+  pipeline) initialises the quantizers, the ranks of a distributed run are
+  made identical, and quantization is switched on; before every val/test
+  epoch it is switched on again (the on/off state is not stored; a float
+  checkpoint fails there with a clear error).
+* :class:`ConfidenceGuidedAnnealingHook` (OFQ's CGA): from ``begin`` (a
+  fraction of the training iterations) on, the confident weights are decided
+  anew and frozen before every iteration and written back after the update;
+  logs ``qat_cga_frozen``.
+* :class:`QuantOscillationHook`: logs ``qat_oscillation``, the fraction of
+  weights whose level changed at least once in the last ``window``
+  iterations (and the last, partial window at the end).
 """
 from typing import Dict, Optional
 
@@ -67,59 +69,35 @@ MODEL_SETTINGS = ('w_bits', 'a_bits', 'method', 'init', 'qk_reparam',
 
 @HOOKS.register_module()
 class QuantAwareTrainingHook(Hook):
-    """Fine-tune a ``QATDetector`` with fake quantization (module
-    docstring).
+    """Calibrate a ``QATDetector`` before fine-tuning and keep its
+    quantizers on for validation and testing (module docstring).
 
     Args:
         calib: ``num_images`` (32), ``dataloader``, ``seed`` (0), as in
             :class:`PostTrainingQuantHook`.
-        cga: confidence-guided annealing, ``dict(begin=0.9,
-            boundary_range=0.005)``: from ``begin`` (fraction of the
-            training iterations) on, only weights within ``boundary_range``
-            steps of a rounding boundary train. Default: the QAT method's
-            (on for ``'ofq'``, off for ``'lsq'``); ``cga=None`` turns it off.
-        oscillation_window: iterations per oscillation measurement; 0
-            turns it off.
     """
     priority = 'ABOVE_NORMAL'  # calibrate before EMAHook's first update
 
-    def __init__(self, calib: Optional[Dict] = None, cga='default',
-                 oscillation_window: int = 50, **model_settings):
-        moved = sorted(set(model_settings) & set(MODEL_SETTINGS))
-        if moved:
-            raise ValueError(
-                f'QuantAwareTrainingHook: {", ".join(moved)} belong to the '
-                "model now: model = dict(_delete_=True, type='QATDetector', "
-                'detector={{_base_.model}}, qat=dict('
-                f'{moved[0]}=...)) (mmcd.models.qat_detector)')
-        if model_settings:
-            raise ValueError('QuantAwareTrainingHook: unknown option(s) '
-                             f'{sorted(model_settings)}')
+    def __init__(self, calib: Optional[Dict] = None, **moved_settings):
+        _refuse_moved('QuantAwareTrainingHook', moved_settings)
         self.calib = CalibrationOptions.from_dict(calib)
-        self.cga = cga if cga == 'default' else _check_cga(cga)
-        if oscillation_window < 0:
-            raise ValueError('oscillation_window must be >= 0, got '
-                             f'{oscillation_window}')
-        self.oscillation_window = oscillation_window
         self.qat_cfg = None
-        self._tracker = None
-        self._annealing = False
 
     def before_run(self, runner) -> None:
-        model = _unwrap(runner.model)
-        self.qat_cfg = getattr(model, 'qat_config', None)
-        if self.qat_cfg is None or not trainable_weight_layers(model):
-            raise ValueError(
-                'QuantAwareTrainingHook needs a model converted for QAT: '
-                "model = dict(_delete_=True, type='QATDetector', "
-                'detector={{_base_.model}}, qat=dict(w_bits=4, a_bits=4, '
-                "method='ofq'))")
-        if self.cga == 'default':
-            self.cga = _check_cga(self.qat_cfg.spec.cga)
+        model = _qat_model(runner, 'QuantAwareTrainingHook')
+        self.qat_cfg = model.qat_config
+        if self.qat_cfg.spec.cga is not None and not any(
+                isinstance(h, ConfidenceGuidedAnnealingHook)
+                for h in runner.hooks):
+            print_log(f'QAT method {self.qat_cfg.method!r} anneals (CGA) but '
+                      'the config has no ConfidenceGuidedAnnealingHook: '
+                      'training without annealing; add dict(type='
+                      f"'ConfidenceGuidedAnnealingHook', "
+                      f'**{self.qat_cfg.spec.cga}) for the method as '
+                      'published', logger='current', level=30)
         if isinstance(runner.optim_wrapper, OptimWrapper):
             _check_no_quantizer_decay(model, runner.optim_wrapper)
 
-    # --------------------------------------------------------- training --
     def before_train(self, runner) -> None:
         model = _unwrap(runner.model)
         if not any(m.weight_quantizer.calibrated
@@ -137,19 +115,46 @@ class QuantAwareTrainingHook(Hook):
                     broadcast(tensor, 0)
         activate_qat(model)
         model.train()
-        if self.oscillation_window:
-            self._tracker = OscillationTracker(model)
+
+    def before_val_epoch(self, runner) -> None:
+        activate_qat(_unwrap(runner.model))
+
+    def before_test_epoch(self, runner) -> None:
+        activate_qat(_unwrap(runner.model))
+
+
+@HOOKS.register_module()
+class ConfidenceGuidedAnnealingHook(Hook):
+    """OFQ's confidence-guided annealing: from ``begin`` (a fraction of the
+    training iterations) on, before every iteration the weights at least
+    ``boundary_range`` steps from a rounding boundary are decided anew and
+    frozen for that update (written back after it); logs the frozen
+    fraction as ``qat_cga_frozen``. Defaults: OFQ's (``begin=0.9``,
+    ``boundary_range=0.005``)."""
+    priority = 'NORMAL'
+
+    def __init__(self, begin: float = 0.9, boundary_range: float = 0.005):
+        if not 0 <= begin < 1:
+            raise ValueError('ConfidenceGuidedAnnealingHook: begin is a '
+                             'fraction of the training iterations in [0, '
+                             f'1), got {begin}')
+        if not 0 < boundary_range < 0.5:
+            raise ValueError('ConfidenceGuidedAnnealingHook: boundary_range '
+                             f'must be in (0, 0.5) (steps), got '
+                             f'{boundary_range}')
+        self.begin, self.boundary_range = float(begin), float(boundary_range)
+        self._annealing = False
+
+    def before_run(self, runner) -> None:
+        _qat_model(runner, 'ConfidenceGuidedAnnealingHook')
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-        if self.cga is None:
-            return
-        begin = int(self.cga['begin'] * runner.max_iters)
-        if runner.iter < begin:
+        if runner.iter < int(self.begin * runner.max_iters):
             return
         counts = freeze_confident_weights(_unwrap(runner.model),
-                                          self.cga['boundary_range'])
+                                          self.boundary_range)
         fraction = float(counts['frozen']) / counts['total']
-        if runner.iter == begin or not self._annealing:
+        if not self._annealing:
             print_log(f'QAT: confidence-guided annealing from iteration '
                       f'{runner.iter}: the confident weights, now '
                       f'{fraction:.1%} of {counts["total"]}, are decided '
@@ -160,44 +165,69 @@ class QuantAwareTrainingHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
-        model = _unwrap(runner.model)
-        if self.cga is not None:
-            restore_frozen_weights(model)
-        if self._tracker is not None:
-            self._tracker.update()
-            if (runner.iter + 1) % self.oscillation_window == 0:
-                runner.message_hub.update_scalar(
-                    'train/qat_oscillation', self._tracker.pop_fraction())
+        if self._annealing:
+            restore_frozen_weights(_unwrap(runner.model))
 
-    def after_train(self, runner) -> None:
-        if self._tracker is not None and self._tracker.steps:
-            # the last, partial window
+
+@HOOKS.register_module()
+class QuantOscillationHook(Hook):
+    """Logs ``qat_oscillation``: the fraction of quantized weights whose
+    integer level changed at least once over the last ``window``
+    iterations (and once more for the last, partial window)."""
+    priority = 'BELOW_NORMAL'  # after QuantAwareTrainingHook calibrated
+
+    def __init__(self, window: int = 50):
+        if not (isinstance(window, int) and window >= 1):
+            raise ValueError(f'window must be an integer >= 1, got {window!r}')
+        self.window = window
+        self._tracker = None
+
+    def before_run(self, runner) -> None:
+        _qat_model(runner, 'QuantOscillationHook')
+
+    def before_train(self, runner) -> None:
+        self._tracker = OscillationTracker(_unwrap(runner.model))
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        self._tracker.update()
+        if (runner.iter + 1) % self.window == 0:
             runner.message_hub.update_scalar(
                 'train/qat_oscillation', self._tracker.pop_fraction())
 
-    # ------------------------------------------------------- evaluation --
-    def before_val_epoch(self, runner) -> None:
-        activate_qat(_unwrap(runner.model))
-
-    def before_test_epoch(self, runner) -> None:
-        activate_qat(_unwrap(runner.model))
+    def after_train(self, runner) -> None:
+        if self._tracker is not None and self._tracker.steps:
+            runner.message_hub.update_scalar(
+                'train/qat_oscillation', self._tracker.pop_fraction())
 
 
-def _check_cga(cga: Optional[Dict]) -> Optional[Dict]:
-    if cga is None:
-        return None
-    unknown = set(cga) - {'begin', 'boundary_range'}
-    if unknown:
-        raise ValueError(f'cga: unknown option(s) {sorted(unknown)}')
-    cga = dict(begin=float(cga.get('begin', 0.9)),
-               boundary_range=float(cga.get('boundary_range', 0.005)))
-    if not 0 <= cga['begin'] < 1:
-        raise ValueError('cga.begin is a fraction of the training '
-                         f'iterations in [0, 1), got {cga["begin"]}')
-    if not 0 < cga['boundary_range'] < 0.5:
-        raise ValueError('cga.boundary_range must be in (0, 0.5) '
-                         f'(steps), got {cga["boundary_range"]}')
-    return cga
+def _refuse_moved(hook: str, settings: Dict) -> None:
+    moved = sorted(set(settings) & set(MODEL_SETTINGS))
+    if moved:
+        raise ValueError(
+            f'{hook}: {", ".join(moved)} belong to the model now: model = '
+            "dict(_delete_=True, type='QATDetector', detector="
+            f'{{{{_base_.model}}}}, qat=dict({moved[0]}=...)) '
+            '(mmcd.models.qat_detector)')
+    for name, hook_type in (('cga', 'ConfidenceGuidedAnnealingHook'),
+                            ('oscillation_window', 'QuantOscillationHook')):
+        if name in settings:
+            raise ValueError(f'{hook}: {name} is a hook of its own now: '
+                             f"custom_hooks += [dict(type='{hook_type}', "
+                             '...)]')
+    if settings:
+        raise ValueError(f'{hook}: unknown option(s) {sorted(settings)}')
+
+
+def _qat_model(runner, hook: str):
+    model = _unwrap(runner.model)
+    if getattr(model, 'qat_config', None) is None or \
+            not trainable_weight_layers(model):
+        raise ValueError(
+            f'{hook} needs a model converted for QAT: model = dict('
+            "_delete_=True, type='QATDetector', detector={{_base_.model}}, "
+            "qat=dict(w_bits=4, a_bits=4, method='ofq'))")
+    return model
 
 
 def _check_no_quantizer_decay(model, optim_wrapper: OptimWrapper) -> None:
