@@ -53,6 +53,7 @@ def test_cuda_graph_step_equals_eager_step():
                              cuda_graph=True)
     fc2 = {id(b.mlp.fc2.weight) for m in (eager_model, graph_model)
            for b in m.blocks}
+    graph_stats = []
     for step in range(5):
         lr = 0.01 * (step + 1)
 
@@ -61,10 +62,14 @@ def test_cuda_graph_step_equals_eager_step():
 
         s_eager = eager.step(lr_of)
         s_graph = graph.step(lr_of)
+        graph_stats.append(s_graph)
         torch.testing.assert_close(s_graph['update_sq'], s_eager['update_sq'])
         for kind in s_eager['alignment']:
             torch.testing.assert_close(s_graph['alignment'][kind],
                                        s_eager['alignment'][kind])
-    assert graph._graph is not None  # steps 2..5 were replays
+    # steps 2..5 were replays: they return the graph's static outputs
+    # (documented: overwritten by the next step), step 1 ran eagerly
+    assert all(s is graph_stats[1] for s in graph_stats[2:])
+    assert graph_stats[0] is not graph_stats[1]
     for p, q in zip(eager_model.parameters(), graph_model.parameters()):
         torch.testing.assert_close(p, q)

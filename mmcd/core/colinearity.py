@@ -189,7 +189,9 @@ class ColinearityDecay:
             ``alignment``: ``{kind: per-head alignments}``; ``update_sq``: sum
             of squared update entries; ``finite``: one flag per pair of
             ``names`` (pairs with non-finite values are left untouched).
-            All tensors stay on the weights' device.
+            All tensors stay on the weights' device. Under a CUDA graph the
+            replays return the graph's static outputs, the same objects
+            every step, overwritten by the next step: copy what you keep.
         """
         lrs = self._scale_values(lr_of, self.strength * multiplier)
         weight = self.pairs[0].first.weight if self.pairs else None
