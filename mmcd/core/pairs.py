@@ -15,9 +15,10 @@ Pairs are found by rules on module names: a regular expression for the first
 module (its named groups fill the second module's template), the pair kind,
 and where the head count lives. The built-in rules are part of each
 backbone family's spec (:mod:`mmcd.core.architectures`: MMDetection's
-``SwinTransformer``, timm / mmpretrain / mmcd ViT blocks). Matrices are exposed as batched views
-``[heads, rows, cols]`` of the parameters' storage, so an in-place update of
-a view updates the model. Pure PyTorch: no OpenMMLab import.
+``SwinTransformer``, timm / mmpretrain / mmcd ViT blocks). Matrices are
+exposed as batched views ``[heads, rows, cols]`` of the parameters'
+storage, so an in-place update of a view updates the model. Pure PyTorch:
+no OpenMMLab import.
 """
 import re
 from dataclasses import dataclass

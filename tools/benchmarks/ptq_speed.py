@@ -90,8 +90,9 @@ def main():
               f'float inference of the same {len(calib)} images '
               f'{statistics.median(float_times):.1f} s, ratio {ratio:.2f} '
               f'(median of {args.repeat} interleaved runs: '
-              f'{", ".join(f"{c / f:.2f}" for c, f in runs)}); eval per image float {fp * 1e3:.0f} ms, quantized '
-              f'{qt * 1e3:.0f} ms, ratio {qt / fp:.2f}')
+              f'{", ".join(f"{c / f:.2f}" for c, f in runs)}); eval per '
+              f'image float {fp * 1e3:.0f} ms, quantized {qt * 1e3:.0f} ms, '
+              f'ratio {qt / fp:.2f}')
 
 if __name__ == '__main__':
     main()

@@ -108,3 +108,10 @@ def attention_container_names() -> List[str]:
 from . import swin, vit  # noqa: E402,F401  (register the built-in specs)
 from .swin import SWIN_RULES  # noqa: E402
 from .vit import VIT_RULES  # noqa: E402
+
+__all__ = [
+    'ArchitectureSpec', 'ARCHITECTURES', 'register_architecture',
+    'get_architectures', 'pair_rules', 'reparam_rules', 'first_layer_pattern',
+    'quant_attention_for', 'is_attention_container', 'quant_attention_names',
+    'attention_container_names', 'SWIN_RULES', 'VIT_RULES'
+]
