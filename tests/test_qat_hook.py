@@ -137,7 +137,8 @@ def test_ofq_without_its_annealing_hook_says_so(micro_data_root, tmp_path):
     runner.call_hook('before_run')
     log = open(runner.logger.log_file).read()
     assert "QAT method 'ofq' anneals (CGA) but the config has no " \
-        'ConfidenceGuidedAnnealingHook' in log
+        'ConfidenceGuidedAnnealingHook: training without annealing; add ' \
+        "dict(type='ConfidenceGuidedAnnealingHook', begin=0.9)" in log
 
 
 def test_qat_under_torchrun_ranks_stay_identical(micro_data_root, tmp_path):

@@ -89,12 +89,13 @@ class QuantAwareTrainingHook(Hook):
         if self.qat_cfg.spec.cga is not None and not any(
                 isinstance(h, ConfidenceGuidedAnnealingHook)
                 for h in runner.hooks):
+            options = ''.join(f', {k}={v}'
+                              for k, v in self.qat_cfg.spec.cga.items())
             print_log(f'QAT method {self.qat_cfg.method!r} anneals (CGA) but '
                       'the config has no ConfidenceGuidedAnnealingHook: '
                       'training without annealing; add dict(type='
-                      f"'ConfidenceGuidedAnnealingHook', "
-                      f'**{self.qat_cfg.spec.cga}) for the method as '
-                      'published', logger='current', level=30)
+                      f"'ConfidenceGuidedAnnealingHook'{options}) for the "
+                      'method as published', logger='current', level=30)
         if isinstance(runner.optim_wrapper, OptimWrapper):
             _check_no_quantizer_decay(model, runner.optim_wrapper)
 
