@@ -9,8 +9,10 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from mmengine.runner import Runner
 
-from mmcd.core import (ColinearityDecay, ColinearityDecayRegularizer,
-                       Regularizer, discover_pairs, register_regularizer)
+from mmcd.core import (REGULARIZERS, ColinearityDecay,
+                       ColinearityDecayRegularizer, Regularizer,
+                       build_regularizer, discover_pairs,
+                       register_regularizer)
 from mmcd.core import VIT_RULES
 from mmcd.engine.runner_setup import AMP_VARIANTS
 from conftest import REPO, dist_train, micro_config
@@ -131,6 +133,26 @@ def test_a_config_lists_several_regularizers_and_bad_names_fail():
         build_optim_wrapper(model, dict(
             type='ColinearityDecayOptimWrapper',
             optimizer=dict(type='SGD', lr=0.1), cd=dict(interval=2)))
+
+
+def test_build_regularizer_checks_options_by_signature():
+    @register_regularizer
+    class Flexible(Regularizer):
+        name = 'test_flexible'
+
+        def __init__(self, scale, **extra):
+            self.scale, self.extra = scale, extra
+
+    try:
+        built = build_regularizer(dict(type='test_flexible', scale=2, k=3))
+        assert (built.scale, built.extra) == (2, {'k': 3})
+        with pytest.raises(ValueError, match='test_flexible needs a scale'):
+            build_regularizer(dict(type='test_flexible', k=3))
+    finally:
+        REGULARIZERS.pop('test_flexible')
+    with pytest.raises(ValueError, match=r"cd: unknown option\(s\) "
+                       r"\['every'\]; allowed: \['begin', 'cuda_graph'"):
+        build_regularizer(dict(type='cd', strength=1.0, every=2))
 
 
 def test_schedule_window_warmup_and_interval():

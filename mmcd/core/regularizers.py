@@ -93,11 +93,15 @@ def build_regularizer(cfg: Dict) -> Regularizer:
     cls = REGULARIZERS[name]
     params = dict(inspect.signature(cls.__init__).parameters)
     params.pop('self')
-    unknown = sorted(set(cfg) - set(params))
-    if unknown:
+    variadic = {p for p, param in params.items() if param.kind in (
+        param.VAR_POSITIONAL, param.VAR_KEYWORD)}
+    named = {p: param for p, param in params.items() if p not in variadic}
+    unknown = sorted(set(cfg) - set(named))
+    if unknown and not any(params[p].kind == params[p].VAR_KEYWORD
+                           for p in variadic):
         raise ValueError(f'{name}: unknown option(s) {unknown}; allowed: '
-                         f'{sorted(params)}')
-    missing = [p for p, param in params.items()
+                         f'{sorted(named)}')
+    missing = [p for p, param in named.items()
                if param.default is param.empty and p not in cfg]
     if missing:
         raise ValueError(f'{name} needs a {missing[0]}, e.g. '
