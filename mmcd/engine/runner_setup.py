@@ -161,3 +161,29 @@ def add_quant_hook(cfg: Config, spec: str, method: str, compare_fp: bool,
     except ValueError as err:
         raise UserError(f'--quant: {err}') from None
     cfg.custom_hooks = hooks + [hook]
+
+
+def toy_run_config(cfg: Config, work_dir: str, data_root: str,
+                   epochs: int) -> Config:
+    """``cfg`` (a toy config) set up for an analysis run in ``work_dir``:
+    ``epochs`` epochs with the lr drops kept at 3/4 and 11/12 of them (one
+    drop for a run too short for two), one checkpoint at the end, no
+    visualization hook, the toy set at ``data_root``, loaders without
+    worker processes. Changes ``cfg`` in place and returns it."""
+    cfg.work_dir = work_dir
+    cfg.train_cfg.max_epochs = cfg.train_cfg.val_interval = epochs
+    for scheduler in cfg.param_scheduler:
+        if scheduler.type == 'MultiStepLR':
+            scheduler.end = epochs
+            scheduler.milestones = sorted({max(1, epochs * 3 // 4),
+                                           max(1, epochs * 11 // 12)})
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
+                                        interval=epochs)
+    cfg.default_hooks.pop('visualization', None)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = data_root
+        cfg[loader].num_workers = 0
+        cfg[loader].persistent_workers = False
+    for evaluator in ('val_evaluator', 'test_evaluator'):
+        cfg[evaluator].ann_file = data_root + 'annotations/instances_val.json'
+    return cfg

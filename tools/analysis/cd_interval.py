@@ -25,6 +25,7 @@ from mmengine.runner import Runner
 import mmcd  # noqa: F401
 from mmcd.datasets import ensure_toy_coco
 from mmcd.engine.hooks import collect_activation_stats
+from mmcd.engine.runner_setup import toy_run_config
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CD = osp.join(REPO, 'configs/toy/'
@@ -54,18 +55,8 @@ def toy_config(args, name, interval):
         cfg.optim_wrapper.pop('cd')
     else:
         cfg.optim_wrapper.cd.interval = interval
-    cfg.work_dir = osp.join(args.work_dir, name)
-    cfg.train_cfg.max_epochs = cfg.train_cfg.val_interval = args.epochs
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
-                                        interval=args.epochs)
-    cfg.default_hooks.pop('visualization', None)
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = args.data_root
-        cfg[loader].num_workers = 0
-        cfg[loader].persistent_workers = False
-    for evaluator in ('val_evaluator', 'test_evaluator'):
-        cfg[evaluator].ann_file = (args.data_root +
-                                   'annotations/instances_val.json')
+    toy_run_config(cfg, osp.join(args.work_dir, name), args.data_root,
+                   args.epochs)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.experiment_name = f'cd_interval_{name}'
     return cfg

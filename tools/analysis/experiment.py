@@ -39,6 +39,7 @@ from mmcd.core.quant import QAT_METHODS, QuantConfig, get_qat_method
 from mmcd.datasets import ensure_toy_coco
 from mmcd.engine import calibration_loader, evaluate, quantize_copy
 from mmcd.engine.hooks import collect_activation_stats
+from mmcd.engine.runner_setup import toy_run_config
 from mmcd.visualization import (plot_alignment, plot_histogram,
                                 plot_max_activation)
 
@@ -100,25 +101,9 @@ def toy_config(args, training):
     cfg.optim_wrapper.optimizer.lr = args.lr
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = osp.join(args.work_dir, training)
     cfg.optim_wrapper.update(TRAININGS[training])
-    cfg.train_cfg.max_epochs = cfg.train_cfg.val_interval = args.epochs
-    for scheduler in cfg.param_scheduler:
-        if scheduler.type == 'MultiStepLR':  # keep the 9/12, 11/12 drops
-            scheduler.end = args.epochs
-            # a short run gets one drop, not two at the same epoch
-            scheduler.milestones = sorted({max(1, args.epochs * 3 // 4),
-                                           max(1, args.epochs * 11 // 12)})
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
-                                        interval=args.epochs)
-    cfg.default_hooks.pop('visualization', None)
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = args.data_root
-        cfg[loader].num_workers = 0
-        cfg[loader].persistent_workers = False
-    for evaluator in ('val_evaluator', 'test_evaluator'):
-        cfg[evaluator].ann_file = (args.data_root +
-                                   'annotations/instances_val.json')
+    toy_run_config(cfg, osp.join(args.work_dir, training), args.data_root,
+                   args.epochs)
     cfg.experiment_name = f'experiment_{training}'
     cfg.visualizer.name = cfg.experiment_name
     return cfg
