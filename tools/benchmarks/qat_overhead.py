@@ -10,6 +10,9 @@ RoI heads are left out: their float cost dominates a CPU detector step, so
 the backbone + neck ratio is the upper bound of what QAT adds.
 
     python tools/benchmarks/qat_overhead.py [--method ofq] [--bits 4] [--steps 5]
+        [--device cuda]
+
+CPU by default, CUDA when present.
 """
 import argparse
 import copy
@@ -36,11 +39,15 @@ from mmcd.engine.benchmark_models import (  # noqa: E402
 def step_times(model, optimizer, images, steps):
     times = []
     for _ in range(steps):
+        if images.is_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         loss = sum(f.square().mean() for f in model.extract_feat(images))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if images.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times
 
@@ -51,15 +58,17 @@ def main():
     parser.add_argument('--bits', type=int, default=4)
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available()
+                        else 'cpu')
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    print(f'W{args.bits}A{args.bits} {args.method} QAT vs float, batch '
-          f'{args.batch}, {args.steps} timed steps each (median), '
-          f'{torch.get_num_threads()} threads')
+    print(f'W{args.bits}A{args.bits} {args.method} QAT vs float on '
+          f'{args.device}, batch {args.batch}, {args.steps} timed steps each '
+          f'(median), {torch.get_num_threads()} threads')
     for name, config, size in BENCHMARK_DETECTORS.values():
-        float_model = build_detector(config).train()
-        images = torch.rand(args.batch, 3, *size) * 2 - 1
+        float_model = build_detector(config).train().to(args.device)
+        images = torch.rand(args.batch, 3, *size, device=args.device) * 2 - 1
         qat_model = copy.deepcopy(float_model)
         cfg = QATConfig(args.bits, args.bits, args.method)
         prepare_qat(qat_model, cfg)
