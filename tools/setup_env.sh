@@ -8,7 +8,8 @@
 # bare `torch` requirement would pull a multi-GB CUDA build), then build tools,
 # then mmcv 2.1.0 with compiled ops (a wheel from PIP_FIND_LINKS when one is
 # given, otherwise built from source against the installed torch: ~7 min on 2
-# cores), then mmengine/mmdet/test deps, then mmcd itself (editable).
+# cores), then mmengine/mmdet/test deps, the ONNX deployment deps
+# (requirements/deploy.txt), then mmcd itself (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -48,6 +49,8 @@ except Exception:
 if (version('mmengine'), version('mmdet')) != ('0.10.7', '3.3.0') or any(
         version(m) is None for m in ('pycocotools', 'matplotlib', 'pytest')):
     need.append('deps')
+if any(version(m) is None for m in ('onnx', 'onnxruntime', 'onnxscript')):
+    need.append('deploy')
 try:
     import mmcd
     if os.path.realpath(os.path.dirname(mmcd.__file__)) != os.path.realpath(
@@ -62,7 +65,7 @@ PYEOF
 
 need=$(missing)
 if [ -z "$need" ]; then
-  log "environment ready (torch, mmcv with ops, mmengine, mmdet, mmcd)"
+  log "environment ready (torch, mmcv with ops, mmengine, mmdet, onnx, mmcd)"
   exit 0
 fi
 log "installing: $need"
@@ -76,6 +79,8 @@ case " $need " in *" mmcv "*)
     pip_install --no-build-isolation mmcv==2.1.0 ;; esac
 case " $need " in *" deps "*)
   pip_install -r requirements/runtime.txt -r requirements/tests.txt ;; esac
+case " $need " in *" deploy "*)
+  pip_install -r requirements/deploy.txt ;; esac
 case " $need " in *" mmcd "*)
   pip_install --no-build-isolation --no-deps -e . ;; esac
 need=$(missing)

@@ -36,6 +36,10 @@ def parse_args():
     parser.add_argument('--quant-method', default='repq-vit',
                         help='a registered PTQ method: '
                         f'{", ".join(QUANT_METHODS)}')
+    parser.add_argument(
+        '--layer-bits', nargs='+', default=(), metavar='REGEX=wNaM',
+        help='with --quant: mixed precision, e.g. "stages\\.3=w8a8" '
+        '"patch_embed=a8" (the first pattern matching a layer name wins)')
     parser.add_argument('--calib-images', type=int,
                         help='calibration images (default 32)')
     parser.add_argument('--compare-fp', action='store_true',
@@ -61,7 +65,9 @@ def main():
     cfg.load_from = args.checkpoint
     if args.quant:
         add_quant_hook(cfg, args.quant, args.quant_method, args.compare_fp,
-                       args.calib_images)
+                       args.calib_images, args.layer_bits)
+    elif args.layer_bits:
+        raise UserError('--layer-bits needs --quant')
     check_datasets(cfg, ['test_dataloader'])
     setup_launcher(cfg, args.launcher)
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else

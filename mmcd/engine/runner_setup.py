@@ -8,7 +8,7 @@ set-up, which MMEngine 0.10.7's ``init_dist`` cannot do (it calls
 import os
 import os.path as osp
 import re
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -143,10 +143,28 @@ def parse_quant_spec(spec: str):
     return int(match.group(1)), int(match.group(2))
 
 
+def parse_layer_bits(specs: Sequence[str]) -> list:
+    """``['REGEX=w8a8', 'REGEX=a8']`` -> ``layer_bits`` rules."""
+    rules = []
+    for spec in specs:
+        pattern, _, bits = spec.rpartition('=')
+        match = re.fullmatch(r'(?:w(\d+))?(?:a(\d+))?', bits.lower())
+        if not pattern or match is None or not bits:
+            raise UserError('--layer-bits takes REGEX=wNaM (or REGEX=wN, '
+                            f'REGEX=aM), e.g. "stages\\.3=w8a8", got {spec!r}')
+        rule = dict(pattern=pattern)
+        for key, value in zip(('w_bits', 'a_bits'), match.groups()):
+            if value is not None:
+                rule[key] = int(value)
+        rules.append(rule)
+    return rules
+
+
 def add_quant_hook(cfg: Config, spec: str, method: str, compare_fp: bool,
-                   calib_images: Optional[int]) -> None:
+                   calib_images: Optional[int],
+                   layer_bits: Sequence[str] = ()) -> None:
     """Append a PostTrainingQuantHook for ``--quant`` (replacing one the
-    config already has)."""
+    config already has); ``layer_bits`` as ``--layer-bits`` gives it."""
     w_bits, a_bits = parse_quant_spec(spec)
     hooks = [h for h in cfg.get('custom_hooks', [])
              if h.get('type') != 'PostTrainingQuantHook']
@@ -154,6 +172,8 @@ def add_quant_hook(cfg: Config, spec: str, method: str, compare_fp: bool,
                 method=method, compare_fp=compare_fp)
     if calib_images is not None:
         hook['calib'] = dict(num_images=calib_images)
+    if layer_bits:
+        hook['layer_bits'] = parse_layer_bits(layer_bits)
     try:  # bad bits or method: fail here, in one line
         from mmcd.engine.hooks import PostTrainingQuantHook
         PostTrainingQuantHook(**{k: v for k, v in hook.items()

@@ -37,6 +37,44 @@ METHODS = tuple(QUANT_METHODS)
 ATTENTION_NAME = re.compile(r'attention|msa', re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class LayerBits:
+    """Bits of the quantized layers whose module name matches ``pattern``
+    (a regular expression, ``re.search``): ``w_bits`` of their weights,
+    ``a_bits`` of their inputs (attention modules: of their matmul
+    operands); None keeps the config's."""
+    pattern: str
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, rule) -> 'LayerBits':
+        if isinstance(rule, LayerBits):
+            return rule
+        rule = dict(rule)
+        unknown = set(rule) - {'pattern', 'w_bits', 'a_bits'}
+        if unknown or 'pattern' not in rule:
+            raise ValueError(
+                'layer_bits: each rule is dict(pattern=REGEX, w_bits=N, '
+                f'a_bits=M), got {rule}')
+        if rule.get('w_bits') is None and rule.get('a_bits') is None:
+            raise ValueError(f'layer_bits rule {rule} sets neither w_bits '
+                             'nor a_bits')
+        try:
+            re.compile(rule['pattern'])
+        except re.error as err:
+            raise ValueError(f'layer_bits pattern {rule["pattern"]!r} is not '
+                             f'a regular expression: {err}') from None
+        for key in ('w_bits', 'a_bits'):
+            if rule.get(key) is not None:
+                try:
+                    check_bits(rule[key])
+                except ValueError as err:
+                    raise ValueError(f'layer_bits rule {rule["pattern"]!r}: '
+                                     f'{key}: {err}') from None
+        return cls(**rule)
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how.
@@ -52,6 +90,11 @@ class QuantConfig:
         first_layer_bits: input bits of modules matching
             ``first_layer_pattern`` (default None: the first layers of the
             registered architecture specs, the patch embedding).
+        layer_bits: mixed precision, ``[dict(pattern=REGEX, w_bits=8,
+            a_bits=8), ...]`` (:class:`LayerBits`): the first rule whose
+            pattern a layer's name matches sets its bits (an ``a_bits``
+            there overrides ``first_layer_bits``); a rule matching no
+            quantized layer is an error at conversion.
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -61,8 +104,11 @@ class QuantConfig:
     first_layer_bits: int = 8
     first_layer_pattern: Optional[str] = None
     weight_search: Optional[str] = None
+    layer_bits: Sequence = field(default_factory=tuple)
 
     def __post_init__(self):
+        self.layer_bits = tuple(LayerBits.from_dict(rule)
+                                for rule in self.layer_bits)
         check_bits(self.w_bits)
         check_bits(self.a_bits)
         check_bits(self.first_layer_bits)
@@ -82,6 +128,11 @@ class QuantConfig:
             return method
         return replace(method, name=f'{method.name}+{self.weight_search}',
                        weight_search=self.weight_search)
+
+    def rule_for(self, name: str) -> Optional[LayerBits]:
+        """The first ``layer_bits`` rule matching module ``name``."""
+        return next((rule for rule in self.layer_bits
+                     if re.search(rule.pattern, name)), None)
 
 
 def _in_scope(name: str, cfg: QuantConfig) -> bool:
@@ -106,16 +157,30 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         raise ValueError('model is already quantized; quantize a float copy')
     method = cfg.spec
     first_layer = cfg.first_layer_pattern or first_layer_pattern()
+    matched = set()  # the layer_bits rules that picked some layer
+
+    def bits_of(name):
+        rule = cfg.rule_for(name)
+        w_bits, a_bits = cfg.w_bits, cfg.a_bits
+        if re.search(first_layer, name):
+            a_bits = cfg.first_layer_bits
+        if rule is not None:
+            matched.add(rule)
+            w_bits = cfg.w_bits if rule.w_bits is None else rule.w_bits
+            a_bits = a_bits if rule.a_bits is None else rule.a_bits
+        return w_bits, a_bits
+
     for name, module in list(model.named_modules()):
         if not name or not _in_scope(name, cfg):
             continue
         kind = type(module).__name__
         replacement = quant_attention_for(name, module)
         if replacement is not None:
-            _set_module(model, name, replacement(module, cfg.a_bits, method))
+            _set_module(model, name, replacement(module, bits_of(name)[1],
+                                                 method))
         elif isinstance(module, MatMul):
             _set_module(model, name, QuantMatMul.for_role(
-                module.role, cfg.a_bits, method))
+                module.role, bits_of(name)[1], method))
         elif ATTENTION_NAME.search(kind) and not is_attention_container(
                 module) and not any(
                     isinstance(m, MatMul) for m in module.children()):
@@ -130,16 +195,23 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not name or not _in_scope(name, cfg):
             continue
-        a_bits = cfg.first_layer_bits if re.search(
-            first_layer, name) else cfg.a_bits
         if isinstance(module, nn.Linear) and not isinstance(module,
                                                              QuantLinear):
             _set_module(model, name, QuantLinear.from_float(
-                module, cfg.w_bits, a_bits, method))
+                module, *bits_of(name), method))
         elif isinstance(module, nn.Conv2d) and not isinstance(
                 module, QuantConv2d):
             _set_module(model, name, QuantConv2d.from_float(
-                module, cfg.w_bits, a_bits, method))
+                module, *bits_of(name), method))
+    unmatched = [rule.pattern for rule in cfg.layer_bits
+                 if rule not in matched]
+    if unmatched:
+        examples = [n for n, m in model.named_modules()
+                    if isinstance(m, (QuantLinear, QuantConv2d))][:3]
+        raise ValueError(
+            f'layer_bits pattern(s) {unmatched} match no quantized layer '
+            f'(module names such as {", ".join(examples)}; scope '
+            f'{cfg.scope!r}, skip {list(cfg.skip)})')
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantizer):
             module.layer_name = name

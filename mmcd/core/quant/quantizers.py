@@ -267,6 +267,7 @@ def squared_errors(rows: torch.Tensor, candidates: Sequence[tuple],
     """Sum of squared errors ``sum_j (fake(x_j, *params) - x_j)^2`` of
     every candidate ``params`` over every value of each row of ``rows``
     (``[R, N]``): ``[len(candidates), R]``, accumulated in float64.
+    ``fake(x, *params, out=...)`` writes its result into ``out``.
 
     Exact (every value is scored); the columns go in chunks of about
     ``2^18`` values so that the quantizer's elementwise ops run in cache
@@ -276,11 +277,25 @@ def squared_errors(rows: torch.Tensor, candidates: Sequence[tuple],
     errors = torch.zeros(len(candidates), rows.shape[0],
                          dtype=torch.float64, device=rows.device)
     columns = max(1, _CHUNK // rows.shape[0])
+    buffer = None  # one chunk-sized temporary for all candidates and chunks
     for part in rows.split(columns, dim=1):
+        if buffer is None or buffer.shape != part.shape:
+            buffer = torch.empty(part.shape, dtype=part.dtype,
+                                 device=part.device)
         for i, params in enumerate(candidates):
-            diff = fake(part, *params) - part
+            diff = fake(part, *params, out=buffer).sub_(part)
             errors[i] += torch.linalg.vecdot(diff, diff)
     return errors
+
+
+def uniform_fake_quant(x: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor, levels: int,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(clamp(round(x / s) + z, 0, levels) - z) s`` (round half to even,
+    as ONNX's QuantizeLinear), in place on one tensor (``out`` if given;
+    2.6x faster than a new tensor per op, measured)."""
+    q = torch.div(x, scale, out=out).round_().add_(zero).clamp_(0, levels)
+    return q.sub_(zero).mul_(scale)
 
 
 class UniformQuantizer(FakeQuantizer):
@@ -358,12 +373,7 @@ class UniformQuantizer(FakeQuantizer):
         return scale, zero
 
     def _fake(self, x, scale, zero, out=None):
-        """``(clamp(round(x / s) + z, 0, 2^b - 1) - z) s``, in place on one
-        tensor (``out`` if given; 2.6x faster than a new tensor per op,
-        measured)."""
-        q = torch.div(x, scale, out=out).round_().add_(zero).clamp_(
-            0, self.levels)
-        return q.sub_(zero).mul_(scale)
+        return uniform_fake_quant(x, scale, zero, self.levels, out)
 
     def _search(self, rows: torch.Tensor):
         """Per-row (scale, zero) of least MSE among the candidates of
@@ -463,11 +473,9 @@ class _PostSoftmaxQuantizer(FakeQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.delta.to(x.dtype), *self._extra_params())
-        def fake(part, out):
-            result = self._fake(part, *params)
-            return result if out is None else out.copy_(result)
-
-        out = map_in_chunks(fake, x.detach(), x.dtype)
+        out = map_in_chunks(lambda part, out: self._fake(part, *params,
+                                                         out=out),
+                            x.detach(), x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return x + (out - x).detach()  # straight-through
         return out
@@ -487,12 +495,15 @@ class LogSqrt2Quantizer(_PostSoftmaxQuantizer):
     """RepQ-ViT's log-sqrt2 quantizer with its calibrated scale (module
     docstring)."""
 
-    def _fake(self, x, delta):
+    def _fake(self, x, delta, out=None):
         """``D 2^(-ceil(q/2)) (sqrt 2 if q odd)``, computed as the same
-        number ``D 2^(-q/2)`` (fewer elementwise passes)."""
-        q = torch.round(-2 * torch.log2(x / delta))
-        out = delta * torch.exp2(-0.5 * q.clamp_min(0))
-        return torch.where(q < 2**self.bits, out, 0.0)  # x = 0: q = inf
+        number ``D 2^(-q/2)`` (fewer elementwise passes); into ``out`` if
+        given."""
+        q = torch.div(x, delta).log2_().mul_(-2).round_()
+        level = torch.exp2(q.clamp_min(0).mul_(-0.5)).mul_(delta)
+        # x = 0: q = inf, beyond the last level: 0
+        return torch.where(q < 2**self.bits, level, level.new_zeros(()),
+                           out=out)
 
     def _candidates(self, deltas):
         return ((delta, ) for delta in deltas)
@@ -524,12 +535,13 @@ class TanQuantizer(_PostSoftmaxQuantizer):
         return self._level(torch.arange(2**self.bits, dtype=torch.float64),
                            delta, tau)
 
-    def _fake(self, x, delta, tau):
+    def _fake(self, x, delta, tau, out=None):
         levels = 2**self.bits - 1
         u = (x / delta).clamp(0, 1)
         k = torch.round(levels * (1 + torch.tan(
             (2 * u - 1) * math.atan(tau)) / tau) / 2)
-        return self._level(k, delta, tau)
+        level = self._level(k, delta, tau)
+        return level if out is None else out.copy_(level)
 
     def _candidates(self, deltas):
         return ((delta, tau) for delta in deltas for tau in self.TAUS)

@@ -49,8 +49,9 @@ class PostTrainingQuantHook(Hook):
             default the train dataloader with the test pipeline; its batch
             size is set to num_images: the calibration set is one batch),
             ``seed`` (0: which images are drawn).
-        scope, skip, first_layer_bits, weight_search: see
-            :class:`mmcd.core.quant.QuantConfig`.
+        scope, skip, first_layer_bits, weight_search, layer_bits: see
+            :class:`mmcd.core.quant.QuantConfig` (``layer_bits``: mixed
+            precision, ``[dict(pattern=REGEX, w_bits=8, a_bits=8)]``).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
     """
@@ -61,10 +62,12 @@ class PostTrainingQuantHook(Hook):
                  scope: str = 'all', skip: Sequence[str] = (),
                  first_layer_bits: int = 8, compare_fp: bool = False,
                  stages: Sequence[str] = ('test', 'val'),
-                 weight_search: Optional[str] = None):
+                 weight_search: Optional[str] = None,
+                 layer_bits: Sequence[Dict] = ()):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
                                      tuple(skip), first_layer_bits,
-                                     weight_search=weight_search)
+                                     weight_search=weight_search,
+                                     layer_bits=layer_bits)
         self.calib = CalibrationOptions.from_dict(calib)
         unknown = set(stages) - {'test', 'val'}
         if unknown:
@@ -113,6 +116,7 @@ class PostTrainingQuantHook(Hook):
         cfg = self.quant_cfg
         results = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                        method=cfg.method, scope=cfg.scope,
+                       layer_bits=[vars(rule) for rule in cfg.layer_bits],
                        calib_images=self.calib.num_images,
                        metrics=_floats(metrics or {}))
         if self._fp_metrics is not None:

@@ -1,0 +1,207 @@
+"""A calibrated PTQ model in QuantizeLinear/DequantizeLinear form, for export.
+
+:func:`to_qdq` rewrites, in place, a model that :func:`~mmcd.core.quant.
+calibrate` has calibrated, into the form deployment runtimes read:
+
+* every calibrated per-tensor uniform activation quantizer becomes
+  :class:`ActivationQDQ`, one ``mmcd::quantize_dequantize`` op (ONNX:
+  ``QuantizeLinear`` -> ``DequantizeLinear``; RepQ-ViT's per-channel shift
+  of a reparameterized input stays an ``Add`` before and a ``Sub`` after);
+* every quantized ``Linear`` / ``Conv2d`` becomes :class:`QDQLinear` /
+  :class:`QDQConv2d`: the weight is stored as its integers ``q`` (uint8
+  values in ``[0, 2^b - 1]``), one scale and zero point per output channel,
+  and rebuilt as ``(q - z) s`` by one ``mmcd::dequantize`` op (ONNX:
+  ``DequantizeLinear`` on an integer initializer, 4-bit types at opset 21);
+* the post-softmax quantizers (log-sqrt2, TanQ) have no linear-quantization
+  form: they stay as their float formula (:class:`FormulaFakeQuant`: the
+  quantizer's own fake quantization, exported as elementwise float ops).
+
+Both ops compute, in PyTorch, bit for bit what the fake-quantized model
+computes (tested), so the rewritten model is the simulation; ``mmcd.deploy``
+maps them to ONNX. Pure PyTorch.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import QuantConv2d, QuantLinear
+from .quantizers import (FakeQuantizer, UniformQuantizer, _PostSoftmaxQuantizer,
+                         uniform_fake_quant)
+
+
+@torch.library.custom_op('mmcd::quantize_dequantize', mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor,
+                        zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-tensor ``(clamp(round(x / s) + z, 0, 2^b - 1) - z) s``."""
+    return uniform_fake_quant(x, scale, zero_point, 2**bits - 1)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, bits):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op('mmcd::dequantize', mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor,
+               zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(q - z) s`` with one ``s``, ``z`` per index of axis 0 of the
+    integer tensor ``q``."""
+    shape = (-1, ) + (1, ) * (q.dim() - 1)
+    return (q.to(scale.dtype) - zero_point.view(shape)) * scale.view(shape)
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point, bits):
+    return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
+
+
+class ActivationQDQ(nn.Module):
+    """A calibrated per-tensor :class:`UniformQuantizer` as one
+    quantize-dequantize op (its per-channel offset, if any, around it)."""
+
+    def __init__(self, quantizer: UniformQuantizer):
+        super().__init__()
+        if quantizer.channel_axis is not None:
+            raise ValueError(f'{quantizer.layer_name}: per-channel activation'
+                             ' quantizers have no QDQ form here')
+        self.bits = quantizer.bits
+        self.register_buffer('scale', quantizer.scale.detach().clone())
+        self.register_buffer('zero_point',
+                             quantizer.zero_point.detach().clone())
+        self.register_buffer('offset',
+                             quantizer.channel_offset.detach().clone())
+
+    def forward(self, x):
+        if self.offset.numel():
+            return quantize_dequantize(x + self.offset, self.scale,
+                                       self.zero_point, self.bits) - \
+                self.offset
+        return quantize_dequantize(x, self.scale, self.zero_point, self.bits)
+
+    def extra_repr(self):
+        return f'bits={self.bits}'
+
+
+class FormulaFakeQuant(nn.Module):
+    """A post-softmax quantizer (no QDQ form) applied as its float formula,
+    on the whole tensor at once (exports as elementwise ops)."""
+
+    def __init__(self, quantizer: _PostSoftmaxQuantizer):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x):
+        q = self.quantizer
+        return q._fake(x, q.delta.to(x.dtype), *q._extra_params())
+
+
+class _IntegerWeightMixin:
+    """The weight as integers, per-output-channel scale and zero point."""
+
+    def _take_weight(self, layer):
+        quantizer = layer.weight_quantizer
+        if quantizer.state != 'quant' or not quantizer.calibrated:
+            raise ValueError(f'{quantizer.layer_name} is not calibrated')
+        shape = (-1, ) + (1, ) * (layer.weight.dim() - 1)
+        scale = quantizer.scale.detach()
+        zero = quantizer.zero_point.detach()
+        weight = layer.weight.detach().to(scale.dtype)
+        integers = torch.div(weight, scale.view(shape)).round_().add_(
+            zero.view(shape)).clamp_(0, quantizer.levels)
+        self.bits = quantizer.bits
+        self.register_buffer('weight_int', integers.to(torch.uint8))
+        self.register_buffer('weight_scale', scale.clone())
+        self.register_buffer('weight_zero_point', zero.clone())
+        self.input_qdq = _activation_module(layer.input_quantizer)
+
+    def dequantized_weight(self):
+        return dequantize(self.weight_int, self.weight_scale,
+                          self.weight_zero_point, self.bits)
+
+
+class QDQLinear(_IntegerWeightMixin, nn.Module):
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, \
+            layer.out_features
+        self.bias = layer.bias
+        self._take_weight(layer)
+
+    def forward(self, x):
+        return F.linear(self.input_qdq(x), self.dequantized_weight(),
+                        self.bias)
+
+
+class QDQConv2d(_IntegerWeightMixin, nn.Module):
+
+    def __init__(self, layer: QuantConv2d):
+        super().__init__()
+        self.bias = layer.bias
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        if layer.padding_mode != 'zeros':
+            raise ValueError(f'{layer.weight_quantizer.layer_name}: padding '
+                             f'mode {layer.padding_mode!r} is not exported')
+        self._take_weight(layer)
+
+    def forward(self, x):
+        return F.conv2d(self.input_qdq(x), self.dequantized_weight(),
+                        self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+def _activation_module(quantizer: FakeQuantizer) -> nn.Module:
+    if quantizer.state != 'quant':  # unreached by calibration: float
+        return nn.Identity()
+    if isinstance(quantizer, UniformQuantizer):
+        return ActivationQDQ(quantizer)
+    if isinstance(quantizer, _PostSoftmaxQuantizer):
+        return FormulaFakeQuant(quantizer)
+    raise ValueError(f'{quantizer.layer_name}: {type(quantizer).__name__} '
+                     'has no export form')
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def to_qdq(model: nn.Module) -> Dict[str, List[str]]:
+    """Rewrite a calibrated PTQ model in place (module docstring). Returns
+    the layer names by form: ``qdq`` (activations as QuantizeLinear/
+    DequantizeLinear), ``integer_weights``, ``float_formula`` (post-softmax
+    quantizers) and ``float`` (quantizers calibration never reached).
+
+    Raises ``ValueError`` on a model with no calibrated quantizer, or with
+    a quantized layer whose weight was never quantized.
+    """
+    quantizers = {name: m for name, m in model.named_modules()
+                  if isinstance(m, FakeQuantizer)}
+    if not any(q.state == 'quant' for q in quantizers.values()):
+        raise ValueError('the model has no calibrated quantizer: convert it '
+                         'with quantize_model and run calibrate first')
+    if any(getattr(q, 'trainable', False) for q in quantizers.values()):
+        raise ValueError('QAT models are not exported here; export a PTQ '
+                         'model (quantize_model + calibrate)')
+    report = dict(qdq=[], integer_weights=[], float_formula=[], float=[])
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            qdq = (QDQLinear if isinstance(module, QuantLinear)
+                   else QDQConv2d)(module)
+            _set_module(model, name, qdq)
+            report['integer_weights'].append(name)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantizer):
+            replacement = _activation_module(module)
+            _set_module(model, name, replacement)
+    for name, module in model.named_modules():
+        kind = {ActivationQDQ: 'qdq', FormulaFakeQuant: 'float_formula'}.get(
+            type(module))
+        if kind:
+            report[kind].append(name)
+    report['float'] = [n for n, q in quantizers.items()
+                       if q.state != 'quant']
+    return report

@@ -1,0 +1,9 @@
+"""Deployment: ONNX export of a calibrated PTQ model in QDQ form and its
+onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
+onnxscript). The QDQ rewrite itself is pure PyTorch
+(:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
+from .onnx_export import (MIN_QDQ_OPSET, FeatureExtractor, OnnxFeatures,
+                          OnnxPerShape, export_onnx)
+
+__all__ = ['MIN_QDQ_OPSET', 'FeatureExtractor', 'OnnxFeatures', 'OnnxPerShape',
+           'export_onnx']

@@ -1,0 +1,180 @@
+"""ONNX export of backbone + neck, float or QDQ, and onnxruntime inference.
+
+:func:`export_onnx` exports with ``torch.onnx.export(..., dynamo=True)`` and
+translates mmcd's two quantization ops (:mod:`mmcd.core.quant.qdq`):
+
+* ``mmcd::quantize_dequantize(x, s, z, bits)`` -> ``QuantizeLinear`` ->
+  ``DequantizeLinear`` with a ``uint4`` (4 bits) or ``uint8`` zero point;
+  other widths (2, 3, 5-7 bits) use ``uint8`` and a ``Clip`` to
+  ``[0, 2^b - 1]`` between the two, since ``QuantizeLinear`` saturates to its
+  type's range while mmcd's quantizer clamps to ``2^b - 1``;
+* ``mmcd::dequantize(q, s, z, bits)`` -> ``DequantizeLinear(axis=0)`` of the
+  integer weight, stored as a ``uint4`` (up to 4 bits) or ``uint8``
+  initializer (:func:`store_integer_initializers` folds the casts of
+  constants; ``DequantizeLinear`` is left unfolded).
+
+``uint4`` needs opset 21 (:data:`MIN_QDQ_OPSET`, also the floor for the
+quantized export). Both ops round half to even, as ``torch.round`` does.
+"""
+import os.path as osp
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmcd.core.quant.qdq import (ActivationQDQ, _IntegerWeightMixin,
+                                 dequantize, quantize_dequantize)
+
+#: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
+MIN_QDQ_OPSET = 21
+
+
+def _qdq_onnx(x, scale, zero_point, bits: int):
+    from onnxscript import ir
+    from onnxscript import opset21 as op
+    qtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
+    zero = op.Cast(zero_point, to=qtype)
+    quantized = op.QuantizeLinear(x, scale, zero)
+    if bits not in (4, 8):
+        quantized = op.Clip(
+            quantized, op.Cast(op.Constant(value_int=0), to=qtype),
+            op.Cast(op.Constant(value_int=2**bits - 1), to=qtype))
+    return op.DequantizeLinear(quantized, scale, zero)
+
+
+def _dequantize_onnx(q, scale, zero_point, bits: int):
+    from onnxscript import ir
+    from onnxscript import opset21 as op
+    qtype = ir.DataType.UINT4 if bits <= 4 else ir.DataType.UINT8
+    if bits <= 4:
+        q = op.Cast(q, to=qtype)
+    return op.DequantizeLinear(q, scale, op.Cast(zero_point, to=qtype),
+                               axis=0)
+
+
+class FeatureExtractor(nn.Module):
+    """A detector's backbone + neck (``extract_feat``) as a module that maps
+    images ``[N, 3, H, W]`` (after the data preprocessor) to its feature
+    maps, the part that is exported."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor):
+        return tuple(self.detector.extract_feat(images))
+
+
+def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
+                opset: int = MIN_QDQ_OPSET) -> str:
+    """Export ``module(images)`` to ``path`` (static shapes: the shape of
+    ``images``). A model holding QDQ modules (:func:`~mmcd.core.quant.qdq.
+    to_qdq`) needs ``opset >= 21``; an error says so."""
+    quantized = any(isinstance(m, (ActivationQDQ, _IntegerWeightMixin))
+                    for m in module.modules())
+    if quantized and opset < MIN_QDQ_OPSET:
+        raise ValueError(
+            f'a QDQ export needs ONNX opset >= {MIN_QDQ_OPSET} (its 4-bit '
+            f'integer types and QuantizeLinear/DequantizeLinear forms); got '
+            f'opset {opset}: pass --opset {MIN_QDQ_OPSET}')
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ImportError('ONNX export needs onnx, onnxruntime and '
+                          'onnxscript: pip install -r '
+                          'requirements/deploy.txt') from None
+    module = module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, (images, ), dynamo=True, opset_version=opset,
+            optimize=True, verbose=False, custom_translation_table={
+                quantize_dequantize._opoverload: _qdq_onnx,
+                dequantize._opoverload: _dequantize_onnx})
+    program.save(path)
+    if quantized:
+        store_integer_initializers(path)
+    return path
+
+
+def store_integer_initializers(path: str) -> None:
+    """Replace every ``Cast`` of an initializer to an integer type by an
+    initializer of that type (the exporter's optimizer folds only small
+    ones): the integer weights and zero points are stored as ``uint4`` /
+    ``uint8`` (``int4``/``int8``) tensors, 4-bit ones packed two per byte."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    types = {TensorProto.UINT4: ml_dtypes.uint4, TensorProto.INT4:
+             ml_dtypes.int4, TensorProto.UINT8: np.uint8,
+             TensorProto.INT8: np.int8}
+    model = onnx.load(path)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    for node in list(graph.node):
+        to = next((a.i for a in node.attribute if a.name == 'to'), None)
+        if node.op_type != 'Cast' or node.input[0] not in initializers or \
+                to not in types:
+            continue
+        values = numpy_helper.to_array(initializers[node.input[0]])
+        graph.initializer.append(numpy_helper.from_array(
+            values.astype(np.int64).astype(types[to]), node.output[0]))
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for initializer in list(graph.initializer):
+        if initializer.name not in used:
+            graph.initializer.remove(initializer)
+    onnx.save(model, path)
+
+
+class OnnxFeatures:
+    """An exported feature extractor run by onnxruntime (CPU), called like
+    the module: ``images -> [features]`` as torch tensors."""
+
+    def __init__(self, path: str, threads: int = 0):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            path, options, providers=['CPUExecutionProvider'])
+        self.input = self.session.get_inputs()[0]
+
+    @property
+    def input_shape(self) -> Sequence[int]:
+        return self.input.shape
+
+    def __call__(self, images: torch.Tensor) -> List[torch.Tensor]:
+        if list(images.shape) != list(self.input_shape):
+            raise ValueError(
+                f'the ONNX model was exported for input shape '
+                f'{list(self.input_shape)}, got {list(images.shape)}: export '
+                'at the shape the data pipeline produces')
+        outputs = self.session.run(None, {
+            self.input.name: images.detach().cpu().numpy().astype(
+                np.float32)})
+        return [torch.from_numpy(o) for o in outputs]
+
+
+class OnnxPerShape:
+    """``module`` exported once per input shape (static-shape ONNX files
+    ``{prefix}_{H}x{W}.onnx`` in ``out_dir``, each on first use) and run by
+    onnxruntime: an evaluation over images of several padded shapes (the
+    test pipeline keeps aspect ratios) feeds each its model."""
+
+    def __init__(self, module: nn.Module, out_dir: str, prefix: str,
+                 opset: int = MIN_QDQ_OPSET):
+        self.module, self.out_dir, self.prefix = module, out_dir, prefix
+        self.opset = opset
+        self.sessions: Dict[Tuple[int, ...], OnnxFeatures] = {}
+
+    def path_for(self, images: torch.Tensor) -> str:
+        return osp.join(self.out_dir, f'{self.prefix}_{images.shape[-2]}x'
+                        f'{images.shape[-1]}.onnx')
+
+    def __call__(self, images: torch.Tensor) -> List[torch.Tensor]:
+        key = tuple(images.shape)
+        if key not in self.sessions:
+            path = export_onnx(self.module, images, self.path_for(images),
+                               self.opset)
+            self.sessions[key] = OnnxFeatures(path)
+        return self.sessions[key](images)

@@ -1,0 +1,178 @@
+"""QDQ rewrite (mmcd.core.quant.qdq) and ONNX export checked in
+onnxruntime (mmcd.deploy): each op against hand-computed values and
+bit-exact in onnxruntime, integer weights stored as 4-bit initializers, the
+toy detector's backbone + neck exported float and W4A4, and the errors."""
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.registry import init_default_scope
+from torch import nn
+
+from mmcd.core.quant import (QuantConfig, UniformQuantizer, calibrate,
+                             quantize_model)
+from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
+                                 to_qdq)
+from mmcd.deploy import (FeatureExtractor, OnnxFeatures, OnnxPerShape,
+                         export_onnx)
+from mmcd.engine.benchmark_models import build_detector
+
+
+class Wrap(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return (self.module(x), )
+
+
+def fixed_quantizer(bits, scale, zero):
+    q = UniformQuantizer(bits)
+    q.set_params(torch.tensor(scale), torch.tensor(zero))
+    return q
+
+
+def test_activation_qdq_by_hand():
+    # 2 bits, s = 0.5, z = 2: q = clamp(round(x / 0.5) + 2, 0, 3)
+    q = ActivationQDQ(fixed_quantizer(2, 0.5, 2.0))
+    x = torch.tensor([-3.0, -1.0, -0.25, 0.0, 0.26, 0.75, 2.0])
+    # x/s: -6 -2 -0.5 0 0.52 1.5 4 -> round (half to even): -6 -2 -0 0 1 2 4
+    # +z, clamp: 0 0 2 2 3 3 3 -> (q - z) s
+    expected = torch.tensor([-1.0, -1.0, 0.0, 0.0, 0.5, 0.5, 0.5])
+    torch.testing.assert_close(q(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4, 5, 8])
+def test_activation_qdq_exact_in_onnxruntime(bits, tmp_path):
+    torch.manual_seed(bits)
+    x = torch.randn(1, 16, 24, 24) * 3
+    quantizer = UniformQuantizer(bits, None, 'quantile')
+    quantizer.set_state('calib')
+    reference = quantizer(x)  # calibrates, then fake-quantizes
+    path = export_onnx(Wrap(ActivationQDQ(quantizer)), x,
+                       str(tmp_path / 'qdq.onnx'))
+    out = OnnxFeatures(path)(x)[0]
+    assert torch.equal(out, reference)  # bit for bit
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count('QuantizeLinear') == ops.count('DequantizeLinear') == 1
+    assert ('Clip' in ops) == (bits not in (4, 8))
+
+
+@pytest.mark.parametrize('bits', [4, 8])
+def test_integer_weights(bits, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    x = torch.randn(4, 3, 6, 6)
+    cfg = QuantConfig(bits, 8, 'minmax', first_layer_bits=8)
+    quantize_model(model, cfg)
+    calibrate(model, cfg, lambda: model(x))
+    fake = model(x)
+    report = to_qdq(model)
+    assert report['integer_weights'] == ['0', '3']
+    assert isinstance(model[0], QDQConv2d) and isinstance(model[3], QDQLinear)
+    assert torch.equal(model(x), fake)  # the rewrite is the simulation
+    ints = model[3].weight_int
+    assert ints.dtype == torch.uint8 and int(ints.max()) <= 2**bits - 1
+    path = export_onnx(Wrap(model), x[:1], str(tmp_path / 'w.onnx'))
+    graph = onnx.load(path).graph
+    weights = [i for i in graph.initializer
+               if list(i.dims) == list(ints.shape)]
+    kind = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8
+    assert len(weights) == 1 and weights[0].data_type == kind
+    stored = onnx.numpy_helper.to_array(weights[0]).astype(np.int64)
+    assert np.array_equal(stored, ints.numpy().astype(np.int64))
+    # each layer alone (the Linear after the conv would see rounding flips
+    # of its input quantizer from float-order differences of the conv)
+    for layer, inputs in ((model[0], x[:1]),
+                          (model[3], model[:3](x[:1]))):
+        path = export_onnx(Wrap(layer), inputs, str(tmp_path / 'l.onnx'))
+        torch.testing.assert_close(OnnxFeatures(path)(inputs)[0],
+                                   layer(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_errors(tmp_path):
+    model = quantize_model(nn.Sequential(nn.Linear(4, 4)),
+                           QuantConfig(4, 4, 'minmax'))
+    with pytest.raises(ValueError, match='no calibrated quantizer'):
+        to_qdq(model)
+    cfg = QuantConfig(4, 4, 'minmax')
+    calibrate(model, cfg, lambda: model(torch.randn(8, 4)))
+    to_qdq(model)
+    with pytest.raises(ValueError, match='opset >= 21'):
+        export_onnx(Wrap(model), torch.randn(1, 4),
+                    str(tmp_path / 'm.onnx'), opset=18)
+    onnx_model = OnnxPerShape(Wrap(model), str(tmp_path), 'm')
+    onnx_model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match='exported for input shape'):
+        onnx_model.sessions[(1, 4)](torch.randn(2, 4))
+
+
+def test_toy_detector_backbone_neck_w4a4(tmp_path):
+    """The toy detector (random weights) exports float and W4A4 RepQ-ViT;
+    onnxruntime matches PyTorch: float to 1e-4, quantized within a fraction
+    of the quantization noise (rounding flips from float-order differences
+    propagate; each op alone is exact, tested above)."""
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = build_detector(
+        'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py')
+    images = torch.randn(2, 3, 128, 128)
+    meta = dict(img_shape=(128, 128), ori_shape=(128, 128),
+                pad_shape=(128, 128), scale_factor=(1.0, 1.0),
+                batch_input_shape=(128, 128))
+    cfg = QuantConfig(4, 4, 'repq-vit')
+    quant = quantize_model(copy.deepcopy(model), cfg)
+    calibrate(quant, cfg, lambda: quant.predict(
+        images, [DetDataSample(metainfo=meta) for _ in range(2)]))
+    qdq = copy.deepcopy(quant)
+    report = to_qdq(qdq)
+    assert report['float'] == []
+    assert len(report['float_formula']) == 5  # log-sqrt2, one per block
+    x = images[:1]
+    with torch.no_grad():
+        fake = FeatureExtractor(quant)(x)
+        assert all(torch.equal(a, b) for a, b in
+                   zip(FeatureExtractor(qdq)(x), fake))
+        reference = FeatureExtractor(model)(x)
+    floats = OnnxPerShape(FeatureExtractor(model), str(tmp_path), 'f')(x)
+    for a, b in zip(floats, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    onnx_q = OnnxPerShape(FeatureExtractor(qdq), str(tmp_path), 'q')
+    deployed = onnx_q(x)
+    step = float(quant.rpn_head.rpn_conv.input_quantizer.scale)
+    for a, b, f in zip(deployed, fake, reference):
+        assert float((a - b).abs().mean()) < 0.5 * step
+        assert float((a - b).norm() / (b - f).norm()) < 1.0
+    graph = onnx.load(onnx_q.path_for(x)).graph
+    ops = [n.op_type for n in graph.node]
+    exported = ('backbone.', 'neck.')  # the heads stay in PyTorch
+    assert ops.count('QuantizeLinear') == len(
+        [n for n in report['qdq'] if n.startswith(exported)])
+    weights = [n for n in report['integer_weights']
+               if n.startswith(exported)]
+    assert ops.count('DequantizeLinear') == ops.count(
+        'QuantizeLinear') + len(weights)
+    # 4-bit weights as uint4 (the patch embedding's input stays 8-bit)
+    assert sum(i.data_type == onnx.TensorProto.UINT4 and len(i.dims) > 1
+               for i in graph.initializer) == len(weights)
+
+
+def test_export_tool_errors(tmp_path):
+    from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
+    ckpt = tmp_path / 'model.pth'
+    torch.save({}, ckpt)
+    tool = 'tools/deploy/export_onnx.py'
+    code, out = run_tool(tool, TOY_CONFIG, str(tmp_path / 'nope.pth'),
+                         '--quant', 'w4a4')
+    assert_one_line_error(code, out, 'does not exist')
+    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+                         '--opset', '18')
+    assert_one_line_error(code, out, 'opset >= 21')
+    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+                         '--layer-bits', 'x=w1')
+    assert_one_line_error(code, out, 'bits must be an integer in 2..8')

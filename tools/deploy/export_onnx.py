@@ -1,0 +1,164 @@
+"""Export a detector's backbone + neck to ONNX, float and calibrated QDQ,
+and check the quantized one in onnxruntime against PyTorch.
+
+    python tools/deploy/export_onnx.py CONFIG CKPT --quant w8a8|w4a4
+        [--method repq-vit] [--calib-images 32] [--layer-bits REGEX=wNaM ...]
+        [--opset 21] [--out-dir work_dirs/onnx] [--eval]
+
+Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
+calibration images), rewrites the calibrated model in QDQ form
+(:func:`mmcd.core.quant.qdq.to_qdq`: integer weights, QuantizeLinear/
+DequantizeLinear activations; log-sqrt2 and TanQ stay float formulas) and
+writes ``float_{H}x{W}.onnx`` and ``w{N}a{M}_{method}_{H}x{W}.onnx`` (static
+shapes: one image of the calibration loader's padded shape; ``--eval``
+exports one more pair per further shape the test set has) plus
+``export.json``. Then it runs both in
+onnxruntime on the first calibration image and prints, per feature level,
+the deviation from PyTorch: float (should be ~1e-5), and quantized, in steps
+of the quantizer that consumes the features (the RPN's input) and as a
+fraction of the quantization noise itself. ``--eval`` also evaluates the
+test set twice, with PyTorch fake quantization and with the onnxruntime
+backbone + neck feeding the PyTorch heads, and prints both mAPs.
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+import time
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import _bootstrap  # noqa: E402,F401  (must precede OpenMMLab imports)
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import QuantConfig  # noqa: E402
+from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
+from mmcd.core.quant.qdq import to_qdq  # noqa: E402
+from mmcd.deploy import (MIN_QDQ_OPSET, FeatureExtractor,  # noqa: E402
+                         OnnxPerShape)
+from mmcd.engine.calibration import (CalibrationOptions,  # noqa: E402
+                                     evaluate, quantize_copy)
+from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
+                                      check_datasets, load_config,
+                                      parse_layer_bits, parse_quant_spec)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--quant', required=True, metavar='wNaM')
+    parser.add_argument('--method', default='repq-vit',
+                        choices=list(QUANT_METHODS))
+    parser.add_argument('--calib-images', type=int, default=32)
+    parser.add_argument('--layer-bits', nargs='+', default=(),
+                        metavar='REGEX=wNaM')
+    parser.add_argument('--opset', type=int, default=MIN_QDQ_OPSET)
+    parser.add_argument('--out-dir', default='work_dirs/onnx')
+    parser.add_argument('--eval', action='store_true',
+                        help='COCO mAP: PyTorch fake quantization vs the '
+                        'onnxruntime backbone + neck')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args()
+
+
+def feature_deviation(ort_feats, torch_feats, float_feats, step):
+    """Per level: max and mean |ORT - PyTorch| in quantization steps, and
+    ||ORT - PyTorch|| / ||PyTorch quantized - float||."""
+    rows = []
+    for a, b, f in zip(ort_feats, torch_feats, float_feats):
+        diff = (a - b).abs()
+        rows.append(dict(shape=list(a.shape),
+                         max_steps=float(diff.max() / step),
+                         mean_steps=float(diff.mean() / step),
+                         vs_quant_noise=float((a - b).norm() /
+                                              (b - f).norm().clamp_min(1e-12))))
+    return rows
+
+
+def main():
+    args = parse_args()
+    w_bits, a_bits = parse_quant_spec(args.quant)
+    if not osp.isfile(args.checkpoint):
+        raise UserError(f'checkpoint {args.checkpoint} does not exist')
+    try:
+        quant_cfg = QuantConfig(w_bits, a_bits, args.method,
+                                layer_bits=parse_layer_bits(args.layer_bits))
+    except ValueError as err:
+        raise UserError(err) from None
+    if args.opset < MIN_QDQ_OPSET:
+        raise UserError(f'--opset {args.opset}: the QDQ export needs opset >= '
+                        f'{MIN_QDQ_OPSET} (4-bit integer types)')
+    cfg = load_config(args.config, args.cfg_options)
+    check_datasets(cfg, ['train_dataloader', 'test_dataloader'])
+    os.makedirs(args.out_dir, exist_ok=True)
+    cfg.work_dir, cfg.load_from = osp.join(args.out_dir, 'runner'), None
+    runner = Runner.from_cfg(cfg)
+    runner.load_checkpoint(args.checkpoint, map_location='cpu')
+    model = runner.model.eval()
+    calib = CalibrationOptions(num_images=args.calib_images)
+    loader = calib.loader(cfg)
+    quant_model = quantize_copy(model, quant_cfg, loader, calib.num_images)
+    qdq_model = copy.deepcopy(quant_model)
+    report = to_qdq(qdq_model)
+    with torch.no_grad():
+        images = model.data_preprocessor(next(iter(loader)),
+                                         False)['inputs'][:1]
+    name = f'w{w_bits}a{a_bits}_{args.method}'
+    exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,
+                                  key, args.opset)
+                for key, module in (('float', model), (name, qdq_model))}
+    paths, times, outputs = {}, {}, {}
+    for key, onnx_model in exported.items():
+        start = time.perf_counter()
+        outputs[key] = onnx_model(images)  # exports at this shape
+        times[key] = time.perf_counter() - start
+        paths[key] = onnx_model.path_for(images)
+    with torch.no_grad():
+        float_feats = FeatureExtractor(model)(images)
+        quant_feats = FeatureExtractor(quant_model)(images)
+    consumer = quant_model.rpn_head.rpn_conv.input_quantizer
+    step = float(consumer.scale) if consumer.calibrated else 1.0
+    float_dev = max(float((a - b).abs().max()) for a, b in zip(
+        outputs['float'], float_feats))
+    quant_dev = feature_deviation(outputs[name], quant_feats, float_feats,
+                                  step)
+    results = dict(config=args.config, checkpoint=args.checkpoint,
+                   quant=args.quant, method=args.method,
+                   input_shape=list(images.shape), opset=args.opset,
+                   export_seconds=times, files=paths,
+                   forms={k: len(v) for k, v in report.items()},
+                   float_formula_layers=report['float_formula'],
+                   float_max_abs_deviation=float_dev,
+                   quant_deviation=quant_dev, rpn_input_step=step)
+    print(f'exported {paths["float"]} ({times["float"]:.1f} s) and '
+          f'{paths[name]} ({times[name]:.1f} s); QDQ forms: '
+          f'{results["forms"]}')
+    print(f'float: onnxruntime vs PyTorch max |d| {float_dev:.2e}')
+    for level, row in enumerate(quant_dev):
+        print(f'{name} level {level} {row["shape"]}: max |d| '
+              f'{row["max_steps"]:.2f} steps, mean {row["mean_steps"]:.3f} '
+              f'steps, {row["vs_quant_noise"]:.2f} x the quantization noise')
+    if args.eval:
+        fake_map = evaluate(quant_model, runner.test_loop)
+        ort_model = copy.deepcopy(quant_model)
+        ort_model.extract_feat = exported[name]  # heads stay in PyTorch
+        ort_map = evaluate(ort_model, runner.test_loop)
+        results['map'] = dict(fake_quant=fake_map, onnxruntime=ort_map)
+        for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+            print(f'{key}: PyTorch fake quantization {fake_map[key]:.4f}, '
+                  f'onnxruntime backbone + neck {ort_map[key]:.4f}')
+    with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
+        json.dump(results, f, indent=2, default=float)
+    print(f'wrote {osp.join(args.out_dir, "export.json")}')
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f'error: {err}')
