@@ -2,7 +2,8 @@
 quantization-aware training, pure PyTorch."""
 from .attention import QuantWindowMSA
 from .convert import (METHODS, LayerBits, QuantConfig, calibrate,
-                      quantize_model, quantizers, set_quant_state)
+                      layer_quantizers, quantize_model, quantizers,
+                      set_quant_state)
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .methods import QuantMethod, get_method, register_method
 from .qat import (QAT_METHODS, OscillationTracker, QATConfig, QATMethod,
@@ -16,7 +17,7 @@ from .quantizers import LogSqrt2Quantizer, TanQuantizer, UniformQuantizer
 from .reparam import find_norm_linear_pairs, reparameterize, target_params
 
 __all__ = [
-    'QuantWindowMSA', 'METHODS', 'LayerBits', 'QuantConfig', 'calibrate',
+    'QuantWindowMSA', 'METHODS', 'LayerBits', 'QuantConfig', 'layer_quantizers', 'calibrate',
     'quantize_model', 'quantizers', 'set_quant_state', 'QuantConv2d',
     'MatMul', 'QuantLinear', 'QuantMatMul', 'LogSqrt2Quantizer', 'TanQuantizer',
     'UniformQuantizer', 'find_norm_linear_pairs', 'reparameterize',

@@ -19,7 +19,7 @@ reparameterized after it. Pure PyTorch.
 """
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -220,6 +220,19 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
 def quantizers(model: nn.Module) -> List[FakeQuantizer]:
     return [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+
+
+def layer_quantizers(model: nn.Module) -> Dict[str, List[FakeQuantizer]]:
+    """The quantized layers of ``model`` by module name, each with the
+    quantizers it holds directly: a quantized Linear/Conv2d its weight and
+    input quantizers, an attention matmul its two operand quantizers (the
+    units a sensitivity analysis switches on and off)."""
+    layers: Dict[str, List[FakeQuantizer]] = {}
+    for name, module in model.named_modules():
+        own = [m for m in module.children() if isinstance(m, FakeQuantizer)]
+        if own and not isinstance(module, FakeQuantizer):
+            layers[name] = own
+    return layers
 
 
 def set_quant_state(model: nn.Module, state: str) -> None:

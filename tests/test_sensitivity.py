@@ -1,0 +1,64 @@
+"""tools/analysis/sensitivity.py on the micro toy detector: ranked layers,
+the SQNR bounds that must hold, and the mixed-precision configs it writes."""
+import json
+import os.path as osp
+
+import pytest
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+from conftest import micro_config
+from mmcd.engine.hooks import PostTrainingQuantHook
+from test_tools_cli import assert_one_line_error, run_tool
+
+
+@pytest.fixture(scope='module')
+def micro_run(micro_data_root, tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('sensitivity_train')
+    cfg = micro_config(micro_data_root, work_dir)
+    Runner.from_cfg(cfg).train()
+    config = osp.join(work_dir, 'micro.py')
+    cfg.dump(config)
+    return config, osp.join(work_dir, 'epoch_1.pth')
+
+
+def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):
+    config, ckpt = micro_run
+    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+                         '--quant', 'w4a4', '--calib-images', '4', '--keep',
+                         '1', '3', '--out-dir', str(tmp_path), timeout=600)
+    assert code == 0, out
+    result = json.load(open(tmp_path / 'sensitivity.json'))
+    layers = [r for r in result['ranking'] if r['kind'] == 'layer']
+    blocks = [r for r in result['ranking'] if r['kind'] == 'block']
+    assert len(layers) > 40 and len(blocks) == 5  # toy Swin: 1+1+2+1
+    assert result['none_quantized'] == float('inf')  # float == reference
+    only = [r['only'] for r in layers]
+    assert only == sorted(only)  # ranked, most sensitive first
+    for row in result['ranking']:
+        # one layer (block) quantized is less noisy than all of them, and
+        # taking it out of the quantized set never adds noise beyond float
+        assert row['only'] > result['all_quantized'] - 1e-6
+        assert row['all_but'] >= result['all_quantized'] - 1.0
+    assert osp.getsize(tmp_path / 'sensitivity.png') > 0
+    assert '| 1 | layer |' in open(tmp_path / 'sensitivity.md').read()
+    for k, path in zip((1, 3), result['keep_configs']):
+        hooks = [h for h in Config.fromfile(path).custom_hooks
+                 if h['type'] == 'PostTrainingQuantHook']
+        assert len(hooks) == 1
+        rules = hooks[0]['layer_bits']
+        assert [r['pattern'] for r in rules] == [
+            f'^{r["name"].replace(".", chr(92) + ".")}$'
+            for r in layers[:k]]
+        PostTrainingQuantHook(**{k: v for k, v in hooks[0].items()
+                                 if k != 'type'})
+
+
+def test_errors(micro_run, tmp_path):
+    config, ckpt = micro_run
+    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+                         '--quant', 'w9a4')
+    assert_one_line_error(code, out, '2..8')
+    code, out = run_tool('tools/analysis/sensitivity.py', config,
+                         str(tmp_path / 'nope.pth'), '--quant', 'w4a4')
+    assert_one_line_error(code, out, 'does not exist')

@@ -1,0 +1,216 @@
+"""Which quantized layers hurt: per-layer (and per-block) sensitivity, and
+mixed-precision configs that keep the most sensitive layers at 8 bits.
+
+    python tools/analysis/sensitivity.py CONFIG CKPT --quant w4a4
+        [--method repq-vit] [--metric sqnr|map] [--calib-images 8]
+        [--keep 1 3 5] [--out-dir work_dirs/sensitivity]
+
+Calibrates the whole model once (as ``tools/test.py --quant`` does), then
+for every quantized layer (a Linear/Conv2d: weight + input; an attention
+matmul: both operands) measures two runs: **only** that layer quantized, and
+**all but** that layer quantized; and the same per Transformer block.
+``--metric sqnr`` (fast): signal-to-quantization-noise ratio, in dB, of the
+detector's FPN features and RPN logits against the float model on the
+calibration images, ``10 log10(sum y^2 / sum (y_q - y)^2)`` over all those
+outputs. ``--metric map``: box mAP on the test set (exact, one evaluation per
+run). Writes ``sensitivity.md`` (ranked table), ``sensitivity.json``,
+``sensitivity.png`` (the most sensitive layers) and, per ``--keep K``, a
+config ``keep{K}_{quant}.py`` that inherits CONFIG and keeps the K most
+sensitive layers at W8A8 (``PostTrainingQuantHook(layer_bits=...)``).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import re
+import sys
+
+import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+from mmengine.utils import ProgressBar  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import QuantConfig, layer_quantizers  # noqa: E402
+from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
+from mmcd.engine.calibration import (CalibrationOptions,  # noqa: E402
+                                     evaluate, quantize_copy)
+from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
+                                      check_datasets, load_config,
+                                      parse_quant_spec)
+
+BLOCK = re.compile(r'^(.*\.blocks\.\d+)\.')
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--quant', required=True, metavar='wNaM')
+    parser.add_argument('--method', default='repq-vit',
+                        choices=list(QUANT_METHODS))
+    parser.add_argument('--metric', default='sqnr', choices=['sqnr', 'map'])
+    parser.add_argument('--calib-images', type=int, default=8)
+    parser.add_argument('--keep', type=int, nargs='*', default=[1, 3, 5],
+                        help='write a config keeping the K most sensitive '
+                        'layers at W8A8, for each K')
+    parser.add_argument('--out-dir', default='work_dirs/sensitivity')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args()
+
+
+def sqnr_db(outputs, reference) -> float:
+    signal = sum(float(r.double().square().sum()) for r in reference)
+    noise = sum(float((o.double() - r.double()).square().sum())
+                for o, r in zip(outputs, reference))
+    return float('inf') if noise == 0 else 10 * torch.log10(
+        torch.tensor(signal / noise)).item()
+
+
+class Measure:
+    """The metric of the quantized model with only ``on`` quantizers on."""
+
+    def __init__(self, model, metric, images, test_loop):
+        self.model, self.metric = model, metric
+        self.images, self.test_loop = images, test_loop
+        self.all = [q for qs in layer_quantizers(model).values()
+                    for q in qs if q.calibrated]
+        if metric == 'sqnr':
+            self.reference = self.outputs(set())
+
+    def switch(self, on):
+        for q in self.all:
+            q.state = 'quant' if id(q) in on else 'fp'
+
+    @torch.no_grad()
+    def outputs(self, on):
+        self.switch(on)
+        feats = self.model.extract_feat(self.images)
+        cls, reg = self.model.rpn_head(feats)
+        return list(feats) + list(cls) + list(reg)
+
+    def __call__(self, on) -> float:
+        if self.metric == 'sqnr':
+            return sqnr_db(self.outputs(on), self.reference)
+        self.switch(on)
+        return float(evaluate(self.model, self.test_loop)['coco/bbox_mAP'])
+
+
+def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
+                a_bits):
+    """A config inheriting ``config_path`` whose PTQ hook keeps ``names``
+    at W8A8; the config's other custom hooks are kept."""
+    hooks = [dict(h) for h in cfg.get('custom_hooks', [])
+             if h.get('type') != 'PostTrainingQuantHook']
+    rules = [dict(pattern=f'^{re.escape(n)}$', w_bits=8, a_bits=8)
+             for n in names]
+    hooks.append(dict(type='PostTrainingQuantHook', w_bits=w_bits,
+                      a_bits=a_bits, method=method, layer_bits=rules))
+    path = osp.join(out_dir, f'keep{len(names)}_{spec}.py')
+    with open(path, 'w') as f:
+        f.write(f'# written by tools/analysis/sensitivity.py: {spec} '
+                f'{method}, the {len(names)} most sensitive layers at W8A8\n'
+                f'_base_ = {osp.abspath(config_path)!r}\n'
+                f'custom_hooks = {hooks!r}\n')
+    return path
+
+
+def main():
+    args = parse_args()
+    w_bits, a_bits = parse_quant_spec(args.quant)
+    if not osp.isfile(args.checkpoint):
+        raise UserError(f'checkpoint {args.checkpoint} does not exist')
+    try:
+        quant_cfg = QuantConfig(w_bits, a_bits, args.method)
+    except ValueError as err:
+        raise UserError(err) from None
+    cfg = load_config(args.config, args.cfg_options)
+    check_datasets(cfg, ['train_dataloader'] + (
+        ['test_dataloader'] if args.metric == 'map' else []))
+    os.makedirs(args.out_dir, exist_ok=True)
+    cfg.work_dir, cfg.load_from = osp.join(args.out_dir, 'runner'), None
+    runner = Runner.from_cfg(cfg)
+    runner.load_checkpoint(args.checkpoint, map_location='cpu')
+    calib = CalibrationOptions(num_images=args.calib_images)
+    loader = calib.loader(cfg)
+    model = quantize_copy(runner.model.eval(), quant_cfg, loader,
+                          calib.num_images)
+    with torch.no_grad():
+        images = model.data_preprocessor(next(iter(loader)), False)['inputs']
+    measure = Measure(model, args.metric,
+                      images, runner.test_loop if args.metric == 'map'
+                      else None)
+    layers = {name: {id(q) for q in qs if q.calibrated}
+              for name, qs in layer_quantizers(model).items()}
+    layers = {name: ids for name, ids in layers.items() if ids}
+    blocks = {}
+    for name, ids in layers.items():
+        match = BLOCK.match(name)
+        if match:
+            blocks.setdefault(match.group(1), set()).update(ids)
+    everything = set().union(*layers.values())
+    print(f'{len(layers)} quantized layers, {len(blocks)} blocks, metric '
+          f'{args.metric}; {2 * (len(layers) + len(blocks)) + 2} runs')
+    full, none = measure(everything), measure(set())
+    rows = []
+    bar = ProgressBar(len(layers) + len(blocks))
+    for kind, units in (('layer', layers), ('block', blocks)):
+        for name, ids in units.items():
+            rows.append(dict(kind=kind, name=name, only=measure(ids),
+                             all_but=measure(everything - ids)))
+            bar.update()
+    print()
+    # most sensitive first: the lowest SQNR (or mAP) with only it quantized
+    rows.sort(key=lambda r: (r['kind'] != 'layer', r['only']))
+    unit = 'dB' if args.metric == 'sqnr' else 'box mAP'
+    lines = [f'# Sensitivity: {args.quant} {args.method}, metric '
+             f'{args.metric} ({unit})', '',
+             f'all quantized: {full:.4f}; none: {none:.4f}', '',
+             '| rank | kind | layer | only this quantized | all but this |',
+             '|---:|---|---|---:|---:|']
+    for rank, row in enumerate(rows, 1):
+        lines.append(f'| {rank} | {row["kind"]} | `{row["name"]}` | '
+                     f'{row["only"]:.4f} | {row["all_but"]:.4f} |')
+    paths = {k: osp.join(args.out_dir, f'sensitivity.{k}')
+             for k in ('md', 'json', 'png')}
+    with open(paths['md'], 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    ranked = [r['name'] for r in rows if r['kind'] == 'layer']
+    configs = [keep_config(cfg, args.config, args.out_dir, args.quant,
+                           args.method, ranked[:k], w_bits, a_bits)
+               for k in args.keep if 0 < k <= len(ranked)]
+    with open(paths['json'], 'w') as f:
+        json.dump(dict(config=args.config, checkpoint=args.checkpoint,
+                       quant=args.quant, method=args.method,
+                       metric=args.metric, all_quantized=full,
+                       none_quantized=none, ranking=rows,
+                       keep_configs=configs), f, indent=2)
+    plot(rows, paths['png'], unit, full)
+    print('\n'.join(lines[:6 + min(10, len(rows))]))
+    print('wrote ' + ', '.join(list(paths.values()) + configs))
+
+
+def plot(rows, path, unit, full):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    top = [r for r in rows if r['kind'] == 'layer'][:20]
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(top) + 1.5))
+    ax.barh(range(len(top)), [r['only'] for r in top], color='tab:red')
+    ax.set_yticks(range(len(top)), [r['name'] for r in top], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(full, color='k', ls='--', lw=1, label='all quantized')
+    ax.set_xlabel(f'{unit} with only this layer quantized (lower: more '
+                  'sensitive)')
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f'error: {err}')
