@@ -168,3 +168,30 @@ def test_calibration_images_are_the_same_on_every_rank(micro_data_root,
     assert [len(b) for b in rank0] == [4, 4]
     flat = [i for b in rank0 for i in b]
     assert sorted(flat) == sorted(set(flat))
+
+
+def test_debug_logs_per_layer_sqnr(micro_data_root, trained, tmp_path):
+    cfg = micro_config(micro_data_root, tmp_path)
+    cfg.load_from = trained
+    cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
+    cfg.custom_hooks = [dict(type='PostTrainingQuantHook', w_bits=4,
+                             a_bits=4, debug=True, calib=dict(num_images=4),
+                             layer_bits=[dict(pattern=r'^neck\.',
+                                              w_bits=8, a_bits=8)])]
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    report = json.load(open(osp.join(runner.log_dir, 'quant_debug.json')))
+    qkv = 'backbone.stages.0.blocks.0.attn.w_msa.qkv'
+    assert report[qkv]['bits'] == dict(weight_quantizer=4,
+                                       input_quantizer=4)
+    assert report['neck.fpn_convs.0.conv']['bits']['weight_quantizer'] == 8
+    # 8-bit weights of the neck are far less noisy than 4-bit ones
+    assert report['neck.fpn_convs.0.conv']['weight_sqnr'] > \
+        report[qkv]['weight_sqnr'] + 15
+    assert report['roi_head.bbox_head.fc_cls']['output_sqnr'] is None
+    scalars = open(osp.join(runner.log_dir, 'vis_data',
+                            'scalars.json')).read()
+    assert f'ptq_sqnr/output/{qkv}' in scalars
+    log = open(osp.join(runner.log_dir, osp.basename(runner.log_dir) +
+                        '.log')).read()
+    assert 'lowest output SQNR' in log

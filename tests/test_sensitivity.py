@@ -26,9 +26,16 @@ def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):
     config, ckpt = micro_run
     code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
                          '--quant', 'w4a4', '--calib-images', '4', '--keep',
-                         '1', '3', '--out-dir', str(tmp_path), timeout=600)
+                         '1', '3', '--avg-w-bits', '4.5', '--out-dir',
+                         str(tmp_path), timeout=600)
     assert code == 0, out
     result = json.load(open(tmp_path / 'sensitivity.json'))
+    budget, params = result['weight_budget'], result['weight_params']
+    average = (4 * sum(params.values()) + 4 * sum(
+        params[n] for n in budget['layers'])) / sum(params.values())
+    assert budget['average'] == pytest.approx(average) and average <= 4.5
+    assert budget['layers'] and result['keep_configs'][-1].endswith(
+        'avgw4.5_w4a4.py')
     layers = [r for r in result['ranking'] if r['kind'] == 'layer']
     blocks = [r for r in result['ranking'] if r['kind'] == 'block']
     assert len(layers) > 40 and len(blocks) == 5  # toy Swin: 1+1+2+1
@@ -42,7 +49,7 @@ def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):
         assert row['all_but'] >= result['all_quantized'] - 1.0
     assert osp.getsize(tmp_path / 'sensitivity.png') > 0
     assert '| 1 | layer |' in open(tmp_path / 'sensitivity.md').read()
-    for k, path in zip((1, 3), result['keep_configs']):
+    for k, path in zip((1, 3), result['keep_configs'][:2]):
         hooks = [h for h in Config.fromfile(path).custom_hooks
                  if h['type'] == 'PostTrainingQuantHook']
         assert len(hooks) == 1
@@ -62,3 +69,23 @@ def test_errors(micro_run, tmp_path):
     code, out = run_tool('tools/analysis/sensitivity.py', config,
                          str(tmp_path / 'nope.pth'), '--quant', 'w4a4')
     assert_one_line_error(code, out, 'does not exist')
+    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+                         '--quant', 'w4a4', '--avg-w-bits', '9')
+    assert_one_line_error(code, out, '--avg-w-bits must lie in [4, 8]')
+
+
+def test_quant_debug_tool(micro_run, tmp_path):
+    config, ckpt = micro_run
+    code, out = run_tool('tools/analysis/quant_debug.py', config, ckpt,
+                         '--quant', 'w4a4', '--calib-images', '4',
+                         '--out-dir', str(tmp_path), timeout=600)
+    assert code == 0, out
+    report = json.load(open(tmp_path / 'quant_debug.json'))
+    compared = {n: e for n, e in report.items()
+                if e['output_sqnr'] is not None}
+    assert all(n.startswith(('backbone.', 'neck.', 'rpn_head.'))
+               for n in compared) and len(compared) > 40
+    table = open(tmp_path / 'quant_debug.md').read().splitlines()[4:]
+    listed = [float(line.split('|')[3]) for line in table]
+    assert listed == sorted(listed)  # lowest output SQNR first
+    assert osp.getsize(tmp_path / 'worst_inputs.png') > 0

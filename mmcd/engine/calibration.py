@@ -7,7 +7,7 @@ the summary in MMEngine's log."""
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from mmengine.logging import print_log
@@ -86,6 +86,27 @@ def calibrate_on(model, quant_cfg, loader, what: str = 'PTQ',
                   f'{", ".join(unreached)}', logger='current',
                   level=logging.WARNING)
     return summary
+
+
+@torch.no_grad()
+def calibration_images(model, loader) -> torch.Tensor:
+    """The calibration images (the first batch of ``loader``) after the
+    model's data preprocessor, ``[N, 3, H, W]``."""
+    return model.data_preprocessor(next(iter(loader)), False)['inputs']
+
+
+@torch.no_grad()
+def dense_outputs(model, images: torch.Tensor) -> List[torch.Tensor]:
+    """The detector's outputs that do not depend on proposals, for
+    preprocessed ``images``: the neck's feature maps and, for a two-stage
+    detector, the RPN's class and box logits per level (what the
+    sensitivity and debug tools compare float and quantized on)."""
+    features = model.extract_feat(images)
+    outputs = list(features)
+    if getattr(model, 'rpn_head', None) is not None:
+        scores, deltas = model.rpn_head(features)
+        outputs += list(scores) + list(deltas)
+    return outputs
 
 
 def run_test_steps(model, batches, num_batches: int) -> None:

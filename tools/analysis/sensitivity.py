@@ -3,7 +3,7 @@ mixed-precision configs that keep the most sensitive layers at 8 bits.
 
     python tools/analysis/sensitivity.py CONFIG CKPT --quant w4a4
         [--method repq-vit] [--metric sqnr|map] [--calib-images 8]
-        [--keep 1 3 5] [--out-dir work_dirs/sensitivity]
+        [--keep 1 3 5] [--avg-w-bits 4.5] [--out-dir work_dirs/sensitivity]
 
 Calibrates the whole model once (as ``tools/test.py --quant`` does), then
 for every quantized layer (a Linear/Conv2d: weight + input; an attention
@@ -16,7 +16,10 @@ outputs. ``--metric map``: box mAP on the test set (exact, one evaluation per
 run). Writes ``sensitivity.md`` (ranked table), ``sensitivity.json``,
 ``sensitivity.png`` (the most sensitive layers) and, per ``--keep K``, a
 config ``keep{K}_{quant}.py`` that inherits CONFIG and keeps the K most
-sensitive layers at W8A8 (``PostTrainingQuantHook(layer_bits=...)``).
+sensitive layers at W8A8 (``PostTrainingQuantHook(layer_bits=...)``);
+``--avg-w-bits B`` writes ``avgw{B}_{quant}.py``: the most sensitive layers
+with weights at W8A8 while the parameter-weighted average weight bits stay
+<= B (greedy in rank order).
 """
 import argparse
 import json
@@ -26,16 +29,17 @@ import re
 import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
-import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant import QuantConfig, layer_quantizers  # noqa: E402
+from mmcd.core.quant.debug import sqnr_db  # noqa: E402
 from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
-from mmcd.engine.calibration import (CalibrationOptions,  # noqa: E402
-                                     evaluate, quantize_copy)
+from mmcd.engine.calibration import (  # noqa: E402
+    CalibrationOptions, calibration_images, dense_outputs, evaluate,
+    quantize_copy)
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
                                       check_datasets, load_config,
                                       parse_quant_spec)
@@ -55,17 +59,22 @@ def parse_args():
     parser.add_argument('--keep', type=int, nargs='*', default=[1, 3, 5],
                         help='write a config keeping the K most sensitive '
                         'layers at W8A8, for each K')
+    parser.add_argument('--avg-w-bits', type=float,
+                        help='also write a config that keeps the most '
+                        'sensitive layers with weights at W8A8 while the '
+                        'parameter-weighted average weight bits stay within '
+                        'this budget')
     parser.add_argument('--out-dir', default='work_dirs/sensitivity')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 
 
-def sqnr_db(outputs, reference) -> float:
+def outputs_sqnr(outputs, reference) -> float:
+    """SQNR (dB) of all ``outputs`` together against ``reference``."""
     signal = sum(float(r.double().square().sum()) for r in reference)
     noise = sum(float((o.double() - r.double()).square().sum())
                 for o, r in zip(outputs, reference))
-    return float('inf') if noise == 0 else 10 * torch.log10(
-        torch.tensor(signal / noise)).item()
+    return sqnr_db(signal, noise)
 
 
 class Measure:
@@ -83,22 +92,34 @@ class Measure:
         for q in self.all:
             q.state = 'quant' if id(q) in on else 'fp'
 
-    @torch.no_grad()
     def outputs(self, on):
         self.switch(on)
-        feats = self.model.extract_feat(self.images)
-        cls, reg = self.model.rpn_head(feats)
-        return list(feats) + list(cls) + list(reg)
+        return dense_outputs(self.model, self.images)
 
     def __call__(self, on) -> float:
         if self.metric == 'sqnr':
-            return sqnr_db(self.outputs(on), self.reference)
+            return outputs_sqnr(self.outputs(on), self.reference)
         self.switch(on)
         return float(evaluate(self.model, self.test_loop)['coco/bbox_mAP'])
 
 
+def within_weight_budget(ranked, params, w_bits, budget):
+    """The layers of ``ranked`` (most sensitive first) that go to 8-bit
+    weights, greedily, while ``sum(bits * params) / sum(params) <= budget``;
+    layers without weights do not count against (nor for) the budget and
+    are left out."""
+    total = sum(params.values())
+    spent, chosen = w_bits * total, []
+    for name in ranked:
+        extra = (8 - w_bits) * params.get(name, 0)
+        if extra and spent + extra <= budget * total:
+            chosen.append(name)
+            spent += extra
+    return chosen, spent / total
+
+
 def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
-                a_bits):
+                a_bits, label=None):
     """A config inheriting ``config_path`` whose PTQ hook keeps ``names``
     at W8A8; the config's other custom hooks are kept."""
     hooks = [dict(h) for h in cfg.get('custom_hooks', [])
@@ -107,7 +128,7 @@ def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
              for n in names]
     hooks.append(dict(type='PostTrainingQuantHook', w_bits=w_bits,
                       a_bits=a_bits, method=method, layer_bits=rules))
-    path = osp.join(out_dir, f'keep{len(names)}_{spec}.py')
+    path = osp.join(out_dir, f'{label or f"keep{len(names)}"}_{spec}.py')
     with open(path, 'w') as f:
         f.write(f'# written by tools/analysis/sensitivity.py: {spec} '
                 f'{method}, the {len(names)} most sensitive layers at W8A8\n'
@@ -119,6 +140,9 @@ def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
 def main():
     args = parse_args()
     w_bits, a_bits = parse_quant_spec(args.quant)
+    if args.avg_w_bits is not None and not w_bits <= args.avg_w_bits <= 8:
+        raise UserError(f'--avg-w-bits must lie in [{w_bits}, 8] (the '
+                        f'weight bits of --quant .. 8), got {args.avg_w_bits}')
     if not osp.isfile(args.checkpoint):
         raise UserError(f'checkpoint {args.checkpoint} does not exist')
     try:
@@ -136,8 +160,7 @@ def main():
     loader = calib.loader(cfg)
     model = quantize_copy(runner.model.eval(), quant_cfg, loader,
                           calib.num_images)
-    with torch.no_grad():
-        images = model.data_preprocessor(next(iter(loader)), False)['inputs']
+    images = calibration_images(model, loader)
     measure = Measure(model, args.metric,
                       images, runner.test_loop if args.metric == 'map'
                       else None)
@@ -180,11 +203,25 @@ def main():
     configs = [keep_config(cfg, args.config, args.out_dir, args.quant,
                            args.method, ranked[:k], w_bits, a_bits)
                for k in args.keep if 0 < k <= len(ranked)]
+    params = {name: module.weight.numel()
+              for name, module in model.named_modules()
+              if name in layers and hasattr(module, 'weight_quantizer')}
+    budget = None
+    if args.avg_w_bits is not None:
+        chosen, average = within_weight_budget(ranked, params, w_bits,
+                                               args.avg_w_bits)
+        budget = dict(limit=args.avg_w_bits, average=average, layers=chosen)
+        configs.append(keep_config(
+            cfg, args.config, args.out_dir, args.quant, args.method, chosen,
+            w_bits, a_bits, label=f'avgw{args.avg_w_bits:g}'))
+        print(f'--avg-w-bits {args.avg_w_bits:g}: {len(chosen)} layers at '
+              f'8 bits, average weight bits {average:.3f}')
     with open(paths['json'], 'w') as f:
         json.dump(dict(config=args.config, checkpoint=args.checkpoint,
                        quant=args.quant, method=args.method,
                        metric=args.metric, all_quantized=full,
                        none_quantized=none, ranking=rows,
+                       weight_params=params, weight_budget=budget,
                        keep_configs=configs), f, indent=2)
     plot(rows, paths['png'], unit, full)
     print('\n'.join(lines[:6 + min(10, len(rows))]))

@@ -40,8 +40,8 @@ from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (MIN_QDQ_OPSET, FeatureExtractor,  # noqa: E402
                          OnnxPerShape)
-from mmcd.engine.calibration import (CalibrationOptions,  # noqa: E402
-                                     evaluate, quantize_copy)
+from mmcd.engine.calibration import (  # noqa: E402
+    CalibrationOptions, calibration_images, evaluate, quantize_copy)
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
                                       check_datasets, load_config,
                                       parse_layer_bits, parse_quant_spec)
@@ -105,9 +105,7 @@ def main():
     quant_model = quantize_copy(model, quant_cfg, loader, calib.num_images)
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
-    with torch.no_grad():
-        images = model.data_preprocessor(next(iter(loader)),
-                                         False)['inputs'][:1]
+    images = calibration_images(model, loader)[:1]
     name = f'w{w_bits}a{a_bits}_{args.method}'
     exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,
                                   key, args.opset)

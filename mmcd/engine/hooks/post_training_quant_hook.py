@@ -22,6 +22,7 @@ Results (bits, method, calibration size, metrics) are written as JSON to
 ``quant_results.json`` in the log dir and the work dir.
 """
 import json
+import math
 import os.path as osp
 from typing import Dict, Optional, Sequence
 
@@ -31,7 +32,9 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from mmcd.core.quant import QuantConfig
-from ..calibration import CalibrationOptions, evaluate, quantize_copy
+from mmcd.core.quant.debug import quantization_report
+from ..calibration import (CalibrationOptions, calibration_images,
+                           dense_outputs, evaluate, quantize_copy)
 
 REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
                     'coco/segm_mAP_50')
@@ -54,6 +57,12 @@ class PostTrainingQuantHook(Hook):
             precision, ``[dict(pattern=REGEX, w_bits=8, a_bits=8)]``).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
+        debug: after calibration, compare float and quantized runs on the
+            calibration images layer by layer
+            (:func:`mmcd.core.quant.debug.quantization_report` on the
+            backbone, neck and RPN): each layer's output, input and weight
+            SQNR go to the visualizer (``ptq_sqnr/...`` scalars), the five
+            worst layers to the log, all to ``quant_debug.json``.
     """
     priority = 'BELOW_NORMAL'  # after EMAHook (NORMAL) swaps in EMA weights
 
@@ -63,7 +72,7 @@ class PostTrainingQuantHook(Hook):
                  first_layer_bits: int = 8, compare_fp: bool = False,
                  stages: Sequence[str] = ('test', 'val'),
                  weight_search: Optional[str] = None,
-                 layer_bits: Sequence[Dict] = ()):
+                 layer_bits: Sequence[Dict] = (), debug: bool = False):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
                                      tuple(skip), first_layer_bits,
                                      weight_search=weight_search,
@@ -74,6 +83,7 @@ class PostTrainingQuantHook(Hook):
             raise ValueError(f"stages must be 'test' and/or 'val', got "
                              f'{sorted(unknown)}')
         self.stages, self.compare_fp = tuple(stages), compare_fp
+        self.debug = debug
         self._float_model = None
         self._fp_metrics = None
 
@@ -106,8 +116,33 @@ class PostTrainingQuantHook(Hook):
         calib_loader = self.calib.loader(runner.cfg)
         quant_model = quantize_copy(float_model, self.quant_cfg,
                                     calib_loader, self.calib.num_images)
+        if self.debug:
+            self._log_debug(runner, quant_model, calib_loader)
         self._float_model = model
         runner.model = quant_model
+
+    def _log_debug(self, runner, quant_model, loader) -> None:
+        images = calibration_images(quant_model, loader)
+        report = quantization_report(
+            quant_model, lambda: dense_outputs(quant_model, images))
+        scalars = {}
+        for name, entry in report.items():
+            values = dict(output=entry['output_sqnr'],
+                          weight=entry.get('weight_sqnr'),
+                          **{f'input.{k}': v
+                             for k, v in entry['input_sqnr'].items()})
+            scalars.update({f'ptq_sqnr/{kind}/{name}': value
+                            for kind, value in values.items()
+                            if value is not None and math.isfinite(value)})
+        runner.visualizer.add_scalars(scalars, step=runner.iter)
+        ranked = sorted((e['output_sqnr'], n) for n, e in report.items()
+                        if e['output_sqnr'] is not None)
+        print_log('PostTrainingQuantHook debug: lowest output SQNR: ' +
+                  ', '.join(f'{n} {db:.1f} dB' for db, n in ranked[:5]),
+                  logger='current')
+        if runner.rank == 0:
+            with open(osp.join(runner.log_dir, 'quant_debug.json'), 'w') as f:
+                json.dump(report, f, indent=2)
 
     def _restore(self, runner, metrics) -> None:
         if self._float_model is None:
