@@ -2,8 +2,11 @@
 onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
 onnxscript). The QDQ rewrite itself is pure PyTorch
 (:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
-from .onnx_export import (MIN_QDQ_OPSET, FeatureExtractor, OnnxFeatures,
-                          OnnxPerShape, export_onnx)
+from .onnx_export import (MIN_QDQ_OPSET, QDQ_DISABLED_OPTIMIZERS,
+                          FeatureExtractor, OnnxFeatures, OnnxPerShape,
+                          export_onnx, ort_session)
 
-__all__ = ['MIN_QDQ_OPSET', 'FeatureExtractor', 'OnnxFeatures', 'OnnxPerShape',
-           'export_onnx']
+__all__ = [
+    'MIN_QDQ_OPSET', 'QDQ_DISABLED_OPTIMIZERS', 'FeatureExtractor',
+    'OnnxFeatures', 'OnnxPerShape', 'export_onnx', 'ort_session'
+]

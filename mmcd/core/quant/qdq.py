@@ -9,9 +9,10 @@ calibrate` has calibrated, into the form deployment runtimes read:
   of a reparameterized input stays an ``Add`` before and a ``Sub`` after);
 * every quantized ``Linear`` / ``Conv2d`` becomes :class:`QDQLinear` /
   :class:`QDQConv2d`: the weight is stored as its integers ``q`` (uint8
-  values in ``[0, 2^b - 1]``), one scale and zero point per output channel,
-  and rebuilt as ``(q - z) s`` by one ``mmcd::dequantize`` op (ONNX:
-  ``DequantizeLinear`` on an integer initializer, 4-bit types at opset 21);
+  values in ``[0, 2^b - 1]``; a Linear's transposed), one scale and zero
+  point per output channel, and rebuilt as ``(q - z) s`` by one
+  ``mmcd::dequantize`` op (ONNX: ``DequantizeLinear`` on an integer
+  initializer, 4-bit types at opset 21);
 * the post-softmax quantizers (log-sqrt2, TanQ) have no linear-quantization
   form: they stay as their float formula (:class:`FormulaFakeQuant`: the
   quantizer's own fake quantization, exported as elementwise float ops).
@@ -45,15 +46,17 @@ def _(x, scale, zero_point, bits):
 
 @torch.library.custom_op('mmcd::dequantize', mutates_args=())
 def dequantize(q: torch.Tensor, scale: torch.Tensor,
-               zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(q - z) s`` with one ``s``, ``z`` per index of axis 0 of the
+               zero_point: torch.Tensor, bits: int,
+               axis: int) -> torch.Tensor:
+    """``(q - z) s`` with one ``s``, ``z`` per index of ``axis`` of the
     integer tensor ``q``."""
-    shape = (-1, ) + (1, ) * (q.dim() - 1)
+    shape = [1] * q.dim()
+    shape[axis] = -1
     return (q.to(scale.dtype) - zero_point.view(shape)) * scale.view(shape)
 
 
 @dequantize.register_fake
-def _(q, scale, zero_point, bits):
+def _(q, scale, zero_point, bits, axis):
     return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
 
 
@@ -100,6 +103,9 @@ class FormulaFakeQuant(nn.Module):
 class _IntegerWeightMixin:
     """The weight as integers, per-output-channel scale and zero point."""
 
+    #: the axis of the output channels in the stored integers
+    channel_axis = 0
+
     def _take_weight(self, layer):
         quantizer = layer.weight_quantizer
         if quantizer.state != 'quant' or not quantizer.calibrated:
@@ -110,18 +116,29 @@ class _IntegerWeightMixin:
         weight = layer.weight.detach().to(scale.dtype)
         integers = torch.div(weight, scale.view(shape)).round_().add_(
             zero.view(shape)).clamp_(0, quantizer.levels)
+        if self.channel_axis == 1:  # stored as [in, out]
+            integers = integers.t()
         self.bits = quantizer.bits
-        self.register_buffer('weight_int', integers.to(torch.uint8))
+        self.register_buffer('weight_int',
+                             integers.to(torch.uint8).contiguous())
         self.register_buffer('weight_scale', scale.clone())
         self.register_buffer('weight_zero_point', zero.clone())
         self.input_qdq = _activation_module(layer.input_quantizer)
 
     def dequantized_weight(self):
         return dequantize(self.weight_int, self.weight_scale,
-                          self.weight_zero_point, self.bits)
+                          self.weight_zero_point, self.bits,
+                          self.channel_axis)
 
 
 class QDQLinear(_IntegerWeightMixin, nn.Module):
+    """The weight stored transposed, ``[in, out]``. Under export, ``x W^T +
+    b`` is written ``MatMul(x, DequantizeLinear(W^T)) + b``, with no
+    ``Transpose`` between the weight's DequantizeLinear and the MatMul: the
+    pattern onnxruntime fuses into an integer kernel
+    (``MatMulIntegerToFloat``). Eagerly it is ``F.linear``, as in the
+    fake-quantized model, so the rewrite stays bit-exact in PyTorch."""
+    channel_axis = 1
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
@@ -131,8 +148,11 @@ class QDQLinear(_IntegerWeightMixin, nn.Module):
         self._take_weight(layer)
 
     def forward(self, x):
-        return F.linear(self.input_qdq(x), self.dequantized_weight(),
-                        self.bias)
+        x, weight = self.input_qdq(x), self.dequantized_weight()
+        if not torch.compiler.is_exporting():
+            return F.linear(x, weight.t().contiguous(), self.bias)
+        out = torch.matmul(x, weight)
+        return out if self.bias is None else out + self.bias
 
 
 class QDQConv2d(_IntegerWeightMixin, nn.Module):

@@ -1,0 +1,106 @@
+"""onnxruntime latency of the QDQ (integer) backbone + neck against float.
+
+For the toy Swin Mask R-CNN (256 px) and Mask R-CNN Swin-T (512x768), built
+from the configs (random weights, random images: no data needed), exports
+backbone + neck in float and as W{bits}A{bits} QDQ (``mmcd.deploy``,
+calibrated on the timing image), runs both in onnxruntime on the CPU with
+all graph optimizations, interleaved, and prints the median latencies, their
+ratio, and what onnxruntime made of the QDQ pattern: the quantized-kernel
+nodes it fused (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...) and
+the DequantizeLinear nodes left in front of float kernels. The float model
+runs with every optimization, the QDQ model without ``MatMulAddFusion``
+(:data:`mmcd.deploy.QDQ_DISABLED_OPTIMIZERS`: it would turn the Linear
+layers into float Gemms before the integer fusion sees them).
+
+    python tools/benchmarks/ort_latency.py [--models toy swin-t]
+        [--bits 8] [--method minmax] [--runs 10]
+"""
+import argparse
+import collections
+import copy
+import os.path as osp
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
+    __file__)))))
+warnings.filterwarnings('ignore')
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
+from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
+from mmcd.core.quant.qdq import to_qdq  # noqa: E402
+from mmcd.deploy import (QDQ_DISABLED_OPTIMIZERS,  # noqa: E402
+                         FeatureExtractor, export_onnx, ort_session)
+from mmcd.engine.benchmark_models import (  # noqa: E402
+    BENCHMARK_DETECTORS, build_detector)
+
+QUANTIZED_KERNELS = ('QLinearConv', 'QLinearMatMul', 'MatMulIntegerToFloat',
+                     'ConvInteger', 'MatMulInteger', 'QGemm', 'QAttention',
+                     'MatMulNBits', 'DynamicQuantizeMatMul')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--models', nargs='+', default=list(
+        BENCHMARK_DETECTORS), choices=list(BENCHMARK_DETECTORS))
+    parser.add_argument('--bits', type=int, default=8)
+    parser.add_argument('--method', default='minmax',
+                        choices=list(QUANT_METHODS))
+    parser.add_argument('--runs', type=int, default=10)
+    args = parser.parse_args()
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    print(f'onnxruntime {ort.__version__}, CPU, W{args.bits}A{args.bits} '
+          f'{args.method} vs float, backbone + neck, batch 1, median of '
+          f'{args.runs} interleaved runs')
+    folder = tempfile.mkdtemp(prefix='ort_latency_')
+    for key in args.models:
+        name, config, size = BENCHMARK_DETECTORS[key]
+        model = build_detector(config)
+        images = torch.rand(1, 3, *size) * 2 - 1
+        cfg = QuantConfig(args.bits, args.bits, args.method,
+                          first_layer_bits=max(8, args.bits))
+        quant = quantize_model(copy.deepcopy(model), cfg)
+        calibrate(quant, cfg, lambda: quant.extract_feat(images))
+        to_qdq(quant)
+        sessions = {}
+        for label, module in (('float', model), ('qdq', quant)):
+            path = export_onnx(FeatureExtractor(module), images,
+                               osp.join(folder, f'{key}_{label}.onnx'))
+            sessions[label] = ort_session(
+                path, optimized_path=osp.join(
+                    folder, f'{key}_{label}_optimized.onnx'),
+                disabled_optimizers=QDQ_DISABLED_OPTIMIZERS
+                if label == 'qdq' else ())
+        feed = {sessions['float'].get_inputs()[0].name: images.numpy()}
+        times = {label: [] for label in sessions}
+        for _ in range(2):  # warm-up
+            for s in sessions.values():
+                s.run(None, feed)
+        for _ in range(args.runs):
+            for label, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, feed)
+                times[label].append(time.perf_counter() - start)
+        t_float = statistics.median(times['float'])
+        t_qdq = statistics.median(times['qdq'])
+        ops = collections.Counter(n.op_type for n in onnx.load(osp.join(
+            folder, f'{key}_qdq_optimized.onnx')).graph.node)
+        fused = {op: ops[op] for op in QUANTIZED_KERNELS if ops[op]}
+        print(f'{name}: float {t_float * 1e3:.1f} ms, QDQ '
+              f'{t_qdq * 1e3:.1f} ms, ratio {t_qdq / t_float:.2f}; fused '
+              f'integer kernels {fused or "none"}, DequantizeLinear left '
+              f'{ops["DequantizeLinear"]}, QuantizeLinear '
+              f'{ops["QuantizeLinear"]}')
+
+
+if __name__ == '__main__':
+    main()
