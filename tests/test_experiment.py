@@ -1,40 +1,66 @@
-"""tools/analysis/experiment.py at a micro size produces a well-formed
-table, JSON and plots."""
+"""tools/analysis/experiment.py at a micro size: a well-formed table over
+seeds with paired rows, JSON and plots; cached cells that a re-run reuses,
+and a work dir of other settings or another code version refused."""
 import json
 
-from test_tools_cli import run_tool
+from test_tools_cli import assert_one_line_error, run_tool
+
+ARGS = ('--quick', '--epochs', '1', '--seeds', '2', '--trainings', 'baseline',
+        'cd', '--methods', 'minmax', '--bits', '8', '4', '--calib-images',
+        '2', '--stat-images', '2', '--qat-bits')  # QAT: test_qat*.py
 
 
-def test_experiment_quick_micro(micro_data_root, tmp_path):
-    code, out = run_tool(
-        'tools/analysis/experiment.py', '--quick', '--data-root',
-        micro_data_root, '--epochs', '1', '--trainings', 'baseline', 'cd',
-        '--methods', 'minmax', 'dopq-vit', '--bits', '8', '4',
-        '--calib-images', '2', '--stat-images', '2', '--work-dir',
-        str(tmp_path), timeout=900)
+def test_experiment_seeds_cache_and_refusals(micro_data_root, tmp_path):
+    run = ('tools/analysis/experiment.py', *ARGS, '--data-root',
+           micro_data_root, '--work-dir', str(tmp_path))
+    code, out = run_tool(*run, timeout=1200)
     assert code == 0, out
     table = (tmp_path / 'results.md').read_text().splitlines()
-    header = '| training | PTQ | float | W8A8 | W4A4 |'
-    assert header in table
+    assert '| training | PTQ | float | W8A8 | W4A4 |' in table
     rows = [line for line in table if line.startswith(('| baseline',
                                                        '| cd'))]
-    # training x (2 PTQ methods + QAT), + outlier rows
-    assert len(rows) == 2 * 3 + 2
-    for line in rows[:6]:
-        cells = [c.strip() for c in line.strip('|').split('|')]
-        assert len(cells) == 5
-        if cells[1] == 'qat-ofq':  # QAT at W4A4 only (the --quick default)
-            assert cells[3] == '–'
-            cells = cells[:3] + cells[4:]
-        for value in cells[2:]:
-            box, mask = (float(v) for v in value.split(' / '))
-            assert 0 <= box <= 100 and 0 <= mask <= 100
-    assert [line.split('|')[2].strip() for line in rows[:6]] == \
-        ['minmax', 'dopq-vit', 'qat-ofq'] * 2
+    # baseline, cd and "cd − baseline" x minmax; then the outlier rows
+    labels = [(r.split('|')[1].strip(), r.split('|')[2].strip())
+              for r in rows[:3]]
+    assert labels == [('baseline', 'minmax'), ('cd', 'minmax'),
+                      ('cd − baseline', 'minmax')]
+    for line in rows[:3]:
+        cells = [c.strip() for c in line.strip('|').split('|')][2:]
+        assert len(cells) == 3
+        for value in cells:
+            for part in value.split(' / '):
+                mean, _, std = part.partition(' ± ')
+                assert std, value  # two seeds: mean ± std
+                assert -100 <= float(mean) <= 100 and float(std) >= 0
+    assert len(rows) == 3 + 2  # + one outlier row per training
     results = json.loads((tmp_path / 'results.json').read_text())
-    assert set(results['metrics']) == {'baseline', 'cd'}
-    assert 'dopq-vit/W4A4' in results['metrics']['cd']
-    qat = results['metrics']['cd']['qat-ofq/W4A4']
-    assert 0 <= qat['coco/bbox_mAP'] <= 1 and 0 <= qat['qat_oscillation'] <= 1
+    assert len(results['metrics']['cd']) == 2  # one row per seed
+    assert set(results['metrics']['cd'][1]) == {'float', 'minmax/W8A8',
+                                                'minmax/W4A4'}
     for png in ('max_activation.png', 'alignment.png', 'histogram.png'):
         assert (tmp_path / png).stat().st_size > 10_000
+    # every cell is cached: a re-run trains and evaluates nothing
+    code, out = run_tool(*run, timeout=300)
+    assert code == 0, out
+    assert 'Epoch(train)' not in out and 'calibrating' not in out
+    assert json.loads((tmp_path / 'results.json').read_text())[
+        'metrics'] == results['metrics']
+    # the sweep's points equal to a main training reuse its cells: only
+    # the W4A4 repq-vit evaluations of seed 0 are new
+    code, out = run_tool(*run, '--sweep', '--cd-strengths', '0', '2',
+                         '--tweo-weights', '0', timeout=600)
+    assert code == 0, out
+    assert 'Epoch(train)' not in out
+    sweep = (tmp_path / 'results.md').read_text().split('## Strength')[1]
+    assert [line.split('|')[1].strip() for line in sweep.splitlines()
+            if line.startswith(('| cd@', '| tweo@'))] == [
+                'cd@0', 'cd@2', 'tweo@0']
+    assert (tmp_path / 'tradeoff.png').stat().st_size > 10_000
+    # other settings, or results of another code version: refused
+    code, out = run_tool(*run, '--lr', '0.002', timeout=300)
+    assert_one_line_error(code, out, 'settings lr=0.001 (now 0.002)')
+    manifest = tmp_path / 'cache' / 'manifest.json'
+    stored = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(stored, version='0123abc')))
+    code, out = run_tool(*run, timeout=300)
+    assert_one_line_error(code, out, 'code version 0123abc')

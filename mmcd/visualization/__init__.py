@@ -2,5 +2,8 @@
 not by training)."""
 from .outlier_plots import (plot_alignment, plot_histogram,
                             plot_max_activation)
+from .tradeoff_plot import plot_tradeoff
 
-__all__ = ['plot_max_activation', 'plot_alignment', 'plot_histogram']
+__all__ = [
+    'plot_max_activation', 'plot_alignment', 'plot_histogram', 'plot_tradeoff'
+]

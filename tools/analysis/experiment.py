@@ -1,72 +1,89 @@
 """Baseline vs CD vs S2D vs TWEO under post-training quantization, on the
-toy Swin Mask R-CNN.
+toy Swin Mask R-CNN, over seeds, with a strength sweep; cached and resumable.
 
-    python tools/analysis/experiment.py [--quick] [--work-dir DIR]
+    python tools/analysis/experiment.py [--quick] [--seeds 3] [--sweep]
+        [--work-dir DIR]
 
-Trains the toy Swin Mask R-CNN from the same seed and schedule with each
-regularizer, then evaluates each checkpoint in float and with PTQ at each
-bit width (default W8A8, W6A6, W4A4) and method (minmax, repq-vit,
-dopq-vit), measures its activation outliers, and writes to ``--work-dir``:
-``results.md`` (one Markdown table, rows training x method, columns bits,
-cells box AP / mask AP; plus an outlier table), ``results.json`` and the
-outlier plots of tools/analysis/outliers.py. QAT rows: each trained model is
-also fine-tuned with quantization-aware training (``--qat-method``, default
-OFQ, at ``--qat-bits``, default W4A4, for ``--qat-epochs``) with its own
-regularizer kept on, and evaluated quantized. Trainings whose checkpoint
-exists are not repeated (delete the folder to start over).
+Trains the toy Swin Mask R-CNN from the same schedule with each regularizer
+and each seed (``--seeds N``: seeds 0..N-1), then evaluates each checkpoint
+in float and with PTQ at each bit width (default W8A8, W6A6, W4A4) and
+method (minmax, repq-vit, dopq-vit), measures its activation outliers, and
+fine-tunes it with QAT (``--qat-method``, default OFQ, at ``--qat-bits``,
+default W4A4, its regularizer kept on). ``--sweep`` adds trainings (seed 0)
+at ``--cd-strengths`` and ``--tweo-weights`` (strength 0 is the baseline),
+evaluated in float and W4A4 (repq-vit, minmax), for the trade-off figure.
+
+Every training and every evaluation is a cell written as it finishes
+(:class:`mmcd.engine.result_cache.ResultCache` in ``--work-dir/cache``);
+a re-run skips finished cells, an interrupted training resumes from its
+last checkpoint, and a work dir written by another code version or with
+other settings is refused with a message. Writes ``results.md`` (cells
+``mean ± std`` over seeds of box AP / mask AP, and the paired difference of
+each regularizer to the baseline of the same seed), ``results.json``,
+outlier plots, and with ``--sweep`` ``tradeoff.png`` and its table.
 
 Default schedule: 24 epochs (768 iterations) at AdamW lr 1e-3, chosen so
 that outliers form in the baseline: at the toy config's own 12 epochs and lr
 4e-4 the baseline's largest block output stayed at 4.5 (kurtosis 11), so
-there was nothing for CD to remove; 36 epochs at 4e-4 reached only 6.2; 24
-epochs at 1e-3 reached 18.8 (FFN-hidden kurtosis 44, max/median 48) while
-still training to a usable float AP; 2e-3 diverged. ``--quick``: 2 epochs,
-W8A8 and W4A4, 4 calibration images, under 10 minutes.
+there was nothing for CD to remove; 24 epochs at 1e-3 reached 18.8 while
+still training to a usable float AP; 2e-3 diverged. The toy set gets
+``--val-images`` (default 64) validation images, in its own data root.
+``--quick``: 2 epochs, one seed, W8A8 and W4A4, 4 calibration images, 16
+val images, under 10 minutes.
 """
 import argparse
 import json
 import os
 import os.path as osp
+import statistics
 import sys
 import time
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
 
-import mmcd  # noqa: F401
-from mmcd.core.quant import QAT_METHODS, QuantConfig, get_qat_method
-from mmcd.datasets import ensure_toy_coco
-from mmcd.engine import calibration_loader, evaluate, quantize_copy
-from mmcd.engine.hooks import collect_activation_stats
-from mmcd.engine.runner_setup import toy_run_config
-from mmcd.visualization import (plot_alignment, plot_histogram,
-                                plot_max_activation)
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
+                             get_qat_method)
+from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
+from mmcd.engine import (calibration_loader, evaluate,  # noqa: E402
+                         quantize_copy)
+from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
+from mmcd.engine.result_cache import ResultCache, code_version  # noqa
+from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
+                                      add_rng_state_hook, toy_run_config)
+from mmcd.visualization import (plot_alignment, plot_histogram,  # noqa
+                                plot_max_activation, plot_tradeoff)
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY = osp.join(REPO, 'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py')
 TOY_CD = TOY.replace('toy-coco.py', 'toy-coco_cd.py')
-#: optim wrapper of each training, on top of the toy config's AdamW; CD as
-#: the toy CD config has it
-TRAININGS = {
-    'baseline': dict(type='OptimWrapper'),
-    'cd': dict(type='ColinearityDecayOptimWrapper',
-               cd=Config.fromfile(TOY_CD).optim_wrapper.cd.to_dict()),
-    's2d': dict(type='ColinearityDecayOptimWrapper',
-                s2d=dict(strength=5e-4)),
-    'tweo': dict(type='ColinearityDecayOptimWrapper',
-                 tweo=dict(weight=0.01)),
+CD_STRENGTH = Config.fromfile(TOY_CD).optim_wrapper.cd.strength
+#: regularizer options of each training, on top of the toy config's AdamW
+#: (CD as the toy CD config has it)
+REGULARIZERS = {
+    'baseline': {},
+    'cd': dict(cd=Config.fromfile(TOY_CD).optim_wrapper.cd.to_dict()),
+    's2d': dict(s2d=dict(strength=5e-4)),
+    'tweo': dict(tweo=dict(weight=0.01)),
 }
 METHODS = ('minmax', 'repq-vit', 'dopq-vit')
+SWEEP_METHODS = ('repq-vit', 'minmax')
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true')
     parser.add_argument('--work-dir', default='work_dirs/experiment')
-    parser.add_argument('--data-root', default='data/toy_coco/')
-    parser.add_argument('--trainings', nargs='+', default=list(TRAININGS),
-                        choices=list(TRAININGS))
+    parser.add_argument('--data-root', help='a toy set to use as it is '
+                        '(default: data/toy_coco_val{N}/, generated with N '
+                        '= --val-images val images)')
+    parser.add_argument('--val-images', type=int)
+    parser.add_argument('--seeds', type=int)
+    parser.add_argument('--trainings', nargs='+', default=list(REGULARIZERS),
+                        choices=list(REGULARIZERS))
     parser.add_argument('--methods', nargs='+', default=list(METHODS),
                         choices=METHODS)
     parser.add_argument('--bits', nargs='+', type=int)
@@ -80,67 +97,178 @@ def parse_args():
     parser.add_argument('--qat-bits', nargs='*', type=int,
                         help='QAT bit widths (default 4; none: no QAT rows)')
     parser.add_argument('--qat-epochs', type=int)
+    parser.add_argument('--sweep', action='store_true',
+                        help='also train seed 0 at each --cd-strengths and '
+                        '--tweo-weights value (the trade-off figure)')
+    parser.add_argument('--cd-strengths', nargs='+', type=float,
+                        default=[0, CD_STRENGTH / 8, CD_STRENGTH / 2,
+                                 CD_STRENGTH, 2 * CD_STRENGTH])
+    parser.add_argument('--tweo-weights', nargs='+', type=float,
+                        default=[0, 0.003, 0.01, 0.03, 0.1])
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override toy config settings of every '
                         'training, key=value')
     args = parser.parse_args()
     args.bits = args.bits or ([8, 4] if args.quick else [8, 6, 4])
     args.epochs = args.epochs or (2 if args.quick else 24)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.val_images = args.val_images or (16 if args.quick else 64)
     args.calib_images = args.calib_images or (4 if args.quick else 16)
     args.qat_bits = [4] if args.qat_bits is None else args.qat_bits
     args.qat_epochs = args.qat_epochs or (1 if args.quick else 2)
     if not set(args.qat_bits) <= set(args.bits):
         parser.error(f'--qat-bits {args.qat_bits} must be among --bits '
                      f'{args.bits} (the table has one column per bit width)')
-    args.data_root = args.data_root.rstrip('/') + '/'
+    if args.sweep and 4 not in args.bits:
+        parser.error('--sweep reports W4A4: keep 4 in --bits')
+    args.generate_data = args.data_root is None
+    if not args.generate_data:
+        args.val_images = None  # the given set's own
+    args.data_root = (args.data_root or
+                      f'data/toy_coco_val{args.val_images}/').rstrip('/') + '/'
     return args
 
 
-def toy_config(args, training):
+def settings_of(args):
+    """What the cached results depend on (a resumed run must match)."""
+    keys = ('epochs', 'lr', 'calib_images', 'stat_images', 'val_images',
+            'data_root', 'cfg_options', 'qat_method', 'qat_epochs')
+    return {k: getattr(args, k) for k in keys}
+
+
+# ----------------------------------------------------------- trainings --
+def regularizers_of(training):
+    """``'cd'``, ``'cd@0.5'`` (a sweep point; strength 0 is the baseline),
+    ``'tweo@0.03'``... -> the optim wrapper's regularizer options."""
+    name, _, value = training.partition('@')
+    if not value:
+        return REGULARIZERS[name]
+    value = float(value)
+    if value == 0:
+        return {}
+    if name == 'cd':
+        return dict(cd=dict(REGULARIZERS['cd']['cd'], strength=value))
+    return dict(tweo=dict(weight=value))
+
+
+def canonical(training):
+    """Sweep points equal to a main training share its cells."""
+    options = regularizers_of(training)
+    for name, main in REGULARIZERS.items():
+        if options == main:
+            return name
+    return training
+
+
+def toy_config(args, training, seed):
     cfg = Config.fromfile(TOY)
     cfg.optim_wrapper.optimizer.lr = args.lr
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    cfg.optim_wrapper.update(TRAININGS[training])
-    toy_run_config(cfg, osp.join(args.work_dir, training), args.data_root,
+    options = regularizers_of(training)
+    cfg.optim_wrapper.update(dict(type='ColinearityDecayOptimWrapper',
+                                  **options) if options else
+                             dict(type='OptimWrapper'))
+    name = f'{training}_s{seed}'
+    toy_run_config(cfg, osp.join(args.work_dir, name), args.data_root,
                    args.epochs)
-    cfg.experiment_name = f'experiment_{training}'
+    # checkpoints along the way, so an interrupted training resumes
+    cfg.default_hooks.checkpoint = dict(
+        type='CheckpointHook', interval=max(1, args.epochs // 6),
+        max_keep_ckpts=1)
+    cfg.randomness = dict(seed=seed)
+    add_rng_state_hook(cfg)  # a resumed training continues bit-exactly
+    cfg.experiment_name = f'experiment_{name}'
     cfg.visualizer.name = cfg.experiment_name
     return cfg
 
 
-def run_training(args, training):
-    cfg = toy_config(args, training)
-    checkpoint = osp.join(cfg.work_dir, f'epoch_{args.epochs}.pth')
-    if osp.isfile(checkpoint):
-        cfg.load_from = checkpoint
+def train(args, cache, training, seed):
+    """The checkpoint of ``training`` at ``seed`` (trained unless cached;
+    resumed from its last checkpoint if a run was interrupted)."""
+    def compute():
+        cfg = toy_config(args, training, seed)
+        cfg.resume = True  # from the work dir's last checkpoint, if any
+        start = time.time()
+        Runner.from_cfg(cfg).train()
+        return dict(checkpoint=osp.join(cfg.work_dir,
+                                        f'epoch_{args.epochs}.pth'),
+                    seconds=time.time() - start)
+    return cache.cell(f'train/{training}/s{seed}', compute)['checkpoint']
+
+
+def loaded_runner(args, training, seed, checkpoint):
+    cfg = toy_config(args, training, seed)
+    cfg.work_dir = osp.join(cfg.work_dir, 'eval')
     runner = Runner.from_cfg(cfg)
-    if osp.isfile(checkpoint):
-        runner.load_checkpoint(checkpoint, map_location='cpu')
-    else:
-        runner.train()
-    model = runner.model
-    loop = runner.test_loop
-    row = {'float': evaluate(model, loop)}
-    loader = calibration_loader(cfg, args.calib_images)
-    for method in args.methods:
-        for bits in args.bits:
-            qmodel = quantize_copy(model, QuantConfig(bits, bits, method),
-                                   loader, args.calib_images)
-            row[f'{method}/W{bits}A{bits}'] = evaluate(qmodel, loop)
-    stats = collect_activation_stats(model, runner.build_dataloader(
-        cfg.test_dataloader), args.stat_images)
-    for bits in args.qat_bits:
-        row[f'qat-{args.qat_method}/W{bits}A{bits}'] = run_qat(
-            args, training, checkpoint, bits)
-    return row, stats
+    runner.load_checkpoint(checkpoint, map_location='cpu')
+    return cfg, runner
 
 
-def run_qat(args, training, checkpoint, bits):
+def evaluate_training(args, cache, training, seed, methods, bits, qat):
+    """Float, PTQ (``methods`` x ``bits``), outlier statistics and QAT
+    cells of one trained model; returns ``{cell name: metrics}`` and the
+    statistics."""
+    checkpoint = train(args, cache, training, seed)
+    prefix = f'eval/{training}/s{seed}'
+    names = ['float'] + [f'{m}/W{b}A{b}' for m in methods for b in bits]
+    pending = [n for n in names if cache.get(f'{prefix}/{n}') is None]
+    stats_key = f'{prefix}/stats'
+    state = {}
+
+    def runner_of():  # built once, only when a cell needs it
+        if not state:
+            state['cfg'], state['runner'] = loaded_runner(
+                args, training, seed, checkpoint)
+        return state['cfg'], state['runner']
+
+    for name in pending:
+        cfg, runner = runner_of()
+        if name == 'float':
+            metrics = evaluate(runner.model, runner.test_loop)
+        else:
+            method, spec = name.split('/')
+            b = int(spec[1:spec.index('A')])
+            loader = calibration_loader(cfg, args.calib_images)
+            metrics = evaluate(quantize_copy(
+                runner.model, QuantConfig(b, b, method), loader,
+                args.calib_images), runner.test_loop)
+        cache.put(f'{prefix}/{name}', {k: float(v)
+                                       for k, v in metrics.items()})
+    if cache.get(stats_key) is None:
+        cfg, runner = runner_of()
+        stats, align, recorder = collect_activation_stats(
+            runner.model, runner.build_dataloader(cfg.test_dataloader),
+            args.stat_images)
+        torch.save({n: recorder.samples(n) for n in stats},
+                   osp.join(cache.folder, 'cells',
+                            f'samples_{training}_s{seed}.pt'))
+        cache.put(stats_key, dict(stats=stats, alignment=align))
+    row = {n: cache.get(f'{prefix}/{n}') for n in names}
+    if qat:
+        for b in args.qat_bits:
+            row[f'qat-{args.qat_method}/W{b}A{b}'] = cache.cell(
+                f'{prefix}/qat-{args.qat_method}/W{b}A{b}',
+                lambda b=b: run_qat(args, training, seed, checkpoint, b))
+    return row, cache.get(stats_key)
+
+
+class CachedSamples:
+    """The ``|x|`` samples saved with a stats cell, as the histogram plot
+    reads a recorder."""
+
+    def __init__(self, path):
+        self.values = torch.load(path)
+
+    def samples(self, name):
+        return self.values[name]
+
+
+def run_qat(args, training, seed, checkpoint, bits):
     """Fine-tune ``checkpoint`` with QAT at ``bits`` (the training's
     regularizer on, a tenth of its lr, constant) and test it quantized;
     returns the metrics plus the last oscillation fraction."""
-    cfg = toy_config(args, training)
+    cfg = toy_config(args, training, seed)
     cfg.work_dir = osp.join(cfg.work_dir, f'qat-{args.qat_method}_w{bits}')
     cfg.experiment_name += f'_qat{bits}'
     cfg.visualizer.name = cfg.experiment_name
@@ -165,65 +293,103 @@ def run_qat(args, training, checkpoint, bits):
     if cga is not None:  # the method as published (OFQ anneals)
         cfg.custom_hooks.append(
             dict(type='ConfidenceGuidedAnnealingHook', **cga))
-    qat_checkpoint = osp.join(cfg.work_dir, f'epoch_{epochs}.pth')
-    done = osp.isfile(qat_checkpoint)
-    cfg.load_from = qat_checkpoint if done else checkpoint
+    cfg.load_from = checkpoint
     runner = Runner.from_cfg(cfg)
-    if not done:
-        runner.train()
-    metrics = runner.test()
+    runner.train()
+    metrics = {k: float(v) for k, v in runner.test().items()}
     oscillation = runner.message_hub.get_scalar('train/qat_oscillation')
     metrics['qat_oscillation'] = float(oscillation.current()) \
-        if oscillation is not None and not done else None
+        if oscillation is not None else None
     return metrics
 
 
-def cell(metrics):
-    return (f'{100 * metrics["coco/bbox_mAP"]:.1f} / '
-            f'{100 * metrics["coco/segm_mAP"]:.1f}')
+# ------------------------------------------------------------- reports --
+def mean_std(values, scale=100.0, digits=1):
+    values = [scale * v for v in values]
+    if len(values) == 1:
+        return f'{values[0]:.{digits}f}'
+    return (f'{statistics.mean(values):.{digits}f} ± '
+            f'{statistics.stdev(values):.{digits}f}')
 
 
-def markdown(args, rows, stats, seconds):
+def ap_cell(metrics_list, paired_with=None):
+    """``box / mask`` AP (%), mean ± std over seeds; with ``paired_with``
+    (the baseline's metrics, seed by seed) the per-seed differences."""
+    parts = []
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        values = [m[key] for m in metrics_list]
+        if paired_with is not None:
+            values = [v - b[key] for v, b in zip(values, paired_with)]
+        parts.append(mean_std(values))
+    return ' / '.join(parts)
+
+
+def outlier_summary(stats):
+    point, align = stats['stats'], stats['alignment']
+    return dict(
+        max_abs=max(v['max_abs'] for v in point.values()),
+        kurtosis=max(v['kurtosis'] for v in point.values()),
+        alignment=sum(a['mean'] for a in align.values()) / len(align))
+
+
+def markdown(args, rows, stats, sweep, seconds):
     bits = [f'W{b}A{b}' for b in args.bits]
+    seeds = list(range(args.seeds))
+    val_images = args.val_images or "the given set's"
     lines = [
         '# Baseline vs CD vs S2D vs TWEO under PTQ (toy Swin Mask R-CNN)',
         '',
         f'`python tools/analysis/experiment.py'
-        f'{" --quick" if args.quick else ""}`: {args.epochs} epochs at lr '
-        f'{args.lr:g} on the toy set, calibration on {args.calib_images} '
-        'train images, '
-        f'{seconds / 60:.0f} min on this machine. Cells: box AP / mask AP '
-        '(COCO AP@[.5:.95], %) on the toy val set.', '',
+        f'{" --quick" if args.quick else ""} --seeds {args.seeds}'
+        f'{" --sweep" if sweep else ""}`: {args.epochs} epochs at lr '
+        f'{args.lr:g}, seeds {seeds}, calibration on {args.calib_images} '
+        f'train images, {val_images} val images; '
+        f'{seconds / 60:.0f} min in this invocation (cached cells are not '
+        're-run). Cells: box AP / mask AP (COCO AP@[.5:.95], %), mean ± std '
+        'over seeds; rows "− baseline": the difference to the baseline of '
+        'the same seed, mean ± std over seeds.', '',
         '| training | PTQ | float | ' + ' | '.join(bits) + ' |',
         '|---|---|---|' + '---|' * len(bits)
     ]
     methods = list(args.methods) + (
         [f'qat-{args.qat_method}'] if args.qat_bits else [])
-    for training, row in rows.items():
+    base = rows.get('baseline')
+    for training, per_seed in rows.items():
         for method in methods:
-            cells = [cell(row[f'{method}/{b}']) if f'{method}/{b}' in row
-                     else '–' for b in bits]
-            lines.append(f'| {training} | {method} | {cell(row["float"])} | '
-                         + ' | '.join(cells) + ' |')
-    if args.qat_bits:
-        lines += ['', f'QAT rows: {args.qat_epochs} epoch(s) of '
-                  f'{args.qat_method.upper()} fine-tuning from each trained '
-                  'model (its regularizer on, lr / 10), calibration-'
-                  f'initialised on {args.calib_images} images.']
-    lines += ['', '## Activation outliers (float model, '
-              f'{args.stat_images} val images)', '',
+            for paired in ([False, True] if base and training != 'baseline'
+                           else [False]):
+                label = f'{training} − baseline' if paired else training
+                cells = []
+                for column in ['float'] + [f'{method}/{b}' for b in bits]:
+                    if column not in per_seed[0]:
+                        cells.append('–')
+                        continue
+                    ref = [r[column] for r in base] if paired else None
+                    cells.append(ap_cell([r[column] for r in per_seed], ref))
+                lines.append(f'| {label} | {method} | ' + ' | '.join(cells) +
+                             ' |')
+    lines += ['', f'## Activation outliers (float model, {args.stat_images} '
+              'val images; mean ± std over seeds)', '',
               '| training | largest max abs | largest kurtosis | '
-              'largest max/median | mean alignment |', '|---|---|---|---|---|',
-              ]
-    for training, (point_stats, align, _) in stats.items():
-        peak = max(v['max_abs'] for v in point_stats.values())
-        kurt = max(v['kurtosis'] for v in point_stats.values())
-        # zero-padded attention inputs can have median 0: finite ratios only
-        ratio = max((v['max_over_median'] for v in point_stats.values()
-                     if v['max_over_median'] != float('inf')), default=0.0)
-        mean_align = sum(a['mean'] for a in align.values()) / len(align)
-        lines.append(f'| {training} | {peak:.2f} | {kurt:.1f} | '
-                     f'{ratio:.0f} | {mean_align:.2f} |')
+              'mean alignment |', '|---|---|---|---|']
+    for training, per_seed in stats.items():
+        summaries = [outlier_summary(s) for s in per_seed]
+        lines.append(
+            f'| {training} | ' + ' | '.join(
+                mean_std([s[k] for s in summaries], 1.0, 2)
+                for k in ('max_abs', 'kurtosis', 'alignment')) + ' |')
+    if sweep:
+        lines += ['', '## Strength sweep (seed 0; W4A4)', '',
+                  '| training | float | W4A4 repq-vit | W4A4 minmax | '
+                  'largest max abs | mean alignment |',
+                  '|---|---|---|---|---|---|']
+        for training, (row, stat) in sweep.items():
+            summary = outlier_summary(stat)
+            lines.append(
+                f'| {training} | {ap_cell([row["float"]])} | '
+                f'{ap_cell([row["repq-vit/W4A4"]])} | '
+                f'{ap_cell([row["minmax/W4A4"]])} | '
+                f'{summary["max_abs"]:.2f} | {summary["alignment"]:.2f} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -231,22 +397,49 @@ def main():
     args = parse_args()
     start = time.time()
     os.makedirs(args.work_dir, exist_ok=True)
-    if args.data_root == 'data/toy_coco/':
-        ensure_toy_coco(args.data_root)
-    rows, stats = {}, {}
-    for training in args.trainings:
-        rows[training], stats[training] = run_training(args, training)
+    try:
+        cache = ResultCache(osp.join(args.work_dir, 'cache'),
+                            code_version(REPO), settings_of(args))
+    except ValueError as err:
+        raise UserError(err) from None
+    if args.generate_data:
+        ensure_toy_coco(args.data_root, ToyCocoSpec(num_val=args.val_images))
+    elif not osp.isdir(args.data_root):
+        raise UserError(f'--data-root {args.data_root} does not exist')
+    rows = {t: [None] * args.seeds for t in args.trainings}
+    stats = {t: [None] * args.seeds for t in args.trainings}
+    for seed in range(args.seeds):  # seed-major: an interrupted run has
+        for training in args.trainings:  # every training at its first seeds
+            rows[training][seed], stats[training][seed] = evaluate_training(
+                args, cache, training, seed, args.methods, args.bits, True)
+    sweep = {}
+    if args.sweep:
+        points = [f'cd@{s:g}' for s in args.cd_strengths] + [
+            f'tweo@{w:g}' for w in args.tweo_weights]
+        for point in points:
+            training = canonical(point)
+            sweep[point] = evaluate_training(args, cache, training, 0,
+                                             SWEEP_METHODS, [4], False)
+        # the band of the figure: the baseline's spread over all seeds
+        band = [evaluate_training(args, cache, 'baseline', seed,
+                                  SWEEP_METHODS, [4], False)[0]
+                for seed in range(args.seeds)]
+        plot_tradeoff(sweep, band, osp.join(args.work_dir, 'tradeoff.png'))
     labels = list(stats)
-    results = list(stats.values())
-    plot_max_activation(results, labels,
+    seed0 = [(stats[t][0]['stats'], stats[t][0]['alignment'],
+              CachedSamples(osp.join(cache.folder, 'cells',
+                                     f'samples_{t}_s0.pt')))
+             for t in labels]
+    plot_max_activation(seed0, labels,
                         osp.join(args.work_dir, 'max_activation.png'))
-    plot_alignment(results, labels, osp.join(args.work_dir, 'alignment.png'))
-    plot_histogram(results, labels, osp.join(args.work_dir, 'histogram.png'))
+    plot_alignment(seed0, labels, osp.join(args.work_dir, 'alignment.png'))
+    plot_histogram(seed0, labels, osp.join(args.work_dir, 'histogram.png'))
     with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
-        json.dump(dict(args=vars(args), metrics=rows,
-                       outliers={k: dict(stats=v[0], alignment=v[1])
-                                 for k, v in stats.items()}), f, indent=2)
-    table = markdown(args, rows, stats, time.time() - start)
+        json.dump(dict(args=vars(args), version=code_version(REPO),
+                       metrics=rows, outliers=stats,
+                       sweep={k: dict(metrics=v[0], outliers=v[1])
+                              for k, v in sweep.items()}), f, indent=2)
+    table = markdown(args, rows, stats, sweep, time.time() - start)
     with open(osp.join(args.work_dir, 'results.md'), 'w') as f:
         f.write(table)
     print('\n' + table)
@@ -254,4 +447,7 @@ def main():
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except USER_ERRORS as err:
+        sys.exit(f'error: {err}')
