@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmcd.core.quant.qdq import (ActivationQDQ, _IntegerWeightMixin,
-                                 dequantize, quantize_dequantize)
+from mmcd.core.quant.qdq import ActivationQDQ, IntegerWeightMixin
 
 #: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
 MIN_QDQ_OPSET = 21
@@ -77,7 +76,7 @@ def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
     """Export ``module(images)`` to ``path`` (static shapes: the shape of
     ``images``). A model holding QDQ modules (:func:`~mmcd.core.quant.qdq.
     to_qdq`) needs ``opset >= 21``; an error says so."""
-    quantized = any(isinstance(m, (ActivationQDQ, _IntegerWeightMixin))
+    quantized = any(isinstance(m, (ActivationQDQ, IntegerWeightMixin))
                     for m in module.modules())
     if quantized and opset < MIN_QDQ_OPSET:
         raise ValueError(
@@ -95,8 +94,8 @@ def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
         program = torch.onnx.export(
             module, (images, ), dynamo=True, opset_version=opset,
             optimize=True, verbose=False, custom_translation_table={
-                quantize_dequantize._opoverload: _qdq_onnx,
-                dequantize._opoverload: _dequantize_onnx})
+                torch.ops.mmcd.quantize_dequantize.default: _qdq_onnx,
+                torch.ops.mmcd.dequantize.default: _dequantize_onnx})
     program.save(path)
     if quantized:
         store_integer_initializers(path)

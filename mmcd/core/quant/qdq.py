@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import QuantConv2d, QuantLinear
-from .quantizers import (FakeQuantizer, UniformQuantizer, _PostSoftmaxQuantizer,
-                         uniform_fake_quant)
+from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer,
+                         UniformQuantizer, uniform_fake_quant)
 
 
 @torch.library.custom_op('mmcd::quantize_dequantize', mutates_args=())
@@ -91,16 +91,15 @@ class FormulaFakeQuant(nn.Module):
     """A post-softmax quantizer (no QDQ form) applied as its float formula,
     on the whole tensor at once (exports as elementwise ops)."""
 
-    def __init__(self, quantizer: _PostSoftmaxQuantizer):
+    def __init__(self, quantizer: PostSoftmaxQuantizer):
         super().__init__()
         self.quantizer = quantizer
 
     def forward(self, x):
-        q = self.quantizer
-        return q._fake(x, q.delta.to(x.dtype), *q._extra_params())
+        return self.quantizer.fake_quantize(x)
 
 
-class _IntegerWeightMixin:
+class IntegerWeightMixin:
     """The weight as integers, per-output-channel scale and zero point."""
 
     #: the axis of the output channels in the stored integers
@@ -131,7 +130,7 @@ class _IntegerWeightMixin:
                           self.channel_axis)
 
 
-class QDQLinear(_IntegerWeightMixin, nn.Module):
+class QDQLinear(IntegerWeightMixin, nn.Module):
     """The weight stored transposed, ``[in, out]``. Under export, ``x W^T +
     b`` is written ``MatMul(x, DequantizeLinear(W^T)) + b``, with no
     ``Transpose`` between the weight's DequantizeLinear and the MatMul: the
@@ -155,7 +154,7 @@ class QDQLinear(_IntegerWeightMixin, nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-class QDQConv2d(_IntegerWeightMixin, nn.Module):
+class QDQConv2d(IntegerWeightMixin, nn.Module):
 
     def __init__(self, layer: QuantConv2d):
         super().__init__()
@@ -178,7 +177,7 @@ def _activation_module(quantizer: FakeQuantizer) -> nn.Module:
         return nn.Identity()
     if isinstance(quantizer, UniformQuantizer):
         return ActivationQDQ(quantizer)
-    if isinstance(quantizer, _PostSoftmaxQuantizer):
+    if isinstance(quantizer, PostSoftmaxQuantizer):
         return FormulaFakeQuant(quantizer)
     raise ValueError(f'{quantizer.layer_name}: {type(quantizer).__name__} '
                      'has no export form')

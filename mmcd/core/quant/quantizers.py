@@ -448,7 +448,7 @@ class UniformQuantizer(FakeQuantizer):
         return self._fake(x, scale, zero, out)
 
 
-class _PostSoftmaxQuantizer(FakeQuantizer):
+class PostSoftmaxQuantizer(FakeQuantizer):
     """A quantizer of values in ``[0, D]`` with a calibrated scale ``D``
     (a buffer) and straight-through gradients."""
 
@@ -471,11 +471,15 @@ class _PostSoftmaxQuantizer(FakeQuantizer):
             deltas = torch.full_like(deltas, peak if peak > 0 else 1.0)
         return deltas.clamp_min(1e-30)
 
+    def fake_quantize(self, x: torch.Tensor,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The calibrated formula applied to all of ``x`` at once (into
+        ``out`` if given), without straight-through gradients."""
+        return self._fake(x, self.delta.to(x.dtype), *self._extra_params(),
+                          out=out)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        params = (self.delta.to(x.dtype), *self._extra_params())
-        out = map_in_chunks(lambda part, out: self._fake(part, *params,
-                                                         out=out),
-                            x.detach(), x.dtype)
+        out = map_in_chunks(self.fake_quantize, x.detach(), x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return x + (out - x).detach()  # straight-through
         return out
@@ -491,7 +495,7 @@ class _PostSoftmaxQuantizer(FakeQuantizer):
         self._set_params(*candidates[int(errors[:, 0].argmin())])
 
 
-class LogSqrt2Quantizer(_PostSoftmaxQuantizer):
+class LogSqrt2Quantizer(PostSoftmaxQuantizer):
     """RepQ-ViT's log-sqrt2 quantizer with its calibrated scale (module
     docstring)."""
 
@@ -512,7 +516,7 @@ class LogSqrt2Quantizer(_PostSoftmaxQuantizer):
         self.delta = delta.detach().clone()
 
 
-class TanQuantizer(_PostSoftmaxQuantizer):
+class TanQuantizer(PostSoftmaxQuantizer):
     """Tangent-encoded quantizer on ``[0, D]`` (module docstring)."""
 
     TAUS = (1.0, 2.0, 4.0, 8.0, 16.0)
