@@ -31,7 +31,8 @@ MIN_QDQ_OPSET = 21
 #: turns a Linear's MatMul + bias Add into a float Gemm before the QDQ
 #: fusion runs, so the Linear would keep dequantized float weights; without
 #: it DequantizeLinear -> MatMul (+ Add) becomes MatMulIntegerToFloat
-#: (measured: 28 of the toy's 33 Linear/matmul layers fused instead of 13)
+#: (measured: all 33 Linear layers and attention matmuls of the toy fused
+#: into integer kernels, against 13 with it on)
 QDQ_DISABLED_OPTIMIZERS = ('MatMulAddFusion', )
 
 
