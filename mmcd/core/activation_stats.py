@@ -76,6 +76,18 @@ class StatsAccumulator:
             kurtosis=central4 / var**2 if var > 0 else float('nan'))
 
 
+def model_summary(point_stats: Dict[str, Dict[str, float]],
+                  alignment: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """One model's headline numbers: the largest ``max_abs`` and
+    ``kurtosis`` over its probe points and the mean of its pairs' mean
+    alignments."""
+    return dict(
+        max_abs=max(v['max_abs'] for v in point_stats.values()),
+        kurtosis=max(v['kurtosis'] for v in point_stats.values()),
+        alignment=sum(a['mean'] for a in alignment.values()) /
+        len(alignment))
+
+
 def probe_points(model: torch.nn.Module, pairs) -> Dict[str, tuple]:
     """Where to record, from CD's matrix pairs: each block's output, its
     FFN hidden activation (the input of fc2) and its attention input (the

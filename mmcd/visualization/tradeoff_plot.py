@@ -2,19 +2,15 @@
 experiment.py --sweep): AP and outlier statistics against the strength of a
 regularizer, with the baseline's seed-to-seed spread as a band. Matplotlib's
 object API."""
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from matplotlib.figure import Figure
+
+from mmcd.core.activation_stats import model_summary
 
 AP = 'coco/bbox_mAP'
 CURVES = (('float', 'float'), ('repq-vit/W4A4', 'W4A4 repq-vit'),
           ('minmax/W4A4', 'W4A4 minmax'))
-
-
-def _outliers(stats: Dict) -> Tuple[float, float]:
-    point, align = stats['stats'], stats['alignment']
-    return (max(v['max_abs'] for v in point.values()),
-            sum(a['mean'] for a in align.values()) / len(align))
 
 
 def plot_tradeoff(sweep: Dict[str, tuple], baseline: Optional[List[Dict]],
@@ -46,7 +42,10 @@ def plot_tradeoff(sweep: Dict[str, tuple], baseline: Optional[List[Dict]],
                       '± std over seeds)', fontsize=9)
         top.set_ylabel('box AP (%)')
         top.legend(fontsize=8)
-        peaks, aligns = zip(*(_outliers(stats) for _, (_, stats) in points))
+        summaries = [model_summary(stats['stats'], stats['alignment'])
+                     for _, (_, stats) in points]
+        peaks = [summary['max_abs'] for summary in summaries]
+        aligns = [summary['alignment'] for summary in summaries]
         bottom.plot(xs, peaks, 's-', color='tab:red', label='largest max |x|')
         bottom.set_ylabel('largest max |x|', color='tab:red')
         twin = bottom.twinx()

@@ -45,6 +45,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
+from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
                              get_qat_method)
 from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
@@ -325,11 +326,7 @@ def ap_cell(metrics_list, paired_with=None):
 
 
 def outlier_summary(stats):
-    point, align = stats['stats'], stats['alignment']
-    return dict(
-        max_abs=max(v['max_abs'] for v in point.values()),
-        kurtosis=max(v['kurtosis'] for v in point.values()),
-        alignment=sum(a['mean'] for a in align.values()) / len(align))
+    return model_summary(stats['stats'], stats['alignment'])
 
 
 def markdown(args, rows, stats, sweep, seconds):

@@ -22,11 +22,11 @@ import os.path as osp
 import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
-import numpy as np  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
+from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
                                       check_datasets, load_config)
@@ -88,11 +88,10 @@ def main():
                        labels, args.checkpoints, results)}, f, indent=2)
     print(f'\nworst layer: {worst}')
     for label, (stats, align, _) in zip(labels, results):
-        peak = max(v['max_abs'] for v in stats.values())
-        kurt = max(v['kurtosis'] for v in stats.values())
-        print(f'{label:>12}: largest max|x| {peak:.2f}, largest kurtosis '
-              f'{kurt:.1f}, mean alignment '
-              f'{np.mean([a["mean"] for a in align.values()]):.3f}')
+        summary = model_summary(stats, align)
+        print(f'{label:>12}: largest max|x| {summary["max_abs"]:.2f}, largest '
+              f'kurtosis {summary["kurtosis"]:.1f}, mean alignment '
+              f'{summary["alignment"]:.3f}')
     print('wrote ' + ', '.join(paths.values()))
 
 
