@@ -207,3 +207,59 @@ def toy_run_config(cfg: Config, work_dir: str, data_root: str,
     for evaluator in ('val_evaluator', 'test_evaluator'):
         cfg[evaluator].ann_file = data_root + 'annotations/instances_val.json'
     return cfg
+
+
+def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
+    """The arguments shared by the PTQ tools (sensitivity, debug, export):
+    ``config checkpoint --quant wNaM [--method] [--calib-images]
+    [--out-dir] [--cfg-options]``."""
+    from mmengine.config import DictAction
+
+    from mmcd.core.quant.methods import QUANT_METHODS
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--quant', required=True, metavar='wNaM')
+    parser.add_argument('--method', default='repq-vit',
+                        choices=list(QUANT_METHODS))
+    parser.add_argument('--calib-images', type=int, default=calib_images)
+    parser.add_argument('--out-dir', default=out_dir)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value')
+
+
+def ptq_config(args, **options):
+    """The :class:`~mmcd.core.quant.QuantConfig` of the PTQ tools'
+    ``--quant`` and ``--method`` (plus ``options``), after checking that
+    ``args.checkpoint`` exists; bad values raise :class:`UserError`."""
+    from mmcd.core.quant import QuantConfig
+    w_bits, a_bits = parse_quant_spec(args.quant)
+    if not osp.isfile(args.checkpoint):
+        raise UserError(f'checkpoint {args.checkpoint} does not exist')
+    try:
+        return QuantConfig(w_bits, a_bits, args.method, **options)
+    except ValueError as err:
+        raise UserError(err) from None
+
+
+def calibrated_from_checkpoint(args, quant_cfg,
+                               loaders: Sequence[str] = ()):
+    """For the PTQ tools: a Runner of ``args.config`` (work dir under
+    ``args.out_dir``) with ``args.checkpoint`` loaded, and a copy of its
+    model quantized with ``quant_cfg`` and calibrated on
+    ``args.calib_images`` images. Returns ``(runner, quantized model,
+    calibration loader)``; ``loaders``: dataloaders checked besides the
+    train one (the calibration images' source)."""
+    from mmengine.runner import Runner
+
+    from .calibration import CalibrationOptions, quantize_copy
+    cfg = load_config(args.config, args.cfg_options)
+    check_datasets(cfg, ['train_dataloader', *loaders])
+    os.makedirs(args.out_dir, exist_ok=True)
+    cfg.work_dir, cfg.load_from = osp.join(args.out_dir, 'runner'), None
+    runner = Runner.from_cfg(cfg)
+    runner.load_checkpoint(args.checkpoint, map_location='cpu')
+    runner.model.eval()
+    calib = CalibrationOptions(num_images=args.calib_images)
+    loader = calib.loader(cfg)
+    return runner, quantize_copy(runner.model, quant_cfg, loader,
+                                 calib.num_images), loader

@@ -17,37 +17,26 @@ quantizer's representable range marked.
 import argparse
 import json
 import math
-import os
 import os.path as osp
 import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
 import torch  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
-from mmcd.core.quant import QuantConfig, UniformQuantizer  # noqa: E402
+from mmcd.core.quant import UniformQuantizer  # noqa: E402
 from mmcd.core.quant.debug import quantization_report  # noqa: E402
-from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
-from mmcd.engine.calibration import (  # noqa: E402
-    CalibrationOptions, calibration_images, dense_outputs, quantize_copy)
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
-                                      check_datasets, load_config,
-                                      parse_quant_spec)
+from mmcd.engine.calibration import (calibration_images,  # noqa: E402
+                                     dense_outputs)
+from mmcd.engine.runner_setup import (USER_ERRORS,  # noqa: E402
+                                      add_ptq_arguments,
+                                      calibrated_from_checkpoint, ptq_config)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
-    parser.add_argument('--quant', required=True, metavar='wNaM')
-    parser.add_argument('--method', default='repq-vit',
-                        choices=list(QUANT_METHODS))
-    parser.add_argument('--calib-images', type=int, default=8)
+    add_ptq_arguments(parser, calib_images=8, out_dir='work_dirs/quant_debug')
     parser.add_argument('--worst', type=int, default=4)
-    parser.add_argument('--out-dir', default='work_dirs/quant_debug')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 
 
@@ -104,23 +93,8 @@ def plot_worst_inputs(model, images, keys, path):
 
 def main():
     args = parse_args()
-    w_bits, a_bits = parse_quant_spec(args.quant)
-    if not osp.isfile(args.checkpoint):
-        raise UserError(f'checkpoint {args.checkpoint} does not exist')
-    try:
-        quant_cfg = QuantConfig(w_bits, a_bits, args.method)
-    except ValueError as err:
-        raise UserError(err) from None
-    cfg = load_config(args.config, args.cfg_options)
-    check_datasets(cfg, ['train_dataloader'])
-    os.makedirs(args.out_dir, exist_ok=True)
-    cfg.work_dir, cfg.load_from = osp.join(args.out_dir, 'runner'), None
-    runner = Runner.from_cfg(cfg)
-    runner.load_checkpoint(args.checkpoint, map_location='cpu')
-    calib = CalibrationOptions(num_images=args.calib_images)
-    loader = calib.loader(cfg)
-    model = quantize_copy(runner.model.eval(), quant_cfg, loader,
-                          calib.num_images)
+    runner, model, loader = calibrated_from_checkpoint(args,
+                                                       ptq_config(args))
     images = calibration_images(model, loader)
     report = quantization_report(model, lambda: dense_outputs(model, images))
     reached = {n: e for n, e in report.items()

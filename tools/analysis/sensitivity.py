@@ -23,39 +23,30 @@ with weights at W8A8 while the parameter-weighted average weight bits stay
 """
 import argparse
 import json
-import os
 import os.path as osp
 import re
 import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
-from mmengine.config import DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 import mmcd  # noqa: E402,F401
-from mmcd.core.quant import QuantConfig, layer_quantizers  # noqa: E402
+from mmcd.core.quant import layer_quantizers  # noqa: E402
 from mmcd.core.quant.debug import sqnr_db  # noqa: E402
-from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
-from mmcd.engine.calibration import (  # noqa: E402
-    CalibrationOptions, calibration_images, dense_outputs, evaluate,
-    quantize_copy)
+from mmcd.engine.calibration import (calibration_images,  # noqa: E402
+                                     dense_outputs, evaluate)
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
-                                      check_datasets, load_config,
-                                      parse_quant_spec)
+                                      add_ptq_arguments,
+                                      calibrated_from_checkpoint, ptq_config)
 
 BLOCK = re.compile(r'^(.*\.blocks\.\d+)\.')
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
-    parser.add_argument('--quant', required=True, metavar='wNaM')
-    parser.add_argument('--method', default='repq-vit',
-                        choices=list(QUANT_METHODS))
+    add_ptq_arguments(parser, calib_images=8,
+                      out_dir='work_dirs/sensitivity')
     parser.add_argument('--metric', default='sqnr', choices=['sqnr', 'map'])
-    parser.add_argument('--calib-images', type=int, default=8)
     parser.add_argument('--keep', type=int, nargs='*', default=[1, 3, 5],
                         help='write a config keeping the K most sensitive '
                         'layers at W8A8, for each K')
@@ -64,8 +55,6 @@ def parse_args():
                         'sensitive layers with weights at W8A8 while the '
                         'parameter-weighted average weight bits stay within '
                         'this budget')
-    parser.add_argument('--out-dir', default='work_dirs/sensitivity')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 
 
@@ -139,27 +128,14 @@ def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
 
 def main():
     args = parse_args()
-    w_bits, a_bits = parse_quant_spec(args.quant)
+    quant_cfg = ptq_config(args)
+    w_bits, a_bits = quant_cfg.w_bits, quant_cfg.a_bits
     if args.avg_w_bits is not None and not w_bits <= args.avg_w_bits <= 8:
         raise UserError(f'--avg-w-bits must lie in [{w_bits}, 8] (the '
                         f'weight bits of --quant .. 8), got {args.avg_w_bits}')
-    if not osp.isfile(args.checkpoint):
-        raise UserError(f'checkpoint {args.checkpoint} does not exist')
-    try:
-        quant_cfg = QuantConfig(w_bits, a_bits, args.method)
-    except ValueError as err:
-        raise UserError(err) from None
-    cfg = load_config(args.config, args.cfg_options)
-    check_datasets(cfg, ['train_dataloader'] + (
-        ['test_dataloader'] if args.metric == 'map' else []))
-    os.makedirs(args.out_dir, exist_ok=True)
-    cfg.work_dir, cfg.load_from = osp.join(args.out_dir, 'runner'), None
-    runner = Runner.from_cfg(cfg)
-    runner.load_checkpoint(args.checkpoint, map_location='cpu')
-    calib = CalibrationOptions(num_images=args.calib_images)
-    loader = calib.loader(cfg)
-    model = quantize_copy(runner.model.eval(), quant_cfg, loader,
-                          calib.num_images)
+    runner, model, loader = calibrated_from_checkpoint(
+        args, quant_cfg, ['test_dataloader'] if args.metric == 'map' else [])
+    cfg = runner.cfg
     images = calibration_images(model, loader)
     measure = Measure(model, args.metric,
                       images, runner.test_loop if args.metric == 'map'

@@ -23,7 +23,6 @@ backbone + neck feeding the PyTorch heads, and prints both mAPs.
 import argparse
 import copy
 import json
-import os
 import os.path as osp
 import sys
 import time
@@ -31,38 +30,27 @@ import time
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import _bootstrap  # noqa: E402,F401  (must precede OpenMMLab imports)
 import torch  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
-from mmcd.core.quant import QuantConfig  # noqa: E402
-from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (MIN_QDQ_OPSET, FeatureExtractor,  # noqa: E402
                          OnnxPerShape)
-from mmcd.engine.calibration import (  # noqa: E402
-    CalibrationOptions, calibration_images, evaluate, quantize_copy)
+from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
-                                      check_datasets, load_config,
-                                      parse_layer_bits, parse_quant_spec)
+                                      add_ptq_arguments,
+                                      calibrated_from_checkpoint,
+                                      parse_layer_bits, ptq_config)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
-    parser.add_argument('--quant', required=True, metavar='wNaM')
-    parser.add_argument('--method', default='repq-vit',
-                        choices=list(QUANT_METHODS))
-    parser.add_argument('--calib-images', type=int, default=32)
+    add_ptq_arguments(parser, calib_images=32, out_dir='work_dirs/onnx')
     parser.add_argument('--layer-bits', nargs='+', default=(),
                         metavar='REGEX=wNaM')
     parser.add_argument('--opset', type=int, default=MIN_QDQ_OPSET)
-    parser.add_argument('--out-dir', default='work_dirs/onnx')
     parser.add_argument('--eval', action='store_true',
                         help='COCO mAP: PyTorch fake quantization vs the '
                         'onnxruntime backbone + neck')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 
 
@@ -82,31 +70,18 @@ def feature_deviation(ort_feats, torch_feats, float_feats, step):
 
 def main():
     args = parse_args()
-    w_bits, a_bits = parse_quant_spec(args.quant)
-    if not osp.isfile(args.checkpoint):
-        raise UserError(f'checkpoint {args.checkpoint} does not exist')
-    try:
-        quant_cfg = QuantConfig(w_bits, a_bits, args.method,
-                                layer_bits=parse_layer_bits(args.layer_bits))
-    except ValueError as err:
-        raise UserError(err) from None
+    quant_cfg = ptq_config(args,
+                           layer_bits=parse_layer_bits(args.layer_bits))
     if args.opset < MIN_QDQ_OPSET:
         raise UserError(f'--opset {args.opset}: the QDQ export needs opset >= '
                         f'{MIN_QDQ_OPSET} (4-bit integer types)')
-    cfg = load_config(args.config, args.cfg_options)
-    check_datasets(cfg, ['train_dataloader', 'test_dataloader'])
-    os.makedirs(args.out_dir, exist_ok=True)
-    cfg.work_dir, cfg.load_from = osp.join(args.out_dir, 'runner'), None
-    runner = Runner.from_cfg(cfg)
-    runner.load_checkpoint(args.checkpoint, map_location='cpu')
-    model = runner.model.eval()
-    calib = CalibrationOptions(num_images=args.calib_images)
-    loader = calib.loader(cfg)
-    quant_model = quantize_copy(model, quant_cfg, loader, calib.num_images)
+    runner, quant_model, loader = calibrated_from_checkpoint(
+        args, quant_cfg, ['test_dataloader'])
+    model = runner.model
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
     images = calibration_images(model, loader)[:1]
-    name = f'w{w_bits}a{a_bits}_{args.method}'
+    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{args.method}'
     exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,
                                   key, args.opset)
                 for key, module in (('float', model), (name, qdq_model))}
