@@ -7,6 +7,7 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.dataset import BaseDataset
 from mmengine.runner import Runner
 
 from conftest import micro_config
@@ -170,7 +171,12 @@ def test_calibration_images_are_the_same_on_every_rank(micro_data_root,
     assert sorted(flat) == sorted(set(flat))
 
 
-def test_debug_logs_per_layer_sqnr(micro_data_root, trained, tmp_path):
+def test_debug_logs_per_layer_sqnr(micro_data_root, trained, tmp_path,
+                                   monkeypatch):
+    loaded = []  # annotation file of every image a dataset prepares
+    prepare = BaseDataset.prepare_data
+    monkeypatch.setattr(BaseDataset, 'prepare_data', lambda self, idx: (
+        loaded.append(osp.basename(self.ann_file)), prepare(self, idx))[1])
     cfg = micro_config(micro_data_root, tmp_path)
     cfg.load_from = trained
     cfg.visualizer.vis_backends = [dict(type='LocalVisBackend')]
@@ -180,6 +186,9 @@ def test_debug_logs_per_layer_sqnr(micro_data_root, trained, tmp_path):
                                               w_bits=8, a_bits=8)])]
     runner = Runner.from_cfg(cfg)
     runner.test()
+    # the calibration images (train set) are loaded once, for calibration
+    # and the float-vs-quantized comparison alike
+    assert loaded.count('instances_train.json') == 4
     report = json.load(open(osp.join(runner.log_dir, 'quant_debug.json')))
     qkv = 'backbone.stages.0.blocks.0.attn.w_msa.qkv'
     assert report[qkv]['bits'] == dict(weight_quantizer=4,

@@ -61,6 +61,34 @@ def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):
                                  if k != 'type'})
 
 
+def test_map_metric_is_the_test_set_map(micro_run, tmp_path):
+    """--metric map evaluates the test set with the chosen quantizers on:
+    none on is the float model's mAP, all on the PTQ hook's (same
+    calibration images), each measured unit in between is a test-set mAP."""
+    config, ckpt = micro_run
+    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+                         '--quant', 'w4a4', '--calib-images', '4',
+                         '--metric', 'map', '--layers', r'^neck\.fpn_convs',
+                         '--keep', '1', '--out-dir', str(tmp_path),
+                         timeout=600)
+    assert code == 0, out
+    result = json.load(open(tmp_path / 'sensitivity.json'))
+    assert sorted(r['name'] for r in result['ranking']) == [
+        f'neck.fpn_convs.{i}.conv' for i in range(4)]
+    cfg = Config.fromfile(config)
+    cfg.work_dir, cfg.load_from = str(tmp_path / 'float'), ckpt
+    float_map = Runner.from_cfg(cfg).test()['coco/bbox_mAP']
+    cfg.work_dir = str(tmp_path / 'ptq')
+    cfg.custom_hooks = [dict(type='PostTrainingQuantHook', w_bits=4,
+                             a_bits=4, calib=dict(num_images=4))]
+    quant_map = Runner.from_cfg(cfg).test()['coco/bbox_mAP']
+    assert float_map > 0  # so that the comparison below can fail
+    assert result['none_quantized'] == pytest.approx(float_map, abs=1e-9)
+    assert result['all_quantized'] == pytest.approx(quant_map, abs=1e-9)
+    for row in result['ranking']:
+        assert 0 <= row['only'] <= 1 and 0 <= row['all_but'] <= 1
+
+
 def test_errors(micro_run, tmp_path):
     config, ckpt = micro_run
     code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
@@ -72,6 +100,13 @@ def test_errors(micro_run, tmp_path):
     code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
                          '--quant', 'w4a4', '--avg-w-bits', '9')
     assert_one_line_error(code, out, '--avg-w-bits must lie in [4, 8]')
+    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+                         '--quant', 'w4a4', '--layers', 'blocks.(')
+    assert_one_line_error(code, out, "--layers 'blocks.(':")
+    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+                         '--quant', 'w4a4', '--calib-images', '2',
+                         '--layers', 'no_such_layer')
+    assert_one_line_error(code, out, 'matches no quantized layer')
 
 
 def test_quant_debug_tool(micro_run, tmp_path):

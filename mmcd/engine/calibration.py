@@ -1,7 +1,8 @@
 """Calibration and evaluation helpers shared by the quantization hooks and
 the analysis tools: which images calibrate (:class:`CalibrationOptions`,
 :func:`calibration_loader`), calibrating a converted model on them
-(:func:`calibrate_on`, :func:`quantize_copy`), and running a model over a
+(:func:`calibrate_on`, :func:`quantize_copy`; the images are loaded once, as
+one batch, and passed around), and running a model over a
 loader (:func:`run_test_steps`, :func:`evaluate`), with progress bars and
 the summary in MMEngine's log."""
 import copy
@@ -39,9 +40,11 @@ class CalibrationOptions:
                              f'{options.num_images}')
         return options
 
-    def loader(self, cfg):
-        return calibration_loader(cfg, self.num_images, self.seed,
-                                  self.dataloader)
+    def batch(self, cfg) -> Dict:
+        """The calibration set as one batch (a ``data_batch`` dict of the
+        :func:`calibration_loader`), loaded once per calibration."""
+        return next(iter(calibration_loader(cfg, self.num_images, self.seed,
+                                            self.dataloader)))
 
 
 def calibration_loader(cfg, num_images: int, seed: int = 0,
@@ -69,13 +72,12 @@ def calibration_loader(cfg, num_images: int, seed: int = 0,
     return loader
 
 
-def calibrate_on(model, quant_cfg, loader, what: str = 'PTQ',
+def calibrate_on(model, quant_cfg, batch: Dict, what: str = 'PTQ',
                  calibrate_fn=calibrate) -> Dict:
-    """Calibrate ``model`` (converted for ``quant_cfg``) on the first batch
-    of ``loader`` (all calibration images, one ``test_step``), and log the
-    summary; layers the calibration never reached are named in a warning
-    (they stay in float)."""
-    batch = next(iter(loader))
+    """Calibrate ``model`` (converted for ``quant_cfg``) on ``batch`` (all
+    calibration images, one ``test_step``), and log the summary; layers the
+    calibration never reached are named in a warning (they stay in
+    float)."""
     summary = calibrate_fn(model, quant_cfg, lambda: model.test_step(batch))
     unreached = summary.pop('unreached')
     print_log(f'{what}: calibrated on {len(batch["inputs"])} images: '
@@ -89,10 +91,10 @@ def calibrate_on(model, quant_cfg, loader, what: str = 'PTQ',
 
 
 @torch.no_grad()
-def calibration_images(model, loader) -> torch.Tensor:
-    """The calibration images (the first batch of ``loader``) after the
-    model's data preprocessor, ``[N, 3, H, W]``."""
-    return model.data_preprocessor(next(iter(loader)), False)['inputs']
+def calibration_images(model, batch: Dict) -> torch.Tensor:
+    """The calibration images of ``batch`` after the model's data
+    preprocessor, ``[N, 3, H, W]``."""
+    return model.data_preprocessor(batch, False)['inputs']
 
 
 @torch.no_grad()
@@ -121,16 +123,16 @@ def run_test_steps(model, batches, num_batches: int) -> None:
     print()  # ProgressBar leaves the cursor on its line
 
 
-def quantize_copy(model, quant_cfg: QuantConfig, loader, num_images: int):
+def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict):
     """A quantized, calibrated copy of ``model`` (which is not touched):
     :func:`~mmcd.core.quant.quantize_model`, then
-    :func:`~mmcd.core.quant.calibrate` on the first batch of ``loader``
-    (:func:`calibration_loader`: the ``num_images`` images)."""
+    :func:`~mmcd.core.quant.calibrate` on ``batch`` (all calibration
+    images, e.g. :meth:`CalibrationOptions.batch`)."""
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
-              f'{quant_cfg.method}, calibrating on {num_images} images',
-              logger='current')
-    calibrate_on(quant_model, quant_cfg, loader)
+              f'{quant_cfg.method}, calibrating on {len(batch["inputs"])} '
+              'images', logger='current')
+    calibrate_on(quant_model, quant_cfg, batch)
     return quant_model
 
 

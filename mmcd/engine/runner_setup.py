@@ -247,7 +247,7 @@ def calibrated_from_checkpoint(args, quant_cfg,
     ``args.out_dir``) with ``args.checkpoint`` loaded, and a copy of its
     model quantized with ``quant_cfg`` and calibrated on
     ``args.calib_images`` images. Returns ``(runner, quantized model,
-    calibration loader)``; ``loaders``: dataloaders checked besides the
+    calibration batch)``; ``loaders``: dataloaders checked besides the
     train one (the calibration images' source)."""
     from mmengine.runner import Runner
 
@@ -259,7 +259,5 @@ def calibrated_from_checkpoint(args, quant_cfg,
     runner = Runner.from_cfg(cfg)
     runner.load_checkpoint(args.checkpoint, map_location='cpu')
     runner.model.eval()
-    calib = CalibrationOptions(num_images=args.calib_images)
-    loader = calib.loader(cfg)
-    return runner, quantize_copy(runner.model, quant_cfg, loader,
-                                 calib.num_images), loader
+    batch = CalibrationOptions(num_images=args.calib_images).batch(cfg)
+    return runner, quantize_copy(runner.model, quant_cfg, batch), batch

@@ -49,7 +49,7 @@ from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
                              get_qat_method)
 from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
-from mmcd.engine import (calibration_loader, evaluate,  # noqa: E402
+from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
                          quantize_copy)
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
 from mmcd.engine.result_cache import ResultCache, code_version  # noqa
@@ -230,10 +230,10 @@ def evaluate_training(args, cache, training, seed, methods, bits, qat):
         else:
             method, spec = name.split('/')
             b = int(spec[1:spec.index('A')])
-            loader = calibration_loader(cfg, args.calib_images)
+            batch = CalibrationOptions(args.calib_images).batch(cfg)
             metrics = evaluate(quantize_copy(
-                runner.model, QuantConfig(b, b, method), loader,
-                args.calib_images), runner.test_loop)
+                runner.model, QuantConfig(b, b, method), batch),
+                runner.test_loop)
         cache.put(f'{prefix}/{name}', {k: float(v)
                                        for k, v in metrics.items()})
     if cache.get(stats_key) is None:

@@ -93,9 +93,9 @@ def plot_worst_inputs(model, images, keys, path):
 
 def main():
     args = parse_args()
-    runner, model, loader = calibrated_from_checkpoint(args,
+    runner, model, calib_batch = calibrated_from_checkpoint(args,
                                                        ptq_config(args))
-    images = calibration_images(model, loader)
+    images = calibration_images(model, calib_batch)
     report = quantization_report(model, lambda: dense_outputs(model, images))
     reached = {n: e for n, e in report.items()
                if e['output_sqnr'] is not None}

@@ -3,7 +3,8 @@ mixed-precision configs that keep the most sensitive layers at 8 bits.
 
     python tools/analysis/sensitivity.py CONFIG CKPT --quant w4a4
         [--method repq-vit] [--metric sqnr|map] [--calib-images 8]
-        [--keep 1 3 5] [--avg-w-bits 4.5] [--out-dir work_dirs/sensitivity]
+        [--keep 1 3 5] [--avg-w-bits 4.5] [--layers REGEX]
+        [--out-dir work_dirs/sensitivity]
 
 Calibrates the whole model once (as ``tools/test.py --quant`` does), then
 for every quantized layer (a Linear/Conv2d: weight + input; an attention
@@ -19,7 +20,9 @@ config ``keep{K}_{quant}.py`` that inherits CONFIG and keeps the K most
 sensitive layers at W8A8 (``PostTrainingQuantHook(layer_bits=...)``);
 ``--avg-w-bits B`` writes ``avgw{B}_{quant}.py``: the most sensitive layers
 with weights at W8A8 while the parameter-weighted average weight bits stay
-<= B (greedy in rank order).
+<= B (greedy in rank order). ``--layers REGEX`` measures only the layers
+and blocks whose names match (``re.search``; a ``map`` run costs two test-set
+evaluations per unit); "all quantized" still means every layer.
 """
 import argparse
 import json
@@ -55,6 +58,9 @@ def parse_args():
                         'sensitive layers with weights at W8A8 while the '
                         'parameter-weighted average weight bits stay within '
                         'this budget')
+    parser.add_argument('--layers', metavar='REGEX',
+                        help='measure only the layers and blocks whose '
+                        'names match (re.search)')
     return parser.parse_args()
 
 
@@ -133,10 +139,15 @@ def main():
     if args.avg_w_bits is not None and not w_bits <= args.avg_w_bits <= 8:
         raise UserError(f'--avg-w-bits must lie in [{w_bits}, 8] (the '
                         f'weight bits of --quant .. 8), got {args.avg_w_bits}')
-    runner, model, loader = calibrated_from_checkpoint(
+    if args.layers is not None:
+        try:
+            re.compile(args.layers)
+        except re.error as err:
+            raise UserError(f'--layers {args.layers!r}: {err}') from None
+    runner, model, calib_batch = calibrated_from_checkpoint(
         args, quant_cfg, ['test_dataloader'] if args.metric == 'map' else [])
     cfg = runner.cfg
-    images = calibration_images(model, loader)
+    images = calibration_images(model, calib_batch)
     measure = Measure(model, args.metric,
                       images, runner.test_loop if args.metric == 'map'
                       else None)
@@ -149,6 +160,14 @@ def main():
         if match:
             blocks.setdefault(match.group(1), set()).update(ids)
     everything = set().union(*layers.values())
+    if args.layers is not None:
+        layers, blocks = (
+            {n: ids for n, ids in units.items() if re.search(args.layers, n)}
+            for units in (layers, blocks))
+        if not layers and not blocks:
+            raise UserError(f'--layers {args.layers!r} matches no quantized '
+                            'layer or block (names as in sensitivity.md, '
+                            'e.g. backbone.stages.0.blocks.0.attn.w_msa.qkv)')
     print(f'{len(layers)} quantized layers, {len(blocks)} blocks, metric '
           f'{args.metric}; {2 * (len(layers) + len(blocks)) + 2} runs')
     full, none = measure(everything), measure(set())

@@ -75,12 +75,12 @@ def main():
     if args.opset < MIN_QDQ_OPSET:
         raise UserError(f'--opset {args.opset}: the QDQ export needs opset >= '
                         f'{MIN_QDQ_OPSET} (4-bit integer types)')
-    runner, quant_model, loader = calibrated_from_checkpoint(
+    runner, quant_model, calib_batch = calibrated_from_checkpoint(
         args, quant_cfg, ['test_dataloader'])
     model = runner.model
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
-    images = calibration_images(model, loader)[:1]
+    images = calibration_images(model, calib_batch)[:1]
     name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{args.method}'
     exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,
                                   key, args.opset)

@@ -113,16 +113,15 @@ class PostTrainingQuantHook(Hook):
             print_log('PostTrainingQuantHook: evaluating the float model',
                       logger='current')
             self._fp_metrics = evaluate(float_model, loop)
-        calib_loader = self.calib.loader(runner.cfg)
-        quant_model = quantize_copy(float_model, self.quant_cfg,
-                                    calib_loader, self.calib.num_images)
+        calib_batch = self.calib.batch(runner.cfg)
+        quant_model = quantize_copy(float_model, self.quant_cfg, calib_batch)
         if self.debug:
-            self._log_debug(runner, quant_model, calib_loader)
+            self._log_debug(runner, quant_model, calib_batch)
         self._float_model = model
         runner.model = quant_model
 
-    def _log_debug(self, runner, quant_model, loader) -> None:
-        images = calibration_images(quant_model, loader)
+    def _log_debug(self, runner, quant_model, calib_batch) -> None:
+        images = calibration_images(quant_model, calib_batch)
         report = quantization_report(
             quant_model, lambda: dense_outputs(quant_model, images))
         scalars = {}

@@ -107,7 +107,7 @@ class QuantAwareTrainingHook(Hook):
                 print_log('QAT starts from the initial weights (no '
                           'load_from): QAT is meant to fine-tune a trained '
                           'model', logger='current', level=30)
-            calibrate_on(model, self.qat_cfg, self.calib.loader(runner.cfg),
+            calibrate_on(model, self.qat_cfg, self.calib.batch(runner.cfg),
                          what='QAT', calibrate_fn=initialize_qat)
             # every rank calibrated on the same images; rank 0's result
             # makes the ranks identical to the last bit
