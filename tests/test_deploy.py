@@ -17,7 +17,7 @@ from mmcd.core.quant import (QuantConfig, UniformQuantizer, calibrate,
 from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
 from mmcd.deploy import (FeatureExtractor, OnnxFeatures, OnnxPerShape,
-                         export_onnx)
+                         RoundingDraw, export_onnx)
 from mmcd.engine.benchmark_models import build_detector
 
 
@@ -162,6 +162,34 @@ def test_toy_detector_backbone_neck_w4a4(tmp_path):
                for i in graph.initializer) == len(weights)
 
 
+def test_rounding_draw_moves_inputs_one_float32_step():
+    """The sim-vs-deploy yardstick: inputs move to a neighbouring float32
+    (down, up or not at all, about a third each, the same per seed); values
+    on a quantizer's rounding boundary flip by one step, the rest stay."""
+    identity = type('Detector', (), {'extract_feat': staticmethod(
+        lambda x: x)})()
+    x = torch.randn(3, 64, 64) * 4
+    moved = RoundingDraw(identity, seed=1)(x)
+    assert torch.equal(moved, RoundingDraw(identity, seed=1)(x))
+    assert not torch.equal(moved, RoundingDraw(identity, seed=2)(x))
+    up = torch.nextafter(x, torch.tensor(float('inf')))
+    down = torch.nextafter(x, torch.tensor(float('-inf')))
+    assert bool(((moved == x) | (moved == up) | (moved == down)).all())
+    for share in ((moved == x).float().mean(), (moved == up).float().mean()):
+        assert 0.3 < float(share) < 0.37
+    # ties of round(x / 0.25) (half to even): a move up rounds up, down down
+    quantizer = fixed_quantizer(8, 0.25, 128.0)
+    ties = (torch.arange(-40, 40) + 0.5) * 0.25
+    draw = RoundingDraw(type('Detector', (), {'extract_feat': quantizer})(),
+                        seed=3)
+    shifted = RoundingDraw(identity, seed=3)(ties)
+    expected = torch.where(shifted > ties, ties + 0.125,
+                           torch.where(shifted < ties, ties - 0.125,
+                                       quantizer(ties)))
+    assert torch.equal(draw(ties), expected)
+    assert float((draw(ties) - quantizer(ties)).abs().max()) == 0.25
+
+
 def test_export_tool_errors(tmp_path):
     from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
     ckpt = tmp_path / 'model.pth'
@@ -173,6 +201,9 @@ def test_export_tool_errors(tmp_path):
     code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--opset', '18')
     assert_one_line_error(code, out, 'opset >= 21')
+    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+                         '--draws', '0')
+    assert_one_line_error(code, out, '--draws must be >= 1')
     code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--layer-bits', 'x=w1')
     assert_one_line_error(code, out, 'bits must be an integer in 2..8')

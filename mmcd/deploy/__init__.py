@@ -4,9 +4,10 @@ onnxscript). The QDQ rewrite itself is pure PyTorch
 (:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
 from .onnx_export import (MIN_QDQ_OPSET, QDQ_DISABLED_OPTIMIZERS,
                           FeatureExtractor, OnnxFeatures, OnnxPerShape,
-                          export_onnx, ort_session)
+                          RoundingDraw, export_onnx, ort_session)
 
 __all__ = [
     'MIN_QDQ_OPSET', 'QDQ_DISABLED_OPTIMIZERS', 'FeatureExtractor',
-    'OnnxFeatures', 'OnnxPerShape', 'export_onnx', 'ort_session'
+    'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'export_onnx',
+    'ort_session'
 ]

@@ -16,6 +16,7 @@ translates mmcd's two quantization ops (:mod:`mmcd.core.quant.qdq`):
 ``uint4`` needs opset 21 (:data:`MIN_QDQ_OPSET`, also the floor for the
 quantized export). Both ops round half to even, as ``torch.round`` does.
 """
+import math
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -70,6 +71,27 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor):
         return tuple(self.detector.extract_feat(images))
+
+
+class RoundingDraw(nn.Module):
+    """``extract_feat`` of ``detector`` on inputs moved by at most one
+    float32 rounding: each value to its next float32 below, above, or left
+    as is (uniformly, from ``seed``). The same quantized model, another draw
+    of which values sit just across a rounding boundary of a quantizer, as
+    another summation order (e.g. onnxruntime's) gives. The yardstick of the
+    sim-vs-deploy check: an export that deviates from the simulation as
+    much as such draws do computes the same model."""
+
+    def __init__(self, detector, seed: int):
+        super().__init__()
+        self.extract_feat, self.seed = detector.extract_feat, seed
+
+    def forward(self, images):
+        gen = torch.Generator().manual_seed(self.seed)
+        direction = torch.randint(-1, 2, images.shape, generator=gen)
+        moved = torch.nextafter(images, direction.to(images.dtype) *
+                                math.inf)
+        return self.extract_feat(torch.where(direction == 0, images, moved))
 
 
 def export_onnx(module: nn.Module, images: torch.Tensor, path: str,

@@ -19,6 +19,17 @@ of the quantizer that consumes the features (the RPN's input) and as a
 fraction of the quantization noise itself. ``--eval`` also evaluates the
 test set twice, with PyTorch fake quantization and with the onnxruntime
 backbone + neck feeding the PyTorch heads, and prints both mAPs.
+
+onnxruntime sums in another order than PyTorch, so values on a rounding
+boundary of a quantizer flip by one step and the flips spread: the exported
+model is another *draw* of the same model's rounding noise. As the yardstick
+of "close enough", ``--draws K`` (default 3) measures the simulation against
+itself: the same fake-quantized model on inputs each moved by at most one
+float32 rounding (:class:`mmcd.deploy.RoundingDraw`, seeded per draw), which
+flips values on rounding boundaries without changing the model. It
+prints that draw's feature deviation beside onnxruntime's and, with
+``--eval``, the mAP of K such draws (mean, std, range) beside the
+onnxruntime mAP.
 """
 import argparse
 import copy
@@ -34,7 +45,7 @@ import torch  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (MIN_QDQ_OPSET, FeatureExtractor,  # noqa: E402
-                         OnnxPerShape)
+                         OnnxPerShape, RoundingDraw)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
                                       add_ptq_arguments,
@@ -51,6 +62,10 @@ def parse_args():
     parser.add_argument('--eval', action='store_true',
                         help='COCO mAP: PyTorch fake quantization vs the '
                         'onnxruntime backbone + neck')
+    parser.add_argument('--draws', type=int, default=3,
+                        help='rounding draws of the simulation (inputs moved '
+                        'by one float32 rounding) measured as the yardstick '
+                        'of the onnxruntime deviation')
     return parser.parse_args()
 
 
@@ -68,10 +83,36 @@ def feature_deviation(ort_feats, torch_feats, float_feats, step):
     return rows
 
 
+def evaluate_draws(quant_model, ort_features, loop, draws: int) -> dict:
+    """mAPs of the fake-quantized model, of ``draws`` rounding draws of it
+    (:class:`RoundingDraw`), and of the onnxruntime backbone + neck
+    ``ort_features`` feeding its PyTorch heads; prints the comparison."""
+    def with_features(extract_feat):
+        model = copy.deepcopy(quant_model)
+        model.extract_feat = extract_feat  # heads stay in PyTorch
+        return evaluate(model, loop)
+
+    fake = evaluate(quant_model, loop)
+    drawn = [with_features(RoundingDraw(quant_model, seed))
+             for seed in range(1, draws + 1)]
+    ort = with_features(ort_features)
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
+        spread = float(values.std()) if draws > 1 else float('nan')
+        print(f'{key}: PyTorch fake quantization {fake[key]:.4f}; '
+              f'{draws} rounding draws {float(values.mean()):.4f} +- '
+              f'{spread:.4f} ({float(values.min()):.4f}..'
+              f'{float(values.max()):.4f}); onnxruntime backbone + neck '
+              f'{ort[key]:.4f} (gap {ort[key] - fake[key]:+.4f})')
+    return dict(fake_quant=fake, rounding_draws=drawn, onnxruntime=ort)
+
+
 def main():
     args = parse_args()
     quant_cfg = ptq_config(args,
                            layer_bits=parse_layer_bits(args.layer_bits))
+    if args.draws < 1:
+        raise UserError(f'--draws must be >= 1, got {args.draws}')
     if args.opset < MIN_QDQ_OPSET:
         raise UserError(f'--opset {args.opset}: the QDQ export needs opset >= '
                         f'{MIN_QDQ_OPSET} (4-bit integer types)')
@@ -94,12 +135,14 @@ def main():
     with torch.no_grad():
         float_feats = FeatureExtractor(model)(images)
         quant_feats = FeatureExtractor(quant_model)(images)
+        draw_feats = RoundingDraw(quant_model, seed=1)(images)
     consumer = quant_model.rpn_head.rpn_conv.input_quantizer
     step = float(consumer.scale) if consumer.calibrated else 1.0
     float_dev = max(float((a - b).abs().max()) for a, b in zip(
         outputs['float'], float_feats))
     quant_dev = feature_deviation(outputs[name], quant_feats, float_feats,
                                   step)
+    draw_dev = feature_deviation(draw_feats, quant_feats, float_feats, step)
     results = dict(config=args.config, checkpoint=args.checkpoint,
                    quant=args.quant, method=args.method,
                    input_shape=list(images.shape), opset=args.opset,
@@ -107,24 +150,22 @@ def main():
                    forms={k: len(v) for k, v in report.items()},
                    float_formula_layers=report['float_formula'],
                    float_max_abs_deviation=float_dev,
-                   quant_deviation=quant_dev, rpn_input_step=step)
+                   quant_deviation=quant_dev, rounding_draw_deviation=draw_dev,
+                   rpn_input_step=step)
     print(f'exported {paths["float"]} ({times["float"]:.1f} s) and '
           f'{paths[name]} ({times[name]:.1f} s); QDQ forms: '
           f'{results["forms"]}')
     print(f'float: onnxruntime vs PyTorch max |d| {float_dev:.2e}')
-    for level, row in enumerate(quant_dev):
-        print(f'{name} level {level} {row["shape"]}: max |d| '
-              f'{row["max_steps"]:.2f} steps, mean {row["mean_steps"]:.3f} '
-              f'steps, {row["vs_quant_noise"]:.2f} x the quantization noise')
+    for level, (row, draw) in enumerate(zip(quant_dev, draw_dev)):
+        print(f'{name} level {level} {row["shape"]}: onnxruntime vs PyTorch '
+              f'max |d| {row["max_steps"]:.2f} steps, mean '
+              f'{row["mean_steps"]:.3f} steps, {row["vs_quant_noise"]:.2f} x '
+              'the quantization noise; a rounding draw of the simulation: '
+              f'{draw["max_steps"]:.2f}, {draw["mean_steps"]:.3f}, '
+              f'{draw["vs_quant_noise"]:.2f}')
     if args.eval:
-        fake_map = evaluate(quant_model, runner.test_loop)
-        ort_model = copy.deepcopy(quant_model)
-        ort_model.extract_feat = exported[name]  # heads stay in PyTorch
-        ort_map = evaluate(ort_model, runner.test_loop)
-        results['map'] = dict(fake_quant=fake_map, onnxruntime=ort_map)
-        for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
-            print(f'{key}: PyTorch fake quantization {fake_map[key]:.4f}, '
-                  f'onnxruntime backbone + neck {ort_map[key]:.4f}')
+        results['map'] = evaluate_draws(quant_model, exported[name],
+                                        runner.test_loop, args.draws)
     with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
         json.dump(results, f, indent=2, default=float)
     print(f'wrote {osp.join(args.out_dir, "export.json")}')
