@@ -7,11 +7,14 @@ import subprocess
 import sys
 import tempfile
 import uuid
-import warnings
 
 import pytest
 
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+# the tools' start (before torch): warning filter, huge pages for large
+# tensors (tools/_bootstrap.py)
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
+                            'tools'))
+import _bootstrap  # noqa: E402,F401
 
 import mmcd  # noqa: E402,F401
 from mmengine.config import Config  # noqa: E402

@@ -1,7 +1,10 @@
 """The tools fail on bad input with one line that says what to do."""
+import os
 import os.path as osp
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO, TOY_CONFIG
 
@@ -62,3 +65,18 @@ def test_make_toy_coco_cli(tmp_path):
 def test_cd_interval_needs_the_every_step_reference():
     code, out = run_tool('tools/analysis/cd_interval.py', '--intervals', '4')
     assert_one_line_error(code, out, '--intervals must include 1')
+
+
+@pytest.mark.parametrize('preset, expected', [(None, '1'), ('0', '0')])
+def test_bootstrap_turns_on_huge_pages_before_torch(preset, expected):
+    """tools/_bootstrap.py sets PyTorch's THP_MEM_ALLOC_ENABLE before torch
+    reads it (its first allocation), and keeps a value the user set."""
+    env = {k: v for k, v in os.environ.items()
+           if k != 'THP_MEM_ALLOC_ENABLE'}
+    if preset is not None:
+        env['THP_MEM_ALLOC_ENABLE'] = preset
+    code = ('import os, sys; sys.path.insert(0, "tools"); import _bootstrap; '
+            'import torch; print(os.environ["THP_MEM_ALLOC_ENABLE"])')
+    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected

@@ -29,11 +29,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
-import warnings  # noqa: E402
-
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402

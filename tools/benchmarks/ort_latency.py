@@ -25,8 +25,8 @@ import tempfile
 import time
 import warnings
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
 warnings.filterwarnings('ignore')
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402

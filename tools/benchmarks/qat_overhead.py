@@ -20,11 +20,9 @@ import os.path as osp
 import statistics
 import sys
 import time
-import warnings
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(
-    __file__)))))
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
 import torch  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
