@@ -7,7 +7,10 @@ FPN training steps (forward, a squared-feature loss, backward, AdamW step)
 of the float model and of its QAT copy (calibrated on the timing images,
 quantizers on), interleaved in one run, and prints the ratio. The RPN and
 RoI heads are left out: their float cost dominates a CPU detector step, so
-the backbone + neck ratio is the upper bound of what QAT adds.
+the backbone + neck ratio is the upper bound of what QAT adds. For a method
+with query-key reparameterization (ofq) it also times the same QAT without
+it (``qk_reparam=False``), so the share of the ``C x C`` per-head products
+shows.
 
     python tools/benchmarks/qat_overhead.py [--method ofq] [--bits 4] [--steps 5]
         [--device cuda]
@@ -67,16 +70,22 @@ def main():
     for name, config, size in BENCHMARK_DETECTORS.values():
         float_model = build_detector(config).train().to(args.device)
         images = torch.rand(args.batch, 3, *size, device=args.device) * 2 - 1
-        qat_model = copy.deepcopy(float_model)
-        cfg = QATConfig(args.bits, args.bits, args.method)
-        prepare_qat(qat_model, cfg)
-        with torch.no_grad():
-            initialize_qat(qat_model, cfg,
-                           lambda: qat_model.extract_feat(images))
-        activate_qat(qat_model)
-        qat_model.train()
+        variants = {'float': float_model}
+        qk_options = (True, False) if QATConfig(
+            args.bits, args.bits, args.method).qk_reparam else (False, )
+        for qk in qk_options:
+            model = copy.deepcopy(float_model)
+            cfg = QATConfig(args.bits, args.bits, args.method, qk_reparam=qk)
+            prepare_qat(model, cfg)
+            with torch.no_grad():
+                initialize_qat(model, cfg,
+                               lambda m=model: m.extract_feat(images))
+            activate_qat(model)
+            label = args.method if qk else \
+                f'{args.method} without query-key reparam'
+            variants[label] = model.train()
         runs = {}
-        for label, model in (('float', float_model), ('qat', qat_model)):
+        for label, model in variants.items():
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
             step_times(model, optimizer, images, 1)  # warm-up
             runs[label] = (model, optimizer, [])
@@ -84,9 +93,10 @@ def main():
             for model, optimizer, times in runs.values():
                 times += step_times(model, optimizer, images, 1)
         t_float = statistics.median(runs['float'][2])
-        t_qat = statistics.median(runs['qat'][2])
-        print(f'{name}: float {t_float * 1e3:.0f} ms, QAT {t_qat * 1e3:.0f} '
-              f'ms, ratio {t_qat / t_float:.2f}')
+        print(f'{name}: float {t_float * 1e3:.0f} ms; ' + '; '.join(
+            f'{label} {statistics.median(times) * 1e3:.0f} ms, ratio '
+            f'{statistics.median(times) / t_float:.2f}'
+            for label, (_, _, times) in runs.items() if label != 'float'))
 
 
 if __name__ == '__main__':
