@@ -162,32 +162,39 @@ def test_toy_detector_backbone_neck_w4a4(tmp_path):
                for i in graph.initializer) == len(weights)
 
 
-def test_rounding_draw_moves_inputs_one_float32_step():
-    """The sim-vs-deploy yardstick: inputs move to a neighbouring float32
-    (down, up or not at all, about a third each, the same per seed); values
-    on a quantizer's rounding boundary flip by one step, the rest stay."""
-    identity = type('Detector', (), {'extract_feat': staticmethod(
-        lambda x: x)})()
-    x = torch.randn(3, 64, 64) * 4
-    moved = RoundingDraw(identity, seed=1)(x)
-    assert torch.equal(moved, RoundingDraw(identity, seed=1)(x))
-    assert not torch.equal(moved, RoundingDraw(identity, seed=2)(x))
-    up = torch.nextafter(x, torch.tensor(float('inf')))
-    down = torch.nextafter(x, torch.tensor(float('-inf')))
-    assert bool(((moved == x) | (moved == up) | (moved == down)).all())
-    for share in ((moved == x).float().mean(), (moved == up).float().mean()):
-        assert 0.3 < float(share) < 0.37
-    # ties of round(x / 0.25) (half to even): a move up rounds up, down down
-    quantizer = fixed_quantizer(8, 0.25, 128.0)
-    ties = (torch.arange(-40, 40) + 0.5) * 0.25
-    draw = RoundingDraw(type('Detector', (), {'extract_feat': quantizer})(),
-                        seed=3)
-    shifted = RoundingDraw(identity, seed=3)(ties)
-    expected = torch.where(shifted > ties, ties + 0.125,
-                           torch.where(shifted < ties, ties - 0.125,
-                                       quantizer(ties)))
-    assert torch.equal(draw(ties), expected)
-    assert float((draw(ties) - quantizer(ties)).abs().max()) == 0.25
+def test_rounding_draw_moves_quantizer_inputs_one_float32_step():
+    """The sim-vs-deploy yardstick: every activation quantizer's input moves
+    to a neighbouring float32 (the same per seed), so values on a rounding
+    boundary flip by one step and all others stay; weights stay."""
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = fixed_quantizer(8, 0.25, 128.0)
+            self.linear = nn.Linear(80, 80, bias=False)
+            self.linear.weight_quantizer = fixed_quantizer(8, 0.25, 128.0)
+
+        def extract_feat(self, x):
+            weight = self.linear.weight_quantizer(self.linear.weight)
+            return self.act(x), weight
+
+    detector = Detector()
+    with torch.no_grad():  # every weight on a rounding tie of its quantizer
+        detector.linear.weight.copy_(
+            (torch.arange(80.) - 40 + 0.5).repeat(80, 1) * 0.25)
+    ties = (torch.arange(80.) - 40 + 0.5) * 0.25  # half a step off the grid
+    simulated, weight = detector.extract_feat(ties)
+    drawn, drawn_weight = RoundingDraw(detector, seed=3)(ties)
+    assert torch.equal(drawn_weight, weight)
+    assert torch.equal(drawn, RoundingDraw(detector, seed=3)(ties)[0])
+    assert not torch.equal(drawn, RoundingDraw(detector, seed=4)(ties)[0])
+    flipped = drawn != simulated
+    assert 10 < int(flipped.sum()) < 50  # moved the other way: ~1/3 of 80
+    assert torch.equal((drawn - simulated)[flipped].abs(),
+                       torch.full((int(flipped.sum()), ), 0.25))
+    on_grid = ties + 0.125 + 0.05  # no value near a boundary: nothing moves
+    assert torch.equal(RoundingDraw(detector, seed=3)(on_grid)[0],
+                       detector.extract_feat(on_grid)[0])
+    assert not detector.act._forward_pre_hooks  # the hooks are removed
 
 
 def test_export_tool_errors(tmp_path):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mmcd.core.quant.qdq import ActivationQDQ, IntegerWeightMixin
+from mmcd.core.quant.quantizers import FakeQuantizer
 
 #: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
 MIN_QDQ_OPSET = 21
@@ -74,24 +75,41 @@ class FeatureExtractor(nn.Module):
 
 
 class RoundingDraw(nn.Module):
-    """``extract_feat`` of ``detector`` on inputs moved by at most one
-    float32 rounding: each value to its next float32 below, above, or left
-    as is (uniformly, from ``seed``). The same quantized model, another draw
-    of which values sit just across a rounding boundary of a quantizer, as
-    another summation order (e.g. onnxruntime's) gives. The yardstick of the
-    sim-vs-deploy check: an export that deviates from the simulation as
-    much as such draws do computes the same model."""
+    """``extract_feat`` of ``detector`` with the input of every activation
+    quantizer moved by at most one float32 rounding: each value to its next
+    float32 below, above, or left as is (uniformly, from ``seed``). The same
+    quantized model, another draw of which values sit just across a rounding
+    boundary, as another summation order of the ops before each quantizer
+    (e.g. onnxruntime's) gives; weights are left alone (the export stores
+    them as the same integers). The yardstick of the sim-vs-deploy check: an
+    export that deviates from the simulation as much as such draws do
+    computes the same model."""
 
     def __init__(self, detector, seed: int):
         super().__init__()
-        self.extract_feat, self.seed = detector.extract_feat, seed
+        self.__dict__['detector'] = detector  # a reference, not a submodule
+        self.seed = seed
 
     def forward(self, images):
         gen = torch.Generator().manual_seed(self.seed)
-        direction = torch.randint(-1, 2, images.shape, generator=gen)
-        moved = torch.nextafter(images, direction.to(images.dtype) *
-                                math.inf)
-        return self.extract_feat(torch.where(direction == 0, images, moved))
+
+        def move(quantizer, args):
+            x = args[0]
+            direction = torch.randint(-1, 2, x.shape, generator=gen).to(x)
+            moved = torch.nextafter(x, direction * math.inf)
+            return (torch.where(direction == 0, x, moved), ) + args[1:]
+
+        weights = {id(m.weight_quantizer) for m in self.detector.modules()
+                   if isinstance(getattr(m, 'weight_quantizer', None),
+                                 FakeQuantizer)}
+        handles = [q.register_forward_pre_hook(move)
+                   for q in self.detector.modules()
+                   if isinstance(q, FakeQuantizer) and id(q) not in weights]
+        try:
+            return self.detector.extract_feat(images)
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def export_onnx(module: nn.Module, images: torch.Tensor, path: str,

@@ -24,9 +24,10 @@ onnxruntime sums in another order than PyTorch, so values on a rounding
 boundary of a quantizer flip by one step and the flips spread: the exported
 model is another *draw* of the same model's rounding noise. As the yardstick
 of "close enough", ``--draws K`` (default 3) measures the simulation against
-itself: the same fake-quantized model on inputs each moved by at most one
-float32 rounding (:class:`mmcd.deploy.RoundingDraw`, seeded per draw), which
-flips values on rounding boundaries without changing the model. It
+itself: the same fake-quantized model with the input of every activation
+quantizer moved by at most one float32 rounding
+(:class:`mmcd.deploy.RoundingDraw`, seeded per draw), which flips values on
+rounding boundaries without changing the model. It
 prints that draw's feature deviation beside onnxruntime's and, with
 ``--eval``, the mAP of K such draws (mean, std, range) beside the
 onnxruntime mAP.
@@ -63,9 +64,9 @@ def parse_args():
                         help='COCO mAP: PyTorch fake quantization vs the '
                         'onnxruntime backbone + neck')
     parser.add_argument('--draws', type=int, default=3,
-                        help='rounding draws of the simulation (inputs moved '
-                        'by one float32 rounding) measured as the yardstick '
-                        'of the onnxruntime deviation')
+                        help='rounding draws of the simulation (quantizer '
+                        'inputs moved by one float32 rounding) measured as '
+                        'the yardstick of the onnxruntime deviation')
     return parser.parse_args()
 
 
