@@ -3,7 +3,7 @@ and check the quantized one in onnxruntime against PyTorch.
 
     python tools/deploy/export_onnx.py CONFIG CKPT --quant w8a8|w4a4
         [--method repq-vit] [--calib-images 32] [--layer-bits REGEX=wNaM ...]
-        [--opset 21] [--out-dir work_dirs/onnx] [--eval]
+        [--opset 21] [--out-dir work_dirs/onnx] [--eval] [--draws 3]
 
 Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
 calibration images), rewrites the calibrated model in QDQ form
@@ -27,10 +27,10 @@ of "close enough", ``--draws K`` (default 3) measures the simulation against
 itself: the same fake-quantized model with the input of every activation
 quantizer moved by at most one float32 rounding
 (:class:`mmcd.deploy.RoundingDraw`, seeded per draw), which flips values on
-rounding boundaries without changing the model. It
-prints that draw's feature deviation beside onnxruntime's and, with
-``--eval``, the mAP of K such draws (mean, std, range) beside the
-onnxruntime mAP.
+rounding boundaries without changing the model. It prints one draw's feature
+deviation beside onnxruntime's and, with ``--eval``, the mAP of K draws
+(mean, std, range) beside the onnxruntime mAP (COCO's summary rounds mAP to
+three decimals).
 """
 import argparse
 import copy
