@@ -12,8 +12,8 @@ from mmdet.structures import DetDataSample
 from mmengine.registry import init_default_scope
 from torch import nn
 
-from mmcd.core.quant import (QuantConfig, UniformQuantizer, calibrate,
-                             quantize_model)
+from mmcd.core.quant import (QuantConfig, QuantLinear, UniformQuantizer,
+                             calibrate, quantize_model)
 from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
 from mmcd.deploy import (FeatureExtractor, OnnxFeatures, OnnxPerShape,
@@ -170,7 +170,8 @@ def test_rounding_draw_moves_quantizer_inputs_one_float32_step():
         def __init__(self):
             super().__init__()
             self.act = fixed_quantizer(8, 0.25, 128.0)
-            self.linear = nn.Linear(80, 80, bias=False)
+            self.linear = QuantLinear.from_float(
+                nn.Linear(80, 80, bias=False), 8, 8, 'minmax')
             self.linear.weight_quantizer = fixed_quantizer(8, 0.25, 128.0)
 
         def extract_feat(self, x):

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmcd.core.quant.convert import activation_quantizers
 from mmcd.core.quant.qdq import ActivationQDQ, IntegerWeightMixin
-from mmcd.core.quant.quantizers import FakeQuantizer
 
 #: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
 MIN_QDQ_OPSET = 21
@@ -99,12 +99,8 @@ class RoundingDraw(nn.Module):
             moved = torch.nextafter(x, direction * math.inf)
             return (torch.where(direction == 0, x, moved), ) + args[1:]
 
-        weights = {id(m.weight_quantizer) for m in self.detector.modules()
-                   if isinstance(getattr(m, 'weight_quantizer', None),
-                                 FakeQuantizer)}
         handles = [q.register_forward_pre_hook(move)
-                   for q in self.detector.modules()
-                   if isinstance(q, FakeQuantizer) and id(q) not in weights]
+                   for q in activation_quantizers(self.detector)]
         try:
             return self.detector.extract_feat(images)
         finally:

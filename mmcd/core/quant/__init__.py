@@ -1,8 +1,8 @@
 """Quantization core (fake quantization): post-training quantization and
 quantization-aware training, pure PyTorch."""
 from .attention import QuantWindowMSA
-from .convert import (METHODS, LayerBits, QuantConfig, calibrate,
-                      layer_quantizers, quantize_model, quantizers,
+from .convert import (METHODS, LayerBits, QuantConfig, activation_quantizers,
+                      calibrate, layer_quantizers, quantize_model, quantizers,
                       set_quant_state)
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .methods import QuantMethod, get_method, register_method
@@ -17,7 +17,8 @@ from .quantizers import LogSqrt2Quantizer, TanQuantizer, UniformQuantizer
 from .reparam import find_norm_linear_pairs, reparameterize, target_params
 
 __all__ = [
-    'QuantWindowMSA', 'METHODS', 'LayerBits', 'QuantConfig', 'layer_quantizers', 'calibrate',
+    'QuantWindowMSA', 'METHODS', 'LayerBits', 'QuantConfig',
+    'activation_quantizers', 'layer_quantizers', 'calibrate',
     'quantize_model', 'quantizers', 'set_quant_state', 'QuantConv2d',
     'MatMul', 'QuantLinear', 'QuantMatMul', 'LogSqrt2Quantizer', 'TanQuantizer',
     'UniformQuantizer', 'find_norm_linear_pairs', 'reparameterize',

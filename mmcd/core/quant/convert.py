@@ -222,6 +222,14 @@ def quantizers(model: nn.Module) -> List[FakeQuantizer]:
     return [m for m in model.modules() if isinstance(m, FakeQuantizer)]
 
 
+def activation_quantizers(model: nn.Module) -> List[FakeQuantizer]:
+    """The quantizers of ``model`` that quantize activations: all but the
+    weight quantizers of its quantized layers (and QAT's query-key
+    products)."""
+    weights = {id(m.weight_quantizer) for m in _weight_layers(model)}
+    return [q for q in quantizers(model) if id(q) not in weights]
+
+
 def layer_quantizers(model: nn.Module) -> Dict[str, List[FakeQuantizer]]:
     """The quantized layers of ``model`` by module name, each with the
     quantizers it holds directly: a quantized Linear/Conv2d its weight and
@@ -283,9 +291,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
                 own.bits, -1, 'quantile', keep_zero=True)
             linear.input_quantizer.layer_name = own.layer_name
             per_channel.append((modules[norm_name], linear, own))
-    weight_quantizers = {id(m.weight_quantizer) for m in layers}
-    act_quantizers = [q for q in quantizers(model)
-                      if id(q) not in weight_quantizers]
+    act_quantizers = activation_quantizers(model)
     for q in act_quantizers:
         q.set_state('calib')
     try:
