@@ -14,7 +14,7 @@ from torch import nn
 
 from mmcd.core.quant import (LogSqrt2Quantizer, QuantConfig, TanQuantizer,
                              UniformQuantizer, calibrate, quantize_model)
-from mmcd.core.quant.quantizers import quantiles
+from mmcd.core.quant.quantizers import quantiles, subsample_columns
 
 PS = (0.999, 0.9999, 0.99999)
 
@@ -104,13 +104,22 @@ def test_quantiles_are_torch_quantile():
         torch.quantile(x, torch.tensor(ps, dtype=torch.float64), dim=1))
 
 
-def strided_trap(n, stride=18):
-    """Large values exactly where a strided subsample looks, small ones
-    elsewhere: the subsample's threshold guess is too high."""
+def subsample_trap(n):
+    """Large values exactly where the partial sort's subsample looks, small
+    ones elsewhere: the subsample's threshold guess is too high."""
     x = torch.rand(n, dtype=torch.float64, generator=torch.Generator(
     ).manual_seed(1))
-    x[::stride] += 1e6
+    x[subsample_columns(n)] += 1e6
     return x
+
+
+def test_subsample_sees_every_channel_of_a_flattened_activation():
+    """A ``[tokens, C]`` activation flattened to one row: the subsample
+    falls in every channel, even where ``C`` divides ``N / 16384`` (an
+    evenly strided one saw only channel 0 of Swin-T's FFN input)."""
+    channels, length = 384, 384 * 16384 * 12
+    seen = subsample_columns(length) % channels
+    assert seen.unique().numel() == channels
 
 
 @pytest.mark.parametrize('case', ['relu', 'negative-relu', 'trap', 'float32',
@@ -121,8 +130,8 @@ def test_quantiles_of_long_rows_are_torch_quantile(case):
     the shortcut, the quantiles stay exact."""
     x = heavy_tailed('student2', 300_000).double()
     x = {'relu': x.relu(), 'negative-relu': -x.relu(),
-         'trap': strided_trap(300_000), 'float32': x.float(),
-         'mixed-rows': torch.stack([x, x.relu(), strided_trap(300_000)])
+         'trap': subsample_trap(300_000), 'float32': x.float(),
+         'mixed-rows': torch.stack([x, x.relu(), subsample_trap(300_000)])
          }[case].reshape(-1, 300_000)
     ps = [0.999, 0.9999, 0.99999, 0.001, 0.0001, 0.00001]
     # the reference in float64: torch.quantile of a float32 tensor rounds
@@ -265,6 +274,26 @@ def test_log_sqrt2_equals_repq_reference_on_attention(tokens):
     q = calibrated(LogSqrt2Quantizer(4), attn)
     assert q.delta.item() == pytest.approx(float(ref_delta), rel=1e-9)
     torch.testing.assert_close(q(attn), ref_log_sqrt2(attn, 4, ref_delta))
+
+
+@pytest.mark.parametrize('bits', [4, 8])
+def test_log_sqrt2_of_masked_attention_equals_reference(bits):
+    """Swin's shifted-window mask (-100 on the logits) leaves zeros and
+    subnormal floats after the softmax; the quantizer raises tiny inputs
+    to a bound before its log2 (speed): the result is still the formula,
+    in float32, at a bound that is normal (4 bits) and subnormal (8)."""
+    logits = torch.randn(256, 49, generator=torch.Generator().manual_seed(3))
+    logits[:, ::3] -= 100.0
+    attn = logits.softmax(-1)
+    tiny = torch.finfo(torch.float32).tiny
+    assert (attn == 0).any() and ((attn > 0) & (attn < tiny)).any()
+    for delta in (0.9, 1e-3):
+        q = LogSqrt2Quantizer(bits)
+        q.delta = torch.tensor(delta)
+        q.set_state('quant')
+        torch.testing.assert_close(
+            q(attn), ref_log_sqrt2(attn, bits, torch.tensor(delta)),
+            rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize('quantizer', [LogSqrt2Quantizer, TanQuantizer])
