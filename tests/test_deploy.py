@@ -18,6 +18,7 @@ from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
 from mmcd.deploy import (FeatureExtractor, OnnxFeatures, OnnxPerShape,
                          RoundingDraw, export_onnx)
+from mmcd.deploy.onnx_export import ort_session
 from mmcd.engine.benchmark_models import build_detector
 
 
@@ -63,6 +64,35 @@ def test_activation_qdq_exact_in_onnxruntime(bits, tmp_path):
 
 
 @pytest.mark.parametrize('bits', [4, 8])
+def test_fractional_zero_point_exported_as_its_formula(bits, tmp_path):
+    """RepQ-ViT's target zero point (a mean, not rounded) has no
+    QuantizeLinear form: the quantizer, with its per-channel shift, is
+    exported as its float formula, bit for bit the simulation's; with the
+    zero point cast to an integer the clipped values would move."""
+    torch.manual_seed(bits)
+    x = torch.randn(1, 16, 24, 24) * 3
+    quantizer = UniformQuantizer(bits)
+    quantizer.set_params(torch.tensor(6.0 / 2**bits),
+                         torch.tensor(2.0**bits / 2 + 0.37),
+                         channel_offset=torch.randn(24) * 0.3)
+    reference = quantizer(x)
+    model = nn.Sequential(nn.Identity())
+    model[0] = quantizer
+    report = to_qdq(model)
+    assert report['fractional_zero'] == ['0'] and report['qdq'] == []
+    assert torch.equal(model(x), reference)
+    path = export_onnx(Wrap(model), x, str(tmp_path / 'f.onnx'))
+    assert torch.equal(OnnxFeatures(path)(x)[0], reference)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert 'QuantizeLinear' not in ops and 'Round' in ops
+    # values clipped at the lower end (where an integer zero point would
+    # move them by 0.37 steps) are among those compared
+    clipped = (reference - (-quantizer.zero_point * quantizer.scale -
+                            quantizer.channel_offset)).abs() < 1e-6
+    assert clipped.any()
+
+
+@pytest.mark.parametrize('bits', [4, 8])
 def test_integer_weights(bits, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
@@ -95,6 +125,31 @@ def test_integer_weights(bits, tmp_path):
                                    layer(inputs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('bits', [4, 8])
+def test_reparameterized_linear_exact_in_onnxruntime(bits, tmp_path):
+    """A Linear whose input quantizer carries RepQ-ViT's shift (Add -> QDQ
+    -> Sub before the MatMul): onnxruntime fuses its weight into
+    MatMulNBits, which at its default accuracy level quantized the float
+    input to int8 on the fly (max error 1.1e-2 here); the sessions mmcd
+    opens compute it in float32: the simulation's output exactly."""
+    torch.manual_seed(bits)
+    model = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(1, 50, 64)
+    cfg = QuantConfig(bits, 8, 'minmax')
+    quantize_model(model, cfg)
+    calibrate(model, cfg, lambda: model(x))
+    model[0].input_quantizer.channel_offset = torch.randn(64) * 0.5
+    fake = model(x)
+    to_qdq(model)
+    path = export_onnx(Wrap(model), x, str(tmp_path / 'r.onnx'))
+    optimized = str(tmp_path / 'r_optimized.onnx')
+    ort_session(path, optimized_path=optimized)
+    assert 'MatMulNBits' in [n.op_type
+                             for n in onnx.load(optimized).graph.node]
+    torch.testing.assert_close(OnnxFeatures(path)(x)[0], fake, rtol=1e-6,
+                               atol=1e-6)
+
+
 def test_errors(tmp_path):
     model = quantize_model(nn.Sequential(nn.Linear(4, 4)),
                            QuantConfig(4, 4, 'minmax'))
@@ -114,9 +169,13 @@ def test_errors(tmp_path):
 
 def test_toy_detector_backbone_neck_w4a4(tmp_path):
     """The toy detector (random weights) exports float and W4A4 RepQ-ViT;
-    onnxruntime matches PyTorch: float to 1e-4, quantized within a fraction
-    of the quantization noise (rounding flips from float-order differences
-    propagate; each op alone is exact, tested above)."""
+    onnxruntime matches PyTorch: float to 1e-4, quantized within one step of
+    the RPN's input quantizer everywhere and 0.05 steps on average (each op
+    alone is exact, tested above; float-order differences may still flip a
+    value on a rounding boundary; measured here: bit for bit equal, against
+    0.19-0.26 steps on average while the exporter truncated RepQ-ViT's
+    fractional zero points and onnxruntime quantized the inputs of the
+    reparameterized Linears to int8 on the fly)."""
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = build_detector(
@@ -133,6 +192,8 @@ def test_toy_detector_backbone_neck_w4a4(tmp_path):
     report = to_qdq(qdq)
     assert report['float'] == []
     assert len(report['float_formula']) == 5  # log-sqrt2, one per block
+    # reparameterized inputs (qkv, fc1 of 5 blocks, 3 patch mergings)
+    assert len(report['fractional_zero']) == 13
     x = images[:1]
     with torch.no_grad():
         fake = FeatureExtractor(quant)(x)
@@ -145,9 +206,9 @@ def test_toy_detector_backbone_neck_w4a4(tmp_path):
     onnx_q = OnnxPerShape(FeatureExtractor(qdq), str(tmp_path), 'q')
     deployed = onnx_q(x)
     step = float(quant.rpn_head.rpn_conv.input_quantizer.scale)
-    for a, b, f in zip(deployed, fake, reference):
-        assert float((a - b).abs().mean()) < 0.5 * step
-        assert float((a - b).norm() / (b - f).norm()) < 1.0
+    for a, b in zip(deployed, fake):
+        assert float((a - b).abs().max()) <= step
+        assert float((a - b).abs().mean()) < 0.05 * step
     graph = onnx.load(onnx_q.path_for(x)).graph
     ops = [n.op_type for n in graph.node]
     exported = ('backbone.', 'neck.')  # the heads stay in PyTorch

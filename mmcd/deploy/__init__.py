@@ -2,12 +2,13 @@
 onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
 onnxscript). The QDQ rewrite itself is pure PyTorch
 (:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
-from .onnx_export import (MIN_QDQ_OPSET, QDQ_DISABLED_OPTIMIZERS,
-                          FeatureExtractor, OnnxFeatures, OnnxPerShape,
+from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
+                          QDQ_DISABLED_OPTIMIZERS, FeatureExtractor, OnnxFeatures, OnnxPerShape,
                           RoundingDraw, export_onnx, ort_session)
 
 __all__ = [
-    'MIN_QDQ_OPSET', 'QDQ_DISABLED_OPTIMIZERS', 'FeatureExtractor',
+    'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',
+    'FeatureExtractor',
     'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'export_onnx',
     'ort_session'
 ]

@@ -8,7 +8,9 @@ and check the quantized one in onnxruntime against PyTorch.
 Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
 calibration images), rewrites the calibrated model in QDQ form
 (:func:`mmcd.core.quant.qdq.to_qdq`: integer weights, QuantizeLinear/
-DequantizeLinear activations; log-sqrt2 and TanQ stay float formulas) and
+DequantizeLinear activations; log-sqrt2, TanQ and uniform quantizers with
+a fractional zero point, RepQ-ViT's reparameterized inputs, stay float
+formulas) and
 writes ``float_{H}x{W}.onnx`` and ``w{N}a{M}_{method}_{H}x{W}.onnx`` (static
 shapes: one image of the calibration loader's padded shape; ``--eval``
 exports one more pair per further shape the test set has) plus
@@ -150,6 +152,7 @@ def main():
                    export_seconds=times, files=paths,
                    forms={k: len(v) for k, v in report.items()},
                    float_formula_layers=report['float_formula'],
+                   fractional_zero_layers=report['fractional_zero'],
                    float_max_abs_deviation=float_dev,
                    quant_deviation=quant_dev, rounding_draw_deviation=draw_dev,
                    rpn_input_step=step)
