@@ -16,8 +16,8 @@ from mmcd.core.quant import (QuantConfig, QuantLinear, UniformQuantizer,
                              calibrate, quantize_model)
 from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
-from mmcd.deploy import (FeatureExtractor, OnnxFeatures, OnnxPerShape,
-                         RoundingDraw, export_onnx)
+from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
+                         OnnxPerShape, RoundingDraw, export_onnx)
 from mmcd.deploy.onnx_export import ort_session
 from mmcd.engine.benchmark_models import build_detector
 
@@ -204,11 +204,17 @@ def test_toy_detector_backbone_neck_w4a4(tmp_path):
     for a, b in zip(floats, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     onnx_q = OnnxPerShape(FeatureExtractor(qdq), str(tmp_path), 'q')
-    deployed = onnx_q(x)
     step = float(quant.rpn_head.rpn_conv.input_quantizer.scale)
+    compared = ComparedFeatures(onnx_q, FeatureExtractor(quant), step)
+    deployed = compared(x)
     for a, b in zip(deployed, fake):
         assert float((a - b).abs().max()) <= step
         assert float((a - b).abs().mean()) < 0.05 * step
+    compared(images[1:])  # the comparison keeps the largest over calls
+    checked = compared.summary()
+    assert checked['calls'] == 2 and checked['beyond_one_step'] == 0
+    assert checked['values'] == 2 * sum(f.numel() for f in fake)
+    assert max(checked['max_steps']) <= 1
     graph = onnx.load(onnx_q.path_for(x)).graph
     ops = [n.op_type for n in graph.node]
     exported = ('backbone.', 'neck.')  # the heads stay in PyTorch

@@ -3,12 +3,13 @@ onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
 onnxscript). The QDQ rewrite itself is pure PyTorch
 (:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
-                          QDQ_DISABLED_OPTIMIZERS, FeatureExtractor, OnnxFeatures, OnnxPerShape,
+                          QDQ_DISABLED_OPTIMIZERS, ComparedFeatures,
+                          FeatureExtractor, OnnxFeatures, OnnxPerShape,
                           RoundingDraw, export_onnx, ort_session)
 
 __all__ = [
     'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',
-    'FeatureExtractor',
+    'ComparedFeatures', 'FeatureExtractor',
     'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'export_onnx',
     'ort_session'
 ]

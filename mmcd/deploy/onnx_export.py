@@ -248,3 +248,36 @@ class OnnxPerShape:
                                self.opset)
             self.sessions[key] = OnnxFeatures(path)
         return self.sessions[key](images)
+
+
+class ComparedFeatures:
+    """``features(images)`` (e.g. :class:`OnnxPerShape`) that also measures,
+    on every call, its deviation from ``reference(images)`` (the fake-
+    quantized model's ``extract_feat``) in units of ``step``: the largest
+    per feature level over all calls, and how many values were more than
+    one step apart. Used as a detector's ``extract_feat`` during a test-set
+    evaluation, it checks every image's features, not one."""
+
+    def __init__(self, features, reference, step: float):
+        self.features, self.reference, self.step = features, reference, step
+        self.max_steps: List[float] = []
+        self.beyond_one_step = 0
+        self.values = 0
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> List[torch.Tensor]:
+        out = self.features(images)
+        with torch.no_grad():
+            expected = self.reference(images)
+        steps = [(a - b).abs() / self.step for a, b in zip(out, expected)]
+        largest = [float(s.max()) for s in steps]
+        self.max_steps = largest if not self.max_steps else [
+            max(a, b) for a, b in zip(self.max_steps, largest)]
+        self.beyond_one_step += sum(int((s > 1).sum()) for s in steps)
+        self.values += sum(s.numel() for s in steps)
+        self.calls += 1
+        return out
+
+    def summary(self) -> dict:
+        return dict(calls=self.calls, max_steps=self.max_steps,
+                    beyond_one_step=self.beyond_one_step, values=self.values)

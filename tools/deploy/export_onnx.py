@@ -20,7 +20,8 @@ the deviation from PyTorch: float (should be ~1e-5), and quantized, in steps
 of the quantizer that consumes the features (the RPN's input) and as a
 fraction of the quantization noise itself. ``--eval`` also evaluates the
 test set twice, with PyTorch fake quantization and with the onnxruntime
-backbone + neck feeding the PyTorch heads, and prints both mAPs.
+backbone + neck feeding the PyTorch heads, prints both mAPs and the
+largest feature deviation over all test images.
 
 onnxruntime sums in another order than PyTorch, so values on a rounding
 boundary of a quantizer flip by one step and the flips spread: the exported
@@ -47,8 +48,8 @@ import torch  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
-from mmcd.deploy import (MIN_QDQ_OPSET, FeatureExtractor,  # noqa: E402
-                         OnnxPerShape, RoundingDraw)
+from mmcd.deploy import (MIN_QDQ_OPSET, ComparedFeatures,  # noqa: E402
+                         FeatureExtractor, OnnxPerShape, RoundingDraw)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
                                       add_ptq_arguments,
@@ -86,10 +87,13 @@ def feature_deviation(ort_feats, torch_feats, float_feats, step):
     return rows
 
 
-def evaluate_draws(quant_model, ort_features, loop, draws: int) -> dict:
+def evaluate_draws(quant_model, ort_features, loop, draws: int,
+                   step: float) -> dict:
     """mAPs of the fake-quantized model, of ``draws`` rounding draws of it
     (:class:`RoundingDraw`), and of the onnxruntime backbone + neck
-    ``ort_features`` feeding its PyTorch heads; prints the comparison."""
+    ``ort_features`` feeding its PyTorch heads, whose features are compared
+    with the simulation's on every test image (:class:`ComparedFeatures`,
+    in units of ``step``); prints the comparison."""
     def with_features(extract_feat):
         model = copy.deepcopy(quant_model)
         model.extract_feat = extract_feat  # heads stay in PyTorch
@@ -98,7 +102,15 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int) -> dict:
     fake = evaluate(quant_model, loop)
     drawn = [with_features(RoundingDraw(quant_model, seed))
              for seed in range(1, draws + 1)]
-    ort = with_features(ort_features)
+    compared = ComparedFeatures(ort_features, FeatureExtractor(quant_model),
+                                step)
+    ort = with_features(compared)
+    checked = compared.summary()
+    print(f'features of all {checked["calls"]} test images: onnxruntime vs '
+          'PyTorch max |d| per level '
+          f'{", ".join(f"{m:.2f}" for m in checked["max_steps"])} steps; '
+          f'{checked["beyond_one_step"]} of {checked["values"]} values more '
+          'than one step apart')
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
         spread = float(values.std()) if draws > 1 else float('nan')
@@ -107,7 +119,8 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int) -> dict:
               f'{spread:.4f} ({float(values.min()):.4f}..'
               f'{float(values.max()):.4f}); onnxruntime backbone + neck '
               f'{ort[key]:.4f} (gap {ort[key] - fake[key]:+.4f})')
-    return dict(fake_quant=fake, rounding_draws=drawn, onnxruntime=ort)
+    return dict(fake_quant=fake, rounding_draws=drawn, onnxruntime=ort,
+                all_images_feature_deviation=checked)
 
 
 def main():
@@ -169,7 +182,7 @@ def main():
               f'{draw["vs_quant_noise"]:.2f}')
     if args.eval:
         results['map'] = evaluate_draws(quant_model, exported[name],
-                                        runner.test_loop, args.draws)
+                                        runner.test_loop, args.draws, step)
     with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
         json.dump(results, f, indent=2, default=float)
     print(f'wrote {osp.join(args.out_dir, "export.json")}')
