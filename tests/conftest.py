@@ -36,6 +36,19 @@ def micro_data_root(tmp_path_factory):
     return root + '/'
 
 
+@pytest.fixture(scope='session')
+def micro_run(micro_data_root, tmp_path_factory):
+    """The micro toy detector trained one epoch: (config file, checkpoint),
+    made once per run (the analysis and deploy tools' tests)."""
+    from mmengine.runner import Runner
+    work_dir = tmp_path_factory.mktemp('micro_train')
+    cfg = micro_config(micro_data_root, work_dir)
+    Runner.from_cfg(cfg).train()
+    config = osp.join(work_dir, 'micro.py')
+    cfg.dump(config)
+    return config, osp.join(work_dir, 'epoch_1.pth')
+
+
 def _processes_tagged(tag: str):
     """PIDs of this machine's processes whose environment holds ``tag``."""
     needle = tag.encode()

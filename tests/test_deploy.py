@@ -3,6 +3,7 @@ onnxruntime (mmcd.deploy): each op against hand-computed values and
 bit-exact in onnxruntime, integer weights stored as 4-bit initializers, the
 toy detector's backbone + neck exported float and W4A4, and the errors."""
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -263,6 +264,31 @@ def test_rounding_draw_moves_quantizer_inputs_one_float32_step():
     assert torch.equal(RoundingDraw(detector, seed=3)(on_grid)[0],
                        detector.extract_feat(on_grid)[0])
     assert not detector.act._forward_pre_hooks  # the hooks are removed
+
+
+def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
+        micro_run, tmp_path):
+    """``export_onnx.py --eval``: the rounding draws and the onnxruntime
+    backbone + neck are what the evaluations run (their features are
+    compared with the simulation's on every val image: 4 calls each; a
+    draw assigned as a submodule was silently bypassed before)."""
+    from test_tools_cli import run_tool
+    config, ckpt = micro_run
+    code, out = run_tool('tools/deploy/export_onnx.py', config, ckpt,
+                         '--quant', 'w8a8', '--calib-images', '2', '--eval',
+                         '--draws', '2', '--out-dir', str(tmp_path),
+                         timeout=600)
+    assert code == 0, out
+    with open(tmp_path / 'export.json') as f:
+        result = json.load(f)
+    checked = result['map']['all_images_feature_deviation']
+    assert set(checked) == {'rounding draw 1', 'rounding draw 2',
+                            'onnxruntime'}
+    for found in checked.values():
+        assert found['calls'] == 4 and len(found['max_steps']) == 5
+        assert 0 <= found['beyond_one_step'] <= found['values']
+    assert len(result['map']['rounding_draws']) == 2
+    assert 'features of all 4 test images, onnxruntime vs PyTorch' in out
 
 
 def test_export_tool_errors(tmp_path):

@@ -7,19 +7,8 @@ import pytest
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from conftest import micro_config
 from mmcd.engine.hooks import PostTrainingQuantHook
 from test_tools_cli import assert_one_line_error, run_tool
-
-
-@pytest.fixture(scope='module')
-def micro_run(micro_data_root, tmp_path_factory):
-    work_dir = tmp_path_factory.mktemp('sensitivity_train')
-    cfg = micro_config(micro_data_root, work_dir)
-    Runner.from_cfg(cfg).train()
-    config = osp.join(work_dir, 'micro.py')
-    cfg.dump(config)
-    return config, osp.join(work_dir, 'epoch_1.pth')
 
 
 def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):

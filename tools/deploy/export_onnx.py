@@ -91,26 +91,35 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
                    step: float) -> dict:
     """mAPs of the fake-quantized model, of ``draws`` rounding draws of it
     (:class:`RoundingDraw`), and of the onnxruntime backbone + neck
-    ``ort_features`` feeding its PyTorch heads, whose features are compared
-    with the simulation's on every test image (:class:`ComparedFeatures`,
-    in units of ``step``); prints the comparison."""
+    ``ort_features`` feeding its PyTorch heads; the features of the draws
+    and of onnxruntime are compared with the simulation's on every test
+    image (:class:`ComparedFeatures`, in units of ``step``); prints the
+    comparison."""
     def with_features(extract_feat):
         model = copy.deepcopy(quant_model)
-        model.extract_feat = extract_feat  # heads stay in PyTorch
+        # heads stay in PyTorch. An instance attribute: a module assigned
+        # with `model.extract_feat = ...` becomes a submodule, and the
+        # class's own extract_feat method is still what `model.extract_feat`
+        # finds (the draws of an earlier version evaluated the simulation)
+        object.__setattr__(model, 'extract_feat', extract_feat)
         return evaluate(model, loop)
 
+    simulation = FeatureExtractor(quant_model)
     fake = evaluate(quant_model, loop)
-    drawn = [with_features(RoundingDraw(quant_model, seed))
-             for seed in range(1, draws + 1)]
-    compared = ComparedFeatures(ort_features, FeatureExtractor(quant_model),
-                                step)
-    ort = with_features(compared)
-    checked = compared.summary()
-    print(f'features of all {checked["calls"]} test images: onnxruntime vs '
-          'PyTorch max |d| per level '
-          f'{", ".join(f"{m:.2f}" for m in checked["max_steps"])} steps; '
-          f'{checked["beyond_one_step"]} of {checked["values"]} values more '
-          'than one step apart')
+    # features compared with the simulation's on every test image
+    checked = {f'rounding draw {seed}': ComparedFeatures(
+        RoundingDraw(quant_model, seed), simulation, step)
+               for seed in range(1, draws + 1)}
+    drawn = [with_features(value) for value in checked.values()]
+    checked['onnxruntime'] = ComparedFeatures(ort_features, simulation, step)
+    ort = with_features(checked['onnxruntime'])
+    checked = {key: value.summary() for key, value in checked.items()}
+    for key, found in checked.items():
+        print(f'features of all {found["calls"]} test images, {key} vs '
+              'PyTorch: max |d| per level '
+              f'{", ".join(f"{m:.2f}" for m in found["max_steps"])} steps; '
+              f'{found["beyond_one_step"]} of {found["values"]} values more '
+              'than one step apart')
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
         spread = float(values.std()) if draws > 1 else float('nan')
