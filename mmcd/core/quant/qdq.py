@@ -86,9 +86,10 @@ class ActivationQDQ(nn.Module):
 
     def forward(self, x):
         if self.offset.numel():
-            return quantize_dequantize(x + self.offset, self.scale,
-                                       self.zero_point, self.bits) - \
-                self.offset
+            return self.quantize(x + self.offset) - self.offset
+        return self.quantize(x)
+
+    def quantize(self, x):
         return quantize_dequantize(x, self.scale, self.zero_point, self.bits)
 
     def extra_repr(self):
@@ -107,27 +108,14 @@ class FormulaFakeQuant(nn.Module):
         return self.quantizer.fake_quantize(x)
 
 
-class UniformFormula(nn.Module):
+class UniformFormula(ActivationQDQ):
     """A calibrated per-tensor :class:`UniformQuantizer` whose zero point is
     not an integer, as its formula ``(clamp(round((x + t) / s) + z, 0,
     2^b - 1) - z) s - t`` in float ops (module docstring)."""
 
-    def __init__(self, quantizer: UniformQuantizer):
-        super().__init__()
-        self.levels = quantizer.levels
-        self.register_buffer('scale', quantizer.scale.detach().clone())
-        self.register_buffer('zero_point',
-                             quantizer.zero_point.detach().clone())
-        self.register_buffer('offset',
-                             quantizer.channel_offset.detach().clone())
-
-    def forward(self, x):
-        if self.offset.numel():
-            return uniform_fake_quant(x + self.offset, self.scale,
-                                      self.zero_point, self.levels) - \
-                self.offset
+    def quantize(self, x):
         return uniform_fake_quant(x, self.scale, self.zero_point,
-                                  self.levels)
+                                  2**self.bits - 1)
 
 
 class IntegerWeightMixin:
