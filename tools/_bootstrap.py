@@ -9,8 +9,9 @@ that fills it: measured on 2 cores, ``x * 2`` into a new 256 MB tensor took
 ``THP_MEM_ALLOC_ENABLE=1`` (read once, at its first allocation, hence before
 ``import torch``) asks for 2 MB pages for tensors of 2 MB and more: 37 ms.
 RepQ-ViT's one-batch calibration holds the largest tensors (Mask R-CNN
-Swin-T, 32 images at 512x768: 176.6 -> 137.8 s, tools/benchmarks/ptq_speed.py). An explicit ``THP_MEM_ALLOC_ENABLE=0``
-is kept; on kernels with transparent huge pages off it changes nothing.
+Swin-T, 32 images at 512x768: 176.6 -> 137.8 s,
+tools/benchmarks/ptq_speed.py). An explicit ``THP_MEM_ALLOC_ENABLE=0`` is
+kept; on kernels with transparent huge pages off it changes nothing.
 """
 import os
 import os.path as osp
