@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -63,7 +64,15 @@ def _processes_tagged(tag: str):
             continue
 
 
-def run_bounded(cmd, timeout: float, env=None):
+def _command_line(pid: int) -> str:
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return f'{pid}: ' + f.read().replace(b'\0', b' ').decode()[:200]
+    except OSError:
+        return f'{pid}: (gone)'
+
+
+def run_bounded(cmd, timeout: float, env=None, grace: float = 15):
     """Run ``cmd`` (e.g. torchrun and its workers) and return its exit code
     and output; past ``timeout`` seconds, fail the test.
 
@@ -71,8 +80,10 @@ def run_bounded(cmd, timeout: float, env=None):
     all of them, torchrun's workers included (torchrun starts each in a
     session of its own), are killed at the end, however it ends: a hang is a
     test failure within ``timeout``, never a CI time-out or a stray process.
-    Output goes to a file, not a pipe that a surviving grandchild could hold
-    open.
+    A process of the command still alive ``grace`` seconds after the
+    command exited (a dataloader worker outliving its run) fails the test
+    too. Output goes to a file, not a pipe that a surviving grandchild
+    could hold open.
     """
     tag = f'MMCD_TEST_RUN={uuid.uuid4().hex}'
     env = dict(os.environ if env is None else env)
@@ -81,8 +92,16 @@ def run_bounded(cmd, timeout: float, env=None):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        survivors = []
         try:
             proc.wait(timeout)
+            deadline = time.monotonic() + grace
+            while True:
+                survivors = [_command_line(pid)
+                             for pid in _processes_tagged(tag)]
+                if not survivors or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
         except subprocess.TimeoutExpired:
             pass
         finally:
@@ -95,6 +114,10 @@ def run_bounded(cmd, timeout: float, env=None):
     if proc.returncode == -signal.SIGKILL:
         pytest.fail(f'{" ".join(map(str, cmd[:6]))} ... did not finish in '
                     f'{timeout} s; its output ended with:\n{output[-4000:]}')
+    if survivors:
+        pytest.fail(f'{len(survivors)} process(es) outlived '
+                    f'{" ".join(map(str, cmd[:3]))} by {grace} s: '
+                    f'{survivors}; its output ended with:\n{output[-2000:]}')
     return proc.returncode, output
 
 

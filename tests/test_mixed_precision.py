@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmcd.core.quant import QuantConfig, quantize_model
+from mmcd.core.quant import (QuantConfig, format_precision_plan,
+                             precision_plan, quantize_model)
 from mmcd.engine.hooks import PostTrainingQuantHook
 from mmcd.engine.runner_setup import UserError, parse_layer_bits
 from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
@@ -41,6 +42,27 @@ def test_rule_a_bits_override_the_first_layer_bits():
     quantize_model(model, QuantConfig(4, 4, 'minmax', **cfg, layer_bits=[
         dict(pattern='fc1', a_bits=5)]))
     assert bits(model[0].fc1) == (4, 5)
+
+
+def test_precision_plan_says_what_conversion_did_and_why():
+    model = nn.Sequential(Block(), Block(), nn.ConvTranspose2d(2, 2, 2))
+    cfg = QuantConfig(4, 4, 'minmax', skip=[r'^1\.fc1$'],
+                      first_layer_pattern=r'^0\.fc1$', layer_bits=[
+                          dict(pattern=r'^1\.fc2$', w_bits=8, a_bits=6)])
+    quantize_model(model, cfg)
+    plan = {row['name']: (row['quantized'], row['w_bits'], row['a_bits'],
+                          row['why']) for row in precision_plan(model, cfg)}
+    assert plan == {
+        '0.fc1': (True, 4, 8, 'first layer'),
+        '0.fc2': (True, 4, 4, 'default'),
+        '1.fc1': (False, None, None, r"skip '^1\.fc1$'"),
+        '1.fc2': (True, 8, 6, r"layer_bits '^1\.fc2$'"),
+        '2': (False, None, None, 'not quantized (ConvTranspose2d)')}
+    table = format_precision_plan(precision_plan(model, cfg)).splitlines()
+    assert table[0] == '3 quantized layer(s), 2 weighted layer(s) in float'
+    assert table[2].split() == ['1', '4', '8', 'first', 'layer', '0.fc1']
+    assert table[-1].split() == ['1', 'float', 'float', 'not', 'quantized',
+                                 '(ConvTranspose2d)', '2']
 
 
 @pytest.mark.parametrize('rules, message', [

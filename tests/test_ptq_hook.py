@@ -51,6 +51,12 @@ def test_hook_reports_fp_and_quantized_map(micro_data_root, trained,
     log = open(osp.join(runner.log_dir, osp.basename(runner.log_dir) +
                         '.log')).read()
     assert 'W4A4 dopq-vit' in log and 'drop' in log
+    # the precision plan: logged as a table, saved per layer
+    assert 'PostTrainingQuantHook: precision plan' in log
+    plan = {row['name']: row for row in results['plan']}
+    assert plan['backbone.patch_embed.projection']['a_bits'] == 8
+    assert plan['roi_head.mask_head.upsample']['why'] == \
+        'not quantized (ConvTranspose2d)'
     # the evaluated model is put back, float, and the checkpoint untouched
     assert not any(isinstance(m, FakeQuantizer)
                    for m in runner.model.modules())
@@ -82,14 +88,27 @@ def test_one_calibration_image_as_repq_vit_on_coco(micro_data_root, trained,
     assert 'stay in float' not in log
 
 
-def test_too_few_calibration_images(micro_data_root, trained, tmp_path):
-    cfg = micro_config(micro_data_root, tmp_path)
-    cfg.load_from = trained
-    cfg.custom_hooks = [dict(type='PostTrainingQuantHook',
-                             calib=dict(num_images=100))]
-    runner = Runner.from_cfg(cfg)
-    with pytest.raises(ValueError, match='has 8 images, fewer than the 100'):
-        runner.test()
+def test_tools_report_run_time_config_errors_in_one_line(micro_data_root,
+                                                         trained):
+    """Errors found once the Runner runs (too few calibration images, a
+    layer_bits rule matching nothing, a float checkpoint under a QAT
+    config) end tools/test.py in one line, like the up-front checks."""
+    from test_train_tool import data_options
+    data = ['--cfg-options', *data_options(micro_data_root)]
+    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'w4a4', '--calib-images', '100', *data)
+    assert_one_line_error(
+        code, out, 'the calibration set has 8 images (after the dataset\'s '
+        "filter_cfg={'filter_empty_gt': True, 'min_size': 8}",
+        'fewer than the 100 asked for')
+    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'w4a4', '--calib-images', '4', '--layer-bits',
+                         r'stages\.9\.=w8a8', *data)
+    assert_one_line_error(code, out, r"['stages\\.9\\.'] match no "
+                          'quantized layer')
+    qat = TOY_CONFIG.replace('.py', '_qat-w4a4.py')
+    code, out = run_tool('tools/test.py', qat, trained, *data)
+    assert_one_line_error(code, out, 'the QAT model is not calibrated')
 
 
 @pytest.mark.parametrize('calib,message', [

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmcd.core import ConfigError
 from mmcd.core.quant import (QAT_METHODS, LsqActQuantizer,
                              LsqWeightQuantizer, MatMul, OscillationTracker,
                              QATConfig, QATMethod, QKReparam,
@@ -279,7 +280,7 @@ def test_prepared_model_is_the_float_model_until_calibrated():
     expected = model(x)
     prepare_qat(model, QATConfig(4, 4, 'ofq'))
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match='not calibrated'):
+    with pytest.raises(ConfigError, match='not calibrated'):
         activate_qat(model)
 
 

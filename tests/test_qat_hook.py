@@ -9,6 +9,7 @@ import torch
 from mmengine.runner import Runner
 
 from conftest import REPO, dist_train, micro_config
+from mmcd.core import ConfigError
 
 CD_CONFIG = osp.join(REPO, 'configs', 'toy',
                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')
@@ -101,7 +102,7 @@ def test_qat_train_resume_and_test(micro_data_root, tmp_path):
     # a float checkpoint under a QAT config: a clear error, not a float test
     cfg4 = qat_config(micro_data_root, tmp_path / 'test4', max_epochs=1)
     cfg4.load_from = float_ckpt
-    with pytest.raises(RuntimeError, match='QAT model is not calibrated'):
+    with pytest.raises(ConfigError, match='QAT model is not calibrated'):
         Runner.from_cfg(cfg4).test()
 
 

@@ -42,6 +42,7 @@ def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):
         hooks = [h for h in Config.fromfile(path).custom_hooks
                  if h['type'] == 'PostTrainingQuantHook']
         assert len(hooks) == 1
+        assert hooks[0]['calib'] == dict(num_images=4)  # as measured
         rules = hooks[0]['layer_bits']
         assert [r['pattern'] for r in rules] == [
             f'^{r["name"].replace(".", chr(92) + ".")}$'

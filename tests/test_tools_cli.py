@@ -1,12 +1,16 @@
 """The tools fail on bad input with one line that says what to do."""
+import json
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, TOY_CONFIG
+from mmcd.engine.runner_setup import dropped_annotations, error_line
 
 
 def run_tool(*args, cwd=None, timeout=300):
@@ -47,6 +51,79 @@ def test_test_rejects_non_checkpoint(micro_data_root, tmp_path):
         '--cfg-options', f'test_dataloader.dataset.data_root={root}',
         f'test_evaluator.ann_file={root}annotations/instances_val.json')
     assert_one_line_error(code, out, 'is not a PyTorch checkpoint')
+    assert 'Config:' not in out  # checked before the config is printed
+
+
+def test_broken_data_warns_and_fails_in_one_line(micro_data_root, tmp_path):
+    """An annotation mmdet drops (negative width) is counted in a warning,
+    in train.py and test.py; a missing image file, hit in a dataloader
+    worker, ends the run in one line naming the file."""
+    from test_train_tool import data_options
+    root = tmp_path / 'broken'
+    shutil.copytree(micro_data_root, root)
+    for split in ('train', 'val'):
+        ann_file = root / 'annotations' / f'instances_{split}.json'
+        coco = json.loads(ann_file.read_text())
+        coco['annotations'][0]['bbox'][2] = -5.0
+        ann_file.write_text(json.dumps(coco))
+        missing = root / split / coco['images'][-1]['file_name']
+        os.remove(missing)
+    options = ['--cfg-options', *data_options(f'{root}/'),
+               'train_dataloader.num_workers=1']
+    code, out = run_tool('tools/train.py', TOY_CONFIG, '--work-dir',
+                         str(tmp_path / 'train'), *options)
+    assert_one_line_error(code, out, 'No such file or directory',
+                          str(root / 'train'))
+    warning, = [line for line in out.splitlines()
+                if 'dropped by mmdet' in line and 'train_dataloader' in line]
+    assert '1 of ' in warning and '1: box without area inside the image ' \
+        '(outside it, or width or height <= 0) (e.g. id ' in warning
+    ckpt = tmp_path / 'model.pth'
+    torch.save({}, ckpt)
+    code, out = run_tool('tools/test.py', TOY_CONFIG, str(ckpt),
+                         '--work-dir', str(tmp_path / 'test'), *options)
+    assert_one_line_error(code, out, 'No such file or directory',
+                          str(missing))
+    assert sum('dropped by mmdet' in line for line in out.splitlines()) == 1
+
+
+def test_dropped_annotations_follow_mmdet():
+    """Each reason mmdet 3.3's CocoDataset.parse_data_info skips an
+    annotation for, on a 100x50 image (hand-made cases)."""
+    coco = dict(
+        images=[dict(id=1, width=100, height=50)],
+        categories=[dict(id=3, name='circle'), dict(id=7, name='kite')],
+        annotations=[
+            dict(id=1, image_id=1, category_id=3, bbox=[10, 10, 20, 20],
+                 area=400),                                    # kept
+            dict(id=2, image_id=1, category_id=3, bbox=[120, 10, 5, 5],
+                 area=25),                                     # outside
+            dict(id=3, image_id=1, category_id=3, bbox=[10, 10, -4, 5],
+                 area=20),                                     # w < 1
+            dict(id=4, image_id=1, category_id=3, bbox=[10, 10, 5, 5],
+                 area=0),                                      # area 0
+            dict(id=5, image_id=1, category_id=7, bbox=[10, 10, 5, 5],
+                 area=25),                                     # class
+        ])
+    dropped = dropped_annotations(coco, ('circle', 'square'))
+    assert {reason: [a['id'] for a in anns]
+            for reason, anns in dropped.items()} == {
+        'box without area inside the image (outside it, or width or '
+        'height <= 0)': [2, 3],
+        'width or height < 1 or area <= 0': [4],
+        'category not among the classes': [5]}
+
+
+def test_error_line_of_a_dataloader_worker_error():
+    worker = FileNotFoundError(
+        'Caught FileNotFoundError in DataLoader worker process 0.\n'
+        'Original Traceback (most recent call last):\n'
+        '  File "x.py", line 1, in f\n'
+        "FileNotFoundError: [Errno 2] No such file or directory: 'a.png'\n")
+    assert error_line(worker) == (
+        "error: FileNotFoundError: [Errno 2] No such file or directory: "
+        "'a.png'")
+    assert error_line(ValueError('bad\nvalue')) == 'error: bad value'
 
 
 def test_test_missing_checkpoint(tmp_path):

@@ -7,7 +7,6 @@ Bad configs, data paths and checkpoints end in one line saying what to do.
 import argparse
 import json
 import os.path as osp
-import sys
 
 import _bootstrap  # noqa: F401  (must precede OpenMMLab imports)
 from mmengine.config import DictAction
@@ -16,10 +15,12 @@ from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
 from mmcd.core.quant.methods import QUANT_METHODS
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,
-                                      add_quant_hook, check_datasets,
+from mmcd.engine.runner_setup import (UserError,
+                                      add_quant_hook, check_checkpoint,
+                                      check_datasets,
                                       default_work_dir, load_config,
-                                      set_local_rank_env, setup_launcher)
+                                      run_main, set_local_rank_env,
+                                      setup_launcher, warn_if_oversubscribed)
 
 
 def parse_args():
@@ -60,8 +61,7 @@ def main():
     set_local_rank_env(args.local_rank)
     cfg = load_config(args.config, args.cfg_options)
     cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
-    if not osp.isfile(args.checkpoint):
-        raise UserError(f'checkpoint {args.checkpoint} does not exist')
+    check_checkpoint(args.checkpoint)
     cfg.load_from = args.checkpoint
     if args.quant:
         add_quant_hook(cfg, args.quant, args.quant_method, args.compare_fp,
@@ -69,6 +69,7 @@ def main():
     elif args.layer_bits:
         raise UserError('--layer-bits needs --quant')
     check_datasets(cfg, ['test_dataloader'])
+    warn_if_oversubscribed()
     setup_launcher(cfg, args.launcher)
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else
               RUNNERS.build(cfg))
@@ -95,7 +96,4 @@ def save_metrics(metrics, runner):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

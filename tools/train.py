@@ -6,7 +6,6 @@ CPU runs under torchrun use gloo, and bad configs, data paths and checkpoints
 end in one line saying what to do.
 """
 import argparse
-import sys
 
 import _bootstrap  # noqa: F401  (must precede OpenMMLab imports)
 from mmengine.config import DictAction
@@ -14,11 +13,13 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,
-                                      add_rng_state_hook, check_datasets,
+from mmcd.engine.runner_setup import (UserError,
+                                      add_rng_state_hook, check_checkpoint,
+                                      check_datasets,
                                       default_work_dir, enable_amp,
-                                      load_config, set_local_rank_env,
-                                      setup_launcher)
+                                      load_config, run_main,
+                                      set_local_rank_env, setup_launcher,
+                                      warn_if_oversubscribed)
 
 
 def parse_args():
@@ -62,7 +63,11 @@ def main():
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    if cfg.get('load_from'):
+        check_checkpoint(cfg.load_from, '--resume checkpoint' if cfg.get(
+            'resume') else 'load_from checkpoint')
     check_datasets(cfg, ['train_dataloader', 'val_dataloader'])
+    warn_if_oversubscribed()
     add_rng_state_hook(cfg)
     setup_launcher(cfg, args.launcher)
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else
@@ -71,7 +76,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

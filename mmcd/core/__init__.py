@@ -13,12 +13,14 @@ from .colinearity import (ColinearityDecay, ColinearityDecayRegularizer,
 from .architectures import (ARCHITECTURES, SWIN_RULES, VIT_RULES,
                             ArchitectureSpec, pair_rules,
                             register_architecture)
+from .errors import ConfigError
 from .pairs import PAIR_KINDS, MatrixPair, PairRule, discover_pairs
 from .regularizers import (REGULARIZERS, Regularizer, build_regularizer,
                            register_regularizer)
 from .spectral_decay import SelectiveSpectralDecay, SpectralDecayRegularizer
 
 __all__ = [
+    'ConfigError',
     'ActivationRecorder', 'StatsAccumulator', 'probe_points', 'tensor_stats',
     'ActivationPenalty', 'ColinearityDecay', 'SpectralNormEstimator',
     'alignment', 'colinearity_decay_deltas', 'penalty_gradients',

@@ -15,6 +15,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 from mmengine.utils import ProgressBar
 
+from mmcd.core import ConfigError
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model
 
 
@@ -32,12 +33,12 @@ class CalibrationOptions:
         calib = dict(calib or {})
         unknown = set(calib) - {'num_images', 'dataloader', 'seed'}
         if unknown:
-            raise ValueError(f'calib: unknown option(s) {sorted(unknown)}')
+            raise ConfigError(f'calib: unknown option(s) {sorted(unknown)}')
         options = cls(**calib)
         options.num_images = int(options.num_images)
         if options.num_images < 1:
-            raise ValueError('calib.num_images must be >= 1, got '
-                             f'{options.num_images}')
+            raise ConfigError('calib.num_images must be >= 1, got '
+                              f'{options.num_images}')
         return options
 
     def batch(self, cfg) -> Dict:
@@ -66,9 +67,14 @@ def calibration_loader(cfg, num_images: int, seed: int = 0,
     loader_cfg['batch_size'] = num_images
     loader = Runner.build_dataloader(loader_cfg, seed=seed)
     if len(loader.dataset) < num_images:
-        raise ValueError(
-            f'calibration set has {len(loader.dataset)} images, fewer '
-            f'than the {num_images} asked for (calib.num_images)')
+        filter_cfg = loader_cfg['dataset'].get('filter_cfg')
+        filtered = (f' (after the dataset\'s filter_cfg={dict(filter_cfg)}'
+                    ', which drops images without usable annotations)'
+                    if filter_cfg else '')
+        raise ConfigError(
+            f'the calibration set has {len(loader.dataset)} images'
+            f'{filtered}, fewer than the {num_images} asked for '
+            '(calib.num_images, --calib-images)')
     return loader
 
 

@@ -5,24 +5,80 @@ takes over: config loading with clear errors, dataset pre-flight checks,
 set-up, which MMEngine 0.10.7's ``init_dist`` cannot do (it calls
 ``torch.cuda.set_device`` whatever the backend).
 """
+import json
+import logging
 import os
 import os.path as osp
 import re
-from typing import Iterable, Optional, Sequence
+import sys
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from mmdet.datasets import CocoDataset
+from mmdet.registry import DATASETS
 from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.registry import LOOPS
+from mmengine.runner import EpochBasedTrainLoop
 
 from mmcd.compat import CheckpointLoadError
+from mmcd.compat.torch_checkpoint import load_from_local_weights_only
+from mmcd.core import ConfigError
 
 
 class UserError(Exception):
     """A bad config, path or argument; tools print it as one line."""
 
 
-#: Errors a command-line tool reports as one line instead of a traceback.
-USER_ERRORS = (UserError, CheckpointLoadError)
+#: Errors a command-line tool reports as one line instead of a traceback (a
+#: missing file included, also when a dataloader worker hit it).
+USER_ERRORS = (UserError, CheckpointLoadError, ConfigError,
+               FileNotFoundError)
+
+
+def error_line(err: BaseException) -> str:
+    """``error: ...`` in one line. An error re-raised from a dataloader
+    worker carries the worker's traceback in its message: its last line is
+    the error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith('Caught '):
+        return f'error: {lines[-1]}'
+    return f'error: {" ".join(lines) or type(err).__name__}'
+
+
+def run_main(main: Callable[[], Optional[int]]) -> None:
+    """Run a tool's ``main`` and exit with its return value; the errors of
+    :data:`USER_ERRORS` end it with one line and exit status 1."""
+    try:
+        code = main()
+    except USER_ERRORS as err:
+        sys.exit(error_line(err))
+    sys.exit(code)
+
+
+def check_checkpoint(path: str, what: str = 'checkpoint') -> None:
+    """Fail now, in one line, on a missing or unreadable checkpoint (before
+    the Runner prints the config and builds the model)."""
+    if '://' in path:
+        return
+    if not osp.isfile(path):
+        raise UserError(f'{what} {path} does not exist')
+    load_from_local_weights_only(path, map_location='cpu')
+
+
+def warn_if_oversubscribed() -> None:
+    """Warn when other processes already keep the machine's cores busy:
+    PyTorch starts one thread per core, and on a shared 2-core machine two
+    such jobs ran 10-30x slower than one (``OMP_NUM_THREADS=1`` helps)."""
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    if load >= cores and 'OMP_NUM_THREADS' not in os.environ:
+        print_log(f'the machine is busy (load {load:.1f} on {cores} cores): '
+                  'PyTorch\'s threads will compete with the other jobs; set '
+                  'OMP_NUM_THREADS=1 (or fewer threads than free cores)',
+                  logger='current', level=logging.WARNING)
+
 
 #: ``--amp`` replaces these optim wrapper types by their AMP variant. AMP
 #: types map to themselves so that ``--amp`` on an AMP config is harmless.
@@ -56,24 +112,35 @@ def default_work_dir(cfg: Config, config_path: str,
     return osp.join('work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
-def _dataset_files(dataset: dict):
-    """(ann_file, image folder) of a dataset config, through wrappers."""
+def _leaf_datasets(dataset: dict):
+    """The dataset configs under wrappers (RepeatDataset, ConcatDataset)."""
     if 'dataset' in dataset:  # RepeatDataset, ClassBalancedDataset, ...
-        yield from _dataset_files(dataset['dataset'])
+        yield from _leaf_datasets(dataset['dataset'])
         return
     for sub in dataset.get('datasets', []):  # ConcatDataset
-        yield from _dataset_files(sub)
+        yield from _leaf_datasets(sub)
+    yield dataset
+
+
+def _join_root(dataset: dict, path: str) -> str:
     root = dataset.get('data_root') or ''
-    ann = dataset.get('ann_file')
-    if ann:
-        yield ann if osp.isabs(ann) else osp.join(root, ann), 'annotation file'
-    img = (dataset.get('data_prefix') or {}).get('img')
-    if img is not None:
-        yield img if osp.isabs(img) else osp.join(root, img), 'image folder'
+    return path if osp.isabs(path) else osp.join(root, path)
+
+
+def _dataset_files(dataset: dict):
+    """(ann_file, image folder) of a dataset config, through wrappers."""
+    for leaf in _leaf_datasets(dataset):
+        if leaf.get('ann_file'):
+            yield _join_root(leaf, leaf['ann_file']), 'annotation file'
+        img = (leaf.get('data_prefix') or {}).get('img')
+        if img is not None:
+            yield _join_root(leaf, img), 'image folder'
 
 
 def check_datasets(cfg: Config, loaders: Iterable[str]) -> None:
-    """Fail early, in one line, when a dataloader's files are missing."""
+    """Fail early, in one line, when a dataloader's files are missing; warn
+    once per COCO annotation file of the annotations mmdet will drop."""
+    warned = set()
     for loader in loaders:
         dataset = (cfg.get(loader) or {}).get('dataset')
         if dataset is None:
@@ -86,6 +153,66 @@ def check_datasets(cfg: Config, loaders: Iterable[str]) -> None:
                 'set with `python tools/misc/make_toy_coco.py data/toy_coco`,'
                 ' or point data_root at your COCO copy, e.g. --cfg-options '
                 f'{loader}.dataset.data_root=/path/to/coco/')
+        for leaf in _leaf_datasets(dataset):
+            ann = _join_root(leaf, leaf.get('ann_file') or '')
+            kind = _coco_dataset_class(leaf)
+            if ann not in warned and kind and ann.endswith('.json'):
+                warned.add(ann)
+                classes = (leaf.get('metainfo') or {}).get(
+                    'classes') or kind.METAINFO['classes']
+                _warn_dropped_annotations(ann, classes, loader)
+
+
+def _coco_dataset_class(dataset: dict):
+    """The dataset's class when it is mmdet's CocoDataset or a subclass."""
+    kind = dataset.get('type')
+    kind = DATASETS.get(kind) if isinstance(kind, str) else kind
+    if isinstance(kind, type) and issubclass(kind, CocoDataset):
+        return kind
+    return None
+
+
+def dropped_annotations(coco: dict, classes: Sequence[str]):
+    """The annotations of a COCO dict that mmdet 3's ``CocoDataset`` drops
+    (``parse_data_info``, in its order): ``{reason: [annotation, ...]}``.
+    ``classes``: the dataset's class names."""
+    images = {img['id']: img for img in coco.get('images', [])}
+    names = {cat['id']: cat['name'] for cat in coco.get('categories', [])}
+    dropped = {}
+    for ann in coco.get('annotations', []):
+        img = images.get(ann.get('image_id'))
+        if img is None:
+            continue  # mmdet never reads it
+        x1, y1, w, h = ann['bbox']
+        inter_w = max(0, min(x1 + w, img['width']) - max(x1, 0))
+        inter_h = max(0, min(y1 + h, img['height']) - max(y1, 0))
+        if inter_w * inter_h == 0:
+            reason = ('box without area inside the image (outside it, or '
+                      'width or height <= 0)')
+        elif ann.get('area', 0) <= 0 or w < 1 or h < 1:
+            reason = 'width or height < 1 or area <= 0'
+        elif names.get(ann['category_id']) not in classes:
+            reason = 'category not among the classes'
+        else:
+            continue
+        dropped.setdefault(reason, []).append(ann)
+    return dropped
+
+
+def _warn_dropped_annotations(ann_file: str, classes: Sequence[str],
+                              loader: str) -> None:
+    with open(ann_file) as f:
+        coco = json.load(f)
+    dropped = dropped_annotations(coco, classes)
+    if not dropped:
+        return
+    total = sum(map(len, dropped.values()))
+    reasons = '; '.join(
+        f'{len(anns)}: {reason} (e.g. id {anns[0].get("id")}, bbox '
+        f'{anns[0]["bbox"]})' for reason, anns in dropped.items())
+    print_log(f'{loader}: {total} of {len(coco["annotations"])} annotations '
+              f'of {ann_file} are dropped by mmdet\'s CocoDataset: '
+              f'{reasons}', logger='current', level=logging.WARNING)
 
 
 def enable_amp(cfg: Config) -> None:
@@ -120,13 +247,34 @@ def setup_launcher(cfg: Config, launcher: str) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
+def _epoch_based(train_cfg: dict) -> bool:
+    """Whether MMEngine builds an epoch-based loop from ``train_cfg``
+    (``type``, or ``by_epoch`` as ``Runner.build_train_loop`` reads it)."""
+    if 'type' not in train_cfg:
+        return bool(train_cfg.get('by_epoch', True))
+    loop = train_cfg['type']
+    if isinstance(loop, str):
+        loop = LOOPS.get(loop)
+    return isinstance(loop, type) and issubclass(loop, EpochBasedTrainLoop)
+
+
 def add_rng_state_hook(cfg: Config) -> None:
     """Give every training run :class:`~mmcd.engine.hooks.RNGStateHook`
-    (bit-exact ``--resume``) unless the config lists it already."""
+    (bit-exact ``--resume``) unless the config lists it already, and turn
+    the train loader's persistent workers off in epoch-based training: the
+    hook re-seeds workers at each epoch start, which persistent workers
+    would skip (the hook's module docstring says why)."""
     hooks = list(cfg.get('custom_hooks') or [])
     if not any(h.get('type') in ('RNGStateHook', 'mmcd.RNGStateHook')
                for h in hooks):
         cfg.custom_hooks = hooks + [dict(type='RNGStateHook')]
+    loader = cfg.get('train_dataloader') or {}
+    if (loader.get('num_workers') and loader.get('persistent_workers')
+            and _epoch_based(cfg.get('train_cfg') or {})):
+        loader['persistent_workers'] = False
+        print_log('train_dataloader.persistent_workers set to False: '
+                  'RNGStateHook re-seeds the workers every epoch for a '
+                  'bit-exact --resume', logger='current')
 
 
 def set_local_rank_env(local_rank: int) -> None:
@@ -233,8 +381,7 @@ def ptq_config(args, **options):
     ``args.checkpoint`` exists; bad values raise :class:`UserError`."""
     from mmcd.core.quant import QuantConfig
     w_bits, a_bits = parse_quant_spec(args.quant)
-    if not osp.isfile(args.checkpoint):
-        raise UserError(f'checkpoint {args.checkpoint} does not exist')
+    check_checkpoint(args.checkpoint)
     try:
         return QuantConfig(w_bits, a_bits, args.method, **options)
     except ValueError as err:

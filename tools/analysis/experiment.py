@@ -36,7 +36,6 @@ import json
 import os
 import os.path as osp
 import statistics
-import sys
 import time
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
@@ -53,8 +52,9 @@ from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
                          quantize_copy)
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
 from mmcd.engine.result_cache import ResultCache, code_version  # noqa
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
-                                      add_rng_state_hook, toy_run_config)
+from mmcd.engine.runner_setup import (UserError,  # noqa: E402
+                                      add_rng_state_hook, run_main,
+                                      toy_run_config)
 from mmcd.visualization import (plot_alignment, plot_histogram,  # noqa
                                 plot_max_activation, plot_tradeoff)
 
@@ -444,7 +444,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

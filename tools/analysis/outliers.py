@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import os.path as osp
-import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
 from mmengine.config import DictAction  # noqa: E402
@@ -28,8 +27,8 @@ from mmengine.runner import Runner  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
-                                      check_datasets, load_config)
+from mmcd.engine.runner_setup import (UserError,  # noqa: E402
+                                      check_datasets, load_config, run_main)
 from mmcd.visualization import (plot_alignment, plot_histogram,  # noqa: E402
                                 plot_max_activation)
 
@@ -96,7 +95,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os.path as osp
-import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
 import torch  # noqa: E402
@@ -28,9 +27,8 @@ from mmcd.core.quant import UniformQuantizer  # noqa: E402
 from mmcd.core.quant.debug import quantization_report  # noqa: E402
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      dense_outputs)
-from mmcd.engine.runner_setup import (USER_ERRORS,  # noqa: E402
-                                      add_ptq_arguments,
-                                      calibrated_from_checkpoint, ptq_config)
+from mmcd.engine.runner_setup import (  # noqa: E402
+    add_ptq_arguments, calibrated_from_checkpoint, ptq_config, run_main)
 
 
 def parse_args():
@@ -132,7 +130,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

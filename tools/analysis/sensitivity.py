@@ -28,7 +28,6 @@ import argparse
 import json
 import os.path as osp
 import re
-import sys
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
 from mmengine.utils import ProgressBar  # noqa: E402
@@ -38,9 +37,10 @@ from mmcd.core.quant import layer_quantizers  # noqa: E402
 from mmcd.core.quant.debug import sqnr_db  # noqa: E402
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      dense_outputs, evaluate)
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
+from mmcd.engine.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
-                                      calibrated_from_checkpoint, ptq_config)
+                                      calibrated_from_checkpoint, ptq_config,
+                                      run_main)
 
 BLOCK = re.compile(r'^(.*\.blocks\.\d+)\.')
 
@@ -114,15 +114,17 @@ def within_weight_budget(ranked, params, w_bits, budget):
 
 
 def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
-                a_bits, label=None):
+                a_bits, calib_images, label=None):
     """A config inheriting ``config_path`` whose PTQ hook keeps ``names``
-    at W8A8; the config's other custom hooks are kept."""
+    at W8A8 and calibrates as the measurement did (``calib_images``); the
+    config's other custom hooks are kept."""
     hooks = [dict(h) for h in cfg.get('custom_hooks', [])
              if h.get('type') != 'PostTrainingQuantHook']
     rules = [dict(pattern=f'^{re.escape(n)}$', w_bits=8, a_bits=8)
              for n in names]
     hooks.append(dict(type='PostTrainingQuantHook', w_bits=w_bits,
-                      a_bits=a_bits, method=method, layer_bits=rules))
+                      a_bits=a_bits, method=method, layer_bits=rules,
+                      calib=dict(num_images=calib_images)))
     path = osp.join(out_dir, f'{label or f"keep{len(names)}"}_{spec}.py')
     with open(path, 'w') as f:
         f.write(f'# written by tools/analysis/sensitivity.py: {spec} '
@@ -196,7 +198,8 @@ def main():
         f.write('\n'.join(lines) + '\n')
     ranked = [r['name'] for r in rows if r['kind'] == 'layer']
     configs = [keep_config(cfg, args.config, args.out_dir, args.quant,
-                           args.method, ranked[:k], w_bits, a_bits)
+                           args.method, ranked[:k], w_bits, a_bits,
+                           args.calib_images)
                for k in args.keep if 0 < k <= len(ranked)]
     params = {name: module.weight.numel()
               for name, module in model.named_modules()
@@ -208,7 +211,8 @@ def main():
         budget = dict(limit=args.avg_w_bits, average=average, layers=chosen)
         configs.append(keep_config(
             cfg, args.config, args.out_dir, args.quant, args.method, chosen,
-            w_bits, a_bits, label=f'avgw{args.avg_w_bits:g}'))
+            w_bits, a_bits, args.calib_images,
+            label=f'avgw{args.avg_w_bits:g}'))
         print(f'--avg-w-bits {args.avg_w_bits:g}: {len(chosen)} layers at '
               f'8 bits, average weight bits {average:.3f}')
     with open(paths['json'], 'w') as f:
@@ -242,7 +246,4 @@ def plot(rows, path, unit, full):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

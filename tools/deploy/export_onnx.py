@@ -51,10 +51,11 @@ from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (MIN_QDQ_OPSET, ComparedFeatures,  # noqa: E402
                          FeatureExtractor, OnnxPerShape, RoundingDraw)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
-from mmcd.engine.runner_setup import (USER_ERRORS, UserError,  # noqa: E402
+from mmcd.engine.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
                                       calibrated_from_checkpoint,
-                                      parse_layer_bits, ptq_config)
+                                      parse_layer_bits, ptq_config,
+                                      run_main)
 
 
 def parse_args():
@@ -198,7 +199,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except USER_ERRORS as err:
-        sys.exit(f'error: {err}')
+    run_main(main)

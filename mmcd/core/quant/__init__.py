@@ -2,7 +2,8 @@
 quantization-aware training, pure PyTorch."""
 from .attention import QuantWindowMSA
 from .convert import (METHODS, LayerBits, QuantConfig, activation_quantizers,
-                      calibrate, layer_quantizers, quantize_model, quantizers,
+                      calibrate, format_precision_plan, layer_quantizers,
+                      precision_plan, quantize_model, quantizers,
                       set_quant_state)
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .methods import QuantMethod, get_method, register_method
@@ -19,6 +20,7 @@ from .reparam import find_norm_linear_pairs, reparameterize, target_params
 __all__ = [
     'QuantWindowMSA', 'METHODS', 'LayerBits', 'QuantConfig',
     'activation_quantizers', 'layer_quantizers', 'calibrate',
+    'precision_plan', 'format_precision_plan',
     'quantize_model', 'quantizers', 'set_quant_state', 'QuantConv2d',
     'MatMul', 'QuantLinear', 'QuantMatMul', 'LogSqrt2Quantizer', 'TanQuantizer',
     'UniformQuantizer', 'find_norm_linear_pairs', 'reparameterize',

@@ -27,6 +27,7 @@ from torch import nn
 from ..architectures import (attention_container_names,
                              first_layer_pattern, is_attention_container,
                              quant_attention_for, quant_attention_names)
+from ..errors import ConfigError
 from .methods import QUANT_METHODS, QuantMethod, get_method
 from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .quantizers import SEARCHES, FakeQuantizer, UniformQuantizer, check_bits
@@ -135,6 +136,83 @@ class QuantConfig:
                      if re.search(rule.pattern, name)), None)
 
 
+def layer_bits_of(name: str, cfg: QuantConfig):
+    """``(w_bits, a_bits, rule)`` of the layer called ``name``: the
+    config's bits, the first layers' input bits, then the first matching
+    ``layer_bits`` rule (None when none matches)."""
+    rule = cfg.rule_for(name)
+    w_bits, a_bits = cfg.w_bits, cfg.a_bits
+    if re.search(cfg.first_layer_pattern or first_layer_pattern(), name):
+        a_bits = cfg.first_layer_bits
+    if rule is not None:
+        w_bits = w_bits if rule.w_bits is None else rule.w_bits
+        a_bits = a_bits if rule.a_bits is None else rule.a_bits
+    return w_bits, a_bits, rule
+
+
+def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
+    """What :func:`quantize_model` made of each layer of the converted
+    ``model``: one row per module holding quantizers (``name``, ``kind``,
+    ``quantized``, ``w_bits``, ``a_bits``: read off its quantizers, None
+    where it has no such operand, e.g. a matmul's weight) and per weighted
+    layer left in float (``quantized`` False, bits None), with
+    ``why``: ``'default'``, ``'first layer'``, ``"layer_bits 'REGEX'"``,
+    ``"skip 'REGEX'"``, ``"scope 'backbone'"`` or ``'not quantized
+    (KIND)'``."""
+    first_layer = cfg.first_layer_pattern or first_layer_pattern()
+    rows = []
+    for name, module in model.named_modules():
+        quantizers = {key: child for key, child in module.named_children()
+                      if isinstance(child, FakeQuantizer)}
+        if quantizers:
+            weight = quantizers.pop('weight_quantizer', None)
+            a_bits = sorted({q.bits for q in quantizers.values()})
+            rule = cfg.rule_for(name)
+            why = (f"layer_bits '{rule.pattern}'" if rule is not None else
+                   'first layer' if re.search(first_layer, name) else
+                   'default')
+            rows.append(dict(
+                name=name, kind=type(module).__name__, quantized=True,
+                w_bits=None if weight is None else weight.bits,
+                a_bits=a_bits[0] if len(a_bits) == 1 else a_bits or None,
+                why=why))
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d,
+                                 nn.Conv1d, nn.Conv3d)) and \
+                not isinstance(module, (QuantLinear, QuantConv2d)):
+            skip = next((p for p in cfg.skip if re.search(p, name)), None)
+            why = (f"skip '{skip}'" if skip is not None else
+                   f"scope '{cfg.scope}'" if not _in_scope(name, cfg) else
+                   f'not quantized ({type(module).__name__})')
+            rows.append(dict(name=name, kind=type(module).__name__,
+                             quantized=False, w_bits=None, a_bits=None,
+                             why=why))
+    return rows
+
+
+def format_precision_plan(rows: Sequence[Dict]) -> str:
+    """:func:`precision_plan` as a compact table: one line per (weight
+    bits, input bits, why), with the layer count and the first layer."""
+    def bits(row, key):
+        if not row['quantized']:
+            return 'float'
+        return '-' if row[key] is None else str(row[key])
+
+    groups: Dict = {}
+    for row in rows:
+        key = (bits(row, 'w_bits'), bits(row, 'a_bits'), row['why'])
+        groups.setdefault(key, []).append(row['name'])
+    quantized = sum(row['quantized'] for row in rows)
+    width = max([len(key[2]) for key in groups] + [3]) + 2
+    lines = [f'{quantized} quantized layer(s), {len(rows) - quantized} '
+             'weighted layer(s) in float',
+             f'{"layers":>6}  {"weights":>7}  {"inputs":>6}  '
+             f'{"why":<{width}}first of them']
+    for (w_bits, a_bits, why), names in groups.items():
+        lines.append(f'{len(names):>6}  {w_bits:>7}  {a_bits:>6}  '
+                     f'{why:<{width}}{names[0]}')
+    return '\n'.join(lines)
+
+
 def _in_scope(name: str, cfg: QuantConfig) -> bool:
     if cfg.scope == 'backbone' and not name.startswith('backbone.'):
         return False
@@ -156,18 +234,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if any(isinstance(m, FakeQuantizer) for m in model.modules()):
         raise ValueError('model is already quantized; quantize a float copy')
     method = cfg.spec
-    first_layer = cfg.first_layer_pattern or first_layer_pattern()
     matched = set()  # the layer_bits rules that picked some layer
 
     def bits_of(name):
-        rule = cfg.rule_for(name)
-        w_bits, a_bits = cfg.w_bits, cfg.a_bits
-        if re.search(first_layer, name):
-            a_bits = cfg.first_layer_bits
+        w_bits, a_bits, rule = layer_bits_of(name, cfg)
         if rule is not None:
             matched.add(rule)
-            w_bits = cfg.w_bits if rule.w_bits is None else rule.w_bits
-            a_bits = a_bits if rule.a_bits is None else rule.a_bits
         return w_bits, a_bits
 
     for name, module in list(model.named_modules()):
@@ -208,7 +280,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if unmatched:
         examples = [n for n, m in model.named_modules()
                     if isinstance(m, (QuantLinear, QuantConv2d))][:3]
-        raise ValueError(
+        raise ConfigError(
             f'layer_bits pattern(s) {unmatched} match no quantized layer '
             f'(module names such as {", ".join(examples)}; scope '
             f'{cfg.scope!r}, skip {list(cfg.skip)})')

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .convert import QuantConfig, calibrate, quantize_model, quantizers
 from .modules import QuantConv2d, QuantLinear
 from .qat_quantizers import (WEIGHT_QUANTIZERS, LsqActQuantizer,
@@ -209,7 +210,7 @@ def activate_qat(model: nn.Module) -> int:
         raise ValueError('model is not prepared for QAT: run prepare_qat '
                          'first')
     if not any(m.weight_quantizer.calibrated for m in layers):
-        raise RuntimeError(
+        raise ConfigError(
             'the QAT model is not calibrated: its weights come from a '
             'float checkpoint (or none). Train it with QAT first '
             '(QuantAwareTrainingHook calibrates before training), or '

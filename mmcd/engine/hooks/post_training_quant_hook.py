@@ -18,8 +18,11 @@ model, so quantizers never stack.
 
 With ``compare_fp=True`` the float model is evaluated first in the same run,
 and a table of float vs quantized box/mask AP and the drop is logged.
-Results (bits, method, calibration size, metrics) are written as JSON to
-``quant_results.json`` in the log dir and the work dir.
+The precision plan (each quantized layer's bits, the weighted layers left
+in float, and why: :func:`mmcd.core.quant.precision_plan`) is logged as a
+table at conversion. Results (bits, method, calibration size, metrics, the
+plan per layer) are written as JSON to ``quant_results.json`` in the log
+dir and the work dir.
 """
 import json
 import math
@@ -31,7 +34,8 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from mmcd.core.quant import QuantConfig
+from mmcd.core.quant import (QuantConfig, format_precision_plan,
+                             precision_plan)
 from mmcd.core.quant.debug import quantization_report
 from ..calibration import (CalibrationOptions, calibration_images,
                            dense_outputs, evaluate, quantize_copy)
@@ -86,6 +90,7 @@ class PostTrainingQuantHook(Hook):
         self.debug = debug
         self._float_model = None
         self._fp_metrics = None
+        self._plan = []  # precision_plan of the quantized model
 
     # ------------------------------------------------------------- stages --
     def before_test_epoch(self, runner) -> None:
@@ -115,6 +120,9 @@ class PostTrainingQuantHook(Hook):
             self._fp_metrics = evaluate(float_model, loop)
         calib_batch = self.calib.batch(runner.cfg)
         quant_model = quantize_copy(float_model, self.quant_cfg, calib_batch)
+        self._plan = precision_plan(quant_model, self.quant_cfg)
+        print_log('PostTrainingQuantHook: precision plan\n' +
+                  format_precision_plan(self._plan), logger='current')
         if self.debug:
             self._log_debug(runner, quant_model, calib_batch)
         self._float_model = model
@@ -152,7 +160,7 @@ class PostTrainingQuantHook(Hook):
                        method=cfg.method, scope=cfg.scope,
                        layer_bits=[vars(rule) for rule in cfg.layer_bits],
                        calib_images=self.calib.num_images,
-                       metrics=_floats(metrics or {}))
+                       metrics=_floats(metrics or {}), plan=self._plan)
         if self._fp_metrics is not None:
             results['fp_metrics'] = _floats(self._fp_metrics)
             print_log(comparison_table(results), logger='current')

@@ -19,10 +19,22 @@ bit, on the same hardware and world size:
   trajectory does not depend on whether, or how often, validation runs (a
   resumed run has not run the validation that followed the checkpoint).
 * **Workers re-seeded every epoch** from ``(seed, epoch, rank, worker)``:
-  MMEngine's ``worker_init_fn`` gives every epoch the same worker seeds, and
-  with ``persistent_workers=True`` the workers' streams would run on across
-  epochs, where a resumed run cannot follow. Persistent workers are therefore
-  restarted at each epoch start (a few seconds per epoch).
+  MMEngine's ``worker_init_fn`` gives every epoch the same worker seeds. The
+  hook sets the loader's public ``worker_init_fn``, which every worker
+  started afterwards runs: each epoch's in an epoch-based loop, those of a
+  loader restart in an iteration-based one (whose first workers, started
+  when the loop is built, keep MMEngine's seeds; a resumed iteration-based
+  run replays the skipped batches through the same kind of workers, so
+  their streams match too).
+
+Persistent workers of an epoch-based loop would carry their random streams
+across epochs, where a resumed run cannot follow, and restarting them needs
+the DataLoader's private API (which left a deadlocked worker behind and
+broke the iterator an iteration-based loop holds). ``tools/train.py``
+therefore turns ``persistent_workers`` off for epoch-based training
+(:func:`mmcd.engine.runner_setup.add_rng_state_hook`: the workers were
+restarted each epoch anyway); a Runner built by hand with them on trains as
+configured and the hook warns once that its resume is not bit-exact.
 
 :func:`tools/train.py` adds the hook to every config that lacks it. A
 checkpoint without RNG states (older, or written by another tool) resumes and
@@ -40,6 +52,8 @@ from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
+from mmengine.runner import EpochBasedTrainLoop
+from torch.utils.data import DataLoader
 
 CHECKPOINT_KEY = 'rng_states'
 
@@ -146,7 +160,10 @@ class RNGStateHook(Hook):
                       f'{runner.iter}; this checkpoint will not resume '
                       'bit-exactly', logger='current', level=logging.WARNING)
             return
-        checkpoint[CHECKPOINT_KEY] = dict(iter=runner.iter, ranks=states)
+        # the iteration a run resumed from this checkpoint starts at: an
+        # iteration-based loop saves before counting the finished iteration
+        resume_iter = checkpoint.get('meta', {}).get('iter', runner.iter)
+        checkpoint[CHECKPOINT_KEY] = dict(iter=resume_iter, ranks=states)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._resume_states = checkpoint.get(CHECKPOINT_KEY, {})
@@ -187,18 +204,22 @@ class RNGStateHook(Hook):
             self._paused = None
 
     # ----------------------------------------------------------- workers --
+    def before_train(self, runner) -> None:
+        loader = runner.train_dataloader
+        if (isinstance(runner.train_loop, EpochBasedTrainLoop)
+                and isinstance(loader, DataLoader) and loader.num_workers
+                and loader.persistent_workers):
+            print_log(
+                'RNGStateHook: persistent dataloader workers carry their '
+                'random streams across epochs, so a resumed run will not be '
+                'bit-exact; set train_dataloader.persistent_workers=False '
+                '(tools/train.py does)', logger='current',
+                level=logging.WARNING)
+
     def before_train_epoch(self, runner) -> None:
         self._restore_resumed(runner)
         loader = runner.train_dataloader
-        if not isinstance(loader, torch.utils.data.DataLoader) or \
-                loader.num_workers == 0:
-            return
-        loader.worker_init_fn = partial(seed_worker, seed=runner.seed,
-                                        epoch=runner.epoch,
-                                        rank=get_dist_info()[0])
-        # persistent workers would keep last epoch's seeds and streams:
-        # start them anew (DataLoader keeps its live iterator here)
-        iterator = getattr(loader, '_iterator', None)
-        if loader.persistent_workers and iterator is not None:
-            iterator._shutdown_workers()  # noqa: SLF001
-            loader._iterator = None  # noqa: SLF001
+        if isinstance(loader, DataLoader) and loader.num_workers:
+            loader.worker_init_fn = partial(seed_worker, seed=runner.seed,
+                                            epoch=runner.epoch,
+                                            rank=get_dist_info()[0])
