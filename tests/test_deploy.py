@@ -266,6 +266,7 @@ def test_rounding_draw_moves_quantizer_inputs_one_float32_step():
     assert not detector.act._forward_pre_hooks  # the hooks are removed
 
 
+@pytest.mark.slow  # the end-to-end --eval run (pytest -m slow)
 def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
         micro_run, tmp_path):
     """``export_onnx.py --eval``: the rounding draws and the onnxruntime

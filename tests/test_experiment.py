@@ -3,6 +3,8 @@ seeds with paired rows, JSON and plots; cached cells that a re-run reuses,
 and a work dir of other settings or another code version refused."""
 import json
 
+import pytest
+
 from test_tools_cli import assert_one_line_error, run_tool
 
 ARGS = ('--quick', '--epochs', '1', '--seeds', '2', '--trainings', 'baseline',
@@ -10,6 +12,7 @@ ARGS = ('--quick', '--epochs', '1', '--seeds', '2', '--trainings', 'baseline',
         '2', '--stat-images', '2', '--qat-bits')  # QAT: test_qat*.py
 
 
+@pytest.mark.slow  # several trainings end to end (pytest -m slow)
 def test_experiment_seeds_cache_and_refusals(micro_data_root, tmp_path):
     run = ('tools/analysis/experiment.py', *ARGS, '--data-root',
            micro_data_root, '--work-dir', str(tmp_path))
