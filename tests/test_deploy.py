@@ -18,7 +18,8 @@ from mmcd.core.quant import (QuantConfig, QuantLinear, UniformQuantizer,
 from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
 from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
-                         OnnxPerShape, RoundingDraw, export_onnx)
+                         OnnxPerShape, RoundingDraw, changed_detections,
+                         export_onnx, matched_detections)
 from mmcd.deploy.onnx_export import ort_session
 from mmcd.engine.benchmark_models import build_detector
 
@@ -266,6 +267,25 @@ def test_rounding_draw_moves_quantizer_inputs_one_float32_step():
     assert not detector.act._forward_pre_hooks  # the hooks are removed
 
 
+def test_changed_detections_by_hand():
+    """Same label and IoU >= 0.9, one to one: boxes [0,0,10,10] and
+    [0,0,10,11] overlap 100/110 = 0.909; [0,0,10,12]: 100/120 = 0.833."""
+    t = torch.tensor
+    reference = (t([[0., 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]),
+                 t([0.9, 0.8, 0.7]), t([1, 2, 1]))
+    other = (t([[0., 0, 10, 11], [20, 20, 30, 30], [50, 50, 60, 62],
+                [0, 0, 10, 10]]), t([0.9, 0.8, 0.7, 0.1]), t([1, 3, 1, 1]))
+    # box 1 -> other 4 (IoU 1.0 beats other 1's 0.909); box 2: another
+    # label; box 3: IoU 0.833
+    assert matched_detections(reference, other) == 1
+    assert matched_detections(reference, other, iou=0.8) == 3 - 1
+    empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=int))
+    result = changed_detections([reference, empty], [other, empty])
+    assert result == dict(changed=3 + 4 - 2, total=7, images=[0])
+    with pytest.raises(ValueError, match='2 images against 1'):
+        changed_detections([reference, empty], [other])
+
+
 @pytest.mark.slow  # the end-to-end --eval run (pytest -m slow)
 def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
         micro_run, tmp_path):
@@ -288,8 +308,10 @@ def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
     for found in checked.values():
         assert found['calls'] == 4 and len(found['max_steps']) == 5
         assert 0 <= found['beyond_one_step'] <= found['values']
+        detections = found['detections']
+        assert 0 <= detections['changed'] <= detections['total']
     assert len(result['map']['rounding_draws']) == 2
-    assert 'features of all 4 test images, onnxruntime vs PyTorch' in out
+    assert 'all 4 test images, onnxruntime vs PyTorch: features' in out
 
 
 def test_export_tool_errors(tmp_path):

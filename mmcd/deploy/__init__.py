@@ -2,6 +2,7 @@
 onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
 onnxscript). The QDQ rewrite itself is pure PyTorch
 (:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
+from .detections import changed_detections, matched_detections
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
                           QDQ_DISABLED_OPTIMIZERS, ComparedFeatures,
                           FeatureExtractor, OnnxFeatures, OnnxPerShape,
@@ -11,5 +12,5 @@ __all__ = [
     'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',
     'ComparedFeatures', 'FeatureExtractor',
     'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'export_onnx',
-    'ort_session'
+    'ort_session', 'changed_detections', 'matched_detections'
 ]

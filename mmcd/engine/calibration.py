@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 from mmengine.logging import print_log
-from mmengine.runner import Runner
+from mmengine.runner import Runner, ValLoop
 from mmengine.utils import ProgressBar
 
 from mmcd.core import ConfigError
@@ -143,15 +143,20 @@ def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict):
 
 
 @torch.no_grad()
-def evaluate(model, loop) -> Dict:
+def evaluate(model, loop, predictions: Optional[List] = None) -> Dict:
     """Run ``loop``'s dataloader and evaluator on ``model`` (what MMEngine's
-    Val/TestLoop do, without their hooks)."""
+    Val/TestLoop do, without their hooks). ``predictions``: a list that
+    receives each image's ``(boxes, scores, labels)`` (CPU tensors)."""
     model.eval()
-    step = model.val_step if type(loop).__name__.startswith('Val') \
-        else model.test_step
+    step = model.val_step if isinstance(loop, ValLoop) else model.test_step
     bar = ProgressBar(len(loop.dataloader))
     for batch in loop.dataloader:
         outputs = step(batch)
+        if predictions is not None:
+            for sample in outputs:
+                found = sample.pred_instances
+                predictions.append((found.bboxes.cpu(), found.scores.cpu(),
+                                    found.labels.cpu()))
         loop.evaluator.process(data_samples=outputs, data_batch=batch)
         bar.update()
     print()

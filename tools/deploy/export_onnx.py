@@ -33,7 +33,11 @@ quantizer moved by at most one float32 rounding
 rounding boundaries without changing the model. It prints one draw's feature
 deviation beside onnxruntime's and, with ``--eval``, the mAP of K draws
 (mean, std, range) beside the onnxruntime mAP (COCO's summary rounds mAP to
-three decimals).
+three decimals), and for each draw and onnxruntime how many detections
+differ from the simulation's (no same-label IoU >= 0.9 counterpart,
+:func:`mmcd.deploy.changed_detections`) and on how many images: a flip
+spreads through the whole image, so the score moves with the number of
+images that change.
 """
 import argparse
 import copy
@@ -49,7 +53,8 @@ import torch  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (MIN_QDQ_OPSET, ComparedFeatures,  # noqa: E402
-                         FeatureExtractor, OnnxPerShape, RoundingDraw)
+                         FeatureExtractor, OnnxPerShape, RoundingDraw,
+                         changed_detections)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.engine.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
@@ -96,31 +101,40 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
     and of onnxruntime are compared with the simulation's on every test
     image (:class:`ComparedFeatures`, in units of ``step``); prints the
     comparison."""
-    def with_features(extract_feat):
+    predictions = {}
+
+    def with_features(key, extract_feat):
         model = copy.deepcopy(quant_model)
         # heads stay in PyTorch. An instance attribute: a module assigned
         # with `model.extract_feat = ...` becomes a submodule, and the
         # class's own extract_feat method is still what `model.extract_feat`
         # finds (the draws of an earlier version evaluated the simulation)
         object.__setattr__(model, 'extract_feat', extract_feat)
-        return evaluate(model, loop)
+        return evaluate(model, loop, predictions.setdefault(key, []))
 
     simulation = FeatureExtractor(quant_model)
-    fake = evaluate(quant_model, loop)
+    fake = evaluate(quant_model, loop, predictions.setdefault('sim', []))
     # features compared with the simulation's on every test image
     checked = {f'rounding draw {seed}': ComparedFeatures(
         RoundingDraw(quant_model, seed), simulation, step)
                for seed in range(1, draws + 1)}
-    drawn = [with_features(value) for value in checked.values()]
+    drawn = [with_features(key, value) for key, value in checked.items()]
     checked['onnxruntime'] = ComparedFeatures(ort_features, simulation, step)
-    ort = with_features(checked['onnxruntime'])
+    ort = with_features('onnxruntime', checked['onnxruntime'])
     checked = {key: value.summary() for key, value in checked.items()}
     for key, found in checked.items():
-        print(f'features of all {found["calls"]} test images, {key} vs '
-              'PyTorch: max |d| per level '
-              f'{", ".join(f"{m:.2f}" for m in found["max_steps"])} steps; '
+        # what decides the score: the detections the features change
+        found['detections'] = changed_detections(predictions['sim'],
+                                                 predictions[key])
+        print(f'all {found["calls"]} test images, {key} vs PyTorch: '
+              'features: max |d| per level '
+              f'{", ".join(f"{m:.2f}" for m in found["max_steps"])} steps, '
               f'{found["beyond_one_step"]} of {found["values"]} values more '
-              'than one step apart')
+              'than one step apart; detections without a same-label '
+              'IoU >= 0.9 counterpart: '
+              f'{found["detections"]["changed"]} of '
+              f'{found["detections"]["total"]}, on '
+              f'{len(found["detections"]["images"])} images')
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
         spread = float(values.std()) if draws > 1 else float('nan')
