@@ -13,8 +13,8 @@ from mmcd.core.quant import (QAT_METHODS, LsqActQuantizer,
                              QATConfig, QATMethod, QKReparam,
                              StatsWeightQuantizer, activate_qat,
                              freeze_confident_weights, initialize_qat,
-                             prepare_qat, quantizers, register_qat_method,
-                             restore_frozen_weights)
+                             mask_frozen_gradients, prepare_qat, quantizers,
+                             register_qat_method, restore_frozen_weights)
 from mmcd.core.quant.qat import trainable_weight_layers
 from mmcd.models.backbones.vit_det import Attention, ViTDet
 
@@ -179,6 +179,58 @@ def test_cga_freezes_exactly_the_confident_weights():
     total = sum(m.weight.numel() for m in trainable_weight_layers(model)
                 if hasattr(m, 'weight'))
     assert counts['total'] == total
+
+
+@pytest.mark.parametrize('method', ['lsq', 'ofq'])
+def test_cga_keeps_frozen_gradients_from_the_optimizer_as_ofq(method):
+    """Through MMEngine's OptimWrapper (AdamW, clip_grad, 2 accumulated
+    micro-batches) the frozen weights' gradients reach neither the clipping
+    norm nor AdamW's moments: equal, weights and moments, to OFQ's loop
+    written here (cga.py: backward, ``grad = grad * (1 - frozen)``, clip,
+    ``optimizer.step()``, frozen weights written back)."""
+    import copy
+
+    from mmengine.optim import OptimWrapper
+    model, x, _ = qat_model(method)
+    reference = copy.deepcopy(model)
+    handles = mask_frozen_gradients(model)
+    wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                           clip_grad=dict(max_norm=0.01),
+                           accumulative_counts=2)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    layers = [(a, b) for a, b in zip(trainable_weight_layers(model),
+                                     trainable_weight_layers(reference))
+              if hasattr(a, 'weight')]
+    for _ in range(4):
+        freeze_confident_weights(model, boundary_range=0.2)
+        for half in (x[:8], x[8:]):
+            wrapper.update_params(model(half).square().mean())
+        restore_frozen_weights(model)
+        # OFQ's iteration on the reference, same frozen sets
+        optimizer.zero_grad()
+        for half in (x[:8], x[8:]):
+            (reference(half).square().mean() / 2).backward()
+        saved = {}
+        for a, b in layers:
+            frozen = a.weight_quantizer.frozen_mask
+            b.weight.grad = b.weight.grad * ~frozen
+            saved[id(b)] = (frozen, b.weight.detach().clone())
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+        optimizer.step()
+        with torch.no_grad():
+            for _, b in layers:
+                frozen, value = saved[id(b)]
+                b.weight.copy_(torch.where(frozen, value, b.weight))
+    assert any(a.weight_quantizer.frozen_mask.any() for a, _ in layers)
+    for a, b in layers:
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-7)
+        ours = wrapper.optimizer.state[a.weight]
+        theirs = optimizer.state[b.weight]
+        for key in ('exp_avg', 'exp_avg_sq'):
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6,
+                                       atol=1e-12)
+    for handle in handles:
+        handle.remove()
 
 
 def test_cga_decides_the_frozen_set_anew_every_iteration():

@@ -403,6 +403,46 @@ def test_reparameterized_model_is_float_exact_and_keeps_the_target():
     torch.testing.assert_close(q(x), net(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('bits', [4, 6])
+def test_reparameterized_layer_computes_repq_vits_quantized_function(bits):
+    """The quantized output of a reparameterized LayerNorm -> Linear is
+    RepQ-ViT's (written here from its code, float64): the activation
+    ``y / r + t`` quantized per tensor with the target ``(s~, z~)``
+    (fractional zero point, ``(clamp(round(v / s~) + z~, 0, 2^b - 1) - z~)
+    s~``), the Linear with the quantized folded weight ``W_q = Q(W
+    diag(r))`` and the float bias ``b - W diag(r) t``."""
+    net, x = outlier_channel_model()
+    cfg = QuantConfig(bits, bits, 'repq-vit')
+    q = quantize_model(copy.deepcopy(net), cfg)
+    captured = {}
+
+    def run():
+        captured['grid'] = q.blk.attn.qkv.input_quantizer  # per channel
+        q(x)
+
+    calibrate(q, cfg, run)
+    s_c = captured['grid'].scale.double()
+    z_c = captured['grid'].zero_point.double()
+    s_t, z_t = s_c.mean(), z_c.mean()  # RepQ-ViT's target
+    r, t = s_c / s_t, s_t * (z_c - z_t)
+    with torch.no_grad():
+        y = net.blk.norm1(x).double()
+    levels = 2**bits - 1
+    codes = torch.clamp(torch.round((y / r + t) / s_t) + z_t, 0, levels)
+    y_hat = (codes - z_t) * s_t
+    linear = net.blk.attn.qkv
+    w_folded = linear.weight.double() * r[None, :]
+    w_q = q.blk.attn.qkv.quant_weight.double()  # Q(W diag(r)), as searched
+    reference = y_hat @ w_q.T + linear.bias.double() - w_folded @ t
+    with torch.no_grad():
+        out = q(x).double()
+    # equal up to the few values float32 rounds across a level boundary
+    assert (out - reference).norm() / reference.norm() < 1e-4
+    # the shift through W_q instead (the earlier function) is farther off
+    through_w_q = (y_hat - t) @ w_q.T + linear.bias.double()
+    assert (through_w_q - reference).norm() / reference.norm() > 1e-3
+
+
 # ------------------------------------------------------------ bad input --
 @pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
 def test_calibration_with_nan_names_the_layer(bad):

@@ -9,8 +9,8 @@ from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
 from .methods import QuantMethod, get_method, register_method
 from .qat import (QAT_METHODS, OscillationTracker, QATConfig, QATMethod,
                   activate_qat, freeze_confident_weights, get_qat_method,
-                  initialize_qat, prepare_qat, register_qat_method,
-                  restore_frozen_weights)
+                  initialize_qat, mask_frozen_gradients, prepare_qat,
+                  register_qat_method, restore_frozen_weights)
 from .qat_quantizers import (LsqActQuantizer, LsqWeightQuantizer,
                              StatsWeightQuantizer)
 from .qk_reparam import QKReparam
@@ -26,8 +26,8 @@ __all__ = [
     'UniformQuantizer', 'find_norm_linear_pairs', 'reparameterize',
     'target_params', 'QAT_METHODS', 'OscillationTracker', 'QATConfig',
     'activate_qat', 'freeze_confident_weights', 'initialize_qat',
-    'prepare_qat', 'restore_frozen_weights', 'LsqActQuantizer',
-    'LsqWeightQuantizer', 'StatsWeightQuantizer', 'QKReparam', 'QuantMethod',
+    'prepare_qat', 'mask_frozen_gradients', 'restore_frozen_weights',
+    'LsqActQuantizer', 'LsqWeightQuantizer', 'StatsWeightQuantizer', 'QKReparam', 'QuantMethod',
     'get_method', 'register_method', 'QATMethod', 'get_qat_method',
     'register_qat_method'
 ]

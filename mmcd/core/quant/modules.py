@@ -59,10 +59,31 @@ class QuantWeightMixin:
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):
+    """A fake-quantized Linear. Behind a RepQ-ViT reparameterized input
+    (reparam.py: the input quantizer computes ``Q(x + t) - t`` with the
+    per-channel shift ``t``) the output is RepQ-ViT's quantized function,
+    ``W_q Q(x + t) + b - W t``: the shift leaves through the *float* weight,
+    as RepQ-ViT folds ``W t`` into the float bias, not through ``W_q``.
+    :meth:`shift_corrected_bias` adds ``(W_q - W) t`` to the bias for that.
+    """
 
     def forward(self, x):
-        return F.linear(self.input_quantizer(x), self.effective_weight(),
-                        self.bias)
+        weight = self.effective_weight()
+        return F.linear(self.input_quantizer(x), weight,
+                        self.shift_corrected_bias(weight))
+
+    def shift_corrected_bias(self, weight):
+        """``b + (W_q - W) t`` for the quantized ``weight`` ``W_q`` when the
+        input quantizer shifts its input by ``t`` (and quantizes), else
+        ``b``: ``W_q (Q(x + t) - t) + b + (W_q - W) t = W_q Q(x + t) + b -
+        W t``, RepQ-ViT's function (Li et al., ICCV 2023, eq. 9-10: ``W t``
+        folded into the bias in float)."""
+        offset = getattr(self.input_quantizer, 'channel_offset', None)
+        if offset is None or not offset.numel() or weight is self.weight \
+                or self.input_quantizer.state != 'quant':
+            return self.bias
+        correction = F.linear(offset.to(weight.dtype), weight - self.weight)
+        return correction if self.bias is None else self.bias + correction
 
 
 class QuantConv2d(QuantWeightMixin, nn.Conv2d):

@@ -25,9 +25,12 @@ for that iteration; only the weights near a boundary, the ones that can
 still flip level (oscillate), train. A weight that moves out of the range
 is frozen from the next iteration on; a frozen one whose distance shrinks
 (StatsQ's step follows the other weights) is released.
-:func:`restore_frozen_weights`, after every optimizer (and CD) update,
-writes the frozen values back, which freezes them exactly whatever the
-optimizer (AdamW moments, weight decay and CD would otherwise move them).
+As in OFQ's training loop, a frozen weight's gradient is zeroed before the
+optimizer sees it (:func:`mask_frozen_gradients`: gradient clipping's norm
+and AdamW's moments see a zero), and :func:`restore_frozen_weights`, after
+every optimizer (and CD) update, writes the frozen values back, which
+freezes them exactly whatever the optimizer (momentum, weight decay and CD
+would otherwise move them).
 Under query-key reparameterization the ``W_Q`` / ``W_K`` rows of a qkv layer
 are quantized only through the product ``W_Q^T W_K``, never by the qkv
 layer's weight quantizer, so they are never frozen by it (they train, as in
@@ -268,6 +271,26 @@ def freeze_confident_weights(model: nn.Module,
         frozen = count if frozen is None else frozen + count.to(frozen)
         total += mask.numel()
     return dict(frozen=frozen, total=total)
+
+
+def mask_frozen_gradients(model: nn.Module) -> List:
+    """Zero, as each backward pass accumulates it, the gradient of every
+    weight CGA froze for the iteration (the masks
+    :func:`freeze_confident_weights` sets; none before it runs). A hook on
+    each quantized weight, run where the gradient is accumulated, so that
+    gradient accumulation, AMP's unscaling, clipping, the optimizer and a
+    DDP all-reduce (whose hooks run after it) all see the zeros. Returns
+    the hook handles (``handle.remove()`` undoes it)."""
+    def zero_frozen(quantizer):
+        def hook(param):
+            if quantizer.frozen_mask.numel() and param.grad is not None:
+                param.grad.masked_fill_(quantizer.frozen_mask, 0)
+        return hook
+
+    return [layer.weight.register_post_accumulate_grad_hook(
+        zero_frozen(layer.weight_quantizer))
+        for layer in trainable_weight_layers(model)
+        if not isinstance(layer, QKReparam)]
 
 
 @torch.no_grad()

@@ -162,8 +162,11 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, \
             layer.out_features
-        self.bias = layer.bias
         self._take_weight(layer)
+        # RepQ-ViT's shift leaves through the float weight (QuantLinear)
+        bias = layer.shift_corrected_bias(layer.effective_weight())
+        self.bias = bias if bias is None or bias is layer.bias else \
+            nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x):
         x, weight = self.input_qdq(x), self.dequantized_weight()

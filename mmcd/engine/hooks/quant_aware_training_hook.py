@@ -50,6 +50,7 @@ from mmengine.registry import HOOKS
 
 from mmcd.core.quant.qat import (OscillationTracker, activate_qat,
                                  freeze_confident_weights, initialize_qat,
+                                 mask_frozen_gradients,
                                  restore_frozen_weights,
                                  trainable_weight_layers)
 from ..calibration import CalibrationOptions, calibrate_on
@@ -129,7 +130,8 @@ class ConfidenceGuidedAnnealingHook(Hook):
     """OFQ's confidence-guided annealing: from ``begin`` (a fraction of the
     training iterations) on, before every iteration the weights at least
     ``boundary_range`` steps from a rounding boundary are decided anew and
-    frozen for that update (written back after it); logs the frozen
+    frozen for that update (their gradients zeroed as they accumulate, their
+    values written back after the update, as OFQ does); logs the frozen
     fraction as ``qat_cga_frozen``. Defaults: OFQ's (``begin=0.9``,
     ``boundary_range=0.005``)."""
     priority = 'NORMAL'
@@ -145,9 +147,19 @@ class ConfidenceGuidedAnnealingHook(Hook):
                              f'{boundary_range}')
         self.begin, self.boundary_range = float(begin), float(boundary_range)
         self._annealing = False
+        self._gradient_hooks = []
 
     def before_run(self, runner) -> None:
         _qat_model(runner, 'ConfidenceGuidedAnnealingHook')
+
+    def before_train(self, runner) -> None:
+        # frozen weights' gradients are zeroed as they accumulate (OFQ)
+        self._gradient_hooks = mask_frozen_gradients(_unwrap(runner.model))
+
+    def after_train(self, runner) -> None:
+        for handle in self._gradient_hooks:
+            handle.remove()
+        self._gradient_hooks = []
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if runner.iter < int(self.begin * runner.max_iters):
