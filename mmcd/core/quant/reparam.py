@@ -19,8 +19,12 @@ quantizer's grid (not searched again: a re-search would undo the choice of
 target), and the next Linear's weight is quantized again after the fold.
 mmcd folds the scale part ``r`` into the LayerNorm and the next Linear, and
 keeps the shift ``t`` inside the Linear's input quantizer
-(``x -> Q(x + t) - t``). The float function and the quantization grid are
-RepQ-ViT's; the reason is Swin's window attention, which zero-pads the
+(``x -> Q(x + t) - t``), and the Linear adds ``(W_q - W) t`` to its bias
+(:meth:`~mmcd.core.quant.modules.QuantLinear.shift_corrected_bias`), so the
+float function, the quantization grid and the quantized function are
+RepQ-ViT's (``W_q Q(x + t) + b - W t``); a padded token gives ``W_q Q(t) -
+W t + b``, about the ``b`` of a zero input. The reason to keep ``t`` out of
+``beta`` is Swin's window attention, which zero-pads the
 LayerNorm output before ``qkv``: with ``t`` folded into ``beta`` the padded
 zeros would no longer mean zero. In an integer deployment ``t`` folds into
 ``beta`` and the bias as in RepQ-ViT (padding with ``t``). For the same
