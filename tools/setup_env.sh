@@ -47,7 +47,8 @@ try:
 except Exception:
     need.append('mmcv')
 if (version('mmengine'), version('mmdet')) != ('0.10.7', '3.3.0') or any(
-        version(m) is None for m in ('pycocotools', 'matplotlib', 'pytest')):
+        version(m) is None for m in ('pycocotools', 'matplotlib', 'pytest',
+                                   'pytest-xdist')):
     need.append('deps')
 if any(version(m) is None for m in ('onnx', 'onnxruntime', 'onnxscript')):
     need.append('deploy')
