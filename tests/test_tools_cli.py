@@ -114,6 +114,25 @@ def test_dropped_annotations_follow_mmdet():
         'category not among the classes': [5]}
 
 
+@pytest.mark.parametrize('load, threads, warned', [
+    (2.5, None, True), (0.3, None, False), (2.5, '1', False)])
+def test_busy_machine_warning(monkeypatch, load, threads, warned):
+    from mmcd.engine import runner_setup
+    lines = []
+    monkeypatch.setattr(runner_setup, 'print_log',
+                        lambda msg, **kwargs: lines.append(msg))
+    monkeypatch.setattr(os, 'getloadavg', lambda: (load, load, load))
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    if threads is not None:
+        monkeypatch.setenv('OMP_NUM_THREADS', threads)
+    runner_setup.warn_if_oversubscribed()
+    assert bool(lines) is warned
+    if warned:
+        assert 'load 2.5 on 2 cores' in lines[0] and \
+            'OMP_NUM_THREADS=1' in lines[0]
+
+
 def test_error_line_of_a_dataloader_worker_error():
     worker = FileNotFoundError(
         'Caught FileNotFoundError in DataLoader worker process 0.\n'
