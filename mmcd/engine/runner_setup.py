@@ -68,9 +68,10 @@ def check_checkpoint(path: str, what: str = 'checkpoint') -> None:
 
 
 def warn_if_oversubscribed() -> None:
-    """Warn when other processes already keep the machine's cores busy:
-    PyTorch starts one thread per core, and on a shared 2-core machine two
-    such jobs ran 10-30x slower than one (``OMP_NUM_THREADS=1`` helps)."""
+    """Warn when other processes already keep the machine's cores busy
+    (1-minute load average >= cores) and ``OMP_NUM_THREADS`` is unset:
+    PyTorch starts one thread per core, and jobs whose threads preempt each
+    other slow down many times over."""
     cores = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
     if load >= cores and 'OMP_NUM_THREADS' not in os.environ:
@@ -117,8 +118,10 @@ def _leaf_datasets(dataset: dict):
     if 'dataset' in dataset:  # RepeatDataset, ClassBalancedDataset, ...
         yield from _leaf_datasets(dataset['dataset'])
         return
-    for sub in dataset.get('datasets', []):  # ConcatDataset
-        yield from _leaf_datasets(sub)
+    if 'datasets' in dataset:  # ConcatDataset
+        for sub in dataset['datasets']:
+            yield from _leaf_datasets(sub)
+        return
     yield dataset
 
 
