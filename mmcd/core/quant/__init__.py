@@ -27,7 +27,7 @@ __all__ = [
     'target_params', 'QAT_METHODS', 'OscillationTracker', 'QATConfig',
     'activate_qat', 'freeze_confident_weights', 'initialize_qat',
     'prepare_qat', 'mask_frozen_gradients', 'restore_frozen_weights',
-    'LsqActQuantizer', 'LsqWeightQuantizer', 'StatsWeightQuantizer', 'QKReparam', 'QuantMethod',
-    'get_method', 'register_method', 'QATMethod', 'get_qat_method',
-    'register_qat_method'
+    'LsqActQuantizer', 'LsqWeightQuantizer', 'StatsWeightQuantizer',
+    'QKReparam', 'QuantMethod', 'get_method', 'register_method', 'QATMethod',
+    'get_qat_method', 'register_qat_method'
 ]

@@ -136,13 +136,18 @@ class QuantConfig:
                      if re.search(rule.pattern, name)), None)
 
 
+def _is_first_layer(name: str, cfg: QuantConfig) -> bool:
+    return re.search(cfg.first_layer_pattern or first_layer_pattern(),
+                     name) is not None
+
+
 def layer_bits_of(name: str, cfg: QuantConfig):
     """``(w_bits, a_bits, rule)`` of the layer called ``name``: the
     config's bits, the first layers' input bits, then the first matching
     ``layer_bits`` rule (None when none matches)."""
     rule = cfg.rule_for(name)
     w_bits, a_bits = cfg.w_bits, cfg.a_bits
-    if re.search(cfg.first_layer_pattern or first_layer_pattern(), name):
+    if _is_first_layer(name, cfg):
         a_bits = cfg.first_layer_bits
     if rule is not None:
         w_bits = w_bits if rule.w_bits is None else rule.w_bits
@@ -159,7 +164,6 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
     ``why``: ``'default'``, ``'first layer'``, ``"layer_bits 'REGEX'"``,
     ``"skip 'REGEX'"``, ``"scope 'backbone'"`` or ``'not quantized
     (KIND)'``."""
-    first_layer = cfg.first_layer_pattern or first_layer_pattern()
     rows = []
     for name, module in model.named_modules():
         quantizers = {key: child for key, child in module.named_children()
@@ -169,7 +173,7 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
             a_bits = sorted({q.bits for q in quantizers.values()})
             rule = cfg.rule_for(name)
             why = (f"layer_bits '{rule.pattern}'" if rule is not None else
-                   'first layer' if re.search(first_layer, name) else
+                   'first layer' if _is_first_layer(name, cfg) else
                    'default')
             rows.append(dict(
                 name=name, kind=type(module).__name__, quantized=True,
