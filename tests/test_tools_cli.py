@@ -87,6 +87,37 @@ def test_broken_data_warns_and_fails_in_one_line(micro_data_root, tmp_path):
     assert sum('dropped by mmdet' in line for line in out.splitlines()) == 1
 
 
+@pytest.mark.parametrize('rank, warned',
+                         [(None, True), ('0', True), ('1', False)])
+def test_dropped_annotations_counted_once_on_rank_0(tmp_path, monkeypatch,
+                                                    rank, warned):
+    from mmengine.config import Config
+
+    from mmcd.engine import runner_setup
+    (tmp_path / 'img').mkdir()
+    ann = tmp_path / 'ann.json'
+    ann.write_text(json.dumps(dict(
+        images=[dict(id=1, width=10, height=10, file_name='a.png')],
+        categories=[dict(id=1, name='circle')],
+        annotations=[dict(id=1, image_id=1, category_id=1,
+                          bbox=[1, 1, -3, 2], area=4)])))
+    dataset = dict(type='CocoDataset', data_root=f'{tmp_path}/',
+                   ann_file='ann.json', data_prefix=dict(img='img/'),
+                   metainfo=dict(classes=('circle', )))
+    cfg = Config(dict(val_dataloader=dict(dataset=dataset),
+                      test_dataloader=dict(dataset=dataset)))
+    lines = []
+    monkeypatch.setattr(runner_setup, 'print_log',
+                        lambda msg, **kwargs: lines.append(msg))
+    monkeypatch.delenv('RANK', raising=False)
+    if rank is not None:
+        monkeypatch.setenv('RANK', rank)
+    runner_setup.check_datasets(cfg, ['val_dataloader', 'test_dataloader'])
+    assert len(lines) == int(warned)  # the shared file counted once
+    if warned:
+        assert lines[0].startswith('val_dataloader: 1 of 1 annotations')
+
+
 def test_dropped_annotations_follow_mmdet():
     """Each reason mmdet 3.3's CocoDataset.parse_data_info skips an
     annotation for, on a 100x50 image (hand-made cases)."""

@@ -142,8 +142,11 @@ def _dataset_files(dataset: dict):
 
 def check_datasets(cfg: Config, loaders: Iterable[str]) -> None:
     """Fail early, in one line, when a dataloader's files are missing; warn
-    once per COCO annotation file of the annotations mmdet will drop."""
+    once per COCO annotation file of the annotations mmdet will drop (on
+    rank 0 only: counting reads the file once more, which for COCO's train
+    annotations costs seconds per process)."""
     warned = set()
+    count_dropped = os.environ.get('RANK', '0') == '0'  # set by torchrun
     for loader in loaders:
         dataset = (cfg.get(loader) or {}).get('dataset')
         if dataset is None:
@@ -159,7 +162,8 @@ def check_datasets(cfg: Config, loaders: Iterable[str]) -> None:
         for leaf in _leaf_datasets(dataset):
             ann = _join_root(leaf, leaf.get('ann_file') or '')
             kind = _coco_dataset_class(leaf)
-            if ann not in warned and kind and ann.endswith('.json'):
+            if (count_dropped and ann not in warned and kind
+                    and ann.endswith('.json') and '://' not in ann):
                 warned.add(ann)
                 classes = (leaf.get('metainfo') or {}).get(
                     'classes') or kind.METAINFO['classes']
