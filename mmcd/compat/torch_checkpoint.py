@@ -13,6 +13,7 @@ a one-line message that names the file and the offending globals.
 """
 import os.path as osp
 import pickle
+import zipfile
 from typing import Iterable, List
 
 import numpy as np
@@ -81,16 +82,20 @@ def _one_line_reason(err: Exception) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-def load_from_local_weights_only(filename: str, map_location=None):
+def load_from_local_weights_only(filename: str, map_location=None,
+                                 mmap: bool = False):
     """MMEngine's local-path checkpoint loader with ``weights_only=True`` and
     errors a user can act on (MMEngine logs it as the "local_weights_only"
-    backend)."""
+    backend). ``mmap``: map the tensors' storage instead of reading it
+    (zip-format files; others are read), for a check of the file that
+    leaves the loading to later."""
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise CheckpointLoadError(f'checkpoint {filename} does not exist')
     try:
         return torch.load(filename, map_location=map_location,
-                          weights_only=True)
+                          weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(filename))
     except pickle.UnpicklingError as err:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(

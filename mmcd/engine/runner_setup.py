@@ -59,12 +59,14 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
 
 def check_checkpoint(path: str, what: str = 'checkpoint') -> None:
     """Fail now, in one line, on a missing or unreadable checkpoint (before
-    the Runner prints the config and builds the model)."""
+    the Runner prints the config and builds the model). The pickle is read
+    and checked; the tensors are only memory-mapped, not read, since the
+    Runner loads the file again."""
     if '://' in path:
         return
     if not osp.isfile(path):
         raise UserError(f'{what} {path} does not exist')
-    load_from_local_weights_only(path, map_location='cpu')
+    load_from_local_weights_only(path, map_location='cpu', mmap=True)
 
 
 def warn_if_oversubscribed() -> None:
