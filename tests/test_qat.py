@@ -158,13 +158,54 @@ def qat_model(method='ofq', bits=4, **kwargs):
     return model, x, cfg
 
 
-def test_cga_freezes_exactly_the_confident_weights():
+def ofq_frozen(weight, bits, boundary_range):
+    """OFQ's CGA frozen set, written from its cga.py
+    (``freeze_outside_boundary_weight_idx``) in float64: StatsQ's step
+    ``alpha = 2 mean|W_row|``, ``b = clamp(W / alpha, -1, 1) 2^(b-1) - 1/2``;
+    a weight stays trainable when ``b`` lies within ``boundary_range`` of a
+    rounding boundary ``i + 1/2`` for an integer ``i`` from the least to
+    (excluding) the largest rounded ``b`` of the tensor."""
+    w = weight.detach().double().flatten(1)  # a convolution: rows
+    alpha = 2 * w.abs().mean(1, keepdim=True)
+    b = torch.clamp(w / alpha, -1.0, 1.0 - 1e-6) * 2**(bits - 1) - 0.5
+    rounded = torch.round(b)
+    trainable = torch.zeros_like(b, dtype=torch.bool)
+    for i in range(int(rounded.min()), int(rounded.max())):
+        trainable |= ((b - i) <= 0.5 + boundary_range) & (
+            (b - i) >= 0.5 - boundary_range)
+    return (~trainable).view(weight.shape)
+
+
+def test_cga_freezes_the_weights_ofq_freezes():
+    """Every OFQ-quantized layer freezes exactly the weights OFQ's boundary
+    formula freezes (the W_Q / W_K rows, quantized only through their
+    product, excepted)."""
+    model, x, _ = qat_model('ofq')
+    for boundary_range in (0.005, 0.05):
+        counts = freeze_confident_weights(model, boundary_range)
+        checked = 0
+        for name, layer in model.named_modules():
+            if not isinstance(getattr(layer, 'weight_quantizer', None),
+                              StatsWeightQuantizer) or isinstance(
+                                  layer, QKReparam):
+                continue
+            expected = ofq_frozen(layer.weight, 4, boundary_range)
+            if name.endswith('attn.qkv'):  # q, k rows: the product's
+                expected[:2 * layer.in_features] = False
+            assert torch.equal(layer.weight_quantizer.frozen_mask,
+                               expected), name
+            checked += expected.numel()
+        total = sum(m.weight.numel() for m in trainable_weight_layers(model)
+                    if hasattr(m, 'weight'))
+        assert checked == counts['total'] == total
+        assert 0 < int(counts['frozen']) < total
+
+
+def test_cga_restores_exactly_the_frozen_weights():
     model, x, _ = qat_model('lsq')
     layer = model.backbone.blocks[0].mlp.fc1
-    distance = layer.weight_quantizer.boundary_distance(layer.weight)
-    counts = freeze_confident_weights(model, boundary_range=0.05)
-    confident = distance >= 0.05
-    assert torch.equal(layer.weight_quantizer.frozen_mask, confident)
+    freeze_confident_weights(model, boundary_range=0.05)
+    confident = layer.weight_quantizer.frozen_mask.clone()
     assert 0 < (~confident).sum() < confident.sum()
     before = layer.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -176,9 +217,6 @@ def test_cga_freezes_exactly_the_confident_weights():
     after = layer.weight.detach()
     assert torch.equal(after[confident], before[confident])
     assert (after[~confident] != before[~confident]).all()
-    total = sum(m.weight.numel() for m in trainable_weight_layers(model)
-                if hasattr(m, 'weight'))
-    assert counts['total'] == total
 
 
 @pytest.mark.parametrize('method', ['lsq', 'ofq'])
@@ -278,6 +316,54 @@ def test_qk_reparam_gives_the_float_logits():
     quantizer = StatsWeightQuantizer(4)  # off: state 'fp'
     logits = QKReparam(qkv, 2, quantizer)(x, MatMul('qk'), scale)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def ofq_statsq(weight, bits):
+    """OFQ's StatsQuantizer forward (statsq.py) in float64: per row
+    ``alpha = 2 mean|w|``, ``n = 2^(b-1)``,
+    ``alpha (round(clamp(w / alpha, -1, 1) n - 1/2) + 1/2) / n``."""
+    w = weight.double()
+    alpha = 2 * w.abs().mean(1, keepdim=True)
+    n = 2**(bits - 1)
+    clipped = torch.clamp(w / alpha, -1.0, 1.0 - 1e-6)
+    return alpha * (torch.round(clipped * n - 0.5) + 0.5) / n
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_qk_reparam_logits_are_x_statsq_of_the_product_x(bias):
+    """The quantized logits of head h are ``scale x StatsQ(W_Qh^T W_Kh)
+    x^T`` (OFQ's attention.py, which has no q/k bias), plus with biases the
+    exact expansion ``scale (x W_Qh^T b_Kh + b_Qh W_Kh x^T + b_Qh.b_Kh)``
+    written from q = x W_Q^T + b_Q, k = x W_K^T + b_K."""
+    torch.manual_seed(0)
+    heads, channels, tokens, bits = 2, 12, 5, 4
+    qkv = nn.Linear(channels, 3 * channels, bias=bias)
+    x = torch.randn(2, tokens, channels)
+    scale = (channels // heads)**-0.5
+    quantizer = StatsWeightQuantizer(bits)
+    quantizer.finalize(qkv.weight)
+    quantizer.set_state('quant')
+    logits = QKReparam(qkv, heads, quantizer)(x, MatMul('qk'), scale)
+
+    xd, wd = x.double(), qkv.weight.detach().double()
+    w_q, w_k = (wd[i * channels:(i + 1) * channels].view(heads, -1, channels)
+                for i in range(2))
+    product = ofq_statsq((w_q.transpose(1, 2) @ w_k).reshape(-1, channels),
+                         bits).view(heads, channels, channels)
+    expected = torch.einsum('bnc,hcd,bmd->bhnm', xd, product, xd)
+    if bias:
+        bd = qkv.bias.detach().double()
+        b_q, b_k = bd[:channels].view(heads, -1), bd[channels:2 * channels]
+        b_k = b_k.view(heads, -1)
+        q_bias_k = torch.einsum('hd,hdc,bmc->bhm', b_q, w_k, xd)
+        x_k_bias = torch.einsum('bnc,hdc,hd->bhn', xd, w_q, b_k)
+        expected = expected + q_bias_k[:, :, None, :] + \
+            x_k_bias[..., None] + (b_q * b_k).sum(-1)[None, :, None, None]
+    torch.testing.assert_close(logits.double(), expected * scale,
+                               atol=1e-5, rtol=1e-5)
+    # and the product was quantized: the float logits differ
+    q, k, _ = qkv(x).view(2, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    assert (logits - (q * scale) @ k.transpose(-2, -1)).abs().max() > 1e-2
 
 
 def test_qk_reparam_in_vitdet_attention_is_exact_when_off():

@@ -105,15 +105,34 @@ def test_quant_state_needs_calibration():
         UniformQuantizer(4).set_state('quant')
 
 
-def test_target_params_mean_and_mad():
+def test_target_params_are_repq_vits_means():
     scale = torch.tensor([1.0, 1.1, 0.9, 1.0, 50.0])
     zero = torch.tensor([3.0, 4.0, 3.0, 4.0, 3.0])
-    s_mean, z_mean = target_params(scale, zero, 'mean')
+    s_mean, z_mean = target_params(scale, zero)
     assert s_mean.item() == pytest.approx(10.8)
     assert z_mean.item() == pytest.approx(3.4)  # RepQ-ViT does not round
-    s_mad, z_mad = target_params(scale, zero, 'mad')
-    assert s_mad.item() == pytest.approx(1.0)  # the outlier channel is out
-    assert z_mad.item() == pytest.approx(3.5)  # of both
+
+
+def reparameterized_pair(target_of=None, bits=4):
+    """A LayerNorm -> QuantLinear in float64 with 3 outlier channels,
+    reparameterized (optionally with the target ``target_of(s_c, z_c)``) and
+    its weight quantized again; returns the quantized function."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(16).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+        norm.weight[:3] *= 30
+        norm.bias.copy_(torch.randn(16))
+    linear = QuantLinear.from_float(nn.Linear(16, 8).double(), bits, bits,
+                                    'repq-vit')
+    x = torch.randn(256, 16, dtype=torch.float64)
+    y = norm(x)
+    scale_c, zero_c = linear.input_quantizer.params_for_range(
+        y.amin(0), y.amax(0))
+    target = None if target_of is None else target_of(scale_c, zero_c)
+    reparameterize(norm, linear, scale_c, zero_c, target)
+    linear.finalize_weight()
+    return lambda: linear(norm(x)).detach()
 
 
 def test_reparameterization_is_exact_in_fp():
@@ -128,7 +147,7 @@ def test_reparameterization_is_exact_in_fp():
     y = norm(x)
     scale_c, zero_c = linear.input_quantizer.params_for_range(
         y.amin(0), y.amax(0))
-    out = reparameterize(norm, linear, scale_c, zero_c, 'mean')
+    out = reparameterize(norm, linear, scale_c, zero_c)
     assert linear.input_quantizer.state == 'quant'  # the target grid
     linear.input_quantizer.set_state('fp')
     torch.testing.assert_close(linear(norm(x)), before, rtol=1e-5,
@@ -141,6 +160,22 @@ def test_reparameterization_is_exact_in_fp():
     y_new = norm(x) + out['t']
     span = (y_new.amax(0) - y_new.amin(0)) / (y.amax(0) - y.amin(0))
     torch.testing.assert_close(span, 1 / out['r'], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('bits', [4, 6])
+def test_target_scale_cancels_in_the_quantized_function(bits):
+    """Why DopQ-ViT's MOSF is not a separate target (reparam.py): any
+    per-tensor target scale gives RepQ-ViT's quantized output, only the
+    zero point's fraction acts."""
+    mean_target = reparameterized_pair(bits=bits)()
+    for factor in (0.2, 7.3):
+        other = reparameterized_pair(
+            lambda s, z: (factor * s.mean(), z.mean()), bits)()
+        torch.testing.assert_close(other, mean_target, rtol=1e-12,
+                                   atol=1e-12)
+    shifted = reparameterized_pair(lambda s, z: (s.mean(), z.mean() + 0.5),
+                                   bits)()
+    assert (shifted - mean_target).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize('size,shift', [((14, 14), 0), ((11, 17), 3)])

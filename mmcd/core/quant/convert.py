@@ -10,8 +10,8 @@ patterns (regular expressions searched in module names) leave layers out.
 Methods (methods.py): ``minmax`` (min-max ranges, uniform post-softmax),
 ``repq-vit`` (RepQ-ViT: LayerNorm scale reparameterization with its mean
 target, quantile/MSE search for activations and weights, log-sqrt2
-post-softmax with a calibrated scale) and ``dopq-vit`` (the same with our
-MAD-guided target and TanQ). Calibration follows RepQ-ViT's code: one pass
+post-softmax with a calibrated scale) and ``dopq-vit`` (the same with TanQ,
+our formulation, post-softmax). Calibration follows RepQ-ViT's code: one pass
 over the calibration images, as one batch, with quantization on, each
 quantizer calibrating on the first tensor it sees (quantizers.py); the
 post-LayerNorm inputs are quantized per channel in that pass and
@@ -357,7 +357,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
         layer.finalize_weight()
     modules = dict(model.named_modules())
     per_channel = []  # (norm, linear, the linear's own input quantizer)
-    if method.reparam_target is not None:
+    if method.reparameterize:
         for norm_name, lin_name in find_norm_linear_pairs(model):
             linear = modules[lin_name]
             if not isinstance(linear, QuantLinear):
@@ -386,8 +386,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
     for norm, linear, own in per_channel:
         grid, linear.input_quantizer = linear.input_quantizer, own
         if grid.calibrated:  # else: unreached, left in float
-            reparameterize(norm, linear, *grid.channel_params(),
-                           target=method.reparam_target)
+            reparameterize(norm, linear, *grid.channel_params())
             linear.finalize_weight()
             reparameterized += 1
     return dict(method=method.name, layers=len(layers),

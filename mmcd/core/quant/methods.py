@@ -9,14 +9,15 @@ the post-softmax quantizer and the LayerNorm reparameterization target;
 name           activations   weights       post-softmax  reparameterization
 =============  ============  ============  ============  ==================
 ``minmax``     min-max       min-max       uniform       none
-``repq-vit``   quantile MSE  quantile MSE  log-sqrt2     target mean
-``dopq-vit``   quantile MSE  quantile MSE  TanQ          MAD-guided target
+``repq-vit``   quantile MSE  quantile MSE  log-sqrt2     RepQ-ViT's
+``dopq-vit``   quantile MSE  quantile MSE  TanQ          RepQ-ViT's
 =============  ============  ============  ============  ==================
 
-(quantizers.py and reparam.py give the formulas and sources.) Pure PyTorch.
+(quantizers.py and reparam.py give the formulas and sources; reparam.py why
+DopQ-ViT's MOSF is not a separate target.) Pure PyTorch.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 from .quantizers import (SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
@@ -26,20 +27,20 @@ SOFTMAX_QUANTIZERS = {
     'log-sqrt2': LogSqrt2Quantizer,
     'tanq': TanQuantizer,
 }
-REPARAM_TARGETS = (None, 'mean', 'mad')
 
 
 @dataclass(frozen=True)
 class QuantMethod:
     """A PTQ method: ``act_search`` / ``weight_search`` one of
     ``'minmax'``, ``'quantile'``, ``'clip-ratio'`` (weights);
-    ``softmax`` one of :data:`SOFTMAX_QUANTIZERS`; ``reparam_target`` None
-    (no reparameterization), ``'mean'`` or ``'mad'``."""
+    ``softmax`` one of :data:`SOFTMAX_QUANTIZERS`; ``reparameterize``:
+    RepQ-ViT's scale reparameterization of post-LayerNorm inputs
+    (reparam.py)."""
     name: str
     act_search: str
     weight_search: str
     softmax: str
-    reparam_target: Optional[str] = None
+    reparameterize: bool = False
 
     def __post_init__(self):
         for field_name in ('act_search', 'weight_search'):
@@ -49,9 +50,9 @@ class QuantMethod:
         if self.softmax not in SOFTMAX_QUANTIZERS:
             raise ValueError(f'{self.name}: softmax must be one of '
                              f'{sorted(SOFTMAX_QUANTIZERS)}')
-        if self.reparam_target not in REPARAM_TARGETS:
-            raise ValueError(f'{self.name}: reparam_target must be one of '
-                             f'{REPARAM_TARGETS}')
+        if not isinstance(self.reparameterize, bool):
+            raise ValueError(f'{self.name}: reparameterize must be True or '
+                             f'False, got {self.reparameterize!r}')
 
     def act_quantizer(self, bits: int) -> UniformQuantizer:
         return UniformQuantizer(bits, None, self.act_search)
@@ -87,6 +88,6 @@ def get_method(name: Union[str, QuantMethod]) -> QuantMethod:
 
 register_method(QuantMethod('minmax', 'minmax', 'minmax', 'uniform'))
 register_method(QuantMethod('repq-vit', 'quantile', 'quantile', 'log-sqrt2',
-                            'mean'))
+                            reparameterize=True))
 register_method(QuantMethod('dopq-vit', 'quantile', 'quantile', 'tanq',
-                            'mad'))
+                            reparameterize=True))
