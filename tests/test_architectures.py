@@ -1,14 +1,13 @@
-"""Architecture specs: a new backbone family is one registered spec, read by
-pair discovery (CD), RepQ-ViT's reparameterization, the first-layer rule and
-the optim wrapper; conflicting specs fail at conversion time."""
+"""Architecture specs and quantized twins: registered once, found by name
+(specs) or by class (twins); the model of docs/en/extending.md's backbone
+example (test_extending.py registers its spec)."""
 import pytest
 import torch
 from mmengine.optim import build_optim_wrapper
 from torch import nn
 
-from mmcd.core import ARCHITECTURES, ArchitectureSpec, register_architecture
-from mmcd.core.pairs import PairRule, attention_rules
-from mmcd.core.quant import MatMul, QuantConfig, calibrate, quantize_model
+from mmcd.core import ARCHITECTURES, ArchitectureSpec
+from mmcd.core.quant import MatMul, QuantConfig, quantize_model
 
 
 class Mixer(nn.Module):
@@ -53,68 +52,103 @@ class Net(nn.Module):
         return self.layers(self.stem(x))
 
 
-@pytest.fixture
-def mixer_spec():
-    spec = register_architecture(ArchitectureSpec(
-        name='test-mixer',
-        pair_rules=(PairRule('ffn', r'(?P<block>.+)\.mlp\.up',
-                             '{block}.mlp.down', name='{block}.ffn'),
-                    *attention_rules('mixer', qkv='in_proj',
-                                     proj='out_proj')),
-        reparam_rules=((r'(?P<p>.+)\.ln_1', '{p}.mixer.in_proj'),
-                       (r'(?P<p>.+)\.ln_2', '{p}.mlp.up')),
-        first_layer=r'stem'))
-    yield spec
-    ARCHITECTURES.pop(spec.name)
-
-
-def test_a_new_backbone_is_one_spec(mixer_spec):
-    torch.manual_seed(0)
-    net = Net()
-    wrapper = build_optim_wrapper(net, dict(
-        type='ColinearityDecayOptimWrapper',
-        optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=0.5)))
-    wrapper.bind_model(net)
-    assert sorted(p.name for p in wrapper.matrix_pairs) == [
-        f'layers.{i}.{kind}' for i in (0, 1) for kind in ('ffn', 'qk', 'vo')]
-    x = torch.randn(2, 10, 8)
-    cfg = QuantConfig(8, 8, 'repq-vit')
-    quantized = quantize_model(net, cfg)
-    assert quantized.stem.input_quantizer.bits == 8  # the spec's first layer
-    assert quantized.layers[0].mlp.up.input_quantizer.bits == 8
-    summary = calibrate(quantized, cfg, lambda: quantized(x))
-    assert summary['reparameterized'] == 4  # ln_1 and ln_2 of two layers
-
-
 def test_unknown_builtin_architecture_lists_the_registered():
-    with pytest.raises(ValueError, match=r"pairs.builtin: unknown "
-                       r"architecture\(s\) \['resnet'\]; registered: swin, "
-                       'vit'):
+    with pytest.raises(ValueError, match="pairs.builtin: unknown "
+                       "architecture 'resnet'; registered: swin, vit"):
         build_optim_wrapper(Net(), dict(
             type='ColinearityDecayOptimWrapper',
             optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=0.5),
             pairs=dict(builtin=('resnet', ))))
 
 
-class WindowMSA(nn.Module):
-    """A class name the Swin spec claims."""
+def test_a_quantized_twin_is_found_by_class_and_registered_once():
+    from mmdet.models.backbones.swin import WindowMSA
 
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(4, 4)
+    from mmcd.core.quant import QUANTIZED_MODULES, QuantWindowMSA
+
+    class NamedLikeWindowMSA(nn.Module):  # a name is not a type
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    NamedLikeWindowMSA.__name__ = 'WindowMSA'
+    model = nn.Sequential(NamedLikeWindowMSA())
+    with pytest.raises(ValueError, match=r'attention module 0 \(WindowMSA\):'
+                       r'.*QUANTIZED_MODULES \(registered: Linear, Conv2d, '
+                       r'MatMul, WindowMSA'):
+        quantize_model(model, QuantConfig(4, 4, 'minmax'))
+
+    class SubclassedWindowMSA(WindowMSA):  # found along the class hierarchy
+        pass
+
+    model = nn.Sequential(SubclassedWindowMSA(8, 2, (2, 2)))
+    quantize_model(model, QuantConfig(4, 4, 'minmax'))
+    assert isinstance(model[0], QuantWindowMSA)
+    with pytest.raises(ValueError, match='quantized twin WindowMSA is '
+                       'registered already'):
+        QUANTIZED_MODULES.register(lambda *args: None, name=WindowMSA)
 
 
-def test_two_specs_claiming_one_attention_class_fail_at_conversion():
-    spec = register_architecture(ArchitectureSpec(
-        name='test-claims-window-msa', pair_rules=(),
-        quant_attentions={'WindowMSA': lambda module, bits, method: module}))
-    try:
-        model = nn.Sequential(WindowMSA())
-        with pytest.raises(ValueError, match=r'0 \(WindowMSA\) is claimed by '
-                           'the architecture specs swin, '
-                           'test-claims-window-msa: keep one'):
-            quantize_model(model, QuantConfig(4, 4, 'minmax'))
-    finally:
-        ARCHITECTURES.pop(spec.name)
+def test_an_architecture_name_is_registered_once():
     with pytest.raises(ValueError, match="'swin' is registered already"):
-        register_architecture(ArchitectureSpec(name='swin', pair_rules=()))
+        ARCHITECTURES.register(ArchitectureSpec(name='swin', pair_rules=()))
+
+
+class MHABlock(nn.Module):
+    """A Transformer block built on nn.MultiheadAttention (DETR-style)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, 32), nn.GELU(),
+                                 nn.Linear(32, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.ffn(self.norm2(x))
+
+
+def test_multihead_attention_pairs_address_in_proj_weight():
+    """Pairs address parameters: nn.MultiheadAttention's fused
+    ``in_proj_weight`` is a pair member (q<->k and v->o per head); its
+    quantization fails naming the registry to add a twin to."""
+    from mmcd.core.pairs import PairRule, attention_rules, discover_pairs
+    torch.manual_seed(0)
+    net = nn.Sequential(MHABlock(), MHABlock())
+    rules = [PairRule('ffn', r'(?P<block>\d+)\.ffn\.0', '{block}.ffn.2',
+                      name='{block}.ffn'),
+             *attention_rules('attn', qkv=None, proj='out_proj',
+                              qkv_param='in_proj_weight')]
+    pairs = discover_pairs(net, rules)
+    assert sorted(p.name for p in pairs) == [
+        f'{i}.{kind}' for i in (0, 1) for kind in ('ffn', 'qk', 'vo')]
+    vo = next(p for p in pairs if p.name == '0.vo')
+    w_v, w_o = vo.matrices()
+    in_proj, out_proj = net[0].attn.in_proj_weight, net[0].attn.out_proj.weight
+    assert torch.equal(w_v[1], in_proj[2 * 16 + 8:].detach())  # head 1 of V
+    assert torch.equal(w_o[1], out_proj[:, 8:].detach())
+    assert vo.parameters == [in_proj, out_proj]
+    # CD through the optim wrapper moves the fused matrix
+    wrapper = build_optim_wrapper(net, dict(
+        type='ColinearityDecayOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.1), cd=dict(strength=0.5),
+        pairs=dict(rules=[dict(kind=r.kind, first=r.first, second=r.second,
+                               heads_from=r.heads_from, name=r.name,
+                               first_param=r.first_param,
+                               second_param=r.second_param)
+                          for r in rules], builtin=())))
+    wrapper.bind_model(net)
+    before = in_proj.detach().clone()
+    net(torch.randn(2, 5, 16)).square().mean().backward()
+    wrapper.step()
+    assert not torch.equal(in_proj.detach(), before)
+    # a rule without the parameter name says which one to give
+    with pytest.raises(ValueError, match="no 2-D 'weight'.*first_param="
+                       "'in_proj_weight'"):
+        discover_pairs(net, attention_rules('attn', qkv=None,
+                                            proj='out_proj'))
+    with pytest.raises(ValueError, match=r'attention module 0\.attn '
+                       r'\(MultiheadAttention\).*QUANTIZED_MODULES'):
+        quantize_model(net, QuantConfig(4, 4, 'minmax'))

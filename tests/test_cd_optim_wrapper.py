@@ -9,11 +9,9 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from mmengine.runner import Runner
 
-from mmcd.core import (REGULARIZERS, ColinearityDecay,
+from mmcd.core import (REGULARIZERS, VIT_RULES, ColinearityDecay,
                        ColinearityDecayRegularizer, Regularizer,
-                       build_regularizer, discover_pairs,
-                       register_regularizer)
-from mmcd.core import VIT_RULES
+                       build_regularizer, discover_pairs)
 from mmcd.engine.runner_setup import AMP_VARIANTS
 from conftest import REPO, dist_train, micro_config
 from test_colinearity import ViT
@@ -72,7 +70,7 @@ def test_step_with_clip_equals_plain_step_then_cd():
         assert hub.get_scalar('train/' + key).current() >= 0
 
 
-@register_regularizer
+@REGULARIZERS.register
 class StepRecorder(Regularizer):
     """Records when the wrapper calls it (a regularizer of this test)."""
     name = 'test_step_recorder'
@@ -136,7 +134,7 @@ def test_a_config_lists_several_regularizers_and_bad_names_fail():
 
 
 def test_build_regularizer_checks_options_by_signature():
-    @register_regularizer
+    @REGULARIZERS.register
     class Flexible(Regularizer):
         name = 'test_flexible'
 
@@ -149,7 +147,7 @@ def test_build_regularizer_checks_options_by_signature():
         with pytest.raises(ValueError, match='test_flexible needs a scale'):
             build_regularizer(dict(type='test_flexible', k=3))
     finally:
-        REGULARIZERS.pop('test_flexible')
+        REGULARIZERS.unregister('test_flexible')
     with pytest.raises(ValueError, match=r"cd: unknown option\(s\) "
                        r"\['every'\]; allowed: \['begin', 'cuda_graph'"):
         build_regularizer(dict(type='cd', strength=1.0, every=2))

@@ -234,7 +234,7 @@ def test_pair_rule_validation_and_wrong_shapes():
         PairRule('vo', 'a', 'b')
     model = ViT(depth=1)
     bad = PairRule('ffn', r'(?P<b>.+)\.mlp\.fc1', '{b}.norm2')
-    with pytest.raises(ValueError, match='no 2-D weight'):
+    with pytest.raises(ValueError, match="no 2-D 'weight'"):
         discover_pairs(model, [bad])
     bad_vo = PairRule('vo', r'(?P<b>.+)\.mlp\.fc1', '{b}.mlp.fc2',
                       num_heads=4)

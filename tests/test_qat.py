@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 from mmcd.core import ConfigError
-from mmcd.core.quant import (QAT_METHODS, LsqActQuantizer,
-                             LsqWeightQuantizer, MatMul, OscillationTracker,
-                             QATConfig, QATMethod, QKReparam,
-                             StatsWeightQuantizer, activate_qat,
-                             freeze_confident_weights, initialize_qat,
-                             mask_frozen_gradients, prepare_qat, quantizers,
-                             register_qat_method, restore_frozen_weights)
+from mmcd.core.quant import (QAT_METHODS, LsqActQuantizer, LsqWeightQuantizer,
+                             MatMul, OscillationTracker, QATConfig, QATMethod,
+                             QKReparam, StatsWeightQuantizer, activate_qat,
+                             fake_quantizers, freeze_confident_weights,
+                             initialize_qat, mask_frozen_gradients,
+                             prepare_qat, restore_frozen_weights)
 from mmcd.core.quant.qat import trainable_weight_layers
 from mmcd.models.backbones.vit_det import Attention, ViTDet
 
@@ -431,7 +430,8 @@ def test_qat_state_round_trips_through_a_state_dict():
     fresh = TinyViT()
     prepare_qat(fresh, cfg)
     fresh.load_state_dict(model.state_dict())  # strict: every key matches
-    assert activate_qat(fresh) == sum(q.calibrated for q in quantizers(model))
+    assert activate_qat(fresh) == sum(q.calibrated
+                                      for q in fake_quantizers(model))
     fresh.eval()
     torch.testing.assert_close(fresh(x), expected)
     layer = fresh.backbone.blocks[1].mlp.fc2
@@ -461,8 +461,8 @@ def test_oscillation_tracker_counts_weights_that_changed_level():
 
 def test_a_registered_qat_method_is_one_object():
     """LSQ weights with OFQ's query-key reparameterization, by name."""
-    method = register_qat_method(QATMethod('test-lsq-qk', 'lsq',
-                                           qk_reparam=True))
+    method = QAT_METHODS.register(QATMethod('test-lsq-qk', 'lsq',
+                                            qk_reparam=True))
     try:
         model = TinyViT()
         prepare_qat(model, QATConfig(4, 4, 'test-lsq-qk'))
@@ -471,8 +471,9 @@ def test_a_registered_qat_method_is_one_object():
                           LsqWeightQuantizer)
         assert isinstance(attn.qkv.weight_quantizer, LsqWeightQuantizer)
     finally:
-        QAT_METHODS.pop(method.name)
-    with pytest.raises(ValueError, match='weight_quantizer must be one of'):
+        QAT_METHODS.unregister(method.name)
+    with pytest.raises(ValueError, match="weight_quantizer: unknown QAT "
+                       "weight quantizer 'pact'; registered: lsq, statsq"):
         QATMethod('pact', 'pact')
 
 

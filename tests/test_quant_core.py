@@ -2,7 +2,6 @@
 reparameterization equivalence, quantization-aware Swin attention, model
 conversion rules and errors."""
 import copy
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from mmcd.core.quant import (LogSqrt2Quantizer, QuantConfig, QuantLinear,
                              QuantWindowMSA, TanQuantizer, UniformQuantizer,
                              calibrate, quantize_model, reparameterize,
                              target_params)
-from mmcd.core.quant.convert import quantizers
+from mmcd.core.quant.convert import fake_quantizers
 
 
 def _calibrated(q, data=None, weight=None):
@@ -240,8 +239,9 @@ def test_unknown_attention_and_method():
     net = TinyNet()
     net.head.attn = nn.MultiheadAttention(8, 2)
     with pytest.raises(ValueError, match=r'head\.attn \(MultiheadAttention'
-                       r'\).*Supported: .*WindowMSA'):
+                       r'\).*Register a quantized twin of MultiheadAttention '
+                       r'in mmcd.core.quant.QUANTIZED_MODULES'):
         quantize_model(net, QuantConfig())
     with pytest.raises(ValueError, match='unknown quantization method'):
         QuantConfig(method='gptq')
-    assert len(quantizers(quantize_model(TinyNet(), QuantConfig()))) == 6
+    assert len(fake_quantizers(quantize_model(TinyNet(), QuantConfig()))) == 6

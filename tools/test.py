@@ -14,7 +14,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
-from mmcd.core.quant.methods import QUANT_METHODS
+from mmcd.core.quant import QUANT_METHODS
 from mmcd.engine.runner_setup import (UserError,
                                       add_quant_hook, check_checkpoint,
                                       check_datasets,
@@ -35,8 +35,9 @@ def parse_args():
         help='post-training quantization before evaluation, e.g. w4a4 '
         '(adds a PostTrainingQuantHook)')
     parser.add_argument('--quant-method', default='repq-vit',
-                        help='a registered PTQ method: '
-                        f'{", ".join(QUANT_METHODS)}')
+                        help='a registered PTQ method (built in: '
+                        f'{", ".join(QUANT_METHODS.names())}; the config\'s '
+                        'custom_imports may register more)')
     parser.add_argument(
         '--layer-bits', nargs='+', default=(), metavar='REGEX=wNaM',
         help='with --quant: mixed precision, e.g. "stages\\.3=w8a8" '

@@ -9,6 +9,6 @@ custom_imports = dict(imports=['mmcd'], allow_failed_imports=False)
 # interval 4: the update every 4th optimizer step, 4x as large (the same
 # total decay), 0.25% of a full 800x1344 step on CPU instead of 1.05%; on the
 # toy it ends within 1% of every-step CD's ffn/vo alignment and 3-5% of its
-# max|x| (qk alignment 11% lower); README, "Benchmarks".
+# max|x| (qk alignment 11% lower); docs/en/benchmarks.md.
 optim_wrapper = dict(
     type='ColinearityDecayOptimWrapper', cd=dict(strength=0.1, interval=4))

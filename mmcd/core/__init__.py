@@ -3,20 +3,18 @@ discovery, the regularizer
 interface with Colinearity Decay and the comparison regularizers, activation
 statistics and (in :mod:`.quant`)
 post-training quantization. Nothing here imports OpenMMLab."""
-from .activation_penalty import (ActivationPenalty,
-                                 ActivationPenaltyRegularizer)
+from .activation_penalty import ActivationPenalty, ActivationPenaltyRegularizer
 from .activation_stats import (ActivationRecorder, StatsAccumulator,
                                probe_points, tensor_stats)
+from .architectures import (ARCHITECTURES, SWIN_RULES, VIT_RULES,
+                            ArchitectureSpec, pair_rules)
 from .colinearity import (ColinearityDecay, ColinearityDecayRegularizer,
                           SpectralNormEstimator, alignment,
                           colinearity_decay_deltas, penalty_gradients)
-from .architectures import (ARCHITECTURES, SWIN_RULES, VIT_RULES,
-                            ArchitectureSpec, pair_rules,
-                            register_architecture)
 from .errors import ConfigError
 from .pairs import PAIR_KINDS, MatrixPair, PairRule, discover_pairs
-from .regularizers import (REGULARIZERS, Regularizer, build_regularizer,
-                           register_regularizer)
+from .registry import Registry
+from .regularizers import REGULARIZERS, Regularizer, build_regularizer
 from .spectral_decay import SelectiveSpectralDecay, SpectralDecayRegularizer
 
 __all__ = [
@@ -24,11 +22,11 @@ __all__ = [
     'ActivationRecorder', 'StatsAccumulator', 'probe_points', 'tensor_stats',
     'ActivationPenalty', 'ColinearityDecay', 'SpectralNormEstimator',
     'alignment', 'colinearity_decay_deltas', 'penalty_gradients',
-    'ARCHITECTURES', 'ArchitectureSpec', 'pair_rules',
-    'register_architecture', 'PAIR_KINDS', 'SWIN_RULES', 'VIT_RULES',
+    'ARCHITECTURES', 'ArchitectureSpec', 'pair_rules', 'Registry',
+    'PAIR_KINDS', 'SWIN_RULES', 'VIT_RULES',
     'MatrixPair',
     'PairRule', 'discover_pairs', 'SelectiveSpectralDecay',
     'ColinearityDecayRegularizer', 'SpectralDecayRegularizer',
     'ActivationPenaltyRegularizer', 'REGULARIZERS', 'Regularizer',
-    'build_regularizer', 'register_regularizer'
+    'build_regularizer'
 ]

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .regularizers import Regularizer, register_regularizer
+from .regularizers import REGULARIZERS, Regularizer
 
 
 def check_options(weight: float, tau: float, p: float) -> None:
@@ -61,7 +61,7 @@ class ActivationPenalty:
         self.handles, self.terms = [], []
 
 
-@register_regularizer
+@REGULARIZERS.register
 class ActivationPenaltyRegularizer(Regularizer):
     """TWEO as a registered regularizer (``tweo``): :class:`ActivationPenalty`
     on the outputs of the blocks that hold the bound pairs (a pair

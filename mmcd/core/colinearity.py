@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .regularizers import Regularizer, register_regularizer
+from .regularizers import REGULARIZERS, Regularizer
 
 
 def alignment(a: torch.Tensor, b: torch.Tensor,
@@ -194,7 +194,7 @@ class ColinearityDecay:
             every step, overwritten by the next step: copy what you keep.
         """
         lrs = self._scale_values(lr_of, self.strength * multiplier)
-        weight = self.pairs[0].first.weight if self.pairs else None
+        weight = self.pairs[0].parameters[0] if self.pairs else None
         if not (self.cuda_graph and weight is not None and weight.is_cuda):
             return self._apply([
                 tuple(v[0] if len(set(v)) == 1 else torch.tensor(
@@ -278,7 +278,7 @@ class ColinearityDecay:
                     est.v = torch.cat([state[k] for k in keys])
 
 
-@register_regularizer
+@REGULARIZERS.register
 class ColinearityDecayRegularizer(Regularizer):
     """CD as a registered regularizer (``cd``): :class:`ColinearityDecay`
     on the bound pairs after every real optimizer step, on a schedule.

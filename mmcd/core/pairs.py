@@ -13,7 +13,9 @@ Transformer block, ``y = B act(A x)``:
 
 Pairs are found by rules on module names: a regular expression for the first
 module (its named groups fill the second module's template), the pair kind,
-and where the head count lives. The built-in rules are part of each
+where the head count lives, and which parameter of each module holds the
+matrix (``weight`` by default; ``nn.MultiheadAttention`` keeps its fused
+Q/K/V rows in ``in_proj_weight``, and a rule names it). The built-in rules are part of each
 backbone family's spec (:mod:`mmcd.core.architectures`: MMDetection's
 ``SwinTransformer``, timm / mmpretrain / mmcd ViT blocks). Matrices are
 exposed as batched views ``[heads, rows, cols]`` of the parameters'
@@ -44,6 +46,9 @@ class PairRule:
             the head count (attention kinds).
         num_heads: fixed head count instead of ``heads_from``.
         name: template of the pair's name (defaults to the first module's).
+        first_param, second_param: the parameter of each module that holds
+            the matrix (a fused ``[3C, C]`` Q/K/V one for attention kinds;
+            a ``qk`` pair has one: ``first_param``).
     """
     kind: str
     first: str
@@ -51,6 +56,8 @@ class PairRule:
     heads_from: Optional[str] = None
     num_heads: Optional[int] = None
     name: Optional[str] = None
+    first_param: str = 'weight'
+    second_param: str = 'weight'
 
     def __post_init__(self):
         if self.kind not in PAIR_KINDS:
@@ -64,15 +71,22 @@ class PairRule:
                              '`num_heads`')
 
 
-def attention_rules(attn: str, qkv: str = 'qkv', proj: str = 'proj'):
-    """vo and qk rules for a fused ``{block}.{attn}.{qkv}`` projection and its
-    ``{block}.{attn}.{proj}`` output projection."""
-    first = rf'(?P<block>.+)\.{re.escape(attn)}\.{qkv}'
+def attention_rules(attn: str, qkv: Optional[str] = 'qkv',
+                    proj: str = 'proj', qkv_param: str = 'weight'):
+    """vo and qk rules for a fused ``{block}.{attn}.{qkv}`` projection (its
+    ``qkv_param``) and its ``{block}.{attn}.{proj}`` output projection;
+    ``qkv=None``: the attention module itself holds the fused matrix
+    (``nn.MultiheadAttention``: ``qkv=None, proj='out_proj',
+    qkv_param='in_proj_weight'``)."""
+    first = rf'(?P<block>.+)\.{re.escape(attn)}'
+    if qkv is not None:
+        first += rf'\.{qkv}'
     owner = f'{{block}}.{attn}'
     return [
         PairRule('vo', first, f'{owner}.{proj}', heads_from=owner,
-                 name='{block}.vo'),
-        PairRule('qk', first, heads_from=owner, name='{block}.qk'),
+                 name='{block}.vo', first_param=qkv_param),
+        PairRule('qk', first, heads_from=owner, name='{block}.qk',
+                 first_param=qkv_param),
     ]
 
 
@@ -80,48 +94,61 @@ def attention_rules(attn: str, qkv: str = 'qkv', proj: str = 'proj'):
 class MatrixPair:
     """An ordered pair ``(A, B)`` with ``B A`` the product that matters.
 
-    ``first`` / ``second`` are the modules that own ``A`` / ``B``;
-    :meth:`matrices` returns views ``A [H, m, k]`` and ``B [H, n, m]`` of
-    their weights (``H`` heads, ``m`` the shared inner dimension).
+    ``first`` / ``second`` are the modules that own ``A`` / ``B`` (their
+    parameters ``first_param`` / ``second_param``); :meth:`matrices`
+    returns views ``A [H, m, k]`` and ``B [H, n, m]`` of them (``H`` heads,
+    ``m`` the shared inner dimension).
     """
     name: str
     kind: str
     first: nn.Module
     second: nn.Module
     num_heads: int = 1
+    first_param: str = 'weight'
+    second_param: str = 'weight'
+
+    @property
+    def first_matrix(self) -> torch.Tensor:
+        return getattr(self.first, self.first_param)
+
+    @property
+    def second_matrix(self) -> torch.Tensor:
+        return getattr(self.second, self.second_param)
 
     def matrices(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Views of the weights' data: updating them updates the model."""
-        wa = self.first.weight.detach()
+        wa = self.first_matrix.detach()
         if self.kind == 'ffn':
-            return wa.unsqueeze(0), self.second.weight.detach().unsqueeze(0)
+            return wa.unsqueeze(0), self.second_matrix.detach().unsqueeze(0)
         channels = wa.shape[1]
         heads, dim = self.num_heads, wa.shape[0] // 3 // self.num_heads
         q, k, v = (wa[i * channels:(i + 1) * channels].view(heads, dim,
                                                               channels)
                    for i in range(3))
         if self.kind == 'vo':
-            wo = self.second.weight.detach()
+            wo = self.second_matrix.detach()
             return v, wo.view(wo.shape[0], heads, dim).permute(1, 0, 2)
         return k, q.transpose(1, 2)  # qk
 
     @property
     def parameters(self) -> List[nn.Parameter]:
-        if self.first is self.second:
-            return [self.first.weight]
-        return [self.first.weight, self.second.weight]
+        first, second = self.first_matrix, self.second_matrix
+        return [first] if first is second else [first, second]
 
 
 def _check_shapes(pair: MatrixPair, first_name: str, second_name: str):
-    for mod, mod_name in ((pair.first, first_name),
-                          (pair.second, second_name)):
-        weight = getattr(mod, 'weight', None)
+    for mod, mod_name, param in ((pair.first, first_name, pair.first_param),
+                                 (pair.second, second_name,
+                                  pair.second_param)):
+        weight = getattr(mod, param, None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(
                 f'{pair.kind} pair {pair.name}: module {mod_name} '
-                f'({type(mod).__name__}) has no 2-D weight; rules must point '
-                'at Linear layers')
-    wa, wb = pair.first.weight, pair.second.weight
+                f'({type(mod).__name__}) has no 2-D {param!r}; point the '
+                'rule at a Linear layer, or name the parameter that holds '
+                "the matrix (first_param / second_param, e.g. "
+                "first_param='in_proj_weight' for nn.MultiheadAttention)")
+    wa, wb = pair.first_matrix, pair.second_matrix
     if pair.kind == 'ffn':
         if wb.shape[1] != wa.shape[0]:
             raise ValueError(
@@ -189,7 +216,9 @@ def discover_pairs(model: nn.Module,
                 continue
             seen.add(key)
             pair = MatrixPair(name, rule.kind, first, modules[second_name],
-                              num_heads or 1)
+                              num_heads or 1, rule.first_param,
+                              rule.first_param if rule.kind == 'qk'
+                              else rule.second_param)
             _check_shapes(pair, first_name, second_name)
             pairs.append(pair)
     pairs = [p for p in pairs

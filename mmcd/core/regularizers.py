@@ -4,7 +4,9 @@ new training-time regularizer is one registered class, and the optim wrapper
 
 Life cycle, driven by the optim wrapper:
 
-1. built from its options (``build_regularizer(dict(type=NAME, ...))``):
+1. registered by name (``@REGULARIZERS.register`` on the class, keyed by
+   its ``name``), built from its options
+   (``build_regularizer(dict(type=NAME, ...))``):
    bad options fail here, at config build time;
 2. :meth:`Regularizer.bind` to the model once it is known, with the matrix
    pairs the wrapper discovered (:mod:`mmcd.core.pairs`) and ``lr_of`` (the
@@ -23,9 +25,11 @@ Registered here: ``cd`` (:mod:`.colinearity`), ``s2d``
 PyTorch.
 """
 import inspect
-from typing import Callable, Dict, Optional, Sequence, Type
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
+
+from .registry import Registry
 
 LrOf = Callable[[torch.Tensor], float]
 
@@ -67,18 +71,8 @@ class Regularizer:
         pass
 
 
-REGULARIZERS: Dict[str, Type[Regularizer]] = {}
-
-
-def register_regularizer(cls: Type[Regularizer]) -> Type[Regularizer]:
-    """Class decorator: register ``cls`` under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f'{cls.__name__} needs a name to be registered')
-    if cls.name in REGULARIZERS:
-        raise ValueError(f'regularizer {cls.name!r} is registered already '
-                         f'({REGULARIZERS[cls.name].__name__})')
-    REGULARIZERS[cls.name] = cls
-    return cls
+#: Regularizer classes by ``name`` (``@REGULARIZERS.register`` on the class).
+REGULARIZERS = Registry('regularizer', key_of=lambda cls: cls.name)
 
 
 def build_regularizer(cfg: Dict) -> Regularizer:
@@ -87,10 +81,7 @@ def build_regularizer(cfg: Dict) -> Regularizer:
     the allowed options in the message."""
     cfg = dict(cfg)
     name = cfg.pop('type', None)
-    if name not in REGULARIZERS:
-        raise ValueError(f'unknown regularizer {name!r}; registered: '
-                         f'{", ".join(sorted(REGULARIZERS))}')
-    cls = REGULARIZERS[name]
+    cls = REGULARIZERS.get(name)
     params = dict(inspect.signature(cls.__init__).parameters)
     params.pop('self')
     variadic = {p for p, param in params.items() if param.kind in (

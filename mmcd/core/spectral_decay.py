@@ -24,7 +24,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .regularizers import Regularizer, register_regularizer
+from .regularizers import REGULARIZERS, Regularizer
 
 
 class SelectiveSpectralDecay:
@@ -105,7 +105,7 @@ class SelectiveSpectralDecay:
         self.cache = dict(state['cache'])
 
 
-@register_regularizer
+@REGULARIZERS.register
 class SpectralDecayRegularizer(Regularizer):
     """S2D as a registered regularizer (``s2d``): the penalty of
     :class:`SelectiveSpectralDecay` on the weights of the bound pairs, as a

@@ -94,14 +94,19 @@ AMP_VARIANTS = {
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
-    """``Config.fromfile`` plus ``--cfg-options``, failing on a missing file
-    with a message instead of a traceback."""
+    """``Config.fromfile`` (which imports the file's ``custom_imports``)
+    plus ``--cfg-options`` (whose ``custom_imports`` are imported too), so
+    that what a user registers there is known to the tool; a missing file
+    fails with a message instead of a traceback."""
     if not osp.isfile(path):
         raise UserError(f'config {path} does not exist (configs live under '
                         'configs/, e.g. configs/toy/)')
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+        if 'custom_imports' in cfg_options:
+            from mmengine.utils import import_modules_from_strings
+            import_modules_from_strings(**cfg.custom_imports)
     return cfg
 
 
@@ -372,12 +377,14 @@ def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
     [--out-dir] [--cfg-options]``."""
     from mmengine.config import DictAction
 
-    from mmcd.core.quant.methods import QUANT_METHODS
+    from mmcd.core.quant import QUANT_METHODS
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('--quant', required=True, metavar='wNaM')
     parser.add_argument('--method', default='repq-vit',
-                        choices=list(QUANT_METHODS))
+                        help='a registered PTQ method (built in: '
+                        f'{", ".join(QUANT_METHODS.names())}; the config\'s '
+                        'custom_imports may register more)')
     parser.add_argument('--calib-images', type=int, default=calib_images)
     parser.add_argument('--out-dir', default=out_dir)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -391,6 +398,7 @@ def ptq_config(args, **options):
     from mmcd.core.quant import QuantConfig
     w_bits, a_bits = parse_quant_spec(args.quant)
     check_checkpoint(args.checkpoint)
+    load_config(args.config, args.cfg_options)  # its custom_imports
     try:
         return QuantConfig(w_bits, a_bits, args.method, **options)
     except ValueError as err:

@@ -6,7 +6,7 @@
 import re
 
 from ..pairs import PairRule, attention_rules
-from . import ArchitectureSpec, register_architecture
+from . import ARCHITECTURES, ArchitectureSpec
 
 VIT_RULES = (
     PairRule('ffn', r'(?P<block>.+)\.mlp\.fc1', '{block}.mlp.fc2',
@@ -25,7 +25,7 @@ def vit_layer_id(name: str, num_layers: int):
     return int(match.group(1)) + 1 if match else num_layers
 
 
-VIT = register_architecture(ArchitectureSpec(
+VIT = ARCHITECTURES.register(ArchitectureSpec(
     name='vit',
     pair_rules=VIT_RULES,
     reparam_rules=(

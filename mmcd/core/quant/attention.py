@@ -5,23 +5,24 @@ inline, where no module boundary lets a quantizer in. :class:`QuantWindowMSA`
 takes over such a module (sharing its parameters and buffers, so names and
 checkpoint keys are unchanged) and computes the same function with the two
 products as :class:`~mmcd.core.quant.modules.QuantMatMul`: with quantization
-off the output is the float module's (tested). Recognised by attribute
+off the output is the float module's (tested). It reads the attribute
 layout (``qkv``, ``proj``, ``relative_position_bias_table``,
 ``relative_position_index``, ``window_size``, ``num_heads``, ``scale``), so
-nothing here imports mmdet; the Swin spec (:mod:`mmcd.core.architectures.
-swin`) maps ``WindowMSA`` to it. Pure PyTorch.
+nothing here imports mmdet; ``mmcd.models`` registers it for mmdet's
+``WindowMSA`` class in :data:`~mmcd.core.quant.modules.QUANTIZED_MODULES`.
+Pure PyTorch.
 """
 import torch
 from torch import nn
 
-from .modules import QuantMatMul
+from .modules import QuantizedModule, QuantMatMul
 
 WINDOW_MSA_ATTRS = ('qkv', 'proj', 'relative_position_bias_table',
                     'relative_position_index', 'window_size', 'num_heads',
                     'scale')
 
 
-class QuantWindowMSA(nn.Module):
+class QuantWindowMSA(QuantizedModule, nn.Module):
     """Window attention with relative position bias (Swin), quantizable.
 
     ``attn = softmax(q k^T * scale + bias + mask)``, ``out = proj(attn v)``;
@@ -49,6 +50,13 @@ class QuantWindowMSA(nn.Module):
         self.av_matmul = QuantMatMul.for_role('av', a_bits, method)
         self.qk_reparam = None  # QAT's QKReparam (qk_reparam.py) if set
 
+    @classmethod
+    def from_float(cls, window_msa: nn.Module, w_bits: int, a_bits: int,
+                   method) -> 'QuantWindowMSA':
+        """The twin factory of :data:`QUANTIZED_MODULES` (its Linears are
+        converted as children afterwards)."""
+        return cls(window_msa, a_bits, method)
+
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
         batch, tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads,
@@ -71,4 +79,3 @@ class QuantWindowMSA(nn.Module):
         out = self.av_matmul(attn, v).transpose(1, 2).reshape(
             batch, tokens, channels)
         return self.proj_drop(self.proj(out))
-

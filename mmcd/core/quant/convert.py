@@ -24,17 +24,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..architectures import (attention_container_names,
-                             first_layer_pattern, is_attention_container,
-                             quant_attention_for, quant_attention_names)
+from ..architectures import first_layer_pattern
 from ..errors import ConfigError
-from .methods import QUANT_METHODS, QuantMethod, get_method
-from .modules import MatMul, QuantConv2d, QuantLinear, QuantMatMul
-from .quantizers import SEARCHES, FakeQuantizer, UniformQuantizer, check_bits
+from .methods import QuantMethod, get_method
+from .modules import (QUANTIZED_MODULES, QuantConv2d, QuantizedModule,
+                      QuantLinear, QuantMatMul)
+from .quantizers import (RANGE_SEARCHES, FakeQuantizer, UniformQuantizer,
+                         check_bits)
 from .reparam import find_norm_linear_pairs, reparameterize
 
-#: Registered method names (methods.py), for help texts and choices.
-METHODS = tuple(QUANT_METHODS)
 ATTENTION_NAME = re.compile(r'attention|msa', re.IGNORECASE)
 
 
@@ -82,7 +80,7 @@ class QuantConfig:
 
     Args:
         w_bits, a_bits: 2..8.
-        method: a registered method (:data:`METHODS`, methods.py).
+        method: a registered method (``QUANT_METHODS``, methods.py).
         weight_search: override the method's weight range search
             (``'quantile'``, RepQ-ViT's; ``'clip-ratio'``, ours; or
             ``'minmax'``); None keeps the method's.
@@ -114,9 +112,8 @@ class QuantConfig:
         check_bits(self.a_bits)
         check_bits(self.first_layer_bits)
         get_method(self.method)  # registered?
-        if self.weight_search not in (None, ) + SEARCHES:
-            raise ValueError(f'weight_search must be one of {SEARCHES}, got '
-                             f'{self.weight_search!r}')
+        if self.weight_search is not None:
+            RANGE_SEARCHES.get(self.weight_search)  # registered?
         if self.scope not in ('all', 'backbone'):
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
@@ -182,7 +179,7 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
                 why=why))
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d,
                                  nn.Conv1d, nn.Conv3d)) and \
-                not isinstance(module, (QuantLinear, QuantConv2d)):
+                not isinstance(module, QuantizedModule):
             skip = next((p for p in cfg.skip if re.search(p, name)), None)
             why = (f"skip '{skip}'" if skip is not None else
                    f"scope '{cfg.scope}'" if not _in_scope(name, cfg) else
@@ -223,11 +220,6 @@ def _in_scope(name: str, cfg: QuantConfig) -> bool:
     return not any(re.search(p, name) for p in cfg.skip)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition('.')
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Replace, in place, the layers of ``model`` by quantized ones (all
     quantizers start in the ``'fp'`` state: the output is unchanged).
@@ -246,39 +238,30 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             matched.add(rule)
         return w_bits, a_bits
 
-    for name, module in list(model.named_modules()):
-        if not name or not _in_scope(name, cfg):
-            continue
+    def convert_children(parent: nn.Module, prefix: str) -> None:
+        for attr, child in list(parent.named_children()):
+            name = prefix + attr
+            twin_of = QUANTIZED_MODULES.find(child)
+            if twin_of is not None and _in_scope(name, cfg) and \
+                    not isinstance(child, (QuantizedModule, FakeQuantizer)):
+                child = twin_of(child, *bits_of(name), method)
+                setattr(parent, attr, child)
+            convert_children(child, name + '.')
+
+    convert_children(model, '')
+    for name, module in model.named_modules():
         kind = type(module).__name__
-        replacement = quant_attention_for(name, module)
-        if replacement is not None:
-            _set_module(model, name, replacement(module, bits_of(name)[1],
-                                                 method))
-        elif isinstance(module, MatMul):
-            _set_module(model, name, QuantMatMul.for_role(
-                module.role, bits_of(name)[1], method))
-        elif ATTENTION_NAME.search(kind) and not is_attention_container(
-                module) and not any(
-                    isinstance(m, MatMul) for m in module.children()):
+        if name and ATTENTION_NAME.search(kind) and _in_scope(name, cfg) \
+                and not any(isinstance(m, QuantMatMul)
+                            for m in module.modules()):
             raise ValueError(
                 f'cannot quantize attention module {name} ({kind}): its '
-                'matmuls are computed inline. Supported: attention written '
-                'with mmcd.core.quant.MatMul, '
-                f'{", ".join(quant_attention_names())} (containers: '
-                f'{", ".join(attention_container_names())}; both from the '
-                'architecture specs, mmcd.core.architectures); skip it with '
+                'matmuls are computed inline. Register a quantized twin of '
+                f'{kind} in mmcd.core.quant.QUANTIZED_MODULES (registered: '
+                f'{", ".join(QUANTIZED_MODULES.names())}; '
+                'docs/en/extending.md), or write its matmuls with '
+                'mmcd.core.quant.MatMul; skip it with '
                 f"skip=[r'{re.escape(name)}'] or scope='backbone'")
-    for name, module in list(model.named_modules()):
-        if not name or not _in_scope(name, cfg):
-            continue
-        if isinstance(module, nn.Linear) and not isinstance(module,
-                                                             QuantLinear):
-            _set_module(model, name, QuantLinear.from_float(
-                module, *bits_of(name), method))
-        elif isinstance(module, nn.Conv2d) and not isinstance(
-                module, QuantConv2d):
-            _set_module(model, name, QuantConv2d.from_float(
-                module, *bits_of(name), method))
     unmatched = [rule.pattern for rule in cfg.layer_bits
                  if rule not in matched]
     if unmatched:
@@ -294,7 +277,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     return model
 
 
-def quantizers(model: nn.Module) -> List[FakeQuantizer]:
+def fake_quantizers(model: nn.Module) -> List[FakeQuantizer]:
+    """Every quantizer of ``model``."""
     return [m for m in model.modules() if isinstance(m, FakeQuantizer)]
 
 
@@ -303,7 +287,7 @@ def activation_quantizers(model: nn.Module) -> List[FakeQuantizer]:
     weight quantizers of its quantized layers (and QAT's query-key
     products)."""
     weights = {id(m.weight_quantizer) for m in _weight_layers(model)}
-    return [q for q in quantizers(model) if id(q) not in weights]
+    return [q for q in fake_quantizers(model) if id(q) not in weights]
 
 
 def layer_quantizers(model: nn.Module) -> Dict[str, List[FakeQuantizer]]:
@@ -320,7 +304,7 @@ def layer_quantizers(model: nn.Module) -> Dict[str, List[FakeQuantizer]]:
 
 
 def set_quant_state(model: nn.Module, state: str) -> None:
-    for q in quantizers(model):
+    for q in fake_quantizers(model):
         q.set_state(state)
 
 

@@ -1,9 +1,11 @@
 """What each post-training quantization method name means, in one place.
 
-A :class:`QuantMethod` names the range search of activations and weights,
-the post-softmax quantizer and the LayerNorm reparameterization target;
-:func:`register_method` adds one (a new method is one registered instance),
-:func:`get_method` looks one up by name. Built in:
+A :class:`QuantMethod` names the range search of activations and weights
+(:data:`~mmcd.core.quant.quantizers.RANGE_SEARCHES`), the post-softmax
+quantizer (:data:`POST_SOFTMAX_QUANTIZERS`) and whether post-LayerNorm
+inputs are reparameterized; ``QUANT_METHODS.register(QuantMethod(...))``
+adds one (a new method is one registered instance), :func:`get_method`
+looks one up by name. Built in:
 
 =============  ============  ============  ============  ==================
 name           activations   weights       post-softmax  reparameterization
@@ -17,23 +19,25 @@ name           activations   weights       post-softmax  reparameterization
 DopQ-ViT's MOSF is not a separate target.) Pure PyTorch.
 """
 from dataclasses import dataclass
-from typing import Dict, Union
+from typing import Union
 
-from .quantizers import (SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
+from ..registry import Registry
+from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
 
-SOFTMAX_QUANTIZERS = {
-    'uniform': lambda bits: UniformQuantizer(bits, None, 'minmax'),
-    'log-sqrt2': LogSqrt2Quantizer,
-    'tanq': TanQuantizer,
-}
+#: Post-softmax quantizers by name: ``factory(bits) -> FakeQuantizer``.
+POST_SOFTMAX_QUANTIZERS = Registry('post-softmax quantizer')
+POST_SOFTMAX_QUANTIZERS.register(
+    lambda bits: UniformQuantizer(bits, None, 'minmax'), name='uniform')
+POST_SOFTMAX_QUANTIZERS.register(LogSqrt2Quantizer, name='log-sqrt2')
+POST_SOFTMAX_QUANTIZERS.register(TanQuantizer, name='tanq')
 
 
 @dataclass(frozen=True)
 class QuantMethod:
-    """A PTQ method: ``act_search`` / ``weight_search`` one of
-    ``'minmax'``, ``'quantile'``, ``'clip-ratio'`` (weights);
-    ``softmax`` one of :data:`SOFTMAX_QUANTIZERS`; ``reparameterize``:
+    """A PTQ method: ``act_search`` / ``weight_search`` registered range
+    searches (``'minmax'``, ``'quantile'``, ``'clip-ratio'``...);
+    ``softmax`` a registered post-softmax quantizer; ``reparameterize``:
     RepQ-ViT's scale reparameterization of post-LayerNorm inputs
     (reparam.py)."""
     name: str
@@ -43,13 +47,15 @@ class QuantMethod:
     reparameterize: bool = False
 
     def __post_init__(self):
-        for field_name in ('act_search', 'weight_search'):
-            if getattr(self, field_name) not in SEARCHES:
-                raise ValueError(f'{self.name}: {field_name} must be one of '
-                                 f'{SEARCHES}')
-        if self.softmax not in SOFTMAX_QUANTIZERS:
-            raise ValueError(f'{self.name}: softmax must be one of '
-                             f'{sorted(SOFTMAX_QUANTIZERS)}')
+        for field_name, registry in (
+                ('act_search', RANGE_SEARCHES),
+                ('weight_search', RANGE_SEARCHES),
+                ('softmax', POST_SOFTMAX_QUANTIZERS)):
+            try:
+                registry.get(getattr(self, field_name))
+            except ValueError as err:
+                raise ValueError(f'{self.name}: {field_name}: {err}') \
+                    from None
         if not isinstance(self.reparameterize, bool):
             raise ValueError(f'{self.name}: reparameterize must be True or '
                              f'False, got {self.reparameterize!r}')
@@ -61,18 +67,11 @@ class QuantMethod:
         return UniformQuantizer(bits, 0, self.weight_search)
 
     def softmax_quantizer(self, bits: int) -> FakeQuantizer:
-        return SOFTMAX_QUANTIZERS[self.softmax](bits)
+        return POST_SOFTMAX_QUANTIZERS.get(self.softmax)(bits)
 
 
-QUANT_METHODS: Dict[str, QuantMethod] = {}
-
-
-def register_method(method: QuantMethod) -> QuantMethod:
-    if method.name in QUANT_METHODS:
-        raise ValueError(f'quantization method {method.name!r} is '
-                         'registered already')
-    QUANT_METHODS[method.name] = method
-    return method
+#: PTQ methods by name.
+QUANT_METHODS = Registry('quantization method')
 
 
 def get_method(name: Union[str, QuantMethod]) -> QuantMethod:
@@ -80,14 +79,11 @@ def get_method(name: Union[str, QuantMethod]) -> QuantMethod:
     returned as it is)."""
     if isinstance(name, QuantMethod):
         return name
-    if name not in QUANT_METHODS:
-        raise ValueError(f'unknown quantization method {name!r}; '
-                         f'registered: {", ".join(QUANT_METHODS)}')
-    return QUANT_METHODS[name]
+    return QUANT_METHODS.get(name)
 
 
-register_method(QuantMethod('minmax', 'minmax', 'minmax', 'uniform'))
-register_method(QuantMethod('repq-vit', 'quantile', 'quantile', 'log-sqrt2',
-                            reparameterize=True))
-register_method(QuantMethod('dopq-vit', 'quantile', 'quantile', 'tanq',
-                            reparameterize=True))
+QUANT_METHODS.register(QuantMethod('minmax', 'minmax', 'minmax', 'uniform'))
+QUANT_METHODS.register(QuantMethod('repq-vit', 'quantile', 'quantile',
+                                   'log-sqrt2', reparameterize=True))
+QUANT_METHODS.register(QuantMethod('dopq-vit', 'quantile', 'quantile', 'tanq',
+                                   reparameterize=True))

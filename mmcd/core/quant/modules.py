@@ -1,4 +1,5 @@
-"""Quantized modules: Linear, Conv2d and the attention matmuls.
+"""Quantized modules: Linear, Conv2d and the attention matmuls, and the
+registry that maps a float module's class to its quantized twin.
 
 ``QuantLinear`` / ``QuantConv2d`` subclass their float layer and share its
 parameters, so module names and checkpoint keys are unchanged (CD's pair
@@ -6,17 +7,34 @@ rules still match) and the float weights are never modified: the
 fake-quantized weight is computed once by :meth:`finalize` and kept in a
 non-persistent buffer (QAT: qat.py swaps in trainable quantizers, applied in
 every forward pass). The input (activation) is fake-quantized per tensor,
-the weight per output channel. Pure PyTorch.
+the weight per output channel.
+
+:data:`QUANTIZED_MODULES` holds, by float class, the factory
+``factory(module, w_bits, a_bits, method) -> twin`` that
+:func:`~mmcd.core.quant.quantize_model` calls on every module in scope
+(found along the module's class hierarchy, so subclasses of ``nn.Linear``
+get the Linear twin); a twin derives from :class:`QuantizedModule`, which
+conversion never wraps again. Built in: ``nn.Linear``, ``nn.Conv2d``,
+:class:`MatMul`; Swin's ``WindowMSA`` is registered in ``mmcd.models``
+(it needs mmdet). Pure PyTorch.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import Registry
 from .methods import get_method
 from .quantizers import FakeQuantizer
 
+#: Quantized twins by float module class (module docstring).
+QUANTIZED_MODULES = Registry('quantized twin')
 
-class QuantWeightMixin:
+
+class QuantizedModule:
+    """Base of every quantized twin (conversion skips these)."""
+
+
+class QuantWeightMixin(QuantizedModule):
     """Weight and input quantizers around a float layer's forward."""
 
     def _init_quant(self, w_bits: int, a_bits: int, method):
@@ -115,7 +133,7 @@ class MatMul(nn.Module):
         return f'role={self.role}'
 
 
-class QuantMatMul(nn.Module):
+class QuantMatMul(QuantizedModule, nn.Module):
     """``a @ b`` with both operands fake-quantized (identity until
     calibrated)."""
 
@@ -135,3 +153,10 @@ class QuantMatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.quantizer_a(a) @ self.quantizer_b(b)
+
+
+QUANTIZED_MODULES.register(QuantLinear.from_float, name=nn.Linear)
+QUANTIZED_MODULES.register(QuantConv2d.from_float, name=nn.Conv2d)
+QUANTIZED_MODULES.register(
+    lambda matmul, w_bits, a_bits, method: QuantMatMul.for_role(
+        matmul.role, a_bits, method), name=MatMul)

@@ -46,59 +46,54 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .convert import QuantConfig, calibrate, quantize_model, quantizers
+from ..registry import Registry
+from .convert import QuantConfig, calibrate, fake_quantizers, quantize_model
 from .modules import QuantConv2d, QuantLinear
-from .qat_quantizers import (WEIGHT_QUANTIZERS, LsqActQuantizer,
+from .qat_quantizers import (QAT_ACT_QUANTIZERS, QAT_WEIGHT_QUANTIZERS,
                              TrainableWeightQuantizer)
 from .qk_reparam import QKReparam
-from .quantizers import UniformQuantizer
-
+from .quantizers import FakeQuantizer
 
 
 @dataclass(frozen=True)
 class QATMethod:
     """A QAT method: its trainable weight quantizer (a name of
-    :data:`~mmcd.core.quant.qat_quantizers.WEIGHT_QUANTIZERS`; activations
-    are LSQ+ in both), and its defaults for query-key reparameterization
-    and confidence-guided annealing (``cga``: options or None).
-    :func:`register_qat_method` adds one."""
+    :data:`~mmcd.core.quant.qat_quantizers.QAT_WEIGHT_QUANTIZERS`;
+    activations get their registered QAT counterparts, LSQ+), and its
+    defaults for query-key reparameterization and confidence-guided
+    annealing (``cga``: options or None). ``QAT_METHODS.register(...)``
+    adds one."""
     name: str
     weight_quantizer: str
     qk_reparam: bool = False
     cga: Optional[Dict] = None
 
     def __post_init__(self):
-        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
-            raise ValueError(f'{self.name}: weight_quantizer must be one of '
-                             f'{sorted(WEIGHT_QUANTIZERS)}')
+        try:
+            QAT_WEIGHT_QUANTIZERS.get(self.weight_quantizer)
+        except ValueError as err:
+            raise ValueError(f'{self.name}: weight_quantizer: {err}') \
+                from None
 
     def make_weight_quantizer(self, bits: int, channels: int):
-        return WEIGHT_QUANTIZERS[self.weight_quantizer](bits, channels)
+        return QAT_WEIGHT_QUANTIZERS.get(self.weight_quantizer)(bits,
+                                                                channels)
 
 
-QAT_METHODS: Dict[str, QATMethod] = {}
-
-
-def register_qat_method(method: QATMethod) -> QATMethod:
-    if method.name in QAT_METHODS:
-        raise ValueError(f'QAT method {method.name!r} is registered already')
-    QAT_METHODS[method.name] = method
-    return method
+#: QAT methods by name.
+QAT_METHODS = Registry('QAT method')
 
 
 def get_qat_method(name: str) -> QATMethod:
-    if name not in QAT_METHODS:
-        raise ValueError(f'unknown QAT method {name!r}; registered: '
-                         f'{", ".join(QAT_METHODS)}')
-    return QAT_METHODS[name]
+    return QAT_METHODS.get(name)
 
 
 #: LSQ (Esser et al., ICLR 2020): learned steps for weights and activations
-register_qat_method(QATMethod('lsq', 'lsq'))
+QAT_METHODS.register(QATMethod('lsq', 'lsq'))
 #: OFQ (Liu et al., ICML 2023): StatsQ weights, query-key
 #: reparameterization, CGA over the last 10% of training
-register_qat_method(QATMethod('ofq', 'statsq', qk_reparam=True,
-                              cga=dict(begin=0.9)))
+QAT_METHODS.register(QATMethod('ofq', 'statsq', qk_reparam=True,
+                               cga=dict(begin=0.9)))
 
 
 @dataclass
@@ -145,13 +140,25 @@ class QATConfig:
 
 
 def _swap_act_quantizers(model: nn.Module) -> int:
-    """LSQ+ in place of every uniform (activation) quantizer; weight
-    quantizers are trainable ones by now."""
+    """The registered QAT counterpart (:data:`~mmcd.core.quant.
+    qat_quantizers.QAT_ACT_QUANTIZERS`) in place of every activation
+    quantizer; weight quantizers are trainable ones by now. A quantizer
+    kind without a counterpart is an error, never left as it is."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is UniformQuantizer:
-                setattr(module, name, LsqActQuantizer.like(child))
+            if not isinstance(child, FakeQuantizer) or child.trainable:
+                continue
+            counterpart = QAT_ACT_QUANTIZERS.find(child)
+            if counterpart is None:
+                raise ValueError(
+                    f'{child.layer_name or name}: no QAT counterpart is '
+                    f'registered for {type(child).__name__}; register one in '
+                    'mmcd.core.quant.qat_quantizers.QAT_ACT_QUANTIZERS '
+                    f'(registered: {", ".join(QAT_ACT_QUANTIZERS.names())})')
+            replacement = counterpart(child)
+            if replacement is not child:
+                setattr(module, name, replacement)
                 count += 1
     return count
 
@@ -219,7 +226,7 @@ def activate_qat(model: nn.Module) -> int:
             '(QuantAwareTrainingHook calibrates before training), or '
             'evaluate a float checkpoint with PostTrainingQuantHook')
     on = 0
-    for q in quantizers(model):
+    for q in fake_quantizers(model):
         if q.calibrated:
             q.set_state('quant')
             on += 1

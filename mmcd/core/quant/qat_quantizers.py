@@ -40,7 +40,8 @@ import math
 import torch
 from torch import nn
 
-from .quantizers import FakeQuantizer, UniformQuantizer
+from ..registry import Registry
+from .quantizers import FakeQuantizer, PostSoftmaxQuantizer, UniformQuantizer
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -221,8 +222,17 @@ class StatsWeightQuantizer(TrainableWeightQuantizer):
             self._rows(w))
 
 
-#: trainable weight quantizers by name: ``factory(bits, out_channels)``
-WEIGHT_QUANTIZERS = {
-    'lsq': LsqWeightQuantizer,
-    'statsq': lambda bits, channels: StatsWeightQuantizer(bits),
-}
+#: Trainable weight quantizers by name: ``factory(bits, out_channels)``.
+QAT_WEIGHT_QUANTIZERS = Registry('QAT weight quantizer')
+QAT_WEIGHT_QUANTIZERS.register(LsqWeightQuantizer, name='lsq')
+QAT_WEIGHT_QUANTIZERS.register(
+    lambda bits, channels: StatsWeightQuantizer(bits), name='statsq')
+
+#: The QAT counterpart of each PTQ activation quantizer, by the PTQ
+#: quantizer's class (found along its class hierarchy):
+#: ``factory(ptq_quantizer) -> quantizer``. Uniform -> LSQ+; post-softmax
+#: quantizers (fixed grids, straight-through gradients) stay.
+QAT_ACT_QUANTIZERS = Registry('QAT activation quantizer')
+QAT_ACT_QUANTIZERS.register(LsqActQuantizer.like, name=UniformQuantizer)
+QAT_ACT_QUANTIZERS.register(lambda quantizer: quantizer,
+                            name=PostSoftmaxQuantizer)

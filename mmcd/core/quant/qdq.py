@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import QuantConv2d, QuantLinear
-from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer,
-                         UniformQuantizer, uniform_fake_quant)
+from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer, UniformQuantizer,
+                         uniform_fake_quant)
 
 
 @torch.library.custom_op('mmcd::quantize_dequantize', mutates_args=())

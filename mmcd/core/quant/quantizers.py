@@ -61,12 +61,18 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..registry import Registry
+
 STATES = ('fp', 'calib', 'quant')
 #: Clip quantiles searched by RepQ-ViT (activations, weights, log-sqrt2).
 RANGE_QUANTILES = (0.999, 0.9999, 0.99999)
 #: Clipping ratios of the ``'clip-ratio'`` weight search (ours).
 CLIP_RATIOS = tuple(torch.linspace(0.5, 1.0, 11).tolist())
-SEARCHES = ('minmax', 'quantile', 'clip-ratio')
+#: Range searches of :class:`UniformQuantizer` by name:
+#: ``search(quantizer, rows) -> [(scale, zero), ...]``, candidate grids per
+#: row of ``rows [channels, values]``; the one of least squared error is
+#: kept (a single candidate is kept without scoring).
+RANGE_SEARCHES = Registry('range search')
 
 
 def check_bits(bits: int) -> int:
@@ -367,8 +373,9 @@ class UniformQuantizer(FakeQuantizer):
         channel_axis: None for per tensor, else the axis with one scale per
             index (weights: 0, the output channels; post-LayerNorm
             activations during RepQ-ViT's calibration: -1).
-        search: ``'minmax'``, ``'quantile'`` or ``'clip-ratio'`` (weights),
-            see the module docstring.
+        search: a registered range search (:data:`RANGE_SEARCHES`):
+            ``'minmax'``, ``'quantile'`` or ``'clip-ratio'`` (weights), see
+            the module docstring.
         keep_zero: extend every searched clip range to include 0, so that
             0 is exactly representable (the per-channel grids of
             reparameterized post-LayerNorm activations: Swin zero-pads them,
@@ -379,9 +386,7 @@ class UniformQuantizer(FakeQuantizer):
                  search: str = 'minmax', keep_zero: bool = False):
         super().__init__(bits)
         self.keep_zero = keep_zero
-        if search not in SEARCHES:
-            raise ValueError(f'search must be one of {SEARCHES}, got '
-                             f'{search!r}')
+        RANGE_SEARCHES.get(search)  # registered?
         self.channel_axis, self.search = channel_axis, search
         self.register_buffer('scale', torch.empty(0))
         self.register_buffer('zero_point', torch.empty(0))
@@ -420,7 +425,7 @@ class UniformQuantizer(FakeQuantizer):
         zero = torch.round(-lo / scale)
         return scale, zero
 
-    def _clip_params(self, lo: torch.Tensor, hi: torch.Tensor):
+    def clip_params(self, lo: torch.Tensor, hi: torch.Tensor):
         """RepQ-ViT's grid of a clip range: ``s = (hi - lo) / (2^b - 1)``,
         ``z = round(-lo / s)``; a range of width 0 (a constant) falls back
         to the min-max grid, where the constant is exact."""
@@ -442,17 +447,9 @@ class UniformQuantizer(FakeQuantizer):
     def _search(self, rows: torch.Tensor):
         """Per-row (scale, zero) of least MSE among the candidates of
         ``self.search``."""
-        if self.search == 'minmax':
-            return self.params_for_range(rows.amin(1), rows.amax(1))
-        if self.search == 'quantile':
-            ps = RANGE_QUANTILES
-            bounds = quantiles(rows, [1 - p for p in ps] + list(ps))
-            candidates = [self._clip_params(bounds[i], bounds[len(ps) + i])
-                          for i in range(len(ps))]
-        else:
-            lo, hi = rows.amin(1), rows.amax(1)
-            candidates = [self.params_for_range(lo * r, hi * r)
-                          for r in CLIP_RATIOS]
+        candidates = RANGE_SEARCHES.get(self.search)(self, rows)
+        if len(candidates) == 1:
+            return candidates[0]
         errors = squared_errors(
             rows, [(scale[:, None], zero[:, None])
                    for scale, zero in candidates], self._fake)
@@ -509,6 +506,29 @@ class UniformQuantizer(FakeQuantizer):
         if offset.numel():
             return self._fake(x + offset, scale, zero, out).sub_(offset)
         return self._fake(x, scale, zero, out)
+
+
+@RANGE_SEARCHES.register(name='minmax')
+def minmax_search(quantizer: UniformQuantizer, rows: torch.Tensor):
+    """``[min(x, 0), max(x, 0)]`` per row."""
+    return [quantizer.params_for_range(rows.amin(1), rows.amax(1))]
+
+
+@RANGE_SEARCHES.register(name='quantile')
+def quantile_search(quantizer: UniformQuantizer, rows: torch.Tensor):
+    """RepQ-ViT's clip ranges ``[Q(1 - p), Q(p)]``, ``p`` in
+    :data:`RANGE_QUANTILES`."""
+    ps = RANGE_QUANTILES
+    bounds = quantiles(rows, [1 - p for p in ps] + list(ps))
+    return [quantizer.clip_params(bounds[i], bounds[len(ps) + i])
+            for i in range(len(ps))]
+
+
+@RANGE_SEARCHES.register(name='clip-ratio')
+def clip_ratio_search(quantizer: UniformQuantizer, rows: torch.Tensor):
+    """Ours: ``[r min, r max]`` for ``r`` in :data:`CLIP_RATIOS`."""
+    lo, hi = rows.amin(1), rows.amax(1)
+    return [quantizer.params_for_range(lo * r, hi * r) for r in CLIP_RATIOS]
 
 
 class PostSoftmaxQuantizer(FakeQuantizer):

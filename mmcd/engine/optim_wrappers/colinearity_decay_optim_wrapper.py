@@ -76,9 +76,9 @@ def regularizer_configs(cd: Optional[dict], s2d: Optional[dict],
         ('cd', cd), ('s2d', s2d), ('tweo', tweo)) if options is not None]
     for cfg in regularizers or ():
         if not isinstance(cfg, dict) or 'type' not in cfg:
-            raise ValueError('regularizers: each entry is a dict with a '
-                             f'type (one of {sorted(REGULARIZERS)}), got '
-                             f'{cfg!r}')
+            raise ValueError(
+                'regularizers: each entry is a dict with a type (one of '
+                f'{", ".join(REGULARIZERS.names())}), got {cfg!r}')
         configs.append(dict(cfg))
     names = [cfg['type'] for cfg in configs]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -89,9 +89,13 @@ def regularizer_configs(cd: Optional[dict], s2d: Optional[dict],
 
 class RegularizedOptimWrapperMixin:
     """Drives a list of :class:`~mmcd.core.regularizers.Regularizer`, shared
-    by the plain and AMP wrappers."""
+    by the plain and AMP wrappers (module docstring: options)."""
 
-    def _setup_regularizers(self, cd, pairs, s2d, tweo, regularizers):
+    def __init__(self, optimizer, cd: Optional[dict] = None,
+                 pairs: Optional[dict] = None, s2d: Optional[dict] = None,
+                 tweo: Optional[dict] = None,
+                 regularizers: Optional[Sequence[dict]] = None, **kwargs):
+        super().__init__(optimizer=optimizer, **kwargs)
         configs = regularizer_configs(cd, s2d, tweo, regularizers)
         if not configs:
             raise ValueError(
@@ -102,7 +106,7 @@ class RegularizedOptimWrapperMixin:
             build_regularizer(cfg) for cfg in configs]
         self.pairs_cfg = {
             **dict(kinds=PAIR_KINDS, include=(), exclude=(), rules=(),
-                   builtin=tuple(ARCHITECTURES)),
+                   builtin=tuple(ARCHITECTURES.names())),
             **_check_keys('pairs', pairs or {}, PAIR_KEYS)
         }
         try:
@@ -253,13 +257,6 @@ class ColinearityDecayOptimWrapper(RegularizedOptimWrapperMixin,
     """:class:`~mmengine.optim.OptimWrapper` with Colinearity Decay and any
     other registered regularizers (module docstring: options)."""
 
-    def __init__(self, optimizer, cd: Optional[dict] = None,
-                 pairs: Optional[dict] = None, s2d: Optional[dict] = None,
-                 tweo: Optional[dict] = None,
-                 regularizers: Optional[Sequence[dict]] = None, **kwargs):
-        super().__init__(optimizer=optimizer, **kwargs)
-        self._setup_regularizers(cd, pairs, s2d, tweo, regularizers)
-
 
 @OPTIM_WRAPPERS.register_module()
 class ColinearityDecayAmpOptimWrapper(RegularizedOptimWrapperMixin,
@@ -269,10 +266,3 @@ class ColinearityDecayAmpOptimWrapper(RegularizedOptimWrapperMixin,
     configs that use :class:`ColinearityDecayOptimWrapper`. CD runs on the
     fp32 master weights after the scaled step, and not at all when the
     loss scaler skips the step (inf/NaN gradients)."""
-
-    def __init__(self, optimizer, cd: Optional[dict] = None,
-                 pairs: Optional[dict] = None, s2d: Optional[dict] = None,
-                 tweo: Optional[dict] = None,
-                 regularizers: Optional[Sequence[dict]] = None, **kwargs):
-        super().__init__(optimizer=optimizer, **kwargs)
-        self._setup_regularizers(cd, pairs, s2d, tweo, regularizers)
