@@ -15,8 +15,8 @@ Pairs are found by rules on module names: a regular expression for the first
 module (its named groups fill the second module's template), the pair kind,
 where the head count lives, and which parameter of each module holds the
 matrix (``weight`` by default; ``nn.MultiheadAttention`` keeps its fused
-Q/K/V rows in ``in_proj_weight``, and a rule names it). The built-in rules are part of each
-backbone family's spec (:mod:`mmcd.core.architectures`: MMDetection's
+Q/K/V rows in ``in_proj_weight``, and a rule names it). The built-in rules
+are part of each backbone family's spec (:mod:`mmcd.core.architectures`: MMDetection's
 ``SwinTransformer``, timm / mmpretrain / mmcd ViT blocks). Matrices are
 exposed as batched views ``[heads, rows, cols]`` of the parameters'
 storage, so an in-place update of a view updates the model. Pure PyTorch:
