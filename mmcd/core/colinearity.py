@@ -138,6 +138,11 @@ def colinearity_decay_deltas(
     return delta_a, delta_b, ba_sq
 
 
+def check_strength(strength: float) -> None:
+    if not strength >= 0:  # also rejects NaN
+        raise ValueError(f'cd strength must be >= 0, got {strength}')
+
+
 class ColinearityDecay:
     """CD over a list of :class:`~mmcd.core.pairs.MatrixPair`.
 
@@ -162,9 +167,8 @@ class ColinearityDecay:
     """
 
     def __init__(self, pairs: Sequence, strength: float,
-                 power_iters: int = 1, cuda_graph: bool = False):
-        if not strength >= 0:  # also rejects NaN
-            raise ValueError(f'CD strength must be >= 0, got {strength}')
+                 power_iters: int = 1, cuda_graph: bool = True):
+        check_strength(strength)
         self.pairs, self.strength = list(pairs), float(strength)
         groups: Dict[tuple, list] = {}
         for pair in sorted(self.pairs, key=lambda p: p.kind):
@@ -303,8 +307,7 @@ class ColinearityDecayRegularizer(Regularizer):
     def __init__(self, strength: float, interval: int = 1, begin: int = 0,
                  end: Optional[int] = None, warmup_iters: int = 0,
                  power_iters: int = 1, cuda_graph: bool = True):
-        if not strength >= 0:  # also rejects NaN
-            raise ValueError(f'cd strength must be >= 0, got {strength}')
+        check_strength(strength)
         if not (isinstance(interval, int) and interval >= 1):
             raise ValueError(f'cd interval must be an integer >= 1, got '
                              f'{interval!r}')

@@ -1,8 +1,7 @@
 """MMEngine adapters: optim wrappers, hooks, calibration helpers and tool
 set-up."""
-from .calibration import (CalibrationOptions, calibrate_on,
-                          calibration_loader, evaluate, quantize_copy,
-                          run_test_steps)
+from .calibration import (CalibrationOptions, calibrate_on, calibration_loader,
+                          evaluate, quantize_copy, run_test_steps)
 from .hooks import (ActivationStatsHook, PostTrainingQuantHook,
                     QuantAwareTrainingHook, RNGStateHook)
 from .optim_wrapper_constructors import LayerDecayOptimWrapperConstructor

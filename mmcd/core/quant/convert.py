@@ -227,7 +227,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     Raises ``ValueError`` on a model that is already quantized (quantizers
     never stack) and on attention modules mmcd cannot quantize.
     """
-    if any(isinstance(m, FakeQuantizer) for m in model.modules()):
+    if fake_quantizers(model):
         raise ValueError('model is already quantized; quantize a float copy')
     method = cfg.spec
     matched = set()  # the layer_bits rules that picked some layer

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from .convert import layer_quantizers
+from .convert import fake_quantizers, layer_quantizers
 from .quantizers import FakeQuantizer
 
 
@@ -79,7 +79,7 @@ def quantization_report(model: nn.Module,
     if not calibrated:
         raise ValueError('the model has no calibrated quantizer: calibrate '
                          'it before the report')
-    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    quantizers = fake_quantizers(model)
     states = [q.state for q in quantizers]
     modules = dict(model.named_modules())
     float_outputs: Dict[str, List[torch.Tensor]] = {n: [] for n in layers}

@@ -22,14 +22,15 @@ from typing import Dict, Iterable, Sequence
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from mmcd.core.activation_stats import ActivationRecorder, probe_points
-from mmcd.core.colinearity import alignment
 from mmcd.core.architectures import pair_rules
+from mmcd.core.colinearity import alignment
 from mmcd.core.pairs import discover_pairs
+
 from ..calibration import run_test_steps
+from ..model_utils import bare_model
 
 
 def model_pairs(model: torch.nn.Module):
@@ -59,7 +60,7 @@ def collect_activation_stats(model: torch.nn.Module, batches: Iterable,
     """Run ``model.test_step`` on the first ``num_images`` batches and
     return ``(stats, alignment, recorder)``; the recorder keeps the ``|x|``
     samples for histograms."""
-    model = model.module if is_model_wrapper(model) else model
+    model = bare_model(model)
     pairs = model_pairs(model)
     recorder = ActivationRecorder(probe_points(model, pairs), max_samples)
     model.eval()
@@ -93,7 +94,7 @@ class ActivationStatsHook(Hook):
         if stage not in self.stages:
             return
         model = runner.model
-        model = model.module if is_model_wrapper(model) else model
+        model = bare_model(model)
         self._pairs = model_pairs(model)
         self._recorder = ActivationRecorder(
             probe_points(model, self._pairs), self.max_samples)

@@ -31,14 +31,14 @@ from typing import Dict, Optional, Sequence
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from mmcd.core.quant import (QuantConfig, format_precision_plan,
-                             precision_plan)
+from mmcd.core.quant import QuantConfig, format_precision_plan, precision_plan
 from mmcd.core.quant.debug import quantization_report
+
 from ..calibration import (CalibrationOptions, calibration_images,
                            dense_outputs, evaluate, quantize_copy)
+from ..model_utils import bare_model
 
 REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
                     'coco/segm_mAP_50')
@@ -112,7 +112,7 @@ class PostTrainingQuantHook(Hook):
     # ---------------------------------------------------------------- work --
     def _quantize(self, runner, loop) -> None:
         model = runner.model
-        float_model = model.module if is_model_wrapper(model) else model
+        float_model = bare_model(model)
         self._fp_metrics = None
         if self.compare_fp:
             print_log('PostTrainingQuantHook: evaluating the float model',

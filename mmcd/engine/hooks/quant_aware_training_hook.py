@@ -44,23 +44,19 @@ from typing import Dict, Optional
 from mmengine.dist import broadcast
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmengine.registry import HOOKS
 
 from mmcd.core.quant.qat import (OscillationTracker, activate_qat,
                                  freeze_confident_weights, initialize_qat,
-                                 mask_frozen_gradients,
-                                 restore_frozen_weights,
+                                 mask_frozen_gradients, restore_frozen_weights,
                                  trainable_weight_layers)
+
 from ..calibration import CalibrationOptions, calibrate_on
+from ..model_utils import bare_model
 
 #: substring of every quantizer parameter name (``...input_quantizer.step``)
 QUANTIZER_KEY = 'quantizer.'
-
-
-def _unwrap(model):
-    return model.module if is_model_wrapper(model) else model
 
 
 #: the settings of the conversion, given to ``QATDetector`` (the model)
@@ -101,7 +97,7 @@ class QuantAwareTrainingHook(Hook):
             _check_no_quantizer_decay(model, runner.optim_wrapper)
 
     def before_train(self, runner) -> None:
-        model = _unwrap(runner.model)
+        model = bare_model(runner.model)
         if not any(m.weight_quantizer.calibrated
                    for m in trainable_weight_layers(model)):
             if runner.cfg.get('load_from') is None:
@@ -119,10 +115,10 @@ class QuantAwareTrainingHook(Hook):
         model.train()
 
     def before_val_epoch(self, runner) -> None:
-        activate_qat(_unwrap(runner.model))
+        activate_qat(bare_model(runner.model))
 
     def before_test_epoch(self, runner) -> None:
-        activate_qat(_unwrap(runner.model))
+        activate_qat(bare_model(runner.model))
 
 
 @HOOKS.register_module()
@@ -154,7 +150,7 @@ class ConfidenceGuidedAnnealingHook(Hook):
 
     def before_train(self, runner) -> None:
         # frozen weights' gradients are zeroed as they accumulate (OFQ)
-        self._gradient_hooks = mask_frozen_gradients(_unwrap(runner.model))
+        self._gradient_hooks = mask_frozen_gradients(bare_model(runner.model))
 
     def after_train(self, runner) -> None:
         for handle in self._gradient_hooks:
@@ -164,7 +160,7 @@ class ConfidenceGuidedAnnealingHook(Hook):
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         if runner.iter < int(self.begin * runner.max_iters):
             return
-        counts = freeze_confident_weights(_unwrap(runner.model),
+        counts = freeze_confident_weights(bare_model(runner.model),
                                           self.boundary_range)
         fraction = float(counts['frozen']) / counts['total']
         if not self._annealing:
@@ -179,7 +175,7 @@ class ConfidenceGuidedAnnealingHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
         if self._annealing:
-            restore_frozen_weights(_unwrap(runner.model))
+            restore_frozen_weights(bare_model(runner.model))
 
 
 @HOOKS.register_module()
@@ -199,7 +195,7 @@ class QuantOscillationHook(Hook):
         _qat_model(runner, 'QuantOscillationHook')
 
     def before_train(self, runner) -> None:
-        self._tracker = OscillationTracker(_unwrap(runner.model))
+        self._tracker = OscillationTracker(bare_model(runner.model))
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
@@ -233,7 +229,7 @@ def _refuse_moved(hook: str, settings: Dict) -> None:
 
 
 def _qat_model(runner, hook: str):
-    model = _unwrap(runner.model)
+    model = bare_model(runner.model)
     if getattr(model, 'qat_config', None) is None or \
             not trainable_weight_layers(model):
         raise ValueError(

@@ -3,12 +3,14 @@ BEiT / MAE fine-tuning practice)."""
 from typing import Dict, Tuple
 
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import (OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
                                OPTIMIZERS)
 
 from mmcd.core.architectures import get_architectures
+
+from ..model_utils import bare_model
+
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
@@ -43,8 +45,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         super().__init__(optim_wrapper_cfg, None)
 
     def __call__(self, model):
-        if is_model_wrapper(model):
-            model = model.module
+        model = bare_model(model)
         blocks = getattr(getattr(model, 'backbone', None), 'blocks', None)
         if blocks is None:
             raise ValueError('LayerDecayOptimWrapperConstructor needs a '

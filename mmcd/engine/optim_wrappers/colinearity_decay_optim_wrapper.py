@@ -53,15 +53,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from mmengine.logging import MessageHub, print_log
-from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
 from mmcd.core.architectures import ARCHITECTURES, pair_rules
 from mmcd.core.pairs import (PAIR_KINDS, PairRule, describe_no_pairs,
                              discover_pairs)
-from mmcd.core.regularizers import (REGULARIZERS, Regularizer,
-                                    build_regularizer)
+from mmcd.core.regularizers import REGULARIZERS, Regularizer, build_regularizer
+
+from ..model_utils import bare_model
 
 PAIR_KEYS = {'kinds', 'include', 'exclude', 'rules', 'builtin'}
 
@@ -136,8 +136,7 @@ class RegularizedOptimWrapperMixin:
         Called by the Runner through ``initialize_count_status``; call it
         yourself when you drive the wrapper without a Runner. Binding again
         (a converted model) keeps the regularizers' state."""
-        if is_model_wrapper(model):
-            model = model.module
+        model = bare_model(model)
         if self.matrix_pairs is not None and self._pending_state is None:
             self._pending_state = self._regularizer_state()  # re-binding
         for regularizer in self.regularizers:
