@@ -12,7 +12,7 @@ from mmengine.runner import Runner
 from mmcd.core import (REGULARIZERS, VIT_RULES, ColinearityDecay,
                        ColinearityDecayRegularizer, Regularizer,
                        build_regularizer, discover_pairs)
-from mmcd.engine.runner_setup import AMP_VARIANTS
+from mmcd.utils.runner_setup import AMP_VARIANTS
 from conftest import REPO, dist_train, micro_config
 from test_colinearity import ViT
 

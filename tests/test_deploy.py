@@ -21,7 +21,7 @@ from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
                          OnnxPerShape, RoundingDraw, changed_detections,
                          export_onnx, matched_detections)
 from mmcd.deploy.onnx_export import ort_session
-from mmcd.engine.benchmark_models import build_detector
+from mmcd.utils.benchmark_models import build_detector
 
 
 class Wrap(nn.Module):

@@ -15,7 +15,7 @@ from mmengine.runner import Runner
 from conftest import REPO, micro_config
 from mmcd.engine.hooks.rng_state_hook import (capture_rng_states,
                                               restore_rng_states)
-from mmcd.engine.runner_setup import add_rng_state_hook
+from mmcd.utils.runner_setup import add_rng_state_hook
 
 CD_CONFIG = osp.join(REPO, 'configs', 'toy',
                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco_cd.py')

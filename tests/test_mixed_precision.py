@@ -7,7 +7,7 @@ from torch import nn
 from mmcd.core.quant import (QuantConfig, format_precision_plan,
                              precision_plan, quantize_model)
 from mmcd.engine.hooks import PostTrainingQuantHook
-from mmcd.engine.runner_setup import UserError, parse_layer_bits
+from mmcd.utils.runner_setup import UserError, parse_layer_bits
 from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
 
 

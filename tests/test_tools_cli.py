@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, TOY_CONFIG
-from mmcd.engine.runner_setup import dropped_annotations, error_line
+from mmcd.utils.runner_setup import dropped_annotations, error_line
 
 
 def run_tool(*args, cwd=None, timeout=300):
@@ -93,7 +93,7 @@ def test_dropped_annotations_counted_once_on_rank_0(tmp_path, monkeypatch,
                                                     rank, warned):
     from mmengine.config import Config
 
-    from mmcd.engine import runner_setup
+    from mmcd.utils import runner_setup
     (tmp_path / 'img').mkdir()
     ann = tmp_path / 'ann.json'
     ann.write_text(json.dumps(dict(
@@ -148,7 +148,7 @@ def test_dropped_annotations_follow_mmdet():
 @pytest.mark.parametrize('load, threads, warned', [
     (2.5, None, True), (0.3, None, False), (2.5, '1', False)])
 def test_busy_machine_warning(monkeypatch, load, threads, warned):
-    from mmcd.engine import runner_setup
+    from mmcd.utils import runner_setup
     lines = []
     monkeypatch.setattr(runner_setup, 'print_log',
                         lambda msg, **kwargs: lines.append(msg))

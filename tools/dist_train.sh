@@ -4,7 +4,7 @@
 # On one node without PORT, torchrun's standalone rendezvous picks a free
 # port (two jobs on one machine do not collide). NNODES, NODE_RANK, PORT and
 # MASTER_ADDR select a fixed port or a multi-node run. Without CUDA the
-# processes use gloo (see mmcd/engine/runner_setup.py).
+# processes use gloo (see mmcd/utils/runner_setup.py).
 set -euo pipefail
 CONFIG=$1
 NPROC=$2

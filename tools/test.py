@@ -15,7 +15,7 @@ from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
 from mmcd.core.quant import QUANT_METHODS
-from mmcd.engine.runner_setup import (UserError,
+from mmcd.utils.runner_setup import (UserError,
                                       add_quant_hook, check_checkpoint,
                                       check_datasets,
                                       default_work_dir, load_config,

@@ -13,7 +13,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
-from mmcd.engine.runner_setup import (UserError,
+from mmcd.utils.runner_setup import (UserError,
                                       add_rng_state_hook, check_checkpoint,
                                       check_datasets,
                                       default_work_dir, enable_amp,

@@ -1,12 +1,13 @@
 """Deployment: ONNX export of a calibrated PTQ model in QDQ form and its
 onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
 onnxscript). The QDQ rewrite itself is pure PyTorch
-(:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX."""
-from .detections import changed_detections, matched_detections
+(:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX
+(onnx_export.py) and holds the yardstick of the check (yardstick.py)."""
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
-                          QDQ_DISABLED_OPTIMIZERS, ComparedFeatures,
-                          FeatureExtractor, OnnxFeatures, OnnxPerShape,
-                          RoundingDraw, export_onnx, ort_session)
+                          QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
+                          OnnxFeatures, OnnxPerShape, export_onnx, ort_session)
+from .yardstick import (ComparedFeatures, RoundingDraw, changed_detections,
+                        matched_detections)
 
 __all__ = [
     'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',

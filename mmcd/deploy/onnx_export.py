@@ -16,7 +16,6 @@ translates mmcd's two quantization ops (:mod:`mmcd.core.quant.qdq`):
 ``uint4`` needs opset 21 (:data:`MIN_QDQ_OPSET`, also the floor for the
 quantized export). Both ops round half to even, as ``torch.round`` does.
 """
-import math
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmcd.core.quant.convert import activation_quantizers
 from mmcd.core.quant.qdq import ActivationQDQ, IntegerWeightMixin
 
 #: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
@@ -83,40 +81,6 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor):
         return tuple(self.detector.extract_feat(images))
-
-
-class RoundingDraw(nn.Module):
-    """``extract_feat`` of ``detector`` with the input of every activation
-    quantizer moved by at most one float32 rounding: each value to its next
-    float32 below, above, or left as is (uniformly, from ``seed``). The same
-    quantized model, another draw of which values sit just across a rounding
-    boundary, as another summation order of the ops before each quantizer
-    (e.g. onnxruntime's) gives; weights are left alone (the export stores
-    them as the same integers). The yardstick of the sim-vs-deploy check: an
-    export that deviates from the simulation as much as such draws do
-    computes the same model."""
-
-    def __init__(self, detector, seed: int):
-        super().__init__()
-        self.__dict__['detector'] = detector  # a reference, not a submodule
-        self.seed = seed
-
-    def forward(self, images):
-        gen = torch.Generator().manual_seed(self.seed)
-
-        def move(quantizer, args):
-            x = args[0]
-            direction = torch.randint(-1, 2, x.shape, generator=gen).to(x)
-            moved = torch.nextafter(x, direction * math.inf)
-            return (torch.where(direction == 0, x, moved), ) + args[1:]
-
-        handles = [q.register_forward_pre_hook(move)
-                   for q in activation_quantizers(self.detector)]
-        try:
-            return self.detector.extract_feat(images)
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
@@ -248,36 +212,3 @@ class OnnxPerShape:
                                self.opset)
             self.sessions[key] = OnnxFeatures(path)
         return self.sessions[key](images)
-
-
-class ComparedFeatures:
-    """``features(images)`` (e.g. :class:`OnnxPerShape`) that also measures,
-    on every call, its deviation from ``reference(images)`` (the fake-
-    quantized model's ``extract_feat``) in units of ``step``: the largest
-    per feature level over all calls, and how many values were more than
-    one step apart. Used as a detector's ``extract_feat`` during a test-set
-    evaluation, it checks every image's features, not one."""
-
-    def __init__(self, features, reference, step: float):
-        self.features, self.reference, self.step = features, reference, step
-        self.max_steps: List[float] = []
-        self.beyond_one_step = 0
-        self.values = 0
-        self.calls = 0
-
-    def __call__(self, images: torch.Tensor) -> List[torch.Tensor]:
-        out = self.features(images)
-        with torch.no_grad():
-            expected = self.reference(images)
-        steps = [(a - b).abs() / self.step for a, b in zip(out, expected)]
-        largest = [float(s.max()) for s in steps]
-        self.max_steps = largest if not self.max_steps else [
-            max(a, b) for a, b in zip(self.max_steps, largest)]
-        self.beyond_one_step += sum(int((s > 1).sum()) for s in steps)
-        self.values += sum(s.numel() for s in steps)
-        self.calls += 1
-        return out
-
-    def summary(self) -> dict:
-        return dict(calls=self.calls, max_steps=self.max_steps,
-                    beyond_one_step=self.beyond_one_step, values=self.values)

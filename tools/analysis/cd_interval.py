@@ -25,7 +25,7 @@ from mmengine.runner import Runner
 import mmcd  # noqa: F401
 from mmcd.datasets import ensure_toy_coco
 from mmcd.engine.hooks import collect_activation_stats
-from mmcd.engine.runner_setup import toy_run_config
+from mmcd.utils.runner_setup import toy_run_config
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CD = osp.join(REPO, 'configs/toy/'

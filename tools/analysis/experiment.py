@@ -14,7 +14,7 @@ at ``--cd-strengths`` and ``--tweo-weights`` (strength 0 is the baseline),
 evaluated in float and W4A4 (repq-vit, minmax), for the trade-off figure.
 
 Every training and every evaluation is a cell written as it finishes
-(:class:`mmcd.engine.result_cache.ResultCache` in ``--work-dir/cache``);
+(:class:`mmcd.utils.result_cache.ResultCache` in ``--work-dir/cache``);
 a re-run skips finished cells, an interrupted training resumes from its
 last checkpoint, and a work dir written by another code version or with
 other settings is refused with a message. Writes ``results.md`` (cells
@@ -51,8 +51,8 @@ from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
 from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
                          quantize_copy)
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
-from mmcd.engine.result_cache import ResultCache, code_version  # noqa
-from mmcd.engine.runner_setup import (UserError,  # noqa: E402
+from mmcd.utils.result_cache import ResultCache, code_version  # noqa
+from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_rng_state_hook, run_main,
                                       toy_run_config)
 from mmcd.visualization import (plot_alignment, plot_histogram,  # noqa

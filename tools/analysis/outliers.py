@@ -27,7 +27,7 @@ from mmengine.runner import Runner  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
-from mmcd.engine.runner_setup import (UserError,  # noqa: E402
+from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       check_datasets, load_config, run_main)
 from mmcd.visualization import (plot_alignment, plot_histogram,  # noqa: E402
                                 plot_max_activation)

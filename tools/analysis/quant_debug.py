@@ -27,7 +27,7 @@ from mmcd.core.quant import UniformQuantizer  # noqa: E402
 from mmcd.core.quant.debug import quantization_report  # noqa: E402
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      dense_outputs)
-from mmcd.engine.runner_setup import (  # noqa: E402
+from mmcd.utils.runner_setup import (  # noqa: E402
     add_ptq_arguments, calibrated_from_checkpoint, ptq_config, run_main)
 
 

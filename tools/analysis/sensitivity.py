@@ -37,7 +37,7 @@ from mmcd.core.quant import layer_quantizers  # noqa: E402
 from mmcd.core.quant.debug import sqnr_db  # noqa: E402
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      dense_outputs, evaluate)
-from mmcd.engine.runner_setup import (UserError,  # noqa: E402
+from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
                                       calibrated_from_checkpoint, ptq_config,
                                       run_main)

@@ -41,7 +41,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
 import mmcd  # noqa: E402,F401
-from mmcd.engine.benchmark_models import REPO, build_detector  # noqa: E402
+from mmcd.utils.benchmark_models import REPO, build_detector  # noqa: E402
 
 DETECTORS = {
     'toy': ('toy Swin Mask R-CNN + CD',

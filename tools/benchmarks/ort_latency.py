@@ -39,7 +39,7 @@ from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (QDQ_DISABLED_OPTIMIZERS,  # noqa: E402
                          FeatureExtractor, export_onnx, ort_session)
-from mmcd.engine.benchmark_models import (  # noqa: E402
+from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, build_detector)
 
 QUANTIZED_KERNELS = ('QLinearConv', 'QLinearMatMul', 'MatMulIntegerToFloat',

@@ -27,7 +27,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
-from mmcd.engine.benchmark_models import (  # noqa: E402
+from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, build_detector)
 
 def sample(size, gen):

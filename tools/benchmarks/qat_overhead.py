@@ -33,7 +33,7 @@ import mmcd  # noqa: E402,F401
 from mmcd.core.quant import QAT_METHODS  # noqa: E402
 from mmcd.core.quant.qat import (QATConfig, activate_qat,  # noqa: E402
                                  initialize_qat, prepare_qat)
-from mmcd.engine.benchmark_models import (  # noqa: E402
+from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, build_detector)
 
 

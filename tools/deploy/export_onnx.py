@@ -56,7 +56,7 @@ from mmcd.deploy import (MIN_QDQ_OPSET, ComparedFeatures,  # noqa: E402
                          FeatureExtractor, OnnxPerShape, RoundingDraw,
                          changed_detections)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
-from mmcd.engine.runner_setup import (UserError,  # noqa: E402
+from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
                                       calibrated_from_checkpoint,
                                       parse_layer_bits, ptq_config,

@@ -8,7 +8,7 @@ family of Transformer backbones:
 * ``reparam_rules``: ``(LayerNorm pattern, next Linear template)`` pairs for
   RepQ-ViT's scale reparameterization (:mod:`mmcd.core.quant.reparam`);
 * ``first_layer``: the pattern of the layer kept at ``first_layer_bits``;
-* ``layer_id`` / ``no_decay_names``: layer-wise lr decay
+* ``num_layers`` / ``layer_id`` / ``no_decay_names``: layer-wise lr decay
   (``LayerDecayOptimWrapperConstructor``), for plain ViTs.
 
 Built in: ``swin`` (MMDetection's SwinTransformer) and ``vit`` (timm,
@@ -22,6 +22,8 @@ PyTorch.
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from torch import nn
+
 from ..pairs import PairRule
 from ..registry import Registry
 
@@ -33,6 +35,7 @@ class ArchitectureSpec:
     pair_rules: Tuple[PairRule, ...]
     reparam_rules: Tuple[Tuple[str, str], ...] = ()
     first_layer: str = r'patch_embed'
+    num_layers: Optional[Callable[[nn.Module], int]] = None
     layer_id: Optional[Callable[[str, int], Optional[int]]] = None
     no_decay_names: Tuple[str, ...] = ()
 

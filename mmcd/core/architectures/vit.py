@@ -15,6 +15,16 @@ VIT_RULES = (
 )
 
 
+def vit_num_layers(model) -> int:
+    """``len(backbone.blocks) + 1``: the blocks and the embeddings."""
+    blocks = getattr(getattr(model, 'backbone', None), 'blocks', None)
+    if blocks is None:
+        raise ValueError('the vit architecture needs a model with '
+                         'backbone.blocks (a plain ViT) for layer-wise lr '
+                         'decay')
+    return len(blocks) + 1
+
+
 def vit_layer_id(name: str, num_layers: int):
     """0 for the patch and position embeddings, ``i + 1`` for
     ``backbone.blocks.i``, ``num_layers`` for everything after the blocks
@@ -33,6 +43,7 @@ VIT = ARCHITECTURES.register(ArchitectureSpec(
         (r'(?P<p>.+)\.norm2', '{p}.mlp.fc1'),
     ),
     first_layer=r'patch_embed',
+    num_layers=vit_num_layers,
     layer_id=vit_layer_id,
     no_decay_names=('pos_embed', 'rel_pos_h', 'rel_pos_w'),
 ))

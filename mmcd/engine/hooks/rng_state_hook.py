@@ -32,7 +32,7 @@ across epochs, where a resumed run cannot follow, and restarting them needs
 the DataLoader's private API (which left a deadlocked worker behind and
 broke the iterator an iteration-based loop holds). ``tools/train.py``
 therefore turns ``persistent_workers`` off for epoch-based training
-(:func:`mmcd.engine.runner_setup.add_rng_state_hook`: the workers were
+(:func:`mmcd.utils.runner_setup.add_rng_state_hook`: the workers were
 restarted each epoch anyway); a Runner built by hand with them on trains as
 configured and the hook warns once that its resume is not bit-exact.
 

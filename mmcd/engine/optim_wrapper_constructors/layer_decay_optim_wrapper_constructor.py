@@ -14,8 +14,9 @@ from ..model_utils import bare_model
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
-    """``lr = base_lr * decay_rate ** (num_layers - layer_id)`` with
-    ``num_layers = len(backbone.blocks) + 1``: the deepest layers (and the
+    """``lr = base_lr * decay_rate ** (num_layers - layer_id)`` with the
+    architecture spec's ``num_layers`` (``vit``: ``len(backbone.blocks) +
+    1``): the deepest layers (and the
     neck and heads) train at ``base_lr``, the patch embedding at
     ``base_lr * decay_rate ** num_layers``. Biases, norms and the
     architecture's no-decay parameters (ViT: ``pos_embed``, ``rel_pos_*``)
@@ -36,7 +37,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError('LayerDecayOptimWrapperConstructor takes only '
                              'decay_rate and architecture, got '
                              f'{sorted(paramwise_cfg)}')
-        if self.spec.layer_id is None:
+        if self.spec.layer_id is None or self.spec.num_layers is None:
             raise ValueError(f'architecture {self.spec.name!r} defines no '
                              'layer ids for layer-wise lr decay')
         if not 0 < self.decay_rate <= 1:
@@ -46,11 +47,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     def __call__(self, model):
         model = bare_model(model)
-        blocks = getattr(getattr(model, 'backbone', None), 'blocks', None)
-        if blocks is None:
-            raise ValueError('LayerDecayOptimWrapperConstructor needs a '
-                             'model with backbone.blocks (a plain ViT)')
-        num_layers = len(blocks) + 1
+        num_layers = self.spec.num_layers(model)
         groups: Dict[Tuple[int, bool], dict] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:

@@ -415,7 +415,7 @@ def calibrated_from_checkpoint(args, quant_cfg,
     train one (the calibration images' source)."""
     from mmengine.runner import Runner
 
-    from .calibration import CalibrationOptions, quantize_copy
+    from mmcd.engine.calibration import CalibrationOptions, quantize_copy
     cfg = load_config(args.config, args.cfg_options)
     check_datasets(cfg, ['train_dataloader', *loaders])
     os.makedirs(args.out_dir, exist_ok=True)

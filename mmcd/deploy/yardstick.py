@@ -1,0 +1,144 @@
+"""The yardstick of the sim-vs-deploy check: how far a deployed model may
+differ from the PyTorch simulation and still compute the same model.
+
+* :class:`RoundingDraw`: the simulation with the input of every activation
+  quantizer moved by at most one float32 rounding (another summation order,
+  as another runtime's, would give): the spread of such draws is the
+  yardstick;
+* :class:`ComparedFeatures`: a runtime's features checked against the
+  simulation's on every evaluated image, in quantization steps;
+* :func:`changed_detections` / :func:`matched_detections`: how much two
+  runs' detections differ, image by image (features that differ by a
+  rounding step decide the score only through the detections they
+  change)."""
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from mmcd.core.quant.convert import activation_quantizers
+
+#: (boxes ``[N, 4]`` x1y1x2y2, scores ``[N]``, labels ``[N]``) of one image
+Detections = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix ``[len(a), len(b)]`` of x1y1x2y2 boxes."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(
+        min=1e-12)
+
+
+def matched_detections(reference: Detections, other: Detections,
+                       iou: float = 0.9) -> int:
+    """Detections of ``reference`` with a counterpart in ``other``: same
+    label, IoU >= ``iou``, one-to-one, taken greedily in the reference's
+    score order, each the free candidate of highest IoU."""
+    ref_boxes, ref_scores, ref_labels = reference
+    boxes, _, labels = other
+    if not len(ref_boxes) or not len(boxes):
+        return 0
+    overlaps = box_iou(ref_boxes.double(), boxes.double())
+    overlaps[ref_labels[:, None] != labels[None, :]] = -1
+    free = torch.ones(len(boxes), dtype=torch.bool)
+    matched = 0
+    for i in torch.argsort(ref_scores, descending=True).tolist():
+        candidates = torch.where(free, overlaps[i], torch.tensor(-1.0,
+                                 dtype=overlaps.dtype))
+        best = int(candidates.argmax())
+        if candidates[best] >= iou:
+            free[best] = False
+            matched += 1
+    return matched
+
+
+def changed_detections(reference: Sequence[Detections],
+                       other: Sequence[Detections],
+                       iou: float = 0.9) -> dict:
+    """Over all images: detections of either run without a counterpart in
+    the other (:func:`matched_detections`), ``changed`` of ``total`` (both
+    runs' detections), and the images where any changed."""
+    if len(reference) != len(other):
+        raise ValueError(f'{len(reference)} images against {len(other)}')
+    changed = total = 0
+    images: List[int] = []
+    for index, (ref, oth) in enumerate(zip(reference, other)):
+        kept = matched_detections(ref, oth, iou)
+        diff = len(ref[0]) + len(oth[0]) - 2 * kept
+        changed += diff
+        total += len(ref[0]) + len(oth[0])
+        if diff:
+            images.append(index)
+    return dict(changed=changed, total=total, images=images)
+
+
+class RoundingDraw(nn.Module):
+    """``extract_feat`` of ``detector`` with the input of every activation
+    quantizer moved by at most one float32 rounding: each value to its next
+    float32 below, above, or left as is (uniformly, from ``seed``). The same
+    quantized model, another draw of which values sit just across a rounding
+    boundary, as another summation order of the ops before each quantizer
+    (e.g. onnxruntime's) gives; weights are left alone (the export stores
+    them as the same integers). The yardstick of the sim-vs-deploy check: an
+    export that deviates from the simulation as much as such draws do
+    computes the same model."""
+
+    def __init__(self, detector, seed: int):
+        super().__init__()
+        self.__dict__['detector'] = detector  # a reference, not a submodule
+        self.seed = seed
+
+    def forward(self, images):
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def move(quantizer, args):
+            x = args[0]
+            direction = torch.randint(-1, 2, x.shape, generator=gen).to(x)
+            moved = torch.nextafter(x, direction * math.inf)
+            return (torch.where(direction == 0, x, moved), ) + args[1:]
+
+        handles = [q.register_forward_pre_hook(move)
+                   for q in activation_quantizers(self.detector)]
+        try:
+            return self.detector.extract_feat(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class ComparedFeatures:
+    """``features(images)`` (e.g. :class:`OnnxPerShape`) that also measures,
+    on every call, its deviation from ``reference(images)`` (the fake-
+    quantized model's ``extract_feat``) in units of ``step``: the largest
+    per feature level over all calls, and how many values were more than
+    one step apart. Used as a detector's ``extract_feat`` during a test-set
+    evaluation, it checks every image's features, not one."""
+
+    def __init__(self, features, reference, step: float):
+        self.features, self.reference, self.step = features, reference, step
+        self.max_steps: List[float] = []
+        self.beyond_one_step = 0
+        self.values = 0
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> List[torch.Tensor]:
+        out = self.features(images)
+        with torch.no_grad():
+            expected = self.reference(images)
+        steps = [(a - b).abs() / self.step for a, b in zip(out, expected)]
+        largest = [float(s.max()) for s in steps]
+        self.max_steps = largest if not self.max_steps else [
+            max(a, b) for a, b in zip(self.max_steps, largest)]
+        self.beyond_one_step += sum(int((s > 1).sum()) for s in steps)
+        self.values += sum(s.numel() for s in steps)
+        self.calls += 1
+        return out
+
+    def summary(self) -> dict:
+        return dict(calls=self.calls, max_steps=self.max_steps,
+                    beyond_one_step=self.beyond_one_step, values=self.values)
