@@ -119,8 +119,8 @@ class QuantConfig:
                              f'{self.scope!r}')
 
     @property
-    def spec(self) -> QuantMethod:
-        """The method, with ``weight_search`` applied."""
+    def resolved_method(self) -> QuantMethod:
+        """The registered method, with ``weight_search`` applied."""
         method = get_method(self.method)
         if self.weight_search is None:
             return method
@@ -229,7 +229,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """
     if fake_quantizers(model):
         raise ValueError('model is already quantized; quantize a float copy')
-    method = cfg.spec
+    method = cfg.resolved_method
     matched = set()  # the layer_bits rules that picked some layer
 
     def bits_of(name):
@@ -335,7 +335,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
     the summary.
     """
     model.eval()
-    method = cfg.spec
+    method = cfg.resolved_method
     layers = _weight_layers(model)
     for layer in layers:
         layer.finalize_weight()

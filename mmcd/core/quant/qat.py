@@ -121,18 +121,17 @@ class QATConfig:
     first_layer_bits: int = 8
 
     def __post_init__(self):
-        spec = get_qat_method(self.method)
         if self.qk_reparam is None:
-            self.qk_reparam = spec.qk_reparam
+            self.qk_reparam = self.qat_method.qk_reparam
         self.ptq_config()  # validates bits, init method, scope
 
     @property
-    def spec(self) -> QATMethod:
+    def qat_method(self) -> QATMethod:
         return get_qat_method(self.method)
 
     @property
     def weight_quantizer(self) -> str:
-        return self.spec.weight_quantizer
+        return self.qat_method.weight_quantizer
 
     def ptq_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.init, self.scope,
@@ -170,7 +169,7 @@ def prepare_qat(model: nn.Module, cfg: QATConfig) -> Dict[str, int]:
     layers = [m for m in model.modules()
               if isinstance(m, (QuantLinear, QuantConv2d))]
     for layer in layers:
-        layer.weight_quantizer = cfg.spec.make_weight_quantizer(
+        layer.weight_quantizer = cfg.qat_method.make_weight_quantizer(
             cfg.w_bits, layer.weight.shape[0])
     attentions = 0
     if cfg.qk_reparam:
@@ -179,7 +178,7 @@ def prepare_qat(model: nn.Module, cfg: QATConfig) -> Dict[str, int]:
                 channels = module.qkv.in_features
                 module.qk_reparam = QKReparam(
                     module.qkv, module.num_heads,
-                    cfg.spec.make_weight_quantizer(
+                    cfg.qat_method.make_weight_quantizer(
                         cfg.w_bits, module.num_heads * channels))
                 attentions += 1
         if not attentions:

@@ -83,11 +83,11 @@ class QuantAwareTrainingHook(Hook):
     def before_run(self, runner) -> None:
         model = _qat_model(runner, 'QuantAwareTrainingHook')
         self.qat_cfg = model.qat_config
-        if self.qat_cfg.spec.cga is not None and not any(
+        if self.qat_cfg.qat_method.cga is not None and not any(
                 isinstance(h, ConfidenceGuidedAnnealingHook)
                 for h in runner.hooks):
             options = ''.join(f', {k}={v}'
-                              for k, v in self.qat_cfg.spec.cga.items())
+                              for k, v in self.qat_cfg.qat_method.cga.items())
             print_log(f'QAT method {self.qat_cfg.method!r} anneals (CGA) but '
                       'the config has no ConfidenceGuidedAnnealingHook: '
                       'training without annealing; add dict(type='
