@@ -152,3 +152,25 @@ def test_multihead_attention_pairs_address_in_proj_weight():
     with pytest.raises(ValueError, match=r'attention module 0\.attn '
                        r'\(MultiheadAttention\).*QUANTIZED_MODULES'):
         quantize_model(net, QuantConfig(4, 4, 'minmax'))
+
+
+def test_a_reparameterization_rule_on_a_non_linear_is_named():
+    """A rule whose next module is not a Linear (an nn.MultiheadAttention)
+    warns instead of skipping silently; the block is still quantized."""
+    from mmcd.core.quant import calibrate
+    spec = ARCHITECTURES.register(ArchitectureSpec(
+        name='test-mha', pair_rules=(),
+        reparam_rules=((r'(?P<p>\d+)\.norm1', '{p}.attn'),
+                       (r'(?P<p>\d+)\.norm2', '{p}.ffn.0'))))
+    try:
+        net = nn.Sequential(MHABlock())
+        x = torch.randn(2, 5, 16)
+        cfg = QuantConfig(8, 8, 'repq-vit', skip=[r'attn$'])
+        quantize_model(net, cfg)
+        with pytest.warns(UserWarning, match=r"0\.norm1 matches the "
+                          r"reparameterization rule .* but 0\.attn is a "
+                          r'MultiheadAttention, not an nn\.Linear'):
+            summary = calibrate(net, cfg, lambda: net(x))
+        assert summary['reparameterized'] == 1  # norm2 -> ffn.0
+    finally:
+        ARCHITECTURES.unregister(spec.name)

@@ -51,6 +51,7 @@ wider (W4A4), -0.8 dB layer SQNR at W6A6 on the demo checkpoint; it is not
 offered. docs/en/quantization.md has the measurements. Pure PyTorch.
 """
 import re
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -62,7 +63,11 @@ from ..architectures import reparam_rules
 def find_norm_linear_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     """(LayerNorm name, Linear name) pairs of ``model`` that the
     architecture specs' reparameterization rules find
-    (:mod:`mmcd.core.architectures`)."""
+    (:mod:`mmcd.core.architectures`). A LayerNorm a rule matches whose
+    next module exists but is not an ``nn.Linear`` (e.g. an
+    ``nn.MultiheadAttention``, whose projection is a parameter) is named in
+    a warning and left without reparameterization; a missing one is a rule
+    of another family (every registered family's rules are tried)."""
     modules = dict(model.named_modules())
     pairs = []
     for norm_pat, lin_tpl in reparam_rules():
@@ -71,8 +76,16 @@ def find_norm_linear_pairs(model: nn.Module) -> List[Tuple[str, str]]:
             if match is None or not isinstance(mod, nn.LayerNorm):
                 continue
             linear = lin_tpl.format(**match.groupdict())
-            if isinstance(modules.get(linear), nn.Linear):
+            target = modules.get(linear)
+            if isinstance(target, nn.Linear):
                 pairs.append((name, linear))
+            elif target is not None:
+                warnings.warn(
+                    f'{name} matches the reparameterization rule '
+                    f'{norm_pat!r}, but {linear} is a '
+                    f'{type(target).__name__}, not an nn.Linear: its input '
+                    'is quantized per tensor, without RepQ-ViT\'s '
+                    'reparameterization')
     return pairs
 
 
