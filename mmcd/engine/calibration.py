@@ -7,6 +7,7 @@ loader (:func:`run_test_steps`, :func:`evaluate`), with progress bars and
 the summary in MMEngine's log."""
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -16,7 +17,9 @@ from mmengine.runner import Runner, ValLoop
 from mmengine.utils import ProgressBar
 
 from mmcd.core import ConfigError
+from mmcd.core.architectures import reconstruction_patterns
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model
+from mmcd.core.quant.reconstruction import reconstruct, reconstruction_units
 
 
 @dataclass
@@ -129,17 +132,55 @@ def run_test_steps(model, batches, num_batches: int) -> None:
     print()  # ProgressBar leaves the cursor on its line
 
 
-def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict):
+def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict,
+                  summary: Optional[Dict] = None):
     """A quantized, calibrated copy of ``model`` (which is not touched):
     :func:`~mmcd.core.quant.quantize_model`, then
     :func:`~mmcd.core.quant.calibrate` on ``batch`` (all calibration
-    images, e.g. :meth:`CalibrationOptions.batch`)."""
+    images, e.g. :meth:`CalibrationOptions.batch`), then block
+    reconstruction when ``quant_cfg.reconstruction`` asks for it
+    (:func:`reconstruct_on`). ``summary``, a dict, receives the
+    reconstruction's per-unit stats (``reconstruction_stats``)."""
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
               f'{quant_cfg.method}, calibrating on {len(batch["inputs"])} '
               'images', logger='current')
     calibrate_on(quant_model, quant_cfg, batch)
+    if quant_cfg.reconstruction is not None:
+        stats = reconstruct_on(quant_model, model, quant_cfg, batch)
+        if summary is not None:
+            summary['reconstruction_stats'] = stats
     return quant_model
+
+
+def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
+                   batch: Dict) -> Dict:
+    """Block reconstruction of the calibrated ``quant_model`` against
+    ``float_model`` on ``batch`` (:func:`mmcd.core.quant.reconstruction.
+    reconstruct`), unit by unit in model order, each unit's output loss
+    before and after and the time left in the log."""
+    cfg = quant_cfg.reconstruction_config()
+    units = reconstruction_units(quant_model, reconstruction_patterns())
+    if not units:
+        raise ConfigError(
+            'reconstruction: no reconstruction unit in the model (the '
+            'architecture specs\' reconstruction_units match none of its '
+            'modules)')
+    print_log(f'PTQ: reconstructing {len(units)} units, {cfg.iters} '
+              f'iterations each, batch {cfg.batch_size}, drop_prob '
+              f'{cfg.drop_prob}', logger='current')
+    started = time.monotonic()
+
+    def progress(k, name, stats):
+        elapsed = time.monotonic() - started
+        left = elapsed / (k + 1) * (len(units) - k - 1)
+        print_log(f'PTQ: [{k + 1}/{len(units)}] {name}: output loss '
+                  f'{stats["loss_before"]:.4g} -> {stats["loss_after"]:.4g}'
+                  f', {100 * stats["rounded_up"]:.1f}% of weights rounded '
+                  f'up; eta {left:.0f} s', logger='current')
+
+    return reconstruct(quant_model, float_model,
+                       lambda m: m.test_step(batch), units, cfg, progress)
 
 
 @torch.no_grad()

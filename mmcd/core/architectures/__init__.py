@@ -8,6 +8,11 @@ family of Transformer backbones:
 * ``reparam_rules``: ``(LayerNorm pattern, next Linear template)`` pairs for
   RepQ-ViT's scale reparameterization (:mod:`mmcd.core.quant.reparam`);
 * ``first_layer``: the pattern of the layer kept at ``first_layer_bits``;
+* ``reconstruction_units``: patterns (full match) of the modules that block
+  reconstruction optimises one by one (:mod:`mmcd.core.quant.
+  reconstruction`): the blocks, the patch embedding and merging, and the
+  neck of a detector built on the family, as APHQ-ViT's detection code
+  reconstructs them;
 * ``num_layers`` / ``layer_id`` / ``no_decay_names``: layer-wise lr decay
   (``LayerDecayOptimWrapperConstructor``), for plain ViTs.
 
@@ -35,6 +40,7 @@ class ArchitectureSpec:
     pair_rules: Tuple[PairRule, ...]
     reparam_rules: Tuple[Tuple[str, str], ...] = ()
     first_layer: str = r'patch_embed'
+    reconstruction_units: Tuple[str, ...] = ()
     num_layers: Optional[Callable[[nn.Module], int]] = None
     layer_id: Optional[Callable[[str, int], Optional[int]]] = None
     no_decay_names: Tuple[str, ...] = ()
@@ -61,6 +67,12 @@ def reparam_rules() -> List[Tuple[str, str]]:
     return [r for spec in ARCHITECTURES.values() for r in spec.reparam_rules]
 
 
+def reconstruction_patterns() -> List[str]:
+    """Every registered family's reconstruction-unit patterns."""
+    return [p for spec in ARCHITECTURES.values()
+            for p in spec.reconstruction_units]
+
+
 def first_layer_pattern() -> str:
     """One pattern matching every registered family's first layer."""
     return '|'.join(sorted({f'(?:{s.first_layer})'
@@ -73,5 +85,6 @@ from .vit import VIT_RULES  # noqa: E402
 
 __all__ = [
     'ArchitectureSpec', 'ARCHITECTURES', 'get_architectures', 'pair_rules',
-    'reparam_rules', 'first_layer_pattern', 'SWIN_RULES', 'VIT_RULES'
+    'reparam_rules', 'reconstruction_patterns', 'first_layer_pattern',
+    'SWIN_RULES', 'VIT_RULES'
 ]

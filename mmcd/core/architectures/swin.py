@@ -24,4 +24,7 @@ SWIN = ARCHITECTURES.register(ArchitectureSpec(
         (r'(?P<p>.+)\.downsample\.norm', '{p}.downsample.reduction'),
     ),
     first_layer=r'patch_embed',
+    reconstruction_units=(r'backbone\.patch_embed',
+                          r'backbone\.stages\.\d+\.blocks\.\d+',
+                          r'backbone\.stages\.\d+\.downsample', r'neck'),
 ))

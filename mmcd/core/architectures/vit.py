@@ -43,6 +43,8 @@ VIT = ARCHITECTURES.register(ArchitectureSpec(
         (r'(?P<p>.+)\.norm2', '{p}.mlp.fc1'),
     ),
     first_layer=r'patch_embed',
+    reconstruction_units=(r'backbone\.patch_embed', r'backbone\.blocks\.\d+',
+                          r'neck'),
     num_layers=vit_num_layers,
     layer_id=vit_layer_id,
     no_decay_names=('pos_embed', 'rel_pos_h', 'rel_pos_w'),

@@ -31,6 +31,7 @@ from .modules import (QUANTIZED_MODULES, QuantConv2d, QuantizedModule,
                       QuantLinear, QuantMatMul)
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, UniformQuantizer,
                          check_bits)
+from .reconstruction import ReconstructionConfig
 from .reparam import find_norm_linear_pairs, reparameterize
 
 ATTENTION_NAME = re.compile(r'attention|msa', re.IGNORECASE)
@@ -94,6 +95,10 @@ class QuantConfig:
             pattern a layer's name matches sets its bits (an ``a_bits``
             there overrides ``first_layer_bits``); a rule matching no
             quantized layer is an error at conversion.
+        reconstruction: None (calibration only) or the options of block
+            reconstruction after calibration (a dict of
+            :class:`~mmcd.core.quant.reconstruction.ReconstructionConfig`:
+            ``iters``, ``batch_size``, ``drop_prob``...), for any method.
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -104,6 +109,7 @@ class QuantConfig:
     first_layer_pattern: Optional[str] = None
     weight_search: Optional[str] = None
     layer_bits: Sequence = field(default_factory=tuple)
+    reconstruction: Optional[Dict] = None
 
     def __post_init__(self):
         self.layer_bits = tuple(LayerBits.from_dict(rule)
@@ -114,6 +120,8 @@ class QuantConfig:
         get_method(self.method)  # registered?
         if self.weight_search is not None:
             RANGE_SEARCHES.get(self.weight_search)  # registered?
+        if self.reconstruction is not None:
+            self.reconstruction_config()  # validates the options
         if self.scope not in ('all', 'backbone'):
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
@@ -126,6 +134,21 @@ class QuantConfig:
             return method
         return replace(method, name=f'{method.name}+{self.weight_search}',
                        weight_search=self.weight_search)
+
+    def reconstruction_config(self) -> Optional[ReconstructionConfig]:
+        """``reconstruction`` as a :class:`ReconstructionConfig` (None when
+        off); unknown options fail naming the allowed ones."""
+        if self.reconstruction is None:
+            return None
+        options = dict(self.reconstruction)
+        allowed = set(ReconstructionConfig.__dataclass_fields__)
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f'reconstruction: unknown option(s) {unknown}; '
+                             f'allowed: {sorted(allowed)}')
+        if 'beta' in options:
+            options['beta'] = tuple(options['beta'])
+        return ReconstructionConfig(**options)
 
     def rule_for(self, name: str) -> Optional[LayerBits]:
         """The first ``layer_bits`` rule matching module ``name``."""

@@ -128,12 +128,9 @@ class IntegerWeightMixin:
         quantizer = layer.weight_quantizer
         if quantizer.state != 'quant' or not quantizer.calibrated:
             raise ValueError(f'{quantizer.layer_name} is not calibrated')
-        shape = (-1, ) + (1, ) * (layer.weight.dim() - 1)
         scale = quantizer.scale.detach()
         zero = quantizer.zero_point.detach()
-        weight = layer.weight.detach().to(scale.dtype)
-        integers = torch.div(weight, scale.view(shape)).round_().add_(
-            zero.view(shape)).clamp_(0, quantizer.levels)
+        integers = quantizer.codes(layer.weight.detach())
         if self.channel_axis == 1:  # stored as [in, out]
             integers = integers.t()
         self.bits = quantizer.bits

@@ -488,6 +488,17 @@ class UniformQuantizer(FakeQuantizer):
             raise RuntimeError(f'{self.layer_name} is not calibrated')
         return self.scale, self.zero_point
 
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer codes ``clamp(round(w / s) + z, 0, 2^b - 1)`` of a
+        per-channel weight (what an export stores; AdaRound overrides
+        the rounding)."""
+        shape = [1] * w.dim()
+        shape[self.channel_axis] = -1
+        scale = self.scale.view(shape)
+        return torch.div(w.to(scale.dtype), scale).round_().add_(
+            self.zero_point.view(shape)).clamp_(0, self.levels)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.scale, self.zero_point
         offset = self.channel_offset  # [C] on the last axis, or empty

@@ -18,6 +18,10 @@ model, so quantizers never stack.
 
 With ``compare_fp=True`` the float model is evaluated first in the same run,
 and a table of float vs quantized box/mask AP and the drop is logged.
+With ``reconstruction=dict(...)`` the calibrated copy is then reconstructed
+block by block (AdaRound, learned steps, QDrop:
+:mod:`mmcd.core.quant.reconstruction`), with each unit's output loss before
+and after in the log and in ``quant_results.json``.
 The precision plan (each quantized layer's bits, the weighted layers left
 in float, and why: :func:`mmcd.core.quant.precision_plan`) is logged as a
 table at conversion. Results (bits, method, calibration size, metrics, the
@@ -56,9 +60,11 @@ class PostTrainingQuantHook(Hook):
             default the train dataloader with the test pipeline; its batch
             size is set to num_images: the calibration set is one batch),
             ``seed`` (0: which images are drawn).
-        scope, skip, first_layer_bits, weight_search, layer_bits: see
-            :class:`mmcd.core.quant.QuantConfig` (``layer_bits``: mixed
-            precision, ``[dict(pattern=REGEX, w_bits=8, a_bits=8)]``).
+        scope, skip, first_layer_bits, weight_search, layer_bits,
+            reconstruction: see :class:`mmcd.core.quant.QuantConfig`
+            (``layer_bits``: mixed precision, ``[dict(pattern=REGEX,
+            w_bits=8, a_bits=8)]``; ``reconstruction``: block
+            reconstruction after calibration, ``dict(iters=20000, ...)``).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
         debug: after calibration, compare float and quantized runs on the
@@ -76,11 +82,13 @@ class PostTrainingQuantHook(Hook):
                  first_layer_bits: int = 8, compare_fp: bool = False,
                  stages: Sequence[str] = ('test', 'val'),
                  weight_search: Optional[str] = None,
-                 layer_bits: Sequence[Dict] = (), debug: bool = False):
+                 layer_bits: Sequence[Dict] = (), debug: bool = False,
+                 reconstruction: Optional[Dict] = None):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
                                      tuple(skip), first_layer_bits,
                                      weight_search=weight_search,
-                                     layer_bits=layer_bits)
+                                     layer_bits=layer_bits,
+                                     reconstruction=reconstruction)
         self.calib = CalibrationOptions.from_dict(calib)
         unknown = set(stages) - {'test', 'val'}
         if unknown:
@@ -91,6 +99,7 @@ class PostTrainingQuantHook(Hook):
         self._float_model = None
         self._fp_metrics = None
         self._plan = []  # precision_plan of the quantized model
+        self._summary = {}  # reconstruction stats of the quantized model
 
     # ------------------------------------------------------------- stages --
     def before_test_epoch(self, runner) -> None:
@@ -119,7 +128,9 @@ class PostTrainingQuantHook(Hook):
                       logger='current')
             self._fp_metrics = evaluate(float_model, loop)
         calib_batch = self.calib.batch(runner.cfg)
-        quant_model = quantize_copy(float_model, self.quant_cfg, calib_batch)
+        self._summary = {}
+        quant_model = quantize_copy(float_model, self.quant_cfg, calib_batch,
+                                    self._summary)
         self._plan = precision_plan(quant_model, self.quant_cfg)
         print_log('PostTrainingQuantHook: precision plan\n' +
                   format_precision_plan(self._plan), logger='current')
@@ -160,7 +171,9 @@ class PostTrainingQuantHook(Hook):
                        method=cfg.method, scope=cfg.scope,
                        layer_bits=[vars(rule) for rule in cfg.layer_bits],
                        calib_images=self.calib.num_images,
-                       metrics=_floats(metrics or {}), plan=self._plan)
+                       reconstruction=cfg.reconstruction,
+                       metrics=_floats(metrics or {}), plan=self._plan,
+                       **self._summary)
         if self._fp_metrics is not None:
             results['fp_metrics'] = _floats(self._fp_metrics)
             print_log(comparison_table(results), logger='current')
@@ -177,9 +190,11 @@ def _floats(metrics: Dict) -> Dict:
 def comparison_table(results: Dict) -> str:
     """Float vs quantized AP, and the drop, as a text table."""
     name = f'W{results["w_bits"]}A{results["a_bits"]} {results["method"]}'
-    lines = [f'{"metric":<18}{"float":>8}{name:>22}{"drop":>8}']
+    if results.get('reconstruction') is not None:
+        name += ' + recon'
+    lines = [f'{"metric":<18}{"float":>8}{name:>28}{"drop":>8}']
     for key in REPORTED_METRICS:
         if key in results['metrics'] and key in results['fp_metrics']:
             fp, q = results['fp_metrics'][key], results['metrics'][key]
-            lines.append(f'{key:<18}{fp:>8.3f}{q:>22.3f}{fp - q:>8.3f}')
+            lines.append(f'{key:<18}{fp:>8.3f}{q:>28.3f}{fp - q:>8.3f}')
     return '\n'.join(['PostTrainingQuantHook results:'] + lines)

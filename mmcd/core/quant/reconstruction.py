@@ -1,0 +1,401 @@
+"""Block reconstruction after calibration: AdaRound weight rounding, learned
+activation step sizes and QDrop's random dropping of activation
+quantization, unit by unit. Pure PyTorch.
+
+Sources: AdaRound (Nagel et al., ICML 2020), BRECQ's block units (Li et al.,
+ICLR 2021), QDrop (Wei et al., ICLR 2022) and its public code
+(wimh966/QDrop, ``solver/recon.py``, ``quantization/fake_quant.py``), read
+and re-written here.
+
+For each reconstruction unit (a Transformer block, a patch merging, the
+patch embedding, the neck: the architecture specs' ``reconstruction_units``),
+in model order:
+
+1. its inputs are recorded twice on the calibration images, from the float
+   model (``x_fp``, with the float output ``y_fp``) and from the quantized
+   model whose earlier units are already reconstructed (``x_q``);
+2. every weight quantizer of the unit becomes an :class:`AdaRoundQuantizer`
+   on its calibrated grid: ``W^ = s (clamp(floor(W / s) + h(V) + z, 0,
+   2^b - 1) - z)`` with the rectified sigmoid ``h(V) = clamp(sigmoid(V)
+   (zeta - gamma) + gamma, 0, 1)``, ``zeta = 1.1``, ``gamma = -0.1``, ``V``
+   initialised so that ``h(V)`` is the fractional part of ``W / s`` (the
+   soft weight starts equal to the float one);
+3. every per-tensor uniform activation quantizer of the unit learns its
+   step (LSQ, the offset fixed), post-softmax quantizers keep theirs;
+4. ``iters`` steps of Adam (``V``: default lr 1e-3; steps: ``act_lr``,
+   cosine to 0) on ``rec + lambda sum(1 - |2 h(V) - 1|^beta)`` over random
+   mini-batches of ``batch_size`` images, where ``rec`` is QDrop's
+   ``sum_channels |y - y_fp|^p`` averaged over the rest, the unit's input is
+   ``x_q`` elementwise with probability ``drop_prob`` and ``x_fp``
+   otherwise, each activation quantizer's output is likewise its quantized
+   value with probability ``drop_prob`` and its input otherwise (QDrop;
+   ``drop_prob=1``: plain BRECQ-style reconstruction), and ``beta`` is 20
+   for the first ``warmup`` share of the iterations, then falls linearly to
+   2 (the regulariser is off during the warm-up);
+5. the rounding is made hard (``h = 1`` where ``V >= 0``), the learned
+   steps become the quantizers' scales.
+"""
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .qat_quantizers import LsqActQuantizer
+from .quantizers import FakeQuantizer, UniformQuantizer
+
+#: AdaRound's rectified-sigmoid stretch
+GAMMA, ZETA = -0.1, 1.1
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Options (module docstring), defaults from QDrop's code and APHQ-ViT's
+    detection code: ``iters`` 20000 per unit, ``batch_size`` 1 image
+    (APHQ-ViT's detection setting; QDrop's ImageNet one is 32),
+    ``round_weight`` (lambda) 0.01, ``beta`` (20, 2), ``warmup`` 0.2,
+    ``weight_lr`` 1e-3 (Adam's default, as both codes leave it),
+    ``act_lr`` 4e-5, ``drop_prob`` 0.5, ``p`` 2, ``seed`` 0."""
+    iters: int = 20000
+    batch_size: int = 1
+    round_weight: float = 0.01
+    beta: Tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-5
+    drop_prob: float = 0.5
+    p: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.iters, int) and self.iters >= 1):
+            raise ValueError(f'reconstruction iters must be an integer >= 1, '
+                             f'got {self.iters!r}')
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError('reconstruction batch_size must be an integer '
+                             f'>= 1, got {self.batch_size!r}')
+        if not 0 < self.drop_prob <= 1:
+            raise ValueError('reconstruction drop_prob (the probability of '
+                             'keeping quantization) must be in (0, 1], got '
+                             f'{self.drop_prob}')
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f'reconstruction warmup must be in [0, 1), got '
+                             f'{self.warmup}')
+
+    def beta_at(self, iteration: int) -> float:
+        """The regulariser's exponent after ``iteration`` steps (1-based,
+        as QDrop counts): ``beta[0]`` during the warm-up, then linear to
+        ``beta[1]`` at ``iters``."""
+        start, end = self.beta
+        decay_from = self.warmup * self.iters
+        if iteration < decay_from:
+            return start
+        progress = (iteration - decay_from) / (self.iters - decay_from)
+        return end + (start - end) * max(0.0, 1 - progress)
+
+
+class AdaRoundQuantizer(UniformQuantizer):
+    """AdaRound on the calibrated per-channel grid of ``grid`` for
+    ``weight`` (module docstring): soft rounding while ``soft`` (then
+    recomputed in every forward pass, with gradients to ``alpha``), hard
+    afterwards. :meth:`codes` are the integers the export stores."""
+
+    def __init__(self, grid: UniformQuantizer, weight: torch.Tensor):
+        if grid.channel_axis is None or not grid.calibrated:
+            raise ValueError(f'{grid.layer_name}: AdaRound needs a calibrated '
+                             'per-channel weight quantizer')
+        super().__init__(grid.bits, grid.channel_axis, grid.search,
+                         grid.keep_zero)
+        self.layer_name = grid.layer_name
+        self.set_params(grid.scale, grid.zero_point)
+        rest = weight.detach() / self._view(self.scale, weight)
+        rest = rest - torch.floor(rest)  # in [0, 1)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) /
+                                             (rest - GAMMA) - 1))
+        self.soft = True
+
+    @property
+    def trainable(self) -> bool:
+        return self.soft
+
+    def finalize(self, weight: torch.Tensor) -> None:
+        """The grid is fixed: nothing to search."""
+
+    def _view(self, t, w):
+        shape = [1] * w.dim()
+        shape[self.channel_axis] = -1
+        return t.view(shape)
+
+    def rounding(self) -> torch.Tensor:
+        """``h(V)`` in [0, 1] (soft) or its hard 0/1 value."""
+        if not self.soft:
+            return (self.alpha >= 0).to(self.alpha.dtype)
+        return ((ZETA - GAMMA) * torch.sigmoid(self.alpha) + GAMMA).clamp(
+            0, 1)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2 h(V) - 1|^beta)``."""
+        return (1 - (2 * self.rounding() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zero = self._view(self.scale, w), self._view(self.zero_point,
+                                                            w)
+        return torch.clamp(torch.floor(w.to(scale.dtype) / scale) +
+                           self.rounding() + zero, 0, self.levels)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zero = self._view(self.scale, w), self._view(self.zero_point,
+                                                            w)
+        q = torch.floor(w.detach() / scale) + self.rounding() + zero
+        return (torch.clamp(q, 0, self.levels) - zero) * scale
+
+    def harden(self) -> None:
+        self.soft = False
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', soft' if self.soft else ', hard')
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the unit's data is recorded."""
+
+
+def _detached(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(o) for o in obj)
+    return obj
+
+
+def _rows(obj, index: torch.Tensor, size: int):
+    """``obj`` (tensors with ``size`` rows, nested in tuples/lists) at the
+    rows ``index``."""
+    if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == size:
+        return obj[index]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rows(o, index, size) for o in obj)
+    return obj
+
+
+def _tensors(obj) -> List[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _mix(quantized, full, keep: float, gen: torch.Generator):
+    """QDrop's input mix: ``quantized`` elementwise with probability
+    ``keep``, ``full`` otherwise (nested structures alike)."""
+    if isinstance(quantized, torch.Tensor) and quantized.is_floating_point():
+        if keep >= 1:
+            return quantized
+        mask = torch.rand(quantized.shape, generator=gen) < keep
+        return torch.where(mask.to(quantized.device), quantized, full)
+    if isinstance(quantized, (list, tuple)):
+        return type(quantized)(_mix(q, f, keep, gen)
+                               for q, f in zip(quantized, full))
+    return quantized
+
+
+def reconstruction_loss(pred, target, p: float = 2.0) -> torch.Tensor:
+    """QDrop's ``lp_loss`` summed over the unit's output tensors:
+    ``|pred - target|^p`` summed over the channels (dim 1 of an ``NCHW``
+    map, the last dim of a token sequence ``[N, L, C]``) and averaged over
+    the rest."""
+    total = 0
+    for a, b in zip(_tensors(pred), _tensors(target)):
+        diff = (a - b).abs().pow(p)
+        channels = 1 if diff.dim() == 4 else -1
+        total = total + diff.sum(channels).mean()
+    return total
+
+
+def record(model: nn.Module, unit: nn.Module,
+           run: Callable[[nn.Module], object], output: bool = False):
+    """The positional/keyword inputs of ``unit`` (and its output) when
+    ``run(model)`` runs, stopping the forward pass there. A unit called
+    more than once per pass is refused."""
+    seen = []
+
+    def hook(module, args, kwargs, out=None):
+        seen.append((_detached(args), _detached(kwargs), _detached(out)))
+        raise _Stop
+
+    handle = (unit.register_forward_hook(hook, with_kwargs=True) if output
+              else unit.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run(model)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError('the reconstruction unit never ran on the '
+                           'calibration images')
+    return seen[0]
+
+
+def _activation_quantizers(unit: nn.Module):
+    """(parent, attribute, quantizer) of every calibrated activation
+    quantizer of the unit (all but the layers' weight quantizers)."""
+    return [(parent, attr, child) for parent in unit.modules()
+            for attr, child in parent.named_children()
+            if isinstance(child, FakeQuantizer) and attr != 'weight_quantizer'
+            and child.state == 'quant']
+
+
+def _learnable(quantizer: FakeQuantizer) -> bool:
+    """A per-tensor uniform quantizer, whose step is learned (LSQ)."""
+    return isinstance(quantizer, UniformQuantizer) and \
+        quantizer.channel_axis is None and not quantizer.trainable
+
+
+def _lsq_from(quantizer: UniformQuantizer) -> LsqActQuantizer:
+    """An LSQ+ quantizer computing what ``quantizer`` computes (step ``s``,
+    offset ``-z s``, the same per-channel shift), its offset frozen."""
+    lsq = LsqActQuantizer.like(quantizer)
+    lsq.layer_name = quantizer.layer_name
+    if quantizer.channel_offset.numel():
+        lsq.channel_offset = quantizer.channel_offset.clone()
+    lsq.set_params(quantizer.scale, quantizer.zero_point)
+    lsq.offset.requires_grad_(False)
+    return lsq
+
+
+def _to_uniform(lsq: LsqActQuantizer, like: UniformQuantizer):
+    """The learned LSQ+ quantizer as the :class:`UniformQuantizer` it
+    computes: ``s = step``, ``z = -offset / step``."""
+    out = UniformQuantizer(like.bits, None, like.search, like.keep_zero)
+    out.layer_name = like.layer_name
+    step = lsq.step.detach().clone()
+    out.set_params(step, -lsq.offset.detach() / step,
+                   like.channel_offset if like.channel_offset.numel()
+                   else None)
+    return out
+
+
+def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
+                     target, cfg: ReconstructionConfig) -> Dict[str, float]:
+    """Reconstruct one calibrated unit in place (module docstring, steps
+    2-5) from its recorded inputs ``(args, kwargs)`` (quantized prefix and
+    float) and the float output. Returns the output loss (on all
+    calibration images, quantized inputs) before and after, and the share
+    of weights AdaRound rounds up."""
+    args_q, kwargs_q = inputs_q
+    args_fp, _ = inputs_fp
+    size = _tensors(args_fp)[0].shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def output_loss():
+        with torch.no_grad():
+            return float(reconstruction_loss(unit(*args_q, **kwargs_q),
+                                             target, cfg.p))
+
+    before = output_loss()
+    layers = [m for m in unit.modules()
+              if isinstance(getattr(m, 'weight_quantizer', None),
+                            UniformQuantizer)
+              and m.weight_quantizer.channel_axis is not None]
+    for layer in layers:
+        layer.weight_quantizer = AdaRoundQuantizer(layer.weight_quantizer,
+                                                   layer.weight)
+    rounders = [layer.weight_quantizer for layer in layers]
+    learned = []
+    for parent, attr, quantizer in _activation_quantizers(unit):
+        if _learnable(quantizer):
+            lsq = _lsq_from(quantizer)
+            setattr(parent, attr, lsq)
+            learned.append((parent, attr, quantizer, lsq))
+
+    def drop(module, args, out):
+        return _mix(out, args[0], cfg.drop_prob, gen)
+
+    handles = [q.register_forward_hook(drop)
+               for *_, q in _activation_quantizers(unit)]
+    w_opt = torch.optim.Adam([r.alpha for r in rounders],
+                             lr=cfg.weight_lr) if rounders else None
+    a_opt = torch.optim.Adam([lsq.step for *_, lsq in learned],
+                             lr=cfg.act_lr) if learned else None
+    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        a_opt, T_max=cfg.iters, eta_min=0.) if a_opt else None
+    optimizers = [o for o in (w_opt, a_opt) if o is not None]
+    try:
+        for it in range(1, cfg.iters + 1):
+            index = torch.randint(0, size, (min(cfg.batch_size, size), ),
+                                  generator=gen)
+            args = _mix(_rows(args_q, index, size),
+                        _rows(args_fp, index, size), cfg.drop_prob, gen)
+            kwargs = _rows(kwargs_q, index, size)
+            loss = reconstruction_loss(unit(*args, **kwargs),
+                                       _rows(target, index, size), cfg.p)
+            if it >= cfg.warmup * cfg.iters and rounders:
+                beta = cfg.beta_at(it)
+                loss = loss + cfg.round_weight * sum(
+                    r.regularizer(beta) for r in rounders)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f'reconstruction of {name}: the loss is {float(loss)} '
+                    f'at iteration {it}')
+            for opt in optimizers:
+                opt.zero_grad()
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            if a_sched is not None:
+                a_sched.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for rounder, layer in zip(rounders, layers):
+        rounder.harden()
+        layer.finalize_weight()
+    for parent, attr, quantizer, lsq in learned:
+        setattr(parent, attr, _to_uniform(lsq, quantizer))
+    up = sum(float(r.rounding().sum()) for r in rounders)
+    total = sum(r.alpha.numel() for r in rounders)
+    return dict(loss_before=before, loss_after=output_loss(),
+                rounded_up=up / total if total else math.nan)
+
+
+def reconstruction_units(model: nn.Module,
+                         patterns: Sequence[str]) -> List[str]:
+    """Names of the modules of ``model`` matching one of ``patterns``
+    (full match), in model order, outermost only."""
+    names = []
+    for name, _ in model.named_modules():
+        if any(re.fullmatch(p, name) for p in patterns) and not any(
+                name.startswith(n + '.') for n in names):
+            names.append(name)
+    return names
+
+
+def reconstruct(model: nn.Module, float_model: nn.Module,
+                run: Callable[[nn.Module], object], units: Sequence[str],
+                cfg: ReconstructionConfig,
+                progress: Optional[Callable[[int, str, Dict], None]] = None
+                ) -> Dict[str, Dict[str, float]]:
+    """Reconstruct the calibrated ``model`` unit by unit against
+    ``float_model`` (module docstring); ``run(m)`` runs a model on the
+    calibration images; ``progress(k, name, stats)`` is called after each
+    unit. Returns the stats per unit."""
+    model.eval()
+    float_model.eval()
+    stats = {}
+    for k, name in enumerate(units):
+        unit = model.get_submodule(name)
+        *inputs_fp, target = record(float_model,
+                                    float_model.get_submodule(name), run,
+                                    output=True)
+        inputs_q = record(model, unit, run)[:2]
+        stats[name] = reconstruct_unit(name, unit, inputs_q,
+                                       tuple(inputs_fp), target, cfg)
+        if progress is not None:
+            progress(k, name, stats[name])
+    return stats
