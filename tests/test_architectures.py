@@ -174,3 +174,17 @@ def test_a_reparameterization_rule_on_a_non_linear_is_named():
         assert summary['reparameterized'] == 1  # norm2 -> ffn.0
     finally:
         ARCHITECTURES.unregister(spec.name)
+
+
+def test_a_skipped_attention_is_left_in_float_without_error():
+    """Skipping Swin's inner WindowMSA leaves its ShiftWindowMSA container
+    without quantized matmuls: a user's choice, not an error."""
+    from mmdet.models.backbones.swin import ShiftWindowMSA
+
+    from mmcd.core.quant import QuantWindowMSA
+    net = nn.Sequential(ShiftWindowMSA(8, 2, 2))
+    quantize_model(net, QuantConfig(4, 4, 'minmax', skip=[r'w_msa$']))
+    assert not isinstance(net[0].w_msa, QuantWindowMSA)
+    net = nn.Sequential(ShiftWindowMSA(8, 2, 2))
+    quantize_model(net, QuantConfig(4, 4, 'minmax'))
+    assert isinstance(net[0].w_msa, QuantWindowMSA)

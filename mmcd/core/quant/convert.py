@@ -274,9 +274,13 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     convert_children(model, '')
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if name and ATTENTION_NAME.search(kind) and _in_scope(name, cfg) \
-                and not any(isinstance(m, QuantMatMul)
-                            for m in module.modules()):
+        if not name or not ATTENTION_NAME.search(kind):
+            continue
+        inside = [(f'{name}.{n}' if n else name, m)
+                  for n, m in module.named_modules()]
+        covered = any(isinstance(m, QuantMatMul) for _, m in inside) or \
+            not all(_in_scope(n, cfg) for n, _ in inside)  # left out
+        if not covered:
             raise ValueError(
                 f'cannot quantize attention module {name} ({kind}): its '
                 'matmuls are computed inline. Register a quantized twin of '
