@@ -1,0 +1,109 @@
+"""Block reconstruction's cost per unit: time per iteration, projected to a
+full run, the recorded inputs' size, and the process's peak memory.
+
+For the toy Swin Mask R-CNN and Mask R-CNN Swin-T at 512x768, built from the
+configs (random weights and images: the cost does not depend on them), the
+model is calibrated (W4A4 repq-vit) on ``--images`` images and every
+reconstruction unit (patch embedding, blocks, patch merging, neck) runs
+``--iters`` iterations at ``--batch-size``; printed per unit: seconds per
+iteration, the projection to ``--project`` iterations (the papers: 20000),
+and the megabytes of its recorded inputs and outputs (float + quantized
+inputs, float outputs) for those images; at the end the peak resident
+memory of the process.
+
+    python tools/benchmarks/recon_speed.py [--models toy swin-t]
+        [--images 4] [--iters 10] [--batch-size 1] [--project 20000]
+"""
+import argparse
+import copy
+import os.path as osp
+import resource
+import sys
+import time
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
+import torch  # noqa: E402
+from mmdet.structures import DetDataSample  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.architectures import reconstruction_patterns  # noqa: E402
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
+from mmcd.core.quant.reconstruction import (  # noqa: E402
+    ReconstructionConfig, reconstruct_unit, reconstruction_units, record)
+from mmcd.utils.benchmark_models import (  # noqa: E402
+    BENCHMARK_DETECTORS, build_detector)
+
+
+def megabytes(obj) -> float:
+    """Size of the tensors in ``obj`` (nested tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() / 2**20
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(megabytes(o) for o in obj)
+    return 0.0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--images', type=int, default=4)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--project', type=int, default=20000)
+    parser.add_argument('--models', nargs='+',
+                        default=list(BENCHMARK_DETECTORS),
+                        choices=list(BENCHMARK_DETECTORS))
+    args = parser.parse_args()
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    print(f'W4A4 repq-vit, {args.images} images, {args.iters} iterations '
+          f'per unit at batch {args.batch_size}, {torch.get_num_threads()} '
+          'threads')
+    for name, config, (h, w) in (BENCHMARK_DETECTORS[m]
+                                 for m in args.models):
+        model = build_detector(config)
+        gen = torch.Generator().manual_seed(0)
+        images = torch.rand(args.images, 3, h, w, generator=gen) * 2 - 1
+        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                    scale_factor=(1.0, 1.0), batch_input_shape=(h, w))
+        samples = [DetDataSample(metainfo=meta) for _ in range(args.images)]
+
+        def run(m):
+            return m.predict(images, samples)
+
+        qcfg = QuantConfig(4, 4, 'repq-vit')
+        qmodel = quantize_model(copy.deepcopy(model), qcfg)
+        with torch.no_grad():
+            calibrate(qmodel, qcfg, lambda: run(qmodel))
+        units = reconstruction_units(qmodel, reconstruction_patterns())
+        cfg = ReconstructionConfig(iters=args.iters,
+                                   batch_size=args.batch_size)
+        print(f'{name}: {len(units)} units')
+        total = 0.0
+        for unit in units:
+            start = time.perf_counter()
+            *fp_in, target = record(model, model.get_submodule(unit), run,
+                                    output=True)
+            q_in = record(qmodel, qmodel.get_submodule(unit), run)[:2]
+            recording = time.perf_counter() - start
+            start = time.perf_counter()
+            reconstruct_unit(unit, qmodel.get_submodule(unit), q_in,
+                             tuple(fp_in), target, cfg)
+            per_iter = (time.perf_counter() - start) / args.iters
+            total += per_iter
+            size = megabytes(fp_in) + megabytes(q_in) + megabytes(target)
+            print(f'  {unit}: {per_iter:.3f} s/iteration, '
+                  f'{per_iter * args.project / 3600:.2f} h at '
+                  f'{args.project}; recording {recording:.1f} s, '
+                  f'{size:.0f} MB for {args.images} images')
+        print(f'{name}: all units {total * args.project / 3600:.1f} h '
+              f'projected to {args.project} iterations each')
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f'peak resident memory {peak:.0f} MB')
+
+
+if __name__ == '__main__':
+    main()
