@@ -205,3 +205,126 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
          str(tmp_path / 'work2')], timeout=300)
     assert code != 0
     assert "reconstruction: unknown option(s) ['iterations']; allowed:" in out
+
+
+def test_a_saved_quantized_state_restores_bit_exactly():
+    """A calibrated, partly reconstructed model restored from its state dict
+    into a freshly converted copy computes the same, bit for bit; the
+    rounding variables' layers get AdaRound quantizers back."""
+    from mmcd.core.quant.saved_state import restore_quantized
+    net, quantized, x = calibrated_net()
+    reconstruct(quantized, net, lambda m: m(x), ['blocks.0'],
+                ReconstructionConfig(iters=20, batch_size=8))
+    expected = quantized(x)
+    cfg = QuantConfig(3, 3, 'minmax', first_layer_bits=3)
+    fresh = quantize_model(copy.deepcopy(net), cfg)
+    on = restore_quantized(fresh, quantized.state_dict())
+    assert on == sum(q.calibrated for q in quantized.modules()
+                     if hasattr(q, 'calibrated') and
+                     isinstance(q, UniformQuantizer))
+    assert isinstance(fresh.blocks[0].fc1.weight_quantizer,
+                      AdaRoundQuantizer)
+    assert not isinstance(fresh.blocks[1].fc1.weight_quantizer,
+                          AdaRoundQuantizer)
+    assert torch.equal(fresh(x), expected)
+    with pytest.raises(RuntimeError, match='Unexpected key'):
+        restore_quantized(quantize_model(copy.deepcopy(net), cfg),
+                          dict(quantized.state_dict(), extra=torch.ones(1)))
+
+
+def test_quantized_checkpoint_refuses_other_settings(tmp_path):
+    from mmengine.config import ConfigDict
+
+    from mmcd.core import ConfigError
+    from mmcd.engine.quantized_checkpoint import (check_meta, load_quantized,
+                                                  make_meta, save_quantized)
+    net, quantized, _ = calibrated_net()
+    cfg = QuantConfig(3, 3, 'minmax', first_layer_bits=3)
+    model_cfg = ConfigDict(type='Net', depth=2)
+    meta = make_meta(cfg, model_cfg, 64, '/float.pth', ['blocks.0'])
+    path = str(tmp_path / 'q.pth')
+    save_quantized(path, quantized, meta)
+    loaded, state = load_quantized(path)
+    assert loaded['units_done'] == [] and set(state) == set(
+        quantized.state_dict())
+    check_meta(loaded, cfg, model_cfg, path, complete=False)
+    with pytest.raises(ConfigError, match=r"was quantized with other "
+                       r"settings: w_bits 3 \(here 4\); a_bits 3 \(here 4\)"
+                       r"; method 'minmax' \(here 'repq-vit'\)"):
+        check_meta(loaded, QuantConfig(4, 4, 'repq-vit', first_layer_bits=3),
+                   model_cfg, path)
+    with pytest.raises(ConfigError, match='the detector config'):
+        check_meta(loaded, cfg, ConfigDict(type='Net', depth=3), path)
+    with pytest.raises(ConfigError, match=r'stopped after 0 of 1 units'):
+        check_meta(loaded, cfg, model_cfg, path)
+    torch.save(quantized.state_dict(), tmp_path / 'float.pth')
+    with pytest.raises(ConfigError, match='not a quantized checkpoint '
+                       'written by tools/quantize.py'):
+        load_quantized(str(tmp_path / 'float.pth'))
+
+
+@pytest.mark.slow
+def test_quantize_tool_resumes_and_test_tool_evaluates_the_file(
+        micro_run, tmp_path):
+    """tools/quantize.py stopped after two units and run again ends with the
+    same file as an uninterrupted run; tools/test.py --quant-checkpoint
+    gives the metrics of calibrating and reconstructing in the run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_bounded
+    config, ckpt = micro_run
+    quantize = [sys.executable, 'tools/quantize.py', config, ckpt, '--quant',
+                'w4a4', '--calib-images', '4', '--reconstruction', 'iters=3',
+                'batch_size=2']
+    whole, part = str(tmp_path / 'whole.pth'), str(tmp_path / 'part.pth')
+    code, out = run_bounded(quantize + ['--out', whole], timeout=300)
+    assert code == 0, out[-3000:]
+    proc = subprocess.Popen(quantize + ['--out', part], cwd=REPO,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, done = time.time() + 240, []
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            done = torch.load(part, weights_only=True)['meta']['units_done']
+        except Exception:
+            continue
+        if len(done) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert 2 <= len(done) < 10  # stopped in the middle
+    code, out = run_bounded(quantize + ['--out', part], timeout=300)
+    assert code == 0 and 'quantize: resuming' in out, out[-3000:]
+    a = torch.load(whole, weights_only=True)
+    b = torch.load(part, weights_only=True)
+    assert a['meta']['units_done'] == b['meta']['units_done']
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k])
+               for k in a['state_dict'])
+    metrics = []
+    for extra in (['--quant-checkpoint', whole],
+                  ['--quant', 'w4a4', '--calib-images', '4']):
+        work = tmp_path / f'test{len(metrics)}'
+        if extra[0] == '--quant':  # the same settings, calibrated in-run
+            hook = dict(type='PostTrainingQuantHook', w_bits=4, a_bits=4,
+                        method='repq-vit', calib=dict(num_images=4),
+                        reconstruction=dict(iters=3, batch_size=2))
+            path = tmp_path / 'inrun.py'
+            path.write_text(f'_base_ = {config!r}\ncustom_hooks = '
+                            f'[{hook!r}]\n')
+            cmd = [sys.executable, 'tools/test.py', str(path), ckpt]
+        else:
+            cmd = [sys.executable, 'tools/test.py', config, ckpt, *extra]
+        code, out = run_bounded(cmd + ['--work-dir', str(work)], timeout=300)
+        assert code == 0, out[-3000:]
+        metrics.append(json.load(open(work / 'test_metrics.json'))['metrics'])
+    assert metrics[0] == metrics[1]
+    code, out = run_bounded([sys.executable, 'tools/test.py', config, ckpt,
+                             '--quant', 'w4a4', '--quant-checkpoint', whole],
+                            timeout=120)
+    assert code != 0 and out.strip().splitlines()[-1].startswith(
+        'error: --quant calibrates, --quant-checkpoint loads')

@@ -15,12 +15,12 @@ from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
 from mmcd.core.quant import QUANT_METHODS
-from mmcd.utils.runner_setup import (UserError,
-                                      add_quant_hook, check_checkpoint,
-                                      check_datasets,
-                                      default_work_dir, load_config,
-                                      run_main, set_local_rank_env,
-                                      setup_launcher, warn_if_oversubscribed)
+from mmcd.utils.runner_setup import (UserError, add_quant_hook,
+                                     add_quantized_checkpoint_hook,
+                                     check_checkpoint, check_datasets,
+                                     default_work_dir, load_config, run_main,
+                                     set_local_rank_env, setup_launcher,
+                                     warn_if_oversubscribed)
 
 
 def parse_args():
@@ -42,6 +42,10 @@ def parse_args():
         '--layer-bits', nargs='+', default=(), metavar='REGEX=wNaM',
         help='with --quant: mixed precision, e.g. "stages\\.3=w8a8" '
         '"patch_embed=a8" (the first pattern matching a layer name wins)')
+    parser.add_argument(
+        '--quant-checkpoint', metavar='FILE',
+        help='evaluate the quantized model saved by tools/quantize.py '
+        '(its settings come from the file; not with --quant)')
     parser.add_argument('--calib-images', type=int,
                         help='calibration images (default 32)')
     parser.add_argument('--compare-fp', action='store_true',
@@ -64,7 +68,13 @@ def main():
     cfg.work_dir = default_work_dir(cfg, args.config, args.work_dir)
     check_checkpoint(args.checkpoint)
     cfg.load_from = args.checkpoint
-    if args.quant:
+    if args.quant and args.quant_checkpoint:
+        raise UserError('--quant calibrates, --quant-checkpoint loads a '
+                        'calibrated model: give one of them')
+    if args.quant_checkpoint:
+        add_quantized_checkpoint_hook(cfg, args.quant_checkpoint,
+                                      args.compare_fp)
+    elif args.quant:
         add_quant_hook(cfg, args.quant, args.quant_method, args.compare_fp,
                        args.calib_images, args.layer_bits)
     elif args.layer_bits:

@@ -9,7 +9,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from mmengine.logging import print_log
@@ -153,19 +153,30 @@ def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict,
     return quant_model
 
 
-def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
-                   batch: Dict) -> Dict:
-    """Block reconstruction of the calibrated ``quant_model`` against
-    ``float_model`` on ``batch`` (:func:`mmcd.core.quant.reconstruction.
-    reconstruct`), unit by unit in model order, each unit's output loss
-    before and after and the time left in the log."""
-    cfg = quant_cfg.reconstruction_config()
-    units = reconstruction_units(quant_model, reconstruction_patterns())
+def model_units(model) -> List[str]:
+    """The reconstruction units of ``model`` (the architecture specs'
+    ``reconstruction_units``), in model order; none is an error."""
+    units = reconstruction_units(model, reconstruction_patterns())
     if not units:
         raise ConfigError(
             'reconstruction: no reconstruction unit in the model (the '
             'architecture specs\' reconstruction_units match none of its '
             'modules)')
+    return units
+
+
+def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
+                   batch: Dict, units: Optional[List[str]] = None,
+                   after_unit: Optional[Callable[[str, Dict], None]] = None
+                   ) -> Dict:
+    """Block reconstruction of the calibrated ``quant_model`` against
+    ``float_model`` on ``batch`` (:func:`mmcd.core.quant.reconstruction.
+    reconstruct`), unit by unit in model order (``units``: default all of
+    :func:`model_units`), each unit's output loss before and after and the
+    time left in the log; ``after_unit(name, stats)`` after each (a tool
+    saves its progress there)."""
+    cfg = quant_cfg.reconstruction_config()
+    units = model_units(quant_model) if units is None else units
     print_log(f'PTQ: reconstructing {len(units)} units, {cfg.iters} '
               f'iterations each, batch {cfg.batch_size}, drop_prob '
               f'{cfg.drop_prob}', logger='current')
@@ -178,6 +189,8 @@ def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
                   f'{stats["loss_before"]:.4g} -> {stats["loss_after"]:.4g}'
                   f', {100 * stats["rounded_up"]:.1f}% of weights rounded '
                   f'up; eta {left:.0f} s', logger='current')
+        if after_unit is not None:
+            after_unit(name, stats)
 
     return reconstruct(quant_model, float_model,
                        lambda m: m.test_step(batch), units, cfg, progress)

@@ -34,7 +34,7 @@ class UserError(Exception):
 #: Errors a command-line tool reports as one line instead of a traceback (a
 #: missing file included, also when a dataloader worker hit it).
 USER_ERRORS = (UserError, CheckpointLoadError, ConfigError,
-               FileNotFoundError)
+               FileNotFoundError, FloatingPointError)
 
 
 def error_line(err: BaseException) -> str:
@@ -343,6 +343,21 @@ def add_quant_hook(cfg: Config, spec: str, method: str, compare_fp: bool,
     except ValueError as err:
         raise UserError(f'--quant: {err}') from None
     cfg.custom_hooks = hooks + [hook]
+
+
+def add_quantized_checkpoint_hook(cfg: Config, path: str,
+                                  compare_fp: bool) -> None:
+    """``tools/test.py --quant-checkpoint``: a ``PostTrainingQuantHook``
+    with the settings the file was made with, loading it instead of
+    calibrating (it replaces the config's PTQ hook)."""
+    from mmcd.engine.quantized_checkpoint import load_quantized
+    meta, _ = load_quantized(path)
+    hooks = [h for h in cfg.get('custom_hooks', [])
+             if h.get('type') != 'PostTrainingQuantHook']
+    cfg.custom_hooks = hooks + [dict(
+        type='PostTrainingQuantHook', **meta['settings'],
+        calib=dict(num_images=meta['calib_images']), compare_fp=compare_fp,
+        quantized_checkpoint=path)]
 
 
 def toy_run_config(cfg: Config, work_dir: str, data_root: str,

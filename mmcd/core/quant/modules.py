@@ -60,7 +60,13 @@ class QuantWeightMixin(QuantizedModule):
         return new
 
     def finalize_weight(self) -> None:
+        """Search the weight quantizer's grid, then :meth:`cache_weight`."""
         self.weight_quantizer.finalize(self.weight)
+        self.cache_weight()
+
+    def cache_weight(self) -> None:
+        """Switch the (calibrated) weight quantizer on and keep the
+        fake-quantized weight (PTQ; QAT quantizes in every pass)."""
         self.weight_quantizer.set_state('quant')
         if not self.weight_quantizer.trainable:
             self.quant_weight = self.weight_quantizer(self.weight.detach())

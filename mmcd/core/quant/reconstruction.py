@@ -116,6 +116,19 @@ class AdaRoundQuantizer(UniformQuantizer):
                                              (rest - GAMMA) - 1))
         self.soft = True
 
+    @classmethod
+    def restored(cls, like: UniformQuantizer,
+                 shape: torch.Size) -> 'AdaRoundQuantizer':
+        """An uncalibrated hard quantizer of ``like``'s kind whose grid and
+        rounding variables (of ``shape``) a state dict fills."""
+        new = cls.__new__(cls)
+        UniformQuantizer.__init__(new, like.bits, like.channel_axis,
+                                  like.search, like.keep_zero)
+        new.layer_name = like.layer_name
+        new.alpha = nn.Parameter(torch.zeros(shape))
+        new.soft = False
+        return new
+
     @property
     def trainable(self) -> bool:
         return self.soft

@@ -28,6 +28,7 @@ table at conversion. Results (bits, method, calibration size, metrics, the
 plan per layer) are written as JSON to ``quant_results.json`` in the log
 dir and the work dir.
 """
+import copy
 import json
 import math
 import os.path as osp
@@ -37,12 +38,15 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from mmcd.core.quant import QuantConfig, format_precision_plan, precision_plan
+from mmcd.core.quant import (QuantConfig, format_precision_plan,
+                             precision_plan, quantize_model)
 from mmcd.core.quant.debug import quantization_report
+from mmcd.core.quant.saved_state import restore_quantized
 
 from ..calibration import (CalibrationOptions, calibration_images,
                            dense_outputs, evaluate, quantize_copy)
 from ..model_utils import bare_model
+from ..quantized_checkpoint import check_meta, describe, load_quantized
 
 REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
                     'coco/segm_mAP_50')
@@ -67,6 +71,11 @@ class PostTrainingQuantHook(Hook):
             reconstruction after calibration, ``dict(iters=20000, ...)``).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
+        quantized_checkpoint: a file written by ``tools/quantize.py``: the
+            calibrated (and reconstructed) model is loaded from it instead
+            of calibrated again; made for other settings or another
+            detector config, it is refused naming what differs
+            (:mod:`mmcd.engine.quantized_checkpoint`).
         debug: after calibration, compare float and quantized runs on the
             calibration images layer by layer
             (:func:`mmcd.core.quant.debug.quantization_report` on the
@@ -83,7 +92,8 @@ class PostTrainingQuantHook(Hook):
                  stages: Sequence[str] = ('test', 'val'),
                  weight_search: Optional[str] = None,
                  layer_bits: Sequence[Dict] = (), debug: bool = False,
-                 reconstruction: Optional[Dict] = None):
+                 reconstruction: Optional[Dict] = None,
+                 quantized_checkpoint: Optional[str] = None):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
                                      tuple(skip), first_layer_bits,
                                      weight_search=weight_search,
@@ -96,6 +106,7 @@ class PostTrainingQuantHook(Hook):
                              f'{sorted(unknown)}')
         self.stages, self.compare_fp = tuple(stages), compare_fp
         self.debug = debug
+        self.quantized_checkpoint = quantized_checkpoint
         self._float_model = None
         self._fp_metrics = None
         self._plan = []  # precision_plan of the quantized model
@@ -127,17 +138,34 @@ class PostTrainingQuantHook(Hook):
             print_log('PostTrainingQuantHook: evaluating the float model',
                       logger='current')
             self._fp_metrics = evaluate(float_model, loop)
-        calib_batch = self.calib.batch(runner.cfg)
         self._summary = {}
-        quant_model = quantize_copy(float_model, self.quant_cfg, calib_batch,
-                                    self._summary)
+        if self.quantized_checkpoint is not None:
+            quant_model = self._load(runner, float_model)
+            calib_batch = None
+        else:
+            calib_batch = self.calib.batch(runner.cfg)
+            quant_model = quantize_copy(float_model, self.quant_cfg,
+                                        calib_batch, self._summary)
         self._plan = precision_plan(quant_model, self.quant_cfg)
         print_log('PostTrainingQuantHook: precision plan\n' +
                   format_precision_plan(self._plan), logger='current')
         if self.debug:
-            self._log_debug(runner, quant_model, calib_batch)
+            self._log_debug(runner, quant_model,
+                            calib_batch or self.calib.batch(runner.cfg))
         self._float_model = model
         runner.model = quant_model
+
+    def _load(self, runner, float_model):
+        """The quantized model of ``self.quantized_checkpoint``."""
+        path = self.quantized_checkpoint
+        meta, state = load_quantized(path)
+        check_meta(meta, self.quant_cfg, runner.cfg.model, path)
+        quant_model = quantize_model(copy.deepcopy(float_model),
+                                     self.quant_cfg)
+        restore_quantized(quant_model, state)
+        print_log(f'PTQ: loaded {path} ({describe(meta)})', logger='current')
+        self._summary['quantized_checkpoint'] = path
+        return quant_model
 
     def _log_debug(self, runner, quant_model, calib_batch) -> None:
         images = calibration_images(quant_model, calib_batch)

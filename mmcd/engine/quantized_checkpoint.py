@@ -1,0 +1,104 @@
+"""Quantized checkpoints: a calibrated (and reconstructed) model saved once
+and evaluated or exported without calibrating again.
+
+A file written by ``tools/quantize.py`` holds ``meta`` (what the model was
+quantized with: bits, method, the other :class:`~mmcd.core.quant.QuantConfig`
+settings, the reconstruction options, calibration images, a digest of the
+detector's config, the float checkpoint it came from, the reconstruction
+units done so far) and ``state_dict`` (:mod:`mmcd.core.quant.saved_state`).
+The float checkpoint is never written. Loading checks ``meta`` against the
+run's settings and refuses a file made for another config, method or bit
+width, naming what differs.
+"""
+import hashlib
+import json
+import os
+from typing import Dict, List, Tuple
+
+import torch
+
+from mmcd.core import ConfigError
+from mmcd.core.quant import QuantConfig
+
+FORMAT = 'mmcd-quantized-checkpoint-1'
+#: the QuantConfig settings a quantized checkpoint is tied to
+SETTINGS = ('w_bits', 'a_bits', 'method', 'scope', 'skip',
+            'first_layer_bits', 'weight_search', 'layer_bits',
+            'reconstruction')
+
+
+def settings_of(quant_cfg: QuantConfig) -> Dict:
+    """The :data:`SETTINGS` of ``quant_cfg`` as plain, comparable values."""
+    values = {key: getattr(quant_cfg, key) for key in SETTINGS}
+    values['skip'] = list(values['skip'])
+    values['layer_bits'] = [dict(vars(rule)) for rule in values['layer_bits']]
+    values['reconstruction'] = None if values['reconstruction'] is None \
+        else {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dict(values['reconstruction']).items()}
+    return json.loads(json.dumps(values))
+
+
+def model_digest(model_cfg) -> str:
+    """A digest of the detector's config (``cfg.model``)."""
+    text = json.dumps(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict')
+                      else model_cfg, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_meta(quant_cfg: QuantConfig, model_cfg, calib_images: int,
+              float_checkpoint: str, units: List[str]) -> Dict:
+    return dict(format=FORMAT, settings=settings_of(quant_cfg),
+                model=model_digest(model_cfg), calib_images=calib_images,
+                float_checkpoint=float_checkpoint, units=list(units),
+                units_done=[])
+
+
+def save_quantized(path: str, model: torch.nn.Module, meta: Dict) -> None:
+    """Write ``meta`` and ``model``'s state to ``path`` (a temporary file,
+    then renamed: an interrupted save leaves the previous file)."""
+    torch.save(dict(meta=meta, state_dict=model.state_dict()), path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_quantized(path: str) -> Tuple[Dict, Dict]:
+    """``(meta, state_dict)`` of a quantized checkpoint; anything else
+    fails in one line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'quantized checkpoint {path} does not exist')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # not a torch file at all
+        raise ConfigError(f'{path} is not a quantized checkpoint: '
+                          f'{type(err).__name__}') from None
+    if not isinstance(data, dict) or \
+            data.get('meta', {}).get('format') != FORMAT:
+        raise ConfigError(f'{path} is not a quantized checkpoint written by '
+                          'tools/quantize.py (a float checkpoint goes with '
+                          '--quant, not --quant-checkpoint)')
+    return data['meta'], data['state_dict']
+
+
+def check_meta(meta: Dict, quant_cfg: QuantConfig, model_cfg,
+               path: str, complete: bool = True) -> None:
+    """Refuse ``meta`` made for other settings or another detector config,
+    or (``complete``) a reconstruction still under way."""
+    expected = settings_of(quant_cfg)
+    differ = [f'{k} {meta["settings"].get(k)!r} (here {expected[k]!r})'
+              for k in SETTINGS if meta['settings'].get(k) != expected[k]]
+    if meta['model'] != model_digest(model_cfg):
+        differ.append('the detector config (model) differs')
+    if differ:
+        raise ConfigError(f'{path} was quantized with other settings: '
+                          f'{"; ".join(differ)}')
+    if complete and len(meta['units_done']) < len(meta['units']):
+        raise ConfigError(
+            f'{path} is a reconstruction stopped after '
+            f'{len(meta["units_done"])} of {len(meta["units"])} units; run '
+            'tools/quantize.py again to finish it')
+
+
+def describe(meta: Dict) -> str:
+    s = meta['settings']
+    recon = '' if s['reconstruction'] is None else ' + reconstruction'
+    return (f'W{s["w_bits"]}A{s["a_bits"]} {s["method"]}{recon}, calibrated '
+            f'on {meta["calib_images"]} images')
