@@ -18,7 +18,10 @@ from .qat_quantizers import (QAT_ACT_QUANTIZERS, QAT_WEIGHT_QUANTIZERS,
 from .qk_reparam import QKReparam
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
+from .reconstruction import (AdaRoundQuantizer, ReconstructionConfig,
+                             reconstruct)
 from .reparam import find_norm_linear_pairs, reparameterize, target_params
+from .saved_state import restore_quantized
 
 __all__ = [
     'QuantWindowMSA', 'LayerBits', 'QuantConfig',
@@ -35,5 +38,6 @@ __all__ = [
     'QKReparam', 'QuantMethod', 'get_method', 'QATMethod', 'get_qat_method',
     'QUANT_METHODS', 'POST_SOFTMAX_QUANTIZERS', 'RANGE_SEARCHES',
     'QUANTIZED_MODULES', 'QuantizedModule', 'QAT_WEIGHT_QUANTIZERS',
-    'QAT_ACT_QUANTIZERS', 'FakeQuantizer'
+    'QAT_ACT_QUANTIZERS', 'FakeQuantizer', 'AdaRoundQuantizer',
+    'ReconstructionConfig', 'reconstruct', 'restore_quantized'
 ]

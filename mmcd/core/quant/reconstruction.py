@@ -179,16 +179,20 @@ class _Stop(Exception):
 def _detached(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach()
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_detached(o) for o in obj)
     return obj
 
 
 def _rows(obj, index: torch.Tensor, size: int):
-    """``obj`` (tensors with ``size`` rows, nested in tuples/lists) at the
-    rows ``index``."""
+    """``obj`` (tensors with ``size`` rows, nested in tuples, lists and
+    dicts) at the rows ``index``."""
     if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == size:
         return obj[index]
+    if isinstance(obj, dict):
+        return {k: _rows(v, index, size) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_rows(o, index, size) for o in obj)
     return obj
@@ -230,10 +234,11 @@ def reconstruction_loss(pred, target, p: float = 2.0) -> torch.Tensor:
 
 
 def record(model: nn.Module, unit: nn.Module,
-           run: Callable[[nn.Module], object], output: bool = False):
-    """The positional/keyword inputs of ``unit`` (and its output) when
-    ``run(model)`` runs, stopping the forward pass there. A unit called
-    more than once per pass is refused."""
+           run: Callable[[nn.Module], object], output: bool = False,
+           name: str = 'the reconstruction unit'):
+    """``(args, kwargs, output)`` of the first call of ``unit`` when
+    ``run(model)`` runs (output None unless ``output``); the forward pass
+    stops there."""
     seen = []
 
     def hook(module, args, kwargs, out=None):
@@ -250,8 +255,7 @@ def record(model: nn.Module, unit: nn.Module,
     finally:
         handle.remove()
     if not seen:
-        raise RuntimeError('the reconstruction unit never ran on the '
-                           'calibration images')
+        raise RuntimeError(f'{name} never ran on the calibration images')
     return seen[0]
 
 
@@ -405,8 +409,8 @@ def reconstruct(model: nn.Module, float_model: nn.Module,
         unit = model.get_submodule(name)
         *inputs_fp, target = record(float_model,
                                     float_model.get_submodule(name), run,
-                                    output=True)
-        inputs_q = record(model, unit, run)[:2]
+                                    output=True, name=name)
+        inputs_q = record(model, unit, run, name=name)[:2]
         stats[name] = reconstruct_unit(name, unit, inputs_q,
                                        tuple(inputs_fp), target, cfg)
         if progress is not None:
