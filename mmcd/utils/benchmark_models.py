@@ -1,7 +1,7 @@
 """Detectors the benchmarks time (``tools/benchmarks/``), built from the
 project's configs with random weights: no data, no pretrained checkpoint."""
 import os.path as osp
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from mmengine.config import Config
@@ -26,3 +26,22 @@ def build_detector(config: str) -> torch.nn.Module:
     model = MODELS.build(cfg.model)
     model.init_weights()
     return model.eval()
+
+
+def add_models_argument(parser) -> None:
+    """``--models`` (default: all of :data:`BENCHMARK_DETECTORS`)."""
+    parser.add_argument('--models', nargs='+',
+                        default=list(BENCHMARK_DETECTORS),
+                        choices=list(BENCHMARK_DETECTORS))
+
+
+def random_inputs(size: Tuple[int, int], count: int,
+                  gen: torch.Generator) -> Tuple[torch.Tensor, List]:
+    """``count`` random images in [-1, 1] of ``size`` (h, w) and their
+    data samples (image metadata only), for ``model.predict``."""
+    from mmdet.structures import DetDataSample
+    h, w = size
+    meta = dict(img_shape=size, ori_shape=size, pad_shape=size,
+                scale_factor=(1.0, 1.0), batch_input_shape=size)
+    images = torch.rand(count, 3, h, w, generator=gen) * 2 - 1
+    return images, [DetDataSample(metainfo=meta) for _ in range(count)]

@@ -22,20 +22,12 @@ import time
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
 import torch  # noqa: E402
-from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
 from mmcd.utils.benchmark_models import (  # noqa: E402
-    BENCHMARK_DETECTORS, build_detector)
-
-def sample(size, gen):
-    h, w = size
-    meta = dict(img_shape=size, ori_shape=size, pad_shape=size,
-                scale_factor=(1.0, 1.0), batch_input_shape=size)
-    return (torch.rand(1, 3, h, w, generator=gen) * 2 - 1,
-            [DetDataSample(metainfo=meta)])
+    BENCHMARK_DETECTORS, add_models_argument, build_detector, random_inputs)
 
 
 @torch.no_grad()
@@ -55,9 +47,7 @@ def main():
     parser.add_argument('--method', default='repq-vit')
     parser.add_argument('--bits', type=int, default=4)
     parser.add_argument('--repeat', type=int, default=2)
-    parser.add_argument('--models', nargs='+',
-                        default=list(BENCHMARK_DETECTORS),
-                        choices=list(BENCHMARK_DETECTORS))
+    add_models_argument(parser)
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
@@ -66,7 +56,7 @@ def main():
     for name, config, size in (BENCHMARK_DETECTORS[m] for m in args.models):
         model = build_detector(config)
         gen = torch.Generator().manual_seed(0)
-        calib = [sample(size, gen) for _ in range(args.images)]
+        calib = [random_inputs(size, 1, gen) for _ in range(args.images)]
         evals = calib[:4]
         qcfg = QuantConfig(args.bits, args.bits, args.method)
         batch = torch.cat([images for images, _ in calib])
@@ -94,6 +84,7 @@ def main():
               f'{", ".join(f"{c / f:.2f}" for c, f in runs)}); eval per '
               f'image float {fp * 1e3:.0f} ms, quantized {qt * 1e3:.0f} ms, '
               f'ratio {qt / fp:.2f}')
+
 
 if __name__ == '__main__':
     main()

@@ -24,7 +24,6 @@ import time
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
 import torch  # noqa: E402
-from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
@@ -33,7 +32,7 @@ from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
 from mmcd.core.quant.reconstruction import (  # noqa: E402
     ReconstructionConfig, reconstruct_unit, reconstruction_units, record)
 from mmcd.utils.benchmark_models import (  # noqa: E402
-    BENCHMARK_DETECTORS, build_detector)
+    BENCHMARK_DETECTORS, add_models_argument, build_detector, random_inputs)
 
 
 def megabytes(obj) -> float:
@@ -53,23 +52,17 @@ def main():
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--project', type=int, default=20000)
-    parser.add_argument('--models', nargs='+',
-                        default=list(BENCHMARK_DETECTORS),
-                        choices=list(BENCHMARK_DETECTORS))
+    add_models_argument(parser)
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'W4A4 repq-vit, {args.images} images, {args.iters} iterations '
           f'per unit at batch {args.batch_size}, {torch.get_num_threads()} '
           'threads')
-    for name, config, (h, w) in (BENCHMARK_DETECTORS[m]
-                                 for m in args.models):
+    for name, config, size in (BENCHMARK_DETECTORS[m] for m in args.models):
         model = build_detector(config)
-        gen = torch.Generator().manual_seed(0)
-        images = torch.rand(args.images, 3, h, w, generator=gen) * 2 - 1
-        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
-                    scale_factor=(1.0, 1.0), batch_input_shape=(h, w))
-        samples = [DetDataSample(metainfo=meta) for _ in range(args.images)]
+        images, samples = random_inputs(size, args.images,
+                                        torch.Generator().manual_seed(0))
 
         def run(m):
             return m.predict(images, samples)
