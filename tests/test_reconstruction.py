@@ -157,7 +157,8 @@ def test_bad_reconstruction_options_and_a_nan_loss():
             (dict(iters=0), 'iters must be an integer >= 1'),
             (dict(batch_size=0), 'batch_size must be an integer >= 1'),
             (dict(drop_prob=0), r'drop_prob .* must be in \(0, 1\]'),
-            (dict(warmup=1.0), r'warmup must be in \[0, 1\)')]:
+            (dict(warmup=1.0), r'warmup must be in \[0, 1\)'),
+            (dict(num_images=0), 'num_images must be an integer >= 1')]:
         with pytest.raises(ValueError, match=message):
             ReconstructionConfig(**options)
     with pytest.raises(ValueError, match='needs a calibrated per-channel'):
@@ -181,7 +182,7 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
     config, ckpt = micro_run
     hook = dict(type='PostTrainingQuantHook', w_bits=4, a_bits=4,
                 method='repq-vit', calib=dict(num_images=4),
-                reconstruction=dict(iters=4, batch_size=2))
+                reconstruction=dict(iters=4, batch_size=2, num_images=6))
     path = tmp_path / 'recon.py'
     path.write_text(f'_base_ = {config!r}\ncustom_hooks = [{hook!r}]\n')
     code, out = run_bounded(
@@ -193,11 +194,14 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
              'backbone.stages.1.downsample', 'backbone.stages.2.blocks.0',
              'backbone.stages.2.blocks.1', 'backbone.stages.2.downsample',
              'backbone.stages.3.blocks.0', 'neck']
+    assert 'PTQ: calibrated on 4 images' in out
+    assert 'PTQ: reconstructing 10 units on 6 images' in out
     for k, name in enumerate(units):
         assert f'PTQ: [{k + 1}/10] {name}: output loss' in out
     results = json.load(open(tmp_path / 'work' / 'quant_results.json'))
     assert list(results['reconstruction_stats']) == units
-    assert results['reconstruction'] == dict(iters=4, batch_size=2)
+    assert results['reconstruction'] == dict(iters=4, batch_size=2,
+                                             num_images=6)
     hook['reconstruction'] = dict(iterations=4)
     path.write_text(f'_base_ = {config!r}\ncustom_hooks = [{hook!r}]\n')
     code, out = run_bounded(

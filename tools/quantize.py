@@ -98,6 +98,7 @@ def main():
     runner.load_checkpoint(args.checkpoint, map_location='cpu')
     model = runner.model.eval()
     batch = calib.batch(cfg)
+    recon_batch = calib.reconstruction_batch(cfg, quant_cfg) or batch
     units = model_units(model) if quant_cfg.reconstruction else []
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     if osp.isfile(args.out):
@@ -124,7 +125,7 @@ def main():
         save_quantized(args.out, quant_model, meta)
 
     if left:
-        reconstruct_on(quant_model, model, quant_cfg, batch, left,
+        reconstruct_on(quant_model, model, quant_cfg, recon_batch, left,
                        after_unit)
     print_log(f'quantize: {args.out} complete ({describe(meta)}); evaluate '
               f'with tools/test.py {args.config} {args.checkpoint} '

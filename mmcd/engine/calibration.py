@@ -44,11 +44,21 @@ class CalibrationOptions:
                               f'{options.num_images}')
         return options
 
-    def batch(self, cfg) -> Dict:
+    def batch(self, cfg, num_images: Optional[int] = None) -> Dict:
         """The calibration set as one batch (a ``data_batch`` dict of the
-        :func:`calibration_loader`), loaded once per calibration."""
-        return next(iter(calibration_loader(cfg, self.num_images, self.seed,
-                                            self.dataloader)))
+        :func:`calibration_loader`), loaded once per calibration;
+        ``num_images`` overrides the count (reconstruction images)."""
+        return next(iter(calibration_loader(
+            cfg, num_images or self.num_images, self.seed, self.dataloader)))
+
+    def reconstruction_batch(self, cfg, quant_cfg: QuantConfig
+                             ) -> Optional[Dict]:
+        """The images reconstruction runs on when its ``num_images`` asks
+        for other ones than the calibration images (else None)."""
+        recon = quant_cfg.reconstruction_config()
+        if recon is None or recon.num_images is None:
+            return None
+        return self.batch(cfg, recon.num_images)
 
 
 def calibration_loader(cfg, num_images: int, seed: int = 0,
@@ -133,21 +143,24 @@ def run_test_steps(model, batches, num_batches: int) -> None:
 
 
 def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict,
-                  summary: Optional[Dict] = None):
+                  summary: Optional[Dict] = None,
+                  recon_batch: Optional[Dict] = None):
     """A quantized, calibrated copy of ``model`` (which is not touched):
     :func:`~mmcd.core.quant.quantize_model`, then
     :func:`~mmcd.core.quant.calibrate` on ``batch`` (all calibration
     images, e.g. :meth:`CalibrationOptions.batch`), then block
     reconstruction when ``quant_cfg.reconstruction`` asks for it
-    (:func:`reconstruct_on`). ``summary``, a dict, receives the
-    reconstruction's per-unit stats (``reconstruction_stats``)."""
+    (:func:`reconstruct_on`, on ``recon_batch``, default ``batch``).
+    ``summary``, a dict, receives the reconstruction's per-unit stats
+    (``reconstruction_stats``)."""
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
               f'{quant_cfg.method}, calibrating on {len(batch["inputs"])} '
               'images', logger='current')
     calibrate_on(quant_model, quant_cfg, batch)
     if quant_cfg.reconstruction is not None:
-        stats = reconstruct_on(quant_model, model, quant_cfg, batch)
+        stats = reconstruct_on(quant_model, model, quant_cfg,
+                               recon_batch or batch)
         if summary is not None:
             summary['reconstruction_stats'] = stats
     return quant_model
@@ -177,9 +190,10 @@ def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
     saves its progress there)."""
     cfg = quant_cfg.reconstruction_config()
     units = model_units(quant_model) if units is None else units
-    print_log(f'PTQ: reconstructing {len(units)} units, {cfg.iters} '
-              f'iterations each, batch {cfg.batch_size}, drop_prob '
-              f'{cfg.drop_prob}', logger='current')
+    print_log(f'PTQ: reconstructing {len(units)} units on '
+              f'{len(batch["inputs"])} images, {cfg.iters} iterations each, '
+              f'batch {cfg.batch_size}, drop_prob {cfg.drop_prob}',
+              logger='current')
     started = time.monotonic()
 
     def progress(k, name, stats):

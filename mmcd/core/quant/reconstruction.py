@@ -57,7 +57,10 @@ class ReconstructionConfig:
     (APHQ-ViT's detection setting; QDrop's ImageNet one is 32),
     ``round_weight`` (lambda) 0.01, ``beta`` (20, 2), ``warmup`` 0.2,
     ``weight_lr`` 1e-3 (Adam's default, as both codes leave it),
-    ``act_lr`` 4e-5, ``drop_prob`` 0.5, ``p`` 2, ``seed`` 0."""
+    ``act_lr`` 4e-5, ``drop_prob`` 0.5, ``p`` 2, ``seed`` 0; ``num_images``:
+    the images the units are reconstructed on (None: the calibration
+    images; APHQ-ViT's detection code calibrates on 1 and reconstructs on
+    256), read by whoever loads them (``mmcd.engine``)."""
     iters: int = 20000
     batch_size: int = 1
     round_weight: float = 0.01
@@ -68,6 +71,7 @@ class ReconstructionConfig:
     drop_prob: float = 0.5
     p: float = 2.0
     seed: int = 0
+    num_images: Optional[int] = None
 
     def __post_init__(self):
         if not (isinstance(self.iters, int) and self.iters >= 1):
@@ -80,6 +84,10 @@ class ReconstructionConfig:
             raise ValueError('reconstruction drop_prob (the probability of '
                              'keeping quantization) must be in (0, 1], got '
                              f'{self.drop_prob}')
+        if self.num_images is not None and not (
+                isinstance(self.num_images, int) and self.num_images >= 1):
+            raise ValueError('reconstruction num_images must be an integer '
+                             f'>= 1 or None, got {self.num_images!r}')
         if not 0 <= self.warmup < 1:
             raise ValueError(f'reconstruction warmup must be in [0, 1), got '
                              f'{self.warmup}')

@@ -144,8 +144,9 @@ class PostTrainingQuantHook(Hook):
             calib_batch = None
         else:
             calib_batch = self.calib.batch(runner.cfg)
-            quant_model = quantize_copy(float_model, self.quant_cfg,
-                                        calib_batch, self._summary)
+            quant_model = quantize_copy(
+                float_model, self.quant_cfg, calib_batch, self._summary,
+                self.calib.reconstruction_batch(runner.cfg, self.quant_cfg))
         self._plan = precision_plan(quant_model, self.quant_cfg)
         print_log('PostTrainingQuantHook: precision plan\n' +
                   format_precision_plan(self._plan), logger='current')
