@@ -332,3 +332,8 @@ def test_quantize_tool_resumes_and_test_tool_evaluates_the_file(
                             timeout=120)
     assert code != 0 and out.strip().splitlines()[-1].startswith(
         'error: --quant calibrates, --quant-checkpoint loads')
+    code, out = run_bounded([sys.executable, 'tools/test.py', config, ckpt,
+                             '--calib-images', '8', '--quant-checkpoint',
+                             whole], timeout=120)
+    assert code != 0 and out.strip().splitlines()[-1].startswith(
+        'error: --layer-bits and --calib-images are settings of the')

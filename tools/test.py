@@ -72,6 +72,10 @@ def main():
         raise UserError('--quant calibrates, --quant-checkpoint loads a '
                         'calibrated model: give one of them')
     if args.quant_checkpoint:
+        if args.layer_bits or args.calib_images is not None:
+            raise UserError('--layer-bits and --calib-images are settings of '
+                            'the quantized checkpoint (tools/quantize.py), '
+                            'not of --quant-checkpoint')
         add_quantized_checkpoint_hook(cfg, args.quant_checkpoint,
                                       args.compare_fp)
     elif args.quant:
