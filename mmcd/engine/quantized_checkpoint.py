@@ -30,12 +30,8 @@ SETTINGS = ('w_bits', 'a_bits', 'method', 'scope', 'skip',
 def settings_of(quant_cfg: QuantConfig) -> Dict:
     """The :data:`SETTINGS` of ``quant_cfg`` as plain, comparable values."""
     values = {key: getattr(quant_cfg, key) for key in SETTINGS}
-    values['skip'] = list(values['skip'])
-    values['layer_bits'] = [dict(vars(rule)) for rule in values['layer_bits']]
-    values['reconstruction'] = None if values['reconstruction'] is None \
-        else {k: list(v) if isinstance(v, tuple) else v
-              for k, v in dict(values['reconstruction']).items()}
-    return json.loads(json.dumps(values))
+    values['layer_bits'] = [vars(rule) for rule in values['layer_bits']]
+    return json.loads(json.dumps(values))  # tuples become lists
 
 
 def model_digest(model_cfg) -> str:

@@ -488,25 +488,29 @@ class UniformQuantizer(FakeQuantizer):
             raise RuntimeError(f'{self.layer_name} is not calibrated')
         return self.scale, self.zero_point
 
+    def params_along(self, x: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, zero point) shaped to broadcast over ``x``
+        along ``channel_axis``."""
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return self.scale.view(shape), self.zero_point.view(shape)
+
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The integer codes ``clamp(round(w / s) + z, 0, 2^b - 1)`` of a
         per-channel weight (what an export stores; AdaRound overrides
         the rounding)."""
-        shape = [1] * w.dim()
-        shape[self.channel_axis] = -1
-        scale = self.scale.view(shape)
+        scale, zero = self.params_along(w)
         return torch.div(w.to(scale.dtype), scale).round_().add_(
-            self.zero_point.view(shape)).clamp_(0, self.levels)
+            zero).clamp_(0, self.levels)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.scale, self.zero_point
         offset = self.channel_offset  # [C] on the last axis, or empty
         if self.channel_axis is not None and \
                 self.channel_axis % x.dim() != x.dim() - 1:
-            shape = [1] * x.dim()
-            shape[self.channel_axis] = -1
-            scale, zero = scale.view(shape), zero.view(shape)
+            scale, zero = self.params_along(x)
             return self._fake_shifted(x, scale, zero, offset)
         return map_in_chunks(
             lambda part, out: self._fake_shifted(part, scale, zero, offset,

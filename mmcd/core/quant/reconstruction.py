@@ -118,7 +118,7 @@ class AdaRoundQuantizer(UniformQuantizer):
                          grid.keep_zero)
         self.layer_name = grid.layer_name
         self.set_params(grid.scale, grid.zero_point)
-        rest = weight.detach() / self._view(self.scale, weight)
+        rest = weight.detach() / self.params_along(weight)[0]
         rest = rest - torch.floor(rest)  # in [0, 1)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) /
                                              (rest - GAMMA) - 1))
@@ -144,11 +144,6 @@ class AdaRoundQuantizer(UniformQuantizer):
     def finalize(self, weight: torch.Tensor) -> None:
         """The grid is fixed: nothing to search."""
 
-    def _view(self, t, w):
-        shape = [1] * w.dim()
-        shape[self.channel_axis] = -1
-        return t.view(shape)
-
     def rounding(self) -> torch.Tensor:
         """``h(V)`` in [0, 1] (soft) or its hard 0/1 value."""
         if not self.soft:
@@ -160,18 +155,19 @@ class AdaRoundQuantizer(UniformQuantizer):
         """``sum(1 - |2 h(V) - 1|^beta)``."""
         return (1 - (2 * self.rounding() - 1).abs().pow(beta)).sum()
 
-    @torch.no_grad()
-    def codes(self, w: torch.Tensor) -> torch.Tensor:
-        scale, zero = self._view(self.scale, w), self._view(self.zero_point,
-                                                            w)
+    def _levels(self, w: torch.Tensor) -> torch.Tensor:
+        """``clamp(floor(w / s) + h(V) + z, 0, 2^b - 1)``."""
+        scale, zero = self.params_along(w)
         return torch.clamp(torch.floor(w.to(scale.dtype) / scale) +
                            self.rounding() + zero, 0, self.levels)
 
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        return self._levels(w)
+
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        scale, zero = self._view(self.scale, w), self._view(self.zero_point,
-                                                            w)
-        q = torch.floor(w.detach() / scale) + self.rounding() + zero
-        return (torch.clamp(q, 0, self.levels) - zero) * scale
+        scale, zero = self.params_along(w)
+        return (self._levels(w.detach()) - zero) * scale
 
     def harden(self) -> None:
         self.soft = False
@@ -380,7 +376,7 @@ def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
             handle.remove()
     for rounder, layer in zip(rounders, layers):
         rounder.harden()
-        layer.finalize_weight()
+        layer.cache_weight()
     for parent, attr, quantizer, lsq in learned:
         setattr(parent, attr, _to_uniform(lsq, quantizer))
     up = sum(float(r.rounding().sum()) for r in rounders)
