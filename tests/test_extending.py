@@ -68,7 +68,8 @@ def page_module(tmp_path):
 def test_the_page_has_every_extension_kind():
     assert set(page_files()) == {
         'my_quant.py', 'my_config.py', 'my_qat.py', 'my_regularizer.py',
-        'my_train_config.py', 'my_backbone_spec.py', 'my_attention.py'}
+        'my_train_config.py', 'my_backbone_spec.py', 'my_attention.py',
+        'my_recon_loss.py'}
 
 
 def tool_env(folder):
@@ -164,6 +165,28 @@ def test_a_regularizer_from_outside_through_tools_train(micro_data_root,
     assert code == 0, out[-3000:]
     assert 'regularizers: cd, fro' in out
     assert re.search(r'fro_norm: \d', out)
+
+
+def test_a_reconstruction_loss_from_outside(page_module):
+    """The page's loss computes the mean absolute error and its method
+    reconstructs with it (the unit's error falls)."""
+    from test_reconstruction import calibrated_net
+
+    from mmcd.core.quant import (QUANT_METHODS, RECONSTRUCTION_LOSSES,
+                                 QuantConfig)
+    from mmcd.core.quant.reconstruction import reconstruct
+    page_module('my_recon_loss', RECONSTRUCTION_LOSSES, QUANT_METHODS)
+    loss = RECONSTRUCTION_LOSSES.get('l1')(p=2.0, unit='blocks.0')
+    a, b = torch.tensor([1., -2., 3.]), torch.tensor([0., 0., 1.])
+    assert float(loss((a, (a, 7)), (b, (b, 0)))) == pytest.approx(2 * 5 / 3)
+    recon = QuantConfig(method='qdrop-l1',
+                        reconstruction=dict(iters=100, batch_size=16,
+                                            weight_lr=1e-2)
+                        ).reconstruction_config()
+    assert recon.loss == 'l1'
+    net, quantized, x = calibrated_net()
+    stats = reconstruct(quantized, net, lambda m: m(x), ['blocks.0'], recon)
+    assert stats['blocks.0']['loss_after'] < stats['blocks.0']['loss_before']
 
 
 def test_a_backbone_family_from_outside(page_module):

@@ -15,8 +15,8 @@ from mmcd.core.quant.qdq import to_qdq
 from mmcd.core.quant.reconstruction import (AdaRoundQuantizer,
                                             ReconstructionConfig, _lsq_from,
                                             _mix, _to_uniform, reconstruct,
-                                            reconstruction_loss,
                                             reconstruction_units)
+from mmcd.core.quant.reconstruction_losses import lp_channel_loss
 
 
 def weight_grid(w, bits=3):
@@ -81,9 +81,9 @@ def test_reconstruction_loss_is_qdrops_lp_loss():
     a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     # QDrop: (pred - tgt).abs().pow(p).sum(1).mean() for NCHW maps
     expected = (a - b).abs().pow(2).sum(1).mean()
-    torch.testing.assert_close(reconstruction_loss(a, b), expected)
+    torch.testing.assert_close(lp_channel_loss(a, b), expected)
     tokens_a, tokens_b = torch.randn(2, 7, 3), torch.randn(2, 7, 3)
-    both = reconstruction_loss((a, (tokens_a, (1, 2))), (b, (tokens_b, 0)))
+    both = lp_channel_loss((a, (tokens_a, (1, 2))), (b, (tokens_b, 0)))
     torch.testing.assert_close(
         both, expected + (tokens_a - tokens_b).square().sum(-1).mean())
 
@@ -168,21 +168,34 @@ def test_bad_reconstruction_options_and_a_nan_loss():
                        r'blocks\.0: the loss is nan at iteration 1'):
         reconstruct(quantized, net, lambda m: m(x * float('nan')),
                     ['blocks.0'], ReconstructionConfig(iters=5))
+    with pytest.raises(ValueError, match='batch_size 65 is larger than the '
+                       '64 reconstruction images'):
+        reconstruct(quantized, net, lambda m: m(x), ['blocks.0'],
+                    ReconstructionConfig(iters=1, batch_size=65))
+    with pytest.warns(UserWarning, match=r'blocks\.0\.norm has no quantized '
+                      'weight or learnable step; left as calibrated'):
+        stats = reconstruct(quantized, net, lambda m: m(x),
+                            ['blocks.0.norm'], ReconstructionConfig(iters=5))
+    assert stats['blocks.0.norm']['loss_after'] == \
+        stats['blocks.0.norm']['loss_before']
 
 
 def test_reconstruction_through_tools_test(micro_run, tmp_path):
-    """The PTQ hook's ``reconstruction`` option, through tools/test.py:
+    """``aphq-vit`` with shortened reconstruction options, through the PTQ
+    hook of tools/test.py: every MLP made ReLU and fine-tuned first, then
     every unit of the toy Swin detector (patch embedding, blocks, patch
-    merging, neck) reconstructed in model order, its stats logged and
-    saved; an unknown option fails naming the allowed ones."""
+    merging, neck) reconstructed in model order with the APH loss (the RPN
+    objective's sensitivity), the stats logged and saved; an unknown option
+    fails naming the allowed ones."""
     import json
     import sys
 
     from conftest import run_bounded
     config, ckpt = micro_run
     hook = dict(type='PostTrainingQuantHook', w_bits=4, a_bits=4,
-                method='repq-vit', calib=dict(num_images=4),
-                reconstruction=dict(iters=4, batch_size=2, num_images=6))
+                method='aphq-vit', calib=dict(num_images=4),
+                reconstruction=dict(iters=4, batch_size=2, num_images=6,
+                                    mlp_iters=3))
     path = tmp_path / 'recon.py'
     path.write_text(f'_base_ = {config!r}\ncustom_hooks = [{hook!r}]\n')
     code, out = run_bounded(
@@ -194,14 +207,24 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
              'backbone.stages.1.downsample', 'backbone.stages.2.blocks.0',
              'backbone.stages.2.blocks.1', 'backbone.stages.2.downsample',
              'backbone.stages.3.blocks.0', 'neck']
+    mlps = [f'{u}.ffn' for u in units if '.blocks.' in u]
+    log = '\n'.join(line for line in out.splitlines() if 'PTQ' in line)
+    assert 'PTQ: MLP reconstruction (GELU -> ReLU) of 5 MLPs on 6 images' \
+        in out, log
+    for k, name in enumerate(mlps):
+        assert f'PTQ: MLP [{k + 1}/5] {name}: loss' in out
     assert 'PTQ: calibrated on 4 images' in out
-    assert 'PTQ: reconstructing 10 units on 6 images' in out
+    assert "PTQ: reconstructing 10 units on 6 images, 4 iterations each, " \
+        "batch 2, loss 'aph', drop_prob 0.5, input_prob 0.5" in out
     for k, name in enumerate(units):
-        assert f'PTQ: [{k + 1}/10] {name}: output loss' in out
+        assert f'PTQ: block [{k + 1}/10] {name}: output error' in out
     results = json.load(open(tmp_path / 'work' / 'quant_results.json'))
     assert list(results['reconstruction_stats']) == units
-    assert results['reconstruction'] == dict(iters=4, batch_size=2,
-                                             num_images=6)
+    assert list(results['mlp_reconstruction_stats']) == mlps
+    assert {k: results['reconstruction'][k] for k in (
+        'iters', 'batch_size', 'num_images', 'mlp_iters', 'loss', 'mlp')} \
+        == dict(iters=4, batch_size=2, num_images=6, mlp_iters=3,
+                loss='aph', mlp=True)
     hook['reconstruction'] = dict(iterations=4)
     path.write_text(f'_base_ = {config!r}\ncustom_hooks = [{hook!r}]\n')
     code, out = run_bounded(
@@ -272,8 +295,10 @@ def test_quantize_tool_resumes_and_test_tool_evaluates_the_file(
         micro_run, tmp_path):
     """tools/quantize.py stopped after two units and run again ends with the
     same file as an uninterrupted run; tools/test.py --quant-checkpoint
-    gives the metrics of calibrating and reconstructing in the run."""
+    gives the metrics of calibrating and reconstructing in the run; the
+    export tool loads the file (and refuses a --method beside it)."""
     import json
+    import os
     import signal
     import subprocess
     import sys
@@ -337,3 +362,14 @@ def test_quantize_tool_resumes_and_test_tool_evaluates_the_file(
                              whole], timeout=120)
     assert code != 0 and out.strip().splitlines()[-1].startswith(
         'error: --layer-bits and --calib-images are settings of the')
+    export = [sys.executable, 'tools/deploy/export_onnx.py', config, ckpt,
+              '--quant-checkpoint', whole, '--out-dir', str(tmp_path / 'onnx')]
+    code, out = run_bounded(export, timeout=300)
+    assert code == 0, out[-3000:]
+    assert f'PTQ: loaded {whole} (W4A4 repq-vit + reconstruction' in out
+    assert any(name.startswith('w4a4_repq-vit_') and name.endswith('.onnx')
+               for name in os.listdir(tmp_path / 'onnx')), out[-2000:]
+    code, out = run_bounded(export + ['--method', 'qdrop'], timeout=120)
+    assert code != 0 and out.strip().splitlines()[-1] == (
+        'error: --method: settings of the quantized checkpoint '
+        '(tools/quantize.py), not of --quant-checkpoint')

@@ -5,9 +5,11 @@ reconstruction if asked for, written to a quantized checkpoint that
 The settings are the config's ``PostTrainingQuantHook`` (or ``--quant``,
 ``--quant-method``, ``--layer-bits``, ``--calib-images`` as in
 ``tools/test.py``; ``--reconstruction iters=20000 batch_size=1 ...`` adds or
-overrides reconstruction). The file is written after calibration and after
-every reconstruction unit; run the same command again after an interruption
-and it continues with the next unit. The float checkpoint is not touched.
+overrides reconstruction; ``--quant-method qdrop`` or ``aphq-vit`` bring
+their own). APHQ-ViT's MLP reconstruction, if asked for, runs before
+calibration and is saved with it. The file is written after calibration
+and after every reconstruction unit; run the same command again after an
+interruption and it continues with the next unit. The float checkpoint is not touched.
 
     python tools/quantize.py CONFIG CHECKPOINT --out quantized.pth
         [--quant w4a4] [--quant-method repq-vit] [--reconstruction iters=..]
@@ -76,7 +78,8 @@ def main():
     hook = ptq_hook(cfg, args)
     from mmcd.core.quant import quantize_model
     from mmcd.core.quant.saved_state import restore_quantized
-    from mmcd.engine.calibration import (calibrate_on, model_units,
+    from mmcd.engine.calibration import (calibrate_on, check_reconstruction,
+                                         model_units, reconstruct_mlps_on,
                                          reconstruct_on)
     from mmcd.engine.hooks import PostTrainingQuantHook
     from mmcd.engine.quantized_checkpoint import (check_meta, describe,
@@ -99,7 +102,10 @@ def main():
     model = runner.model.eval()
     batch = calib.batch(cfg)
     recon_batch = calib.reconstruction_batch(cfg, quant_cfg) or batch
-    units = model_units(model) if quant_cfg.reconstruction else []
+    recon = quant_cfg.reconstruction_config()
+    if recon is not None:
+        check_reconstruction(model, quant_cfg)
+    units = model_units(model) if recon is not None else []
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     if osp.isfile(args.out):
         meta, state = load_quantized(args.out)
@@ -115,6 +121,8 @@ def main():
     else:
         meta = make_meta(quant_cfg, cfg.model, calib.num_images,
                          osp.abspath(args.checkpoint), units)
+        if recon is not None and recon.mlp:
+            reconstruct_mlps_on(quant_model, model, quant_cfg, recon_batch)
         calibrate_on(quant_model, quant_cfg, batch)
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
         save_quantized(args.out, quant_model, meta)

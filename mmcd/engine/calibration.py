@@ -19,7 +19,10 @@ from mmengine.utils import ProgressBar
 from mmcd.core import ConfigError
 from mmcd.core.architectures import reconstruction_patterns
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model
-from mmcd.core.quant.reconstruction import reconstruct, reconstruction_units
+from mmcd.core.quant.mlp_reconstruction import find_mlps, reconstruct_mlps
+from mmcd.core.quant.reconstruction import (needs_task_loss, reconstruct,
+                                            reconstruction_units)
+from .task_objective import require_rpn, rpn_objective
 
 
 @dataclass
@@ -146,23 +149,30 @@ def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict,
                   summary: Optional[Dict] = None,
                   recon_batch: Optional[Dict] = None):
     """A quantized, calibrated copy of ``model`` (which is not touched):
-    :func:`~mmcd.core.quant.quantize_model`, then
+    :func:`~mmcd.core.quant.quantize_model`, MLP reconstruction when the
+    reconstruction asks for it (:func:`reconstruct_mlps_on`), then
     :func:`~mmcd.core.quant.calibrate` on ``batch`` (all calibration
     images, e.g. :meth:`CalibrationOptions.batch`), then block
-    reconstruction when ``quant_cfg.reconstruction`` asks for it
-    (:func:`reconstruct_on`, on ``recon_batch``, default ``batch``).
-    ``summary``, a dict, receives the reconstruction's per-unit stats
-    (``reconstruction_stats``)."""
+    reconstruction when the method or ``quant_cfg.reconstruction`` asks for
+    it (:func:`reconstruct_on`, on ``recon_batch``, default ``batch``).
+    ``summary``, a dict, receives the reconstructions' per-unit stats
+    (``mlp_reconstruction_stats``, ``reconstruction_stats``)."""
+    recon = quant_cfg.reconstruction_config()
+    recon_batch = recon_batch or batch
+    if recon is not None:
+        check_reconstruction(model, quant_cfg)
     quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
+    summary = {} if summary is None else summary
+    if recon is not None and recon.mlp:
+        summary['mlp_reconstruction_stats'] = reconstruct_mlps_on(
+            quant_model, model, quant_cfg, recon_batch)
     print_log(f'PTQ: W{quant_cfg.w_bits}A{quant_cfg.a_bits} '
               f'{quant_cfg.method}, calibrating on {len(batch["inputs"])} '
               'images', logger='current')
     calibrate_on(quant_model, quant_cfg, batch)
-    if quant_cfg.reconstruction is not None:
-        stats = reconstruct_on(quant_model, model, quant_cfg,
-                               recon_batch or batch)
-        if summary is not None:
-            summary['reconstruction_stats'] = stats
+    if recon is not None:
+        summary['reconstruction_stats'] = reconstruct_on(
+            quant_model, model, quant_cfg, recon_batch)
     return quant_model
 
 
@@ -178,6 +188,67 @@ def model_units(model) -> List[str]:
     return units
 
 
+def check_reconstruction(model, quant_cfg: QuantConfig) -> None:
+    """Fail before any work when ``quant_cfg``'s reconstruction cannot run
+    on ``model``: no unit, no MLP for MLP reconstruction, no task objective
+    for a loss that needs one."""
+    recon = quant_cfg.reconstruction_config()
+    units = model_units(model)
+    if recon.mlp and not find_mlps(model):
+        raise ConfigError(
+            'reconstruction mlp=True: no MLP in the model (the architecture '
+            "specs' mlp_units match none of its modules)")
+    if needs_task_loss(recon, units + [n for n, _ in find_mlps(model)]):
+        require_rpn(model)
+
+
+def _task_loss(float_model, quant_cfg: QuantConfig, batch: Dict,
+               names: List[str]):
+    """The RPN objective when the reconstruction's loss weights one of
+    ``names``, else None."""
+    if not needs_task_loss(quant_cfg.reconstruction_config(), names):
+        return None
+    return rpn_objective(float_model, calibration_images(float_model, batch))
+
+
+def _eta_logger(what: str, total: int, describe: Callable[[Dict], str],
+                after: Optional[Callable[[str, Dict], None]] = None):
+    """``progress(k, name, stats)`` logging each finished item with the
+    time left."""
+    started = time.monotonic()
+
+    def progress(k, name, stats):
+        elapsed = time.monotonic() - started
+        left = elapsed / (k + 1) * (total - k - 1)
+        print_log(f'PTQ: {what} [{k + 1}/{total}] {name}: {describe(stats)}'
+                  f'; eta {left:.0f} s', logger='current')
+        if after is not None:
+            after(name, stats)
+
+    return progress
+
+
+def reconstruct_mlps_on(quant_model, float_model, quant_cfg: QuantConfig,
+                        batch: Dict) -> Dict:
+    """APHQ-ViT's MLP reconstruction of ``quant_model`` (converted, not yet
+    calibrated: its quantizers pass floats through) against
+    ``float_model`` on ``batch`` (:func:`mmcd.core.quant.
+    mlp_reconstruction.reconstruct_mlps`), each MLP's loss and the time
+    left in the log."""
+    cfg = quant_cfg.reconstruction_config()
+    names = [n for n, _ in find_mlps(quant_model)]
+    print_log(f'PTQ: MLP reconstruction (GELU -> ReLU) of {len(names)} '
+              f'MLPs on {len(batch["inputs"])} images, {cfg.mlp_iters} '
+              f'iterations each, loss {cfg.loss!r}', logger='current')
+    progress = _eta_logger(
+        'MLP', len(names), lambda s: f'loss {s["loss_first"]:.4g} -> '
+        f'{s["loss_last"]:.4g}, fc2 input bound {s["bound"]:.4g}')
+    return reconstruct_mlps(quant_model, float_model,
+                            lambda m: m.test_step(batch), cfg,
+                            _task_loss(float_model, quant_cfg, batch, names),
+                            progress)
+
+
 def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
                    batch: Dict, units: Optional[List[str]] = None,
                    after_unit: Optional[Callable[[str, Dict], None]] = None
@@ -185,29 +256,23 @@ def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
     """Block reconstruction of the calibrated ``quant_model`` against
     ``float_model`` on ``batch`` (:func:`mmcd.core.quant.reconstruction.
     reconstruct`), unit by unit in model order (``units``: default all of
-    :func:`model_units`), each unit's output loss before and after and the
+    :func:`model_units`), each unit's output error before and after and the
     time left in the log; ``after_unit(name, stats)`` after each (a tool
     saves its progress there)."""
     cfg = quant_cfg.reconstruction_config()
     units = model_units(quant_model) if units is None else units
     print_log(f'PTQ: reconstructing {len(units)} units on '
               f'{len(batch["inputs"])} images, {cfg.iters} iterations each, '
-              f'batch {cfg.batch_size}, drop_prob {cfg.drop_prob}',
+              f'batch {cfg.batch_size}, loss {cfg.loss!r}, drop_prob '
+              f'{cfg.drop_prob}, input_prob {cfg.keep_input}',
               logger='current')
-    started = time.monotonic()
-
-    def progress(k, name, stats):
-        elapsed = time.monotonic() - started
-        left = elapsed / (k + 1) * (len(units) - k - 1)
-        print_log(f'PTQ: [{k + 1}/{len(units)}] {name}: output loss '
-                  f'{stats["loss_before"]:.4g} -> {stats["loss_after"]:.4g}'
-                  f', {100 * stats["rounded_up"]:.1f}% of weights rounded '
-                  f'up; eta {left:.0f} s', logger='current')
-        if after_unit is not None:
-            after_unit(name, stats)
-
+    progress = _eta_logger(
+        'block', len(units), lambda s: f'output error '
+        f'{s["loss_before"]:.4g} -> {s["loss_after"]:.4g}, '
+        f'{100 * s["rounded_up"]:.1f}% of weights rounded up', after_unit)
     return reconstruct(quant_model, float_model,
-                       lambda m: m.test_step(batch), units, cfg, progress)
+                       lambda m: m.test_step(batch), units, cfg, progress,
+                       _task_loss(float_model, quant_cfg, batch, units))
 
 
 @torch.no_grad()

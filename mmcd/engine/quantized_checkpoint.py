@@ -10,15 +10,19 @@ The float checkpoint is never written. Loading checks ``meta`` against the
 run's settings and refuses a file made for another config, method or bit
 width, naming what differs.
 """
+import copy
 import hashlib
 import json
+import logging
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from mmengine.logging import print_log
 
 from mmcd.core import ConfigError
-from mmcd.core.quant import QuantConfig
+from mmcd.core.quant import QuantConfig, quantize_model
+from mmcd.core.quant.saved_state import restore_quantized
 
 FORMAT = 'mmcd-quantized-checkpoint-1'
 #: the QuantConfig settings a quantized checkpoint is tied to
@@ -95,6 +99,28 @@ def check_meta(meta: Dict, quant_cfg: QuantConfig, model_cfg,
 
 def describe(meta: Dict) -> str:
     s = meta['settings']
-    recon = '' if s['reconstruction'] is None else ' + reconstruction'
+    recon = '' if s['reconstruction'] is None else \
+        f' + reconstruction {s["reconstruction"]}'
     return (f'W{s["w_bits"]}A{s["a_bits"]} {s["method"]}{recon}, calibrated '
             f'on {meta["calib_images"]} images')
+
+
+def load_quantized_model(float_model, quant_cfg: QuantConfig, model_cfg,
+                         path: str, float_checkpoint: Optional[str] = None):
+    """The quantized model saved in ``path``, rebuilt on a copy of
+    ``float_model`` (converted with ``quant_cfg``, which the file must have
+    been made with, as ``model_cfg``'s detector; :func:`check_meta`). A file
+    made from another float checkpoint than ``float_checkpoint`` is loaded
+    with a warning: its state holds every parameter, so the float one only
+    serves comparisons."""
+    meta, state = load_quantized(path)
+    check_meta(meta, quant_cfg, model_cfg, path)
+    if float_checkpoint is not None and \
+            meta['float_checkpoint'] != os.path.abspath(float_checkpoint):
+        print_log(f'{path} was made from {meta["float_checkpoint"]}, not '
+                  f'{float_checkpoint}: float results are of the latter',
+                  logger='current', level=logging.WARNING)
+    quant_model = quantize_model(copy.deepcopy(float_model), quant_cfg)
+    restore_quantized(quant_model, state)
+    print_log(f'PTQ: loaded {path} ({describe(meta)})', logger='current')
+    return quant_model

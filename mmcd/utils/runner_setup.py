@@ -388,19 +388,24 @@ def toy_run_config(cfg: Config, work_dir: str, data_root: str,
 
 def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
     """The arguments shared by the PTQ tools (sensitivity, debug, export):
-    ``config checkpoint --quant wNaM [--method] [--calib-images]
-    [--out-dir] [--cfg-options]``."""
+    ``config checkpoint (--quant wNaM [--method] [--calib-images] |
+    --quant-checkpoint FILE) [--out-dir] [--cfg-options]``."""
     from mmengine.config import DictAction
 
     from mmcd.core.quant import QUANT_METHODS
     parser.add_argument('config')
     parser.add_argument('checkpoint')
-    parser.add_argument('--quant', required=True, metavar='wNaM')
-    parser.add_argument('--method', default='repq-vit',
-                        help='a registered PTQ method (built in: '
-                        f'{", ".join(QUANT_METHODS.names())}; the config\'s '
-                        'custom_imports may register more)')
-    parser.add_argument('--calib-images', type=int, default=calib_images)
+    parser.add_argument('--quant', metavar='wNaM')
+    parser.add_argument('--method',
+                        help='a registered PTQ method (default repq-vit; '
+                        f'built in: {", ".join(QUANT_METHODS.names())}; the '
+                        "config's custom_imports may register more)")
+    parser.add_argument('--calib-images', type=int,
+                        help=f'default {calib_images}')
+    parser.add_argument('--quant-checkpoint', metavar='FILE',
+                        help='a model quantized by tools/quantize.py, loaded '
+                        'instead of calibrating (its settings are the run\'s)')
+    parser.set_defaults(default_calib_images=calib_images)
     parser.add_argument('--out-dir', default=out_dir)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
@@ -408,16 +413,49 @@ def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
 
 def ptq_config(args, **options):
     """The :class:`~mmcd.core.quant.QuantConfig` of the PTQ tools'
-    ``--quant`` and ``--method`` (plus ``options``), after checking that
-    ``args.checkpoint`` exists; bad values raise :class:`UserError`."""
+    ``--quant`` and ``--method`` (plus ``options``), or the settings of
+    ``--quant-checkpoint`` (then also written to ``args.quant``,
+    ``args.method`` and ``args.calib_images``, which the tools report),
+    after checking that ``args.checkpoint`` exists; bad values raise
+    :class:`UserError`."""
     from mmcd.core.quant import QuantConfig
-    w_bits, a_bits = parse_quant_spec(args.quant)
     check_checkpoint(args.checkpoint)
     load_config(args.config, args.cfg_options)  # its custom_imports
+    if args.quant_checkpoint:
+        return _checkpoint_settings(args, options)
+    if not args.quant:
+        raise UserError('give --quant wNaM (and --method) to calibrate, or '
+                        '--quant-checkpoint FILE (tools/quantize.py)')
+    w_bits, a_bits = parse_quant_spec(args.quant)
+    args.method = args.method or 'repq-vit'
+    if args.calib_images is None:
+        args.calib_images = args.default_calib_images
     try:
         return QuantConfig(w_bits, a_bits, args.method, **options)
     except ValueError as err:
         raise UserError(err) from None
+
+
+def _checkpoint_settings(args, options):
+    """``ptq_config`` for ``--quant-checkpoint``: the file's settings;
+    ``--quant``, ``--method``, ``--calib-images`` and tool options that set
+    them are refused (they are the file's)."""
+    from mmcd.core.quant import QuantConfig
+    from mmcd.engine.quantized_checkpoint import load_quantized
+    given = [flag for flag, value in (
+        ('--quant', args.quant), ('--method', args.method),
+        ('--calib-images', args.calib_images)) if value is not None]
+    given += [f'--{key.replace("_", "-")}' for key, value in options.items()
+              if value]
+    if given:
+        raise UserError(f'{", ".join(given)}: settings of the quantized '
+                        'checkpoint (tools/quantize.py), not of '
+                        '--quant-checkpoint')
+    meta, _ = load_quantized(args.quant_checkpoint)
+    settings = meta['settings']
+    args.quant = f'w{settings["w_bits"]}a{settings["a_bits"]}'
+    args.method, args.calib_images = settings['method'], meta['calib_images']
+    return QuantConfig(**settings)
 
 
 def calibrated_from_checkpoint(args, quant_cfg,
@@ -425,12 +463,14 @@ def calibrated_from_checkpoint(args, quant_cfg,
     """For the PTQ tools: a Runner of ``args.config`` (work dir under
     ``args.out_dir``) with ``args.checkpoint`` loaded, and a copy of its
     model quantized with ``quant_cfg`` and calibrated on
-    ``args.calib_images`` images. Returns ``(runner, quantized model,
-    calibration batch)``; ``loaders``: dataloaders checked besides the
-    train one (the calibration images' source)."""
+    ``args.calib_images`` images (or loaded from ``--quant-checkpoint``).
+    Returns ``(runner, quantized model, calibration batch)``; ``loaders``:
+    dataloaders checked besides the train one (the calibration images'
+    source)."""
     from mmengine.runner import Runner
 
     from mmcd.engine.calibration import CalibrationOptions, quantize_copy
+    from mmcd.engine.quantized_checkpoint import load_quantized_model
     cfg = load_config(args.config, args.cfg_options)
     check_datasets(cfg, ['train_dataloader', *loaders])
     os.makedirs(args.out_dir, exist_ok=True)
@@ -439,4 +479,8 @@ def calibrated_from_checkpoint(args, quant_cfg,
     runner.load_checkpoint(args.checkpoint, map_location='cpu')
     runner.model.eval()
     batch = CalibrationOptions(num_images=args.calib_images).batch(cfg)
+    if args.quant_checkpoint:
+        return runner, load_quantized_model(
+            runner.model, quant_cfg, cfg.model, args.quant_checkpoint,
+            args.checkpoint), batch
     return runner, quantize_copy(runner.model, quant_cfg, batch), batch

@@ -114,10 +114,11 @@ def within_weight_budget(ranked, params, w_bits, budget):
 
 
 def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
-                a_bits, calib_images, label=None):
+                a_bits, calib_images, label=None, reconstruction=None):
     """A config inheriting ``config_path`` whose PTQ hook keeps ``names``
-    at W8A8 and calibrates as the measurement did (``calib_images``); the
-    config's other custom hooks are kept."""
+    at W8A8 and calibrates (and reconstructs, with the measured model's
+    ``reconstruction`` options) as the measurement did
+    (``calib_images``); the config's other custom hooks are kept."""
     hooks = [dict(h) for h in cfg.get('custom_hooks', [])
              if h.get('type') != 'PostTrainingQuantHook']
     rules = [dict(pattern=f'^{re.escape(n)}$', w_bits=8, a_bits=8)
@@ -125,6 +126,8 @@ def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
     hooks.append(dict(type='PostTrainingQuantHook', w_bits=w_bits,
                       a_bits=a_bits, method=method, layer_bits=rules,
                       calib=dict(num_images=calib_images)))
+    if reconstruction is not None:
+        hooks[-1]['reconstruction'] = dict(reconstruction)
     path = osp.join(out_dir, f'{label or f"keep{len(names)}"}_{spec}.py')
     with open(path, 'w') as f:
         f.write(f'# written by tools/analysis/sensitivity.py: {spec} '
@@ -199,7 +202,8 @@ def main():
     ranked = [r['name'] for r in rows if r['kind'] == 'layer']
     configs = [keep_config(cfg, args.config, args.out_dir, args.quant,
                            args.method, ranked[:k], w_bits, a_bits,
-                           args.calib_images)
+                           args.calib_images,
+                           reconstruction=quant_cfg.reconstruction)
                for k in args.keep if 0 < k <= len(ranked)]
     params = {name: module.weight.numel()
               for name, module in model.named_modules()
@@ -212,7 +216,8 @@ def main():
         configs.append(keep_config(
             cfg, args.config, args.out_dir, args.quant, args.method, chosen,
             w_bits, a_bits, args.calib_images,
-            label=f'avgw{args.avg_w_bits:g}'))
+            label=f'avgw{args.avg_w_bits:g}',
+            reconstruction=quant_cfg.reconstruction))
         print(f'--avg-w-bits {args.avg_w_bits:g}: {len(chosen)} layers at '
               f'8 bits, average weight bits {average:.3f}')
     with open(paths['json'], 'w') as f:

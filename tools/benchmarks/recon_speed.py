@@ -9,10 +9,14 @@ reconstruction unit (patch embedding, blocks, patch merging, neck) runs
 iteration, the projection to ``--project`` iterations (the papers: 20000),
 and the megabytes of its recorded inputs and outputs (float + quantized
 inputs, float outputs) for those images; at the end the peak resident
-memory of the process.
+memory of the process. ``--method aphq-vit`` also times what APHQ-ViT adds:
+the APH sensitivity weights of each unit (two backward passes of the float
+model to the RPN) and, first, the MLP reconstruction's steps per MLP
+(projected likewise), with the APH loss.
 
     python tools/benchmarks/recon_speed.py [--models toy swin-t]
         [--images 4] [--iters 10] [--batch-size 1] [--project 20000]
+        [--method repq-vit|aphq-vit]
 """
 import argparse
 import copy
@@ -29,8 +33,12 @@ from mmengine.registry import init_default_scope  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.architectures import reconstruction_patterns  # noqa: E402
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
+from mmcd.core.quant.mlp_reconstruction import reconstruct_mlps  # noqa
 from mmcd.core.quant.reconstruction import (  # noqa: E402
     ReconstructionConfig, reconstruct_unit, reconstruction_units, record)
+from mmcd.core.quant.reconstruction_losses import (  # noqa: E402
+    RECONSTRUCTION_LOSSES, perturbation_sensitivity)
+from mmcd.engine.task_objective import rpn_objective  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, add_models_argument, build_detector, random_inputs)
 
@@ -52,13 +60,15 @@ def main():
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--project', type=int, default=20000)
+    parser.add_argument('--method', default='repq-vit',
+                        choices=['repq-vit', 'aphq-vit'])
     add_models_argument(parser)
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    print(f'W4A4 repq-vit, {args.images} images, {args.iters} iterations '
-          f'per unit at batch {args.batch_size}, {torch.get_num_threads()} '
-          'threads')
+    print(f'W4A4 {args.method}, {args.images} images, {args.iters} '
+          f'iterations per unit at batch {args.batch_size}, '
+          f'{torch.get_num_threads()} threads')
     for name, config, size in (BENCHMARK_DETECTORS[m] for m in args.models):
         model = build_detector(config)
         images, samples = random_inputs(size, args.images,
@@ -67,13 +77,25 @@ def main():
         def run(m):
             return m.predict(images, samples)
 
-        qcfg = QuantConfig(4, 4, 'repq-vit')
+        qcfg = QuantConfig(4, 4, args.method, reconstruction=dict(
+            iters=args.iters, mlp_iters=args.iters,
+            batch_size=args.batch_size))
+        cfg = qcfg.reconstruction_config()
         qmodel = quantize_model(copy.deepcopy(model), qcfg)
+        objective = None
+        if args.method == 'aphq-vit':
+            objective = rpn_objective(model, images)
+            start = time.perf_counter()
+            mlps = reconstruct_mlps(qmodel, model, run, cfg, objective)
+            per_iter = (time.perf_counter() - start) / args.iters / len(mlps)
+            hours = per_iter * args.project * len(mlps) / 3600
+            print(f'{name}: MLP reconstruction of {len(mlps)} MLPs '
+                  f'(recording and weights included): {per_iter:.3f} s per '
+                  f'iteration and MLP, {hours:.1f} h at {args.project} each')
         with torch.no_grad():
             calibrate(qmodel, qcfg, lambda: run(qmodel))
         units = reconstruction_units(qmodel, reconstruction_patterns())
-        cfg = ReconstructionConfig(iters=args.iters,
-                                   batch_size=args.batch_size)
+        loss = RECONSTRUCTION_LOSSES.get(cfg.loss)
         print(f'{name}: {len(units)} units')
         total = 0.0
         for unit in units:
@@ -81,16 +103,21 @@ def main():
             *fp_in, target = record(model, model.get_submodule(unit), run,
                                     output=True)
             q_in = record(qmodel, qmodel.get_submodule(unit), run)[:2]
+            weight = None
+            if loss(unit=unit).needs_weights():
+                weight = perturbation_sensitivity(
+                    model, model.get_submodule(unit), objective)
             recording = time.perf_counter() - start
             start = time.perf_counter()
             reconstruct_unit(unit, qmodel.get_submodule(unit), q_in,
-                             tuple(fp_in), target, cfg)
+                             tuple(fp_in), target, cfg, weight)
             per_iter = (time.perf_counter() - start) / args.iters
             total += per_iter
             size = megabytes(fp_in) + megabytes(q_in) + megabytes(target)
             print(f'  {unit}: {per_iter:.3f} s/iteration, '
                   f'{per_iter * args.project / 3600:.2f} h at '
-                  f'{args.project}; recording {recording:.1f} s, '
+                  f'{args.project}; recording (and weights) '
+                  f'{recording:.1f} s, '
                   f'{size:.0f} MB for {args.images} images')
         print(f'{name}: all units {total * args.project / 3600:.1f} h '
               f'projected to {args.project} iterations each')

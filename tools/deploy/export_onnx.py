@@ -4,9 +4,12 @@ and check the quantized one in onnxruntime against PyTorch.
     python tools/deploy/export_onnx.py CONFIG CKPT --quant w8a8|w4a4
         [--method repq-vit] [--calib-images 32] [--layer-bits REGEX=wNaM ...]
         [--opset 21] [--out-dir work_dirs/onnx] [--eval] [--draws 3]
+    python tools/deploy/export_onnx.py CONFIG CKPT --quant-checkpoint FILE
 
 Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
-calibration images), rewrites the calibrated model in QDQ form
+calibration images), or loads a model quantized (and reconstructed: the
+rounded weights are integers, carried bit for bit) by
+``tools/quantize.py``, rewrites the calibrated model in QDQ form
 (:func:`mmcd.core.quant.qdq.to_qdq`: integer weights, QuantizeLinear/
 DequantizeLinear activations; log-sqrt2, TanQ and uniform quantizers with
 a fractional zero point, RepQ-ViT's reparameterized inputs, stay float
@@ -162,7 +165,7 @@ def main():
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
     images = calibration_images(model, calib_batch)[:1]
-    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{args.method}'
+    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
     exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,
                                   key, args.opset)
                 for key, module in (('float', model), (name, qdq_model))}

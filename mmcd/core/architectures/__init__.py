@@ -13,6 +13,9 @@ family of Transformer backbones:
   reconstruction`): the blocks, the patch embedding and merging, and the
   neck of a detector built on the family, as APHQ-ViT's detection code
   reconstructs them;
+* ``mlp_units``: the Transformer MLPs (:class:`MlpUnit`) that APHQ-ViT's
+  MLP reconstruction turns to ReLU and fine-tunes
+  (:mod:`mmcd.core.quant.mlp_reconstruction`);
 * ``num_layers`` / ``layer_id`` / ``no_decay_names``: layer-wise lr decay
   (``LayerDecayOptimWrapperConstructor``), for plain ViTs.
 
@@ -34,6 +37,17 @@ from ..registry import Registry
 
 
 @dataclass(frozen=True)
+class MlpUnit:
+    """The MLPs whose module names fully match ``pattern``: ``fc1``,
+    ``act`` and ``fc2`` are their submodules' names relative to the MLP
+    (``fc2(act(fc1(x)))``; the MLP module may add a residual)."""
+    pattern: str
+    fc1: str = 'fc1'
+    act: str = 'act'
+    fc2: str = 'fc2'
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """One backbone family (module docstring)."""
     name: str
@@ -41,6 +55,7 @@ class ArchitectureSpec:
     reparam_rules: Tuple[Tuple[str, str], ...] = ()
     first_layer: str = r'patch_embed'
     reconstruction_units: Tuple[str, ...] = ()
+    mlp_units: Tuple[MlpUnit, ...] = ()
     num_layers: Optional[Callable[[nn.Module], int]] = None
     layer_id: Optional[Callable[[str, int], Optional[int]]] = None
     no_decay_names: Tuple[str, ...] = ()
@@ -73,6 +88,11 @@ def reconstruction_patterns() -> List[str]:
             for p in spec.reconstruction_units]
 
 
+def mlp_units() -> List[MlpUnit]:
+    """Every registered family's MLP units."""
+    return [u for spec in ARCHITECTURES.values() for u in spec.mlp_units]
+
+
 def first_layer_pattern() -> str:
     """One pattern matching every registered family's first layer."""
     return '|'.join(sorted({f'(?:{s.first_layer})'
@@ -84,7 +104,8 @@ from .swin import SWIN_RULES  # noqa: E402
 from .vit import VIT_RULES  # noqa: E402
 
 __all__ = [
-    'ArchitectureSpec', 'ARCHITECTURES', 'get_architectures', 'pair_rules',
+    'ArchitectureSpec', 'MlpUnit', 'mlp_units', 'ARCHITECTURES',
+    'get_architectures', 'pair_rules',
     'reparam_rules', 'reconstruction_patterns', 'first_layer_pattern',
     'SWIN_RULES', 'VIT_RULES'
 ]

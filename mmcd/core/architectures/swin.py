@@ -6,7 +6,7 @@ before attention and FFN, patch merging ``downsample.norm`` ->
 matmuls inline: its quantized twin (:class:`mmcd.core.quant.QuantWindowMSA`)
 is registered by class where mmdet is imported (``mmcd.models``)."""
 from ..pairs import PairRule, attention_rules
-from . import ARCHITECTURES, ArchitectureSpec
+from . import ARCHITECTURES, ArchitectureSpec, MlpUnit
 
 SWIN_RULES = (
     PairRule('ffn', r'(?P<block>.+)\.ffn\.layers\.0\.0',
@@ -27,4 +27,6 @@ SWIN = ARCHITECTURES.register(ArchitectureSpec(
     reconstruction_units=(r'backbone\.patch_embed',
                           r'backbone\.stages\.\d+\.blocks\.\d+',
                           r'backbone\.stages\.\d+\.downsample', r'neck'),
+    mlp_units=(MlpUnit(r'backbone\.stages\.\d+\.blocks\.\d+\.ffn',
+                       fc1='layers.0.0', act='layers.0.1', fc2='layers.1'),),
 ))

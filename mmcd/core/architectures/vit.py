@@ -6,7 +6,7 @@
 import re
 
 from ..pairs import PairRule, attention_rules
-from . import ARCHITECTURES, ArchitectureSpec
+from . import ARCHITECTURES, ArchitectureSpec, MlpUnit
 
 VIT_RULES = (
     PairRule('ffn', r'(?P<block>.+)\.mlp\.fc1', '{block}.mlp.fc2',
@@ -45,6 +45,7 @@ VIT = ARCHITECTURES.register(ArchitectureSpec(
     first_layer=r'patch_embed',
     reconstruction_units=(r'backbone\.patch_embed', r'backbone\.blocks\.\d+',
                           r'neck'),
+    mlp_units=(MlpUnit(r'backbone\.blocks\.\d+\.mlp'),),
     num_layers=vit_num_layers,
     layer_id=vit_layer_id,
     no_decay_names=('pos_embed', 'rel_pos_h', 'rel_pos_w'),

@@ -20,6 +20,7 @@ from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
 from .reconstruction import (AdaRoundQuantizer, ReconstructionConfig,
                              reconstruct)
+from .reconstruction_losses import RECONSTRUCTION_LOSSES, ReconstructionLoss
 from .reparam import find_norm_linear_pairs, reparameterize, target_params
 from .saved_state import restore_quantized
 
@@ -39,5 +40,6 @@ __all__ = [
     'QUANT_METHODS', 'POST_SOFTMAX_QUANTIZERS', 'RANGE_SEARCHES',
     'QUANTIZED_MODULES', 'QuantizedModule', 'QAT_WEIGHT_QUANTIZERS',
     'QAT_ACT_QUANTIZERS', 'FakeQuantizer', 'AdaRoundQuantizer',
-    'ReconstructionConfig', 'reconstruct', 'restore_quantized'
+    'ReconstructionConfig', 'reconstruct', 'restore_quantized',
+    'RECONSTRUCTION_LOSSES', 'ReconstructionLoss'
 ]

@@ -31,6 +31,7 @@ from .modules import (QUANTIZED_MODULES, QuantConv2d, QuantizedModule,
                       QuantLinear, QuantMatMul)
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, UniformQuantizer,
                          check_bits)
+from .mlp_reconstruction import use_relu
 from .reconstruction import ReconstructionConfig
 from .reparam import find_norm_linear_pairs, reparameterize
 
@@ -95,10 +96,12 @@ class QuantConfig:
             pattern a layer's name matches sets its bits (an ``a_bits``
             there overrides ``first_layer_bits``); a rule matching no
             quantized layer is an error at conversion.
-        reconstruction: None (calibration only) or the options of block
-            reconstruction after calibration (a dict of
-            :class:`~mmcd.core.quant.reconstruction.ReconstructionConfig`:
-            ``iters``, ``batch_size``, ``drop_prob``...), for any method.
+        reconstruction: options of block reconstruction after calibration
+            (a dict of :class:`~mmcd.core.quant.reconstruction.
+            ReconstructionConfig`: ``iters``, ``batch_size``,
+            ``drop_prob``, ``loss``, ``mlp``...), for any method: they
+            override the method's own reconstruction (``qdrop``,
+            ``aphq-vit``) or add one (None: the method's, if any).
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -136,10 +139,12 @@ class QuantConfig:
                        weight_search=self.weight_search)
 
     def reconstruction_config(self) -> Optional[ReconstructionConfig]:
-        """``reconstruction`` as a :class:`ReconstructionConfig` (None when
-        off); unknown options fail naming the allowed ones."""
+        """The reconstruction after calibration: the method's, with
+        ``reconstruction``'s options applied (None: calibration only);
+        unknown options fail naming the allowed ones."""
+        base = get_method(self.method).reconstruction
         if self.reconstruction is None:
-            return None
+            return base
         options = dict(self.reconstruction)
         allowed = set(ReconstructionConfig.__dataclass_fields__)
         unknown = sorted(set(options) - allowed)
@@ -148,7 +153,7 @@ class QuantConfig:
                              f'allowed: {sorted(allowed)}')
         if 'beta' in options:
             options['beta'] = tuple(options['beta'])
-        return ReconstructionConfig(**options)
+        return replace(base or ReconstructionConfig(), **options)
 
     def rule_for(self, name: str) -> Optional[LayerBits]:
         """The first ``layer_bits`` rule matching module ``name``."""
@@ -253,6 +258,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if fake_quantizers(model):
         raise ValueError('model is already quantized; quantize a float copy')
     method = cfg.resolved_method
+    recon = cfg.reconstruction_config()
+    if recon is not None and recon.mlp:
+        use_relu(model)  # MLP reconstruction's ReLU
     matched = set()  # the layer_bits rules that picked some layer
 
     def bits_of(name):

@@ -2,26 +2,39 @@
 
 A :class:`QuantMethod` names the range search of activations and weights
 (:data:`~mmcd.core.quant.quantizers.RANGE_SEARCHES`), the post-softmax
-quantizer (:data:`POST_SOFTMAX_QUANTIZERS`) and whether post-LayerNorm
-inputs are reparameterized; ``QUANT_METHODS.register(QuantMethod(...))``
-adds one (a new method is one registered instance), :func:`get_method`
-looks one up by name. Built in:
+quantizer (:data:`POST_SOFTMAX_QUANTIZERS`), whether post-LayerNorm
+inputs are reparameterized and the reconstruction after calibration, if
+any; ``QUANT_METHODS.register(QuantMethod(...))`` adds one (a new method is
+one registered instance), :func:`get_method` looks one up by name. Built in:
 
-=============  ============  ============  ============  ==================
-name           activations   weights       post-softmax  reparameterization
-=============  ============  ============  ============  ==================
-``minmax``     min-max       min-max       uniform       none
-``repq-vit``   quantile MSE  quantile MSE  log-sqrt2     RepQ-ViT's
-``dopq-vit``   quantile MSE  quantile MSE  TanQ          RepQ-ViT's
-=============  ============  ============  ============  ==================
+============  ============  ============  ===========  ========  ==========
+name          activations   weights       post-softmax reparam.  reconstr.
+============  ============  ============  ===========  ========  ==========
+``minmax``    min-max       min-max       uniform      none      none
+``repq-vit``  quantile MSE  quantile MSE  log-sqrt2    RepQ-ViT  none
+``dopq-vit``  quantile MSE  quantile MSE  TanQ         RepQ-ViT  none
+``qdrop``     quantile MSE  quantile MSE  uniform      none      QDrop
+``aphq-vit``  quantile MSE  quantile MSE  uniform      RepQ-ViT  APH + MLP
+============  ============  ============  ===========  ========  ==========
 
-(quantizers.py and reparam.py give the formulas and sources; reparam.py why
-DopQ-ViT's MOSF is not a separate target.) Pure PyTorch.
+``qdrop`` is the QDrop row of APHQ-ViT's tables: uniform quantizers
+calibrated, then block reconstruction (AdaRound, learned activation steps,
+QDrop's dropping; reconstruction.py). ``aphq-vit`` is APHQ-ViT's detection
+recipe: MLP reconstruction (GELU -> ReLU in the Transformer MLPs,
+mlp_reconstruction.py), RepQ-ViT's reparameterization with uniform
+quantizers (its post-softmax too), then block reconstruction with the APH
+loss (reconstruction_losses.py); its public code quantizes the attention
+matmuls' operands per head and searches ranges its own way, mmcd per
+tensor with its quantile search (docs/en/quantization.md). Any method takes
+reconstruction options (``QuantConfig.reconstruction``), which override the
+method's. (quantizers.py and reparam.py give the formulas and sources;
+reparam.py why DopQ-ViT's MOSF is not a separate target.) Pure PyTorch.
 """
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from ..registry import Registry
+from .reconstruction import ReconstructionConfig
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
 
@@ -39,12 +52,14 @@ class QuantMethod:
     searches (``'minmax'``, ``'quantile'``, ``'clip-ratio'``...);
     ``softmax`` a registered post-softmax quantizer; ``reparameterize``:
     RepQ-ViT's scale reparameterization of post-LayerNorm inputs
-    (reparam.py)."""
+    (reparam.py); ``reconstruction``: None (calibration only) or the
+    reconstruction that follows calibration."""
     name: str
     act_search: str
     weight_search: str
     softmax: str
     reparameterize: bool = False
+    reconstruction: Optional[ReconstructionConfig] = None
 
     def __post_init__(self):
         for field_name, registry in (
@@ -56,6 +71,11 @@ class QuantMethod:
             except ValueError as err:
                 raise ValueError(f'{self.name}: {field_name}: {err}') \
                     from None
+        if not isinstance(self.reconstruction,
+                          (ReconstructionConfig, type(None))):
+            raise ValueError(f'{self.name}: reconstruction must be a '
+                             'ReconstructionConfig or None, got '
+                             f'{self.reconstruction!r}')
         if not isinstance(self.reparameterize, bool):
             raise ValueError(f'{self.name}: reparameterize must be True or '
                              f'False, got {self.reparameterize!r}')
@@ -87,3 +107,10 @@ QUANT_METHODS.register(QuantMethod('repq-vit', 'quantile', 'quantile',
                                    'log-sqrt2', reparameterize=True))
 QUANT_METHODS.register(QuantMethod('dopq-vit', 'quantile', 'quantile', 'tanq',
                                    reparameterize=True))
+QUANT_METHODS.register(QuantMethod(
+    'qdrop', 'quantile', 'quantile', 'uniform',
+    reconstruction=ReconstructionConfig()))
+QUANT_METHODS.register(QuantMethod(
+    'aphq-vit', 'quantile', 'quantile', 'uniform', reparameterize=True,
+    reconstruction=ReconstructionConfig(loss='aph', input_prob=0.5,
+                                        mlp=True)))

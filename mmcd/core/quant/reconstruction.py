@@ -24,19 +24,21 @@ in model order:
    step (LSQ, the offset fixed), post-softmax quantizers keep theirs;
 4. ``iters`` steps of Adam (``V``: default lr 1e-3; steps: ``act_lr``,
    cosine to 0) on ``rec + lambda sum(1 - |2 h(V) - 1|^beta)`` over random
-   mini-batches of ``batch_size`` images, where ``rec`` is QDrop's
-   ``sum_channels |y - y_fp|^p`` averaged over the rest, the unit's input is
-   ``x_q`` elementwise with probability ``drop_prob`` and ``x_fp``
-   otherwise, each activation quantizer's output is likewise its quantized
+   mini-batches of ``batch_size`` images, where ``rec`` is the registered
+   loss ``loss`` (default QDrop's ``sum_channels |y - y_fp|^p`` averaged
+   over the rest; ``'aph'``: APHQ-ViT's, reconstruction_losses.py), the
+   unit's input is ``x_q`` elementwise with probability ``input_prob`` and
+   ``x_fp`` otherwise, each activation quantizer's output is its quantized
    value with probability ``drop_prob`` and its input otherwise (QDrop;
-   ``drop_prob=1``: plain BRECQ-style reconstruction), and ``beta`` is 20
-   for the first ``warmup`` share of the iterations, then falls linearly to
-   2 (the regulariser is off during the warm-up);
+   both 1: plain BRECQ-style reconstruction), and ``beta`` is 20 for the
+   first ``warmup`` share of the iterations, then falls linearly to 2 (the
+   regulariser is off during the warm-up);
 5. the rounding is made hard (``h = 1`` where ``V >= 0``), the learned
    steps become the quantizers' scales.
 """
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +47,9 @@ from torch import nn
 
 from .qat_quantizers import LsqActQuantizer
 from .quantizers import FakeQuantizer, UniformQuantizer
+from .reconstruction_losses import (RECONSTRUCTION_LOSSES, flat_tensors,
+                                    lp_channel_loss,
+                                    perturbation_sensitivity)
 
 #: AdaRound's rectified-sigmoid stretch
 GAMMA, ZETA = -0.1, 1.1
@@ -57,10 +62,17 @@ class ReconstructionConfig:
     (APHQ-ViT's detection setting; QDrop's ImageNet one is 32),
     ``round_weight`` (lambda) 0.01, ``beta`` (20, 2), ``warmup`` 0.2,
     ``weight_lr`` 1e-3 (Adam's default, as both codes leave it),
-    ``act_lr`` 4e-5, ``drop_prob`` 0.5, ``p`` 2, ``seed`` 0; ``num_images``:
-    the images the units are reconstructed on (None: the calibration
-    images; APHQ-ViT's detection code calibrates on 1 and reconstructs on
-    256), read by whoever loads them (``mmcd.engine``)."""
+    ``act_lr`` 4e-5, ``drop_prob`` 0.5 (activation quantizers),
+    ``input_prob`` (the unit's input; None: ``drop_prob``, as QDrop ties
+    them; APHQ-ViT's ``quant_ratio``), ``p`` 2, ``loss`` a registered
+    reconstruction loss (``'lp'``: QDrop's, ``'aph'``: APHQ-ViT's;
+    reconstruction_losses.py), ``perturbation`` 1e-3 (the APH weights'),
+    ``seed`` 0; ``num_images``: the images the units are reconstructed on
+    (None: the calibration images; APHQ-ViT's detection code calibrates on
+    1 and reconstructs on 256), read by whoever loads them
+    (``mmcd.engine``). ``mlp``: APHQ-ViT's MLP reconstruction first
+    (mlp_reconstruction.py) with ``mlp_iters`` 20000 per MLP, ``mlp_lr``
+    4e-5, ``mlp_quantile`` 0.999 and ``mlp_clamped_weight`` 2."""
     iters: int = 20000
     batch_size: int = 1
     round_weight: float = 0.01
@@ -69,21 +81,30 @@ class ReconstructionConfig:
     weight_lr: float = 1e-3
     act_lr: float = 4e-5
     drop_prob: float = 0.5
+    input_prob: Optional[float] = None
     p: float = 2.0
+    loss: str = 'lp'
+    perturbation: float = 1e-3
     seed: int = 0
     num_images: Optional[int] = None
+    mlp: bool = False
+    mlp_iters: int = 20000
+    mlp_lr: float = 4e-5
+    mlp_quantile: float = 0.999
+    mlp_clamped_weight: float = 2.0
 
     def __post_init__(self):
-        if not (isinstance(self.iters, int) and self.iters >= 1):
-            raise ValueError(f'reconstruction iters must be an integer >= 1, '
-                             f'got {self.iters!r}')
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError('reconstruction batch_size must be an integer '
-                             f'>= 1, got {self.batch_size!r}')
-        if not 0 < self.drop_prob <= 1:
-            raise ValueError('reconstruction drop_prob (the probability of '
-                             'keeping quantization) must be in (0, 1], got '
-                             f'{self.drop_prob}')
+        for key in ('iters', 'batch_size', 'mlp_iters'):
+            value = getattr(self, key)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f'reconstruction {key} must be an integer '
+                                 f'>= 1, got {value!r}')
+        for key in ('drop_prob', 'input_prob'):
+            value = getattr(self, key)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f'reconstruction {key} (the probability of '
+                                 'keeping quantization) must be in (0, 1], '
+                                 f'got {value}')
         if self.num_images is not None and not (
                 isinstance(self.num_images, int) and self.num_images >= 1):
             raise ValueError('reconstruction num_images must be an integer '
@@ -91,6 +112,22 @@ class ReconstructionConfig:
         if not 0 <= self.warmup < 1:
             raise ValueError(f'reconstruction warmup must be in [0, 1), got '
                              f'{self.warmup}')
+        if not 0 < self.mlp_quantile <= 1:
+            raise ValueError('reconstruction mlp_quantile must be in (0, 1], '
+                             f'got {self.mlp_quantile}')
+        if not isinstance(self.mlp, bool):
+            raise ValueError(f'reconstruction mlp must be True or False, got '
+                             f'{self.mlp!r}')
+        try:
+            RECONSTRUCTION_LOSSES.get(self.loss)
+        except ValueError as err:
+            raise ValueError(f'reconstruction loss: {err}') from None
+
+    @property
+    def keep_input(self) -> float:
+        """The probability that an element of a unit's input is the
+        quantized prefix's (``input_prob``, else ``drop_prob``)."""
+        return self.drop_prob if self.input_prob is None else self.input_prob
 
     def beta_at(self, iteration: int) -> float:
         """The regulariser's exponent after ``iteration`` steps (1-based,
@@ -202,14 +239,6 @@ def _rows(obj, index: torch.Tensor, size: int):
     return obj
 
 
-def _tensors(obj) -> List[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_floating_point() else []
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
-    return []
-
-
 def _mix(quantized, full, keep: float, gen: torch.Generator):
     """QDrop's input mix: ``quantized`` elementwise with probability
     ``keep``, ``full`` otherwise (nested structures alike)."""
@@ -222,19 +251,6 @@ def _mix(quantized, full, keep: float, gen: torch.Generator):
         return type(quantized)(_mix(q, f, keep, gen)
                                for q, f in zip(quantized, full))
     return quantized
-
-
-def reconstruction_loss(pred, target, p: float = 2.0) -> torch.Tensor:
-    """QDrop's ``lp_loss`` summed over the unit's output tensors:
-    ``|pred - target|^p`` summed over the channels (dim 1 of an ``NCHW``
-    map, the last dim of a token sequence ``[N, L, C]``) and averaged over
-    the rest."""
-    total = 0
-    for a, b in zip(_tensors(pred), _tensors(target)):
-        diff = (a - b).abs().pow(p)
-        channels = 1 if diff.dim() == 4 else -1
-        total = total + diff.sum(channels).mean()
-    return total
 
 
 def record(model: nn.Module, unit: nn.Module,
@@ -303,23 +319,29 @@ def _to_uniform(lsq: LsqActQuantizer, like: UniformQuantizer):
 
 
 def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
-                     target, cfg: ReconstructionConfig) -> Dict[str, float]:
+                     target, cfg: ReconstructionConfig,
+                     weight=None) -> Dict[str, float]:
     """Reconstruct one calibrated unit in place (module docstring, steps
     2-5) from its recorded inputs ``(args, kwargs)`` (quantized prefix and
-    float) and the float output. Returns the output loss (on all
-    calibration images, quantized inputs) before and after, and the share
-    of weights AdaRound rounds up."""
+    float), the float output and (a loss that asks for them) its
+    sensitivity weights. Returns the output error (QDrop's lp, on all
+    reconstruction images, quantized inputs) before and after, and the
+    share of weights AdaRound rounds up."""
     args_q, kwargs_q = inputs_q
     args_fp, _ = inputs_fp
-    size = _tensors(args_fp)[0].shape[0]
+    size = flat_tensors(args_fp)[0].shape[0]
+    if cfg.batch_size > size:
+        raise ValueError(f'reconstruction batch_size {cfg.batch_size} is '
+                         f'larger than the {size} reconstruction images')
     gen = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = RECONSTRUCTION_LOSSES.get(cfg.loss)(p=cfg.p, unit=name)
 
-    def output_loss():
+    def output_error():
         with torch.no_grad():
-            return float(reconstruction_loss(unit(*args_q, **kwargs_q),
-                                             target, cfg.p))
+            return float(lp_channel_loss(unit(*args_q, **kwargs_q), target,
+                                         cfg.p))
 
-    before = output_loss()
+    before = output_error()
     layers = [m for m in unit.modules()
               if isinstance(getattr(m, 'weight_quantizer', None),
                             UniformQuantizer)
@@ -334,6 +356,11 @@ def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
             lsq = _lsq_from(quantizer)
             setattr(parent, attr, lsq)
             learned.append((parent, attr, quantizer, lsq))
+    if not layers and not learned:
+        warnings.warn(f'reconstruction: {name} has no quantized weight or '
+                      'learnable step; left as calibrated')
+        return dict(loss_before=before, loss_after=before,
+                    rounded_up=math.nan)
 
     def drop(module, args, out):
         return _mix(out, args[0], cfg.drop_prob, gen)
@@ -349,13 +376,14 @@ def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
     optimizers = [o for o in (w_opt, a_opt) if o is not None]
     try:
         for it in range(1, cfg.iters + 1):
-            index = torch.randint(0, size, (min(cfg.batch_size, size), ),
+            index = torch.randint(0, size, (cfg.batch_size, ),
                                   generator=gen)
             args = _mix(_rows(args_q, index, size),
-                        _rows(args_fp, index, size), cfg.drop_prob, gen)
+                        _rows(args_fp, index, size), cfg.keep_input, gen)
             kwargs = _rows(kwargs_q, index, size)
-            loss = reconstruction_loss(unit(*args, **kwargs),
-                                       _rows(target, index, size), cfg.p)
+            loss = loss_fn(unit(*args, **kwargs), _rows(target, index, size),
+                           None if weight is None else
+                           _rows(weight, index, size))
             if it >= cfg.warmup * cfg.iters and rounders:
                 beta = cfg.beta_at(it)
                 loss = loss + cfg.round_weight * sum(
@@ -381,8 +409,15 @@ def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
         setattr(parent, attr, _to_uniform(lsq, quantizer))
     up = sum(float(r.rounding().sum()) for r in rounders)
     total = sum(r.alpha.numel() for r in rounders)
-    return dict(loss_before=before, loss_after=output_loss(),
+    return dict(loss_before=before, loss_after=output_error(),
                 rounded_up=up / total if total else math.nan)
+
+
+def needs_task_loss(cfg: ReconstructionConfig, units: Sequence[str]) -> bool:
+    """Whether ``cfg``'s loss (or its MLP stage) weights some of ``units``
+    by a task objective's sensitivity."""
+    loss = RECONSTRUCTION_LOSSES.get(cfg.loss)
+    return any(loss(p=cfg.p, unit=u).needs_weights() for u in units)
 
 
 def reconstruction_units(model: nn.Module,
@@ -400,23 +435,35 @@ def reconstruction_units(model: nn.Module,
 def reconstruct(model: nn.Module, float_model: nn.Module,
                 run: Callable[[nn.Module], object], units: Sequence[str],
                 cfg: ReconstructionConfig,
-                progress: Optional[Callable[[int, str, Dict], None]] = None
+                progress: Optional[Callable[[int, str, Dict], None]] = None,
+                task_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None
                 ) -> Dict[str, Dict[str, float]]:
     """Reconstruct the calibrated ``model`` unit by unit against
     ``float_model`` (module docstring); ``run(m)`` runs a model on the
-    calibration images; ``progress(k, name, stats)`` is called after each
-    unit. Returns the stats per unit."""
+    reconstruction images; ``progress(k, name, stats)`` is called after each
+    unit; ``task_loss(float_model)``: the objective whose sensitivity
+    weights a loss asks for (reconstruction_losses.py). Returns the stats
+    per unit."""
     model.eval()
     float_model.eval()
+    loss = RECONSTRUCTION_LOSSES.get(cfg.loss)
     stats = {}
     for k, name in enumerate(units):
         unit = model.get_submodule(name)
-        *inputs_fp, target = record(float_model,
-                                    float_model.get_submodule(name), run,
+        float_unit = float_model.get_submodule(name)
+        *inputs_fp, target = record(float_model, float_unit, run,
                                     output=True, name=name)
         inputs_q = record(model, unit, run, name=name)[:2]
+        weight = None
+        if loss(p=cfg.p, unit=name).needs_weights():
+            if task_loss is None:
+                raise ValueError(
+                    f'reconstruction loss {cfg.loss!r} weights {name} by a '
+                    'task objective\'s sensitivity, and none was given')
+            weight = perturbation_sensitivity(float_model, float_unit,
+                                              task_loss, cfg.perturbation)
         stats[name] = reconstruct_unit(name, unit, inputs_q,
-                                       tuple(inputs_fp), target, cfg)
+                                       tuple(inputs_fp), target, cfg, weight)
         if progress is not None:
             progress(k, name, stats[name])
     return stats

@@ -18,19 +18,20 @@ model, so quantizers never stack.
 
 With ``compare_fp=True`` the float model is evaluated first in the same run,
 and a table of float vs quantized box/mask AP and the drop is logged.
-With ``reconstruction=dict(...)`` the calibrated copy is then reconstructed
-block by block (AdaRound, learned steps, QDrop:
-:mod:`mmcd.core.quant.reconstruction`), with each unit's output loss before
-and after in the log and in ``quant_results.json``.
+With a reconstructing method (``qdrop``, ``aphq-vit``) or
+``reconstruction=dict(...)`` the calibrated copy is then reconstructed
+block by block (AdaRound, learned steps, QDrop, APHQ-ViT's loss and MLP
+reconstruction: :mod:`mmcd.core.quant.reconstruction`), with each unit's
+output error before and after in the log and in ``quant_results.json``.
 The precision plan (each quantized layer's bits, the weighted layers left
 in float, and why: :func:`mmcd.core.quant.precision_plan`) is logged as a
 table at conversion. Results (bits, method, calibration size, metrics, the
 plan per layer) are written as JSON to ``quant_results.json`` in the log
 dir and the work dir.
 """
-import copy
 import json
 import math
+from dataclasses import asdict
 import os.path as osp
 from typing import Dict, Optional, Sequence
 
@@ -39,14 +40,13 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from mmcd.core.quant import (QuantConfig, format_precision_plan,
-                             precision_plan, quantize_model)
+                             precision_plan)
 from mmcd.core.quant.debug import quantization_report
-from mmcd.core.quant.saved_state import restore_quantized
 
 from ..calibration import (CalibrationOptions, calibration_images,
                            dense_outputs, evaluate, quantize_copy)
 from ..model_utils import bare_model
-from ..quantized_checkpoint import check_meta, describe, load_quantized
+from ..quantized_checkpoint import load_quantized_model
 
 REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
                     'coco/segm_mAP_50')
@@ -59,7 +59,8 @@ class PostTrainingQuantHook(Hook):
     Args:
         w_bits, a_bits: weight / activation bits, 2..8.
         method: a registered method (``'minmax'``, ``'repq-vit'``,
-            ``'dopq-vit'``, :mod:`mmcd.core.quant.methods`).
+            ``'dopq-vit'``, ``'qdrop'``, ``'aphq-vit'``,
+            :mod:`mmcd.core.quant.methods`).
         calib: ``num_images`` (32), ``dataloader`` (a dataloader config;
             default the train dataloader with the test pipeline; its batch
             size is set to num_images: the calibration set is one batch),
@@ -67,8 +68,9 @@ class PostTrainingQuantHook(Hook):
         scope, skip, first_layer_bits, weight_search, layer_bits,
             reconstruction: see :class:`mmcd.core.quant.QuantConfig`
             (``layer_bits``: mixed precision, ``[dict(pattern=REGEX,
-            w_bits=8, a_bits=8)]``; ``reconstruction``: block
-            reconstruction after calibration, ``dict(iters=20000, ...)``).
+            w_bits=8, a_bits=8)]``; ``reconstruction``: options of the
+            reconstruction after calibration, ``dict(iters=20000, ...)``,
+            overriding the method's).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
         quantized_checkpoint: a file written by ``tools/quantize.py``: the
@@ -158,14 +160,10 @@ class PostTrainingQuantHook(Hook):
 
     def _load(self, runner, float_model):
         """The quantized model of ``self.quantized_checkpoint``."""
-        path = self.quantized_checkpoint
-        meta, state = load_quantized(path)
-        check_meta(meta, self.quant_cfg, runner.cfg.model, path)
-        quant_model = quantize_model(copy.deepcopy(float_model),
-                                     self.quant_cfg)
-        restore_quantized(quant_model, state)
-        print_log(f'PTQ: loaded {path} ({describe(meta)})', logger='current')
-        self._summary['quantized_checkpoint'] = path
+        quant_model = load_quantized_model(
+            float_model, self.quant_cfg, runner.cfg.model,
+            self.quantized_checkpoint, runner.cfg.get('load_from'))
+        self._summary['quantized_checkpoint'] = self.quantized_checkpoint
         return quant_model
 
     def _log_debug(self, runner, quant_model, calib_batch) -> None:
@@ -200,7 +198,7 @@ class PostTrainingQuantHook(Hook):
                        method=cfg.method, scope=cfg.scope,
                        layer_bits=[vars(rule) for rule in cfg.layer_bits],
                        calib_images=self.calib.num_images,
-                       reconstruction=cfg.reconstruction,
+                       reconstruction=_options(cfg.reconstruction_config()),
                        metrics=_floats(metrics or {}), plan=self._plan,
                        **self._summary)
         if self._fp_metrics is not None:
@@ -210,6 +208,11 @@ class PostTrainingQuantHook(Hook):
             for folder in {runner.log_dir, runner.work_dir}:
                 with open(osp.join(folder, 'quant_results.json'), 'w') as f:
                     json.dump(results, f, indent=2)
+
+
+def _options(recon) -> Optional[Dict]:
+    """The reconstruction's options, JSON-ready (None: calibration only)."""
+    return None if recon is None else json.loads(json.dumps(asdict(recon)))
 
 
 def _floats(metrics: Dict) -> Dict:
