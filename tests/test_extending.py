@@ -99,7 +99,8 @@ def test_a_ptq_method_from_outside_through_tools_test(micro_run, tmp_path):
          str(tmp_path / 'work2')], timeout=300, env=tool_env(tmp_path))
     assert code != 0
     assert "unknown quantization method 'mean3std-log2'; registered: " \
-        'dopq-vit, minmax, repq-vit' in out.strip().splitlines()[-1]
+        'aphq-vit, dopq-vit, minmax, qdrop, repq-vit' in \
+        out.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
