@@ -133,8 +133,12 @@ def main():
         save_quantized(args.out, quant_model, meta)
 
     if left:
-        reconstruct_on(quant_model, model, quant_cfg, recon_batch, left,
-                       after_unit)
+        try:
+            reconstruct_on(quant_model, model, quant_cfg, recon_batch, left,
+                           after_unit)
+        except FloatingPointError as err:
+            raise UserError(f'{err}; the {len(meta["units_done"])} units '
+                            f'done are saved in {args.out}') from None
     print_log(f'quantize: {args.out} complete ({describe(meta)}); evaluate '
               f'with tools/test.py {args.config} {args.checkpoint} '
               f'--quant-checkpoint {args.out}', logger='current')

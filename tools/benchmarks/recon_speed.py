@@ -87,11 +87,12 @@ def main():
             objective = rpn_objective(model, images)
             start = time.perf_counter()
             mlps = reconstruct_mlps(qmodel, model, run, cfg, objective)
-            per_iter = (time.perf_counter() - start) / args.iters / len(mlps)
-            hours = per_iter * args.project * len(mlps) / 3600
-            print(f'{name}: MLP reconstruction of {len(mlps)} MLPs '
-                  f'(recording and weights included): {per_iter:.3f} s per '
-                  f'iteration and MLP, {hours:.1f} h at {args.project} each')
+            seconds = time.perf_counter() - start
+            print(f'{name}: MLP reconstruction of {len(mlps)} MLPs x '
+                  f'{args.iters} steps: {seconds:.0f} s, recording and '
+                  'sensitivity weights included (a one-off per MLP: '
+                  f'{seconds / args.iters / len(mlps):.3f} s per step and '
+                  'MLP is an upper bound, tight only for many steps)')
         with torch.no_grad():
             calibrate(qmodel, qcfg, lambda: run(qmodel))
         units = reconstruction_units(qmodel, reconstruction_patterns())
