@@ -9,7 +9,8 @@ overrides reconstruction; ``--quant-method qdrop`` or ``aphq-vit`` bring
 their own). APHQ-ViT's MLP reconstruction, if asked for, runs before
 calibration and is saved with it. The file is written after calibration
 and after every reconstruction unit; run the same command again after an
-interruption and it continues with the next unit. The float checkpoint is not touched.
+interruption and it continues with the next unit. The float checkpoint is
+not touched.
 
     python tools/quantize.py CONFIG CHECKPOINT --out quantized.pth
         [--quant w4a4] [--quant-method repq-vit] [--reconstruction iters=..]
@@ -78,8 +79,8 @@ def main():
     hook = ptq_hook(cfg, args)
     from mmcd.core.quant import quantize_model
     from mmcd.core.quant.saved_state import restore_quantized
-    from mmcd.engine.calibration import (calibrate_on, check_reconstruction,
-                                         model_units, reconstruct_mlps_on,
+    from mmcd.engine.calibration import (calibrated_copy,
+                                         check_reconstruction, model_units,
                                          reconstruct_on)
     from mmcd.engine.hooks import PostTrainingQuantHook
     from mmcd.engine.quantized_checkpoint import (check_meta, describe,
@@ -106,7 +107,6 @@ def main():
     if recon is not None:
         check_reconstruction(model, quant_cfg)
     units = model_units(model) if recon is not None else []
-    quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     if osp.isfile(args.out):
         meta, state = load_quantized(args.out)
         check_meta(meta, quant_cfg, cfg.model, args.out, complete=False)
@@ -114,6 +114,7 @@ def main():
             raise UserError(f'{args.out} was made from '
                             f'{meta["float_checkpoint"]}, not '
                             f'{args.checkpoint}: use another --out')
+        quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
         restore_quantized(quant_model, state)
         print_log(f'quantize: resuming {args.out} ({describe(meta)}), '
                   f'{len(meta["units_done"])} of {len(units)} units done',
@@ -121,9 +122,8 @@ def main():
     else:
         meta = make_meta(quant_cfg, cfg.model, calib.num_images,
                          osp.abspath(args.checkpoint), units)
-        if recon is not None and recon.mlp:
-            reconstruct_mlps_on(quant_model, model, quant_cfg, recon_batch)
-        calibrate_on(quant_model, quant_cfg, batch)
+        quant_model = calibrated_copy(model, quant_cfg, batch, recon_batch,
+                                      {})
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
         save_quantized(args.out, quant_model, meta)
     left = [u for u in units if u not in meta['units_done']]

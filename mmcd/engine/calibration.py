@@ -148,21 +148,34 @@ def run_test_steps(model, batches, num_batches: int) -> None:
 def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict,
                   summary: Optional[Dict] = None,
                   recon_batch: Optional[Dict] = None):
-    """A quantized, calibrated copy of ``model`` (which is not touched):
-    :func:`~mmcd.core.quant.quantize_model`, MLP reconstruction when the
-    reconstruction asks for it (:func:`reconstruct_mlps_on`), then
-    :func:`~mmcd.core.quant.calibrate` on ``batch`` (all calibration
-    images, e.g. :meth:`CalibrationOptions.batch`), then block
-    reconstruction when the method or ``quant_cfg.reconstruction`` asks for
-    it (:func:`reconstruct_on`, on ``recon_batch``, default ``batch``).
-    ``summary``, a dict, receives the reconstructions' per-unit stats
-    (``mlp_reconstruction_stats``, ``reconstruction_stats``)."""
-    recon = quant_cfg.reconstruction_config()
+    """A quantized, calibrated copy of ``model`` (which is not touched,
+    :func:`calibrated_copy`), then block reconstruction when the method or
+    ``quant_cfg.reconstruction`` asks for it (:func:`reconstruct_on`, on
+    ``recon_batch``, default ``batch``). ``summary``, a dict, receives the
+    reconstructions' per-unit stats (``mlp_reconstruction_stats``,
+    ``reconstruction_stats``)."""
     recon_batch = recon_batch or batch
-    if recon is not None:
-        check_reconstruction(model, quant_cfg)
-    quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     summary = {} if summary is None else summary
+    reconstructs = quant_cfg.reconstruction_config() is not None
+    if reconstructs:
+        check_reconstruction(model, quant_cfg)
+    quant_model = calibrated_copy(model, quant_cfg, batch, recon_batch,
+                                  summary)
+    if reconstructs:
+        summary['reconstruction_stats'] = reconstruct_on(
+            quant_model, model, quant_cfg, recon_batch)
+    return quant_model
+
+
+def calibrated_copy(model, quant_cfg: QuantConfig, batch: Dict,
+                    recon_batch: Dict, summary: Dict):
+    """:func:`~mmcd.core.quant.quantize_model` on a copy of ``model``, MLP
+    reconstruction on ``recon_batch`` when the reconstruction asks for it
+    (:func:`reconstruct_mlps_on`, its stats in ``summary``), then
+    :func:`~mmcd.core.quant.calibrate` on ``batch`` (all calibration
+    images, e.g. :meth:`CalibrationOptions.batch`)."""
+    recon = quant_cfg.reconstruction_config()
+    quant_model = quantize_model(copy.deepcopy(model), quant_cfg)
     if recon is not None and recon.mlp:
         summary['mlp_reconstruction_stats'] = reconstruct_mlps_on(
             quant_model, model, quant_cfg, recon_batch)
@@ -170,9 +183,6 @@ def quantize_copy(model, quant_cfg: QuantConfig, batch: Dict,
               f'{quant_cfg.method}, calibrating on {len(batch["inputs"])} '
               'images', logger='current')
     calibrate_on(quant_model, quant_cfg, batch)
-    if recon is not None:
-        summary['reconstruction_stats'] = reconstruct_on(
-            quant_model, model, quant_cfg, recon_batch)
     return quant_model
 
 
@@ -193,12 +203,12 @@ def check_reconstruction(model, quant_cfg: QuantConfig) -> None:
     on ``model``: no unit, no MLP for MLP reconstruction, no task objective
     for a loss that needs one."""
     recon = quant_cfg.reconstruction_config()
-    units = model_units(model)
-    if recon.mlp and not find_mlps(model):
+    mlps = [name for name, _ in find_mlps(model)]
+    if recon.mlp and not mlps:
         raise ConfigError(
             'reconstruction mlp=True: no MLP in the model (the architecture '
             "specs' mlp_units match none of its modules)")
-    if needs_task_loss(recon, units + [n for n, _ in find_mlps(model)]):
+    if needs_task_loss(recon, model_units(model) + mlps):
         require_rpn(model)
 
 

@@ -35,9 +35,7 @@ from mmcd.core.architectures import reconstruction_patterns  # noqa: E402
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
 from mmcd.core.quant.mlp_reconstruction import reconstruct_mlps  # noqa
 from mmcd.core.quant.reconstruction import (  # noqa: E402
-    ReconstructionConfig, reconstruct_unit, reconstruction_units, record)
-from mmcd.core.quant.reconstruction_losses import (  # noqa: E402
-    RECONSTRUCTION_LOSSES, perturbation_sensitivity)
+    reconstruct_unit, reconstruction_units, record, unit_weights)
 from mmcd.engine.task_objective import rpn_objective  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, add_models_argument, build_detector, random_inputs)
@@ -96,7 +94,6 @@ def main():
         with torch.no_grad():
             calibrate(qmodel, qcfg, lambda: run(qmodel))
         units = reconstruction_units(qmodel, reconstruction_patterns())
-        loss = RECONSTRUCTION_LOSSES.get(cfg.loss)
         print(f'{name}: {len(units)} units')
         total = 0.0
         for unit in units:
@@ -104,10 +101,8 @@ def main():
             *fp_in, target = record(model, model.get_submodule(unit), run,
                                     output=True)
             q_in = record(qmodel, qmodel.get_submodule(unit), run)[:2]
-            weight = None
-            if loss(unit=unit).needs_weights():
-                weight = perturbation_sensitivity(
-                    model, model.get_submodule(unit), objective)
+            weight = unit_weights(cfg, unit, model,
+                                  model.get_submodule(unit), objective)
             recording = time.perf_counter() - start
             start = time.perf_counter()
             reconstruct_unit(unit, qmodel.get_submodule(unit), q_in,

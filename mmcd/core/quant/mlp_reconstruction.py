@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ..architectures import MlpUnit, mlp_units
-from .reconstruction import ReconstructionConfig, _rows, record
-from .reconstruction_losses import (RECONSTRUCTION_LOSSES, flat_tensors,
-                                    perturbation_sensitivity)
+from .reconstruction import (ReconstructionConfig, _rows, record,
+                             unit_weights)
+from .reconstruction_losses import flat_tensors
 
 #: images whose ``fc2`` inputs give the clamp bound (APHQ-ViT: 128)
 BOUND_IMAGES = 128
@@ -169,20 +169,12 @@ def reconstruct_mlps(model: nn.Module, float_model: nn.Module,
         float_mlp = float_model.get_submodule(name)
         *inputs, target = record(float_model, float_mlp, run, output=True,
                                  name=name)
-        fc2_input = record(float_model,
-                           float_mlp.get_submodule(spec.fc2), run,
-                           name=f'{name}.{spec.fc2}')[0][0]
-        bound = positive_quantile(fc2_input[:BOUND_IMAGES], cfg.mlp_quantile)
-        weight = None
-        if RECONSTRUCTION_LOSSES.get(cfg.loss)(
-                p=cfg.p, unit=name).needs_weights():
-            if task_loss is None:
-                raise ValueError(
-                    f'MLP reconstruction with the {cfg.loss!r} loss weights '
-                    f'{name} by a task objective\'s sensitivity, and none '
-                    'was given')
-            weight = perturbation_sensitivity(float_model, float_mlp,
-                                              task_loss, cfg.perturbation)
+        with torch.no_grad():  # fc2's input: act(fc1(x)) of the float MLP
+            x = inputs[0][0][:BOUND_IMAGES]
+            fc2_input = float_mlp.get_submodule(spec.act)(
+                float_mlp.get_submodule(spec.fc1)(x))
+        bound = positive_quantile(fc2_input, cfg.mlp_quantile)
+        weight = unit_weights(cfg, name, float_model, float_mlp, task_loss)
         with torch.enable_grad():
             stats[name] = reconstruct_mlp(name, model.get_submodule(name),
                                           spec, tuple(inputs), target, bound,

@@ -420,6 +420,22 @@ def needs_task_loss(cfg: ReconstructionConfig, units: Sequence[str]) -> bool:
     return any(loss(p=cfg.p, unit=u).needs_weights() for u in units)
 
 
+def unit_weights(cfg: ReconstructionConfig, name: str,
+                 float_model: nn.Module, float_unit: nn.Module,
+                 task_loss: Optional[Callable[[nn.Module], torch.Tensor]]):
+    """The sensitivity weights of unit (or MLP) ``name``'s output when
+    ``cfg``'s loss asks for them (:func:`reconstruction_losses.
+    perturbation_sensitivity` of ``task_loss``), else None."""
+    if not needs_task_loss(cfg, [name]):
+        return None
+    if task_loss is None:
+        raise ValueError(
+            f'reconstruction loss {cfg.loss!r} weights {name} by a task '
+            "objective's sensitivity, and none was given")
+    return perturbation_sensitivity(float_model, float_unit, task_loss,
+                                    cfg.perturbation)
+
+
 def reconstruction_units(model: nn.Module,
                          patterns: Sequence[str]) -> List[str]:
     """Names of the modules of ``model`` matching one of ``patterns``
@@ -446,7 +462,6 @@ def reconstruct(model: nn.Module, float_model: nn.Module,
     per unit."""
     model.eval()
     float_model.eval()
-    loss = RECONSTRUCTION_LOSSES.get(cfg.loss)
     stats = {}
     for k, name in enumerate(units):
         unit = model.get_submodule(name)
@@ -454,14 +469,7 @@ def reconstruct(model: nn.Module, float_model: nn.Module,
         *inputs_fp, target = record(float_model, float_unit, run,
                                     output=True, name=name)
         inputs_q = record(model, unit, run, name=name)[:2]
-        weight = None
-        if loss(p=cfg.p, unit=name).needs_weights():
-            if task_loss is None:
-                raise ValueError(
-                    f'reconstruction loss {cfg.loss!r} weights {name} by a '
-                    'task objective\'s sensitivity, and none was given')
-            weight = perturbation_sensitivity(float_model, float_unit,
-                                              task_loss, cfg.perturbation)
+        weight = unit_weights(cfg, name, float_model, float_unit, task_loss)
         stats[name] = reconstruct_unit(name, unit, inputs_q,
                                        tuple(inputs_fp), target, cfg, weight)
         if progress is not None:
