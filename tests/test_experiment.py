@@ -9,7 +9,9 @@ from test_tools_cli import assert_one_line_error, run_tool
 
 ARGS = ('--quick', '--epochs', '1', '--seeds', '2', '--trainings', 'baseline',
         'cd', '--methods', 'minmax', '--bits', '8', '4', '--calib-images',
-        '2', '--stat-images', '2', '--qat-bits')  # QAT: test_qat*.py
+        '2', '--stat-images', '2', '--qat-bits',  # QAT: test_qat*.py
+        '--recon-trainings', 'cd', '--recon-methods', 'qdrop',
+        '--recon-iters', '2')
 
 
 @pytest.mark.slow  # several trainings end to end (pytest -m slow)
@@ -35,11 +37,25 @@ def test_experiment_seeds_cache_and_refusals(micro_data_root, tmp_path):
                 mean, _, std = part.partition(' ± ')
                 assert std, value  # two seeds: mean ± std
                 assert -100 <= float(mean) <= 100 and float(std) >= 0
-    assert len(rows) == 3 + 2  # + one outlier row per training
+    # + one outlier row per training, + the reconstruction table's rows
+    assert len(rows) == 3 + 2 + 2
+    recon = (tmp_path / 'results.md').read_text().split(
+        '## Reconstruction PTQ (2 iterations')[1].split('##')[0]
+    assert [[c.strip() for c in line.split('|')[1:3]]
+            for line in recon.splitlines() if line.startswith('| cd')] == [
+                ['cd', 'repq-vit'], ['cd', 'qdrop']]
     results = json.loads((tmp_path / 'results.json').read_text())
     assert len(results['metrics']['cd']) == 2  # one row per seed
-    assert set(results['metrics']['cd'][1]) == {'float', 'minmax/W8A8',
-                                                'minmax/W4A4'}
+    assert set(results['metrics']['cd'][1]) == {
+        'float', 'minmax/W8A8', 'minmax/W4A4', 'repq-vit/W4A4',
+        'qdrop/W4A4'}
+    assert set(results['metrics']['baseline'][1]) == {
+        'float', 'minmax/W8A8', 'minmax/W4A4'}
+    qdrop = results['metrics']['cd'][0]['qdrop/W4A4']
+    assert qdrop['seconds'] > 0 and qdrop['units']
+    assert all(len(errors) == 2 and min(errors) >= 0
+               for errors in qdrop['units'].values())
+    assert 'units' not in results['metrics']['cd'][0]['repq-vit/W4A4']
     for png in ('max_activation.png', 'alignment.png', 'histogram.png'):
         assert (tmp_path / png).stat().st_size > 10_000
     # every cell is cached: a re-run trains and evaluates nothing

@@ -9,7 +9,12 @@ and each seed (``--seeds N``: seeds 0..N-1), then evaluates each checkpoint
 in float and with PTQ at each bit width (default W8A8, W6A6, W4A4) and
 method (minmax, repq-vit, dopq-vit), measures its activation outliers, and
 fine-tunes it with QAT (``--qat-method``, default OFQ, at ``--qat-bits``,
-default W4A4, its regularizer kept on). ``--sweep`` adds trainings (seed 0)
+default W4A4, its regularizer kept on). The ``--recon-trainings`` (default
+baseline and CD) are also quantized with the reconstruction methods
+(``--recon-methods``, default qdrop and aphq-vit, ``--recon-iters`` per
+unit and per MLP, default 500) and repq-vit at ``--recon-bits`` (default
+W4A4, W3A3), each cell with every unit's output error before and after
+reconstruction and its wall time. ``--sweep`` adds trainings (seed 0)
 at ``--cd-strengths`` and ``--tweo-weights`` (strength 0 is the baseline),
 evaluated in float and W4A4 (repq-vit, minmax), for the trade-off figure.
 
@@ -46,7 +51,7 @@ from mmengine.runner import Runner  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
-                             get_qat_method)
+                             get_method, get_qat_method)
 from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
 from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
                          quantize_copy)
@@ -72,6 +77,13 @@ REGULARIZERS = {
 }
 METHODS = ('minmax', 'repq-vit', 'dopq-vit')
 SWEEP_METHODS = ('repq-vit', 'minmax')
+#: the reconstruction methods, and the calibration-only method they are
+#: compared with at the same bits
+RECON_METHODS = ('qdrop', 'aphq-vit')
+RECON_REFERENCE = 'repq-vit'
+#: |x| samples per probe point kept for the histogram (a uniform draw of
+#: the recorder's, stored in half precision)
+PLOT_SAMPLES = 1 << 14
 
 
 def parse_args():
@@ -98,6 +110,18 @@ def parse_args():
     parser.add_argument('--qat-bits', nargs='*', type=int,
                         help='QAT bit widths (default 4; none: no QAT rows)')
     parser.add_argument('--qat-epochs', type=int)
+    parser.add_argument('--recon-trainings', nargs='*',
+                        default=['baseline', 'cd'], choices=list(REGULARIZERS),
+                        help='trainings also quantized with --recon-methods '
+                        '(none: no reconstruction cells)')
+    parser.add_argument('--recon-methods', nargs='+',
+                        default=list(RECON_METHODS), choices=RECON_METHODS)
+    parser.add_argument('--recon-bits', nargs='+', type=int,
+                        help='bit widths of the reconstruction cells '
+                        '(default 4 3)')
+    parser.add_argument('--recon-iters', type=int,
+                        help='reconstruction iterations per unit and per '
+                        'MLP (default 500; the papers: 20000)')
     parser.add_argument('--sweep', action='store_true',
                         help='also train seed 0 at each --cd-strengths and '
                         '--tweo-weights value (the trade-off figure)')
@@ -117,6 +141,10 @@ def parse_args():
     args.calib_images = args.calib_images or (4 if args.quick else 16)
     args.qat_bits = [4] if args.qat_bits is None else args.qat_bits
     args.qat_epochs = args.qat_epochs or (1 if args.quick else 2)
+    args.recon_bits = args.recon_bits or ([4] if args.quick else [4, 3])
+    args.recon_iters = args.recon_iters or (20 if args.quick else 500)
+    args.recon_trainings = [t for t in args.recon_trainings
+                            if t in args.trainings]
     if not set(args.qat_bits) <= set(args.bits):
         parser.error(f'--qat-bits {args.qat_bits} must be among --bits '
                      f'{args.bits} (the table has one column per bit width)')
@@ -133,7 +161,8 @@ def parse_args():
 def settings_of(args):
     """What the cached results depend on (a resumed run must match)."""
     keys = ('epochs', 'lr', 'calib_images', 'stat_images', 'val_images',
-            'data_root', 'cfg_options', 'qat_method', 'qat_epochs')
+            'data_root', 'cfg_options', 'qat_method', 'qat_epochs',
+            'recon_iters')
     return {k: getattr(args, k) for k in keys}
 
 
@@ -206,13 +235,22 @@ def loaded_runner(args, training, seed, checkpoint):
     return cfg, runner
 
 
-def evaluate_training(args, cache, training, seed, methods, bits, qat):
-    """Float, PTQ (``methods`` x ``bits``), outlier statistics and QAT
-    cells of one trained model; returns ``{cell name: metrics}`` and the
-    statistics."""
+def cell_names(methods, bits):
+    return [f'{m}/W{b}A{b}' for m in methods for b in bits]
+
+
+def evaluate_training(args, cache, training, seed, methods, bits, main):
+    """Float, PTQ (``methods`` x ``bits``), outlier statistics and, for a
+    ``main`` training (not a sweep point), the QAT cells and the
+    reconstruction cells (a ``--recon-trainings`` training) of one trained
+    model; returns ``{cell name: metrics}`` and the statistics."""
     checkpoint = train(args, cache, training, seed)
     prefix = f'eval/{training}/s{seed}'
-    names = ['float'] + [f'{m}/W{b}A{b}' for m in methods for b in bits]
+    names = ['float'] + cell_names(methods, bits)
+    if main and training in args.recon_trainings:
+        names += [n for n in cell_names(
+            (RECON_REFERENCE, *args.recon_methods), args.recon_bits)
+            if n not in names]
     pending = [n for n in names if cache.get(f'{prefix}/{n}') is None]
     stats_key = f'{prefix}/stats'
     state = {}
@@ -226,32 +264,62 @@ def evaluate_training(args, cache, training, seed, methods, bits, qat):
     for name in pending:
         cfg, runner = runner_of()
         if name == 'float':
-            metrics = evaluate(runner.model, runner.test_loop)
+            value = metrics_of(evaluate(runner.model, runner.test_loop))
         else:
             method, spec = name.split('/')
             b = int(spec[1:spec.index('A')])
-            batch = CalibrationOptions(args.calib_images).batch(cfg)
-            metrics = evaluate(quantize_copy(
-                runner.model, QuantConfig(b, b, method), batch),
-                runner.test_loop)
-        cache.put(f'{prefix}/{name}', {k: float(v)
-                                       for k, v in metrics.items()})
+            value = ptq_cell(args, cfg, runner, QuantConfig(
+                b, b, method, reconstruction=recon_options(args, method)))
+        cache.put(f'{prefix}/{name}', value)
     if cache.get(stats_key) is None:
         cfg, runner = runner_of()
         stats, align, recorder = collect_activation_stats(
             runner.model, runner.build_dataloader(cfg.test_dataloader),
             args.stat_images)
-        torch.save({n: recorder.samples(n) for n in stats},
-                   osp.join(cache.folder, 'cells',
-                            f'samples_{training}_s{seed}.pt'))
+        if seed == 0:  # the histogram's (a small file: the cache of a
+            # long run is kept across machines)
+            torch.save({n: recorder.samples(n)[:PLOT_SAMPLES].half()
+                        for n in stats},
+                       osp.join(cache.folder, 'cells',
+                                f'samples_{training}_s{seed}.pt'))
         cache.put(stats_key, dict(stats=stats, alignment=align))
     row = {n: cache.get(f'{prefix}/{n}') for n in names}
-    if qat:
+    if main:
         for b in args.qat_bits:
             row[f'qat-{args.qat_method}/W{b}A{b}'] = cache.cell(
                 f'{prefix}/qat-{args.qat_method}/W{b}A{b}',
                 lambda b=b: run_qat(args, training, seed, checkpoint, b))
     return row, cache.get(stats_key)
+
+
+def metrics_of(metrics):
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def recon_options(args, method):
+    """The reconstruction's length for a method that reconstructs (None:
+    calibration only)."""
+    if get_method(method).reconstruction is None:
+        return None
+    return dict(iters=args.recon_iters, mlp_iters=args.recon_iters)
+
+
+def ptq_cell(args, cfg, runner, quant_cfg):
+    """Metrics of ``runner.model`` quantized with ``quant_cfg``; with a
+    reconstruction also its wall time (quantization, calibration and
+    reconstruction) and each unit's output error ``[before, after]``."""
+    batch = CalibrationOptions(args.calib_images).batch(cfg)
+    summary = {}
+    start = time.time()
+    quant_model = quantize_copy(runner.model, quant_cfg, batch, summary)
+    seconds = time.time() - start
+    value = metrics_of(evaluate(quant_model, runner.test_loop))
+    if 'reconstruction_stats' in summary:
+        value['seconds'] = seconds
+        value['units'] = {
+            unit: [s['loss_before'], s['loss_after']]
+            for unit, s in summary['reconstruction_stats'].items()}
+    return value
 
 
 class CachedSamples:
@@ -262,7 +330,7 @@ class CachedSamples:
         self.values = torch.load(path)
 
     def samples(self, name):
-        return self.values[name]
+        return self.values[name].float()
 
 
 def run_qat(args, training, seed, checkpoint, bits):
@@ -325,6 +393,65 @@ def ap_cell(metrics_list, paired_with=None):
     return ' / '.join(parts)
 
 
+def recon_lines(args, rows):
+    """The reconstruction table: AP of each method at each
+    ``--recon-bits`` and its paired difference to float, the CD −
+    baseline difference, the median per-unit output-error reduction and
+    the wall time."""
+    trainings = [t for t in args.recon_trainings if t in rows]
+    if not trainings:
+        return []
+    bits = [f'W{b}A{b}' for b in args.recon_bits]
+    methods = [RECON_REFERENCE, *args.recon_methods]
+    lines = [
+        '', f'## Reconstruction PTQ ({args.recon_iters} iterations per unit '
+        f'and per MLP, {args.calib_images} calibration images)', '',
+        'Cells as above; "− float": the paired difference to float AP of the '
+        'same seed; unit error: the median over units of the relative '
+        'reduction of the output error by reconstruction, mean over bits '
+        'and seeds; '
+        'time: quantization + calibration + reconstruction, mean over seeds '
+        '(the run\'s thread count, 1 in the shipped run).', '',
+        '| training | method | ' + ' | '.join(
+            f'{b} | {b} − float' for b in bits) +
+        ' | unit error | time (s) |',
+        '|---|---|' + '---|---|' * len(bits) + '---|---|']
+    for training in trainings:
+        per_seed = rows[training]
+        floats = [r['float'] for r in per_seed]
+        for method in methods:
+            cells, reductions, seconds = [], [], []
+            for b in bits:
+                results = [r[f'{method}/{b}'] for r in per_seed]
+                cells += [ap_cell(results), ap_cell(results, floats)]
+                for result in results:
+                    if 'units' in result:
+                        reductions.append(statistics.median(
+                            1 - after / before for before, after in
+                            result['units'].values() if before > 0))
+                        seconds.append(result['seconds'])
+            reduction = (f'{100 * statistics.mean(reductions):.0f}%'
+                         if reductions else '–')
+            time_cell = (f'{statistics.mean(seconds):.0f}'
+                         if seconds else '–')
+            lines.append(f'| {training} | {method} | ' + ' | '.join(cells) +
+                         f' | {reduction} | {time_cell} |')
+    if 'baseline' in trainings:
+        base = rows['baseline']
+        for training in trainings:
+            if training == 'baseline':
+                continue
+            for method in methods:
+                cells = []
+                for b in bits:
+                    column = f'{method}/{b}'
+                    cells += [ap_cell([r[column] for r in rows[training]],
+                                      [r[column] for r in base]), '']
+                lines.append(f'| {training} − baseline | {method} | ' +
+                             ' | '.join(cells) + ' | | |')
+    return lines
+
+
 def outlier_summary(stats):
     return model_summary(stats['stats'], stats['alignment'])
 
@@ -375,6 +502,7 @@ def markdown(args, rows, stats, sweep, seconds):
             f'| {training} | ' + ' | '.join(
                 mean_std([s[k] for s in summaries], 1.0, 2)
                 for k in ('max_abs', 'kurtosis', 'alignment')) + ' |')
+    lines += recon_lines(args, rows)
     if sweep:
         lines += ['', '## Strength sweep (seed 0; W4A4)', '',
                   '| training | float | W4A4 repq-vit | W4A4 minmax | '
