@@ -17,9 +17,11 @@ from mmcd.core.quant import (QuantConfig, QuantLinear, UniformQuantizer,
                              calibrate, quantize_model)
 from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
+from mmcd.core.quant.modules import MatMul
 from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
-                         OnnxPerShape, RoundingDraw, changed_detections,
-                         export_onnx, matched_detections)
+                         OnnxPerShape, RoundingDraw, SummationDraw,
+                         changed_detections, export_onnx, matched_detections)
+from mmcd.deploy.yardstick import contraction_chunks
 from mmcd.deploy.onnx_export import ort_session
 from mmcd.utils.benchmark_models import build_detector
 
@@ -267,6 +269,75 @@ def test_rounding_draw_moves_quantizer_inputs_one_float32_step():
     assert not detector.act._forward_pre_hooks  # the hooks are removed
 
 
+def test_contraction_chunks_cover_the_range_once():
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for size in (1, 2, 3, 7, 96):
+        for _ in range(20):
+            pieces = contraction_chunks(size, gen)
+            assert 1 <= len(pieces) <= min(4, size)
+            covered = sorted(i for p in pieces for i in range(size)[p])
+            assert covered == list(range(size))
+            seen.add(tuple(p.start for p in pieces))
+    assert len(seen) > 20  # random cuts and orders
+
+
+class Reductions(nn.Module):
+    """A Linear, a convolution, a grouped convolution and a matmul, long
+    contractions (256) so float32 summation orders differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(256, 32)
+        self.conv = nn.Conv2d(64, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.matmul = MatMul('qk')
+
+    def extract_feat(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # [1, 256 tokens, 64]
+        return (self.linear(x.flatten(1).view(4, 256)), self.conv(x),
+                self.grouped(x), self.matmul(tokens.transpose(1, 2), tokens))
+
+
+def test_summation_draw_reorders_every_contraction_and_nothing_else():
+    """Exact arithmetic: the draw computes the simulation's function
+    (float64: equal to 1e-12); float32: it differs from the simulation by
+    accumulation rounding only, as close to the float64 truth as the
+    simulation is; per seed reproducible; a grouped convolution, whose
+    per-group contraction it does not split, is left bit for bit."""
+    torch.manual_seed(0)
+    model = Reductions()
+    cfg = QuantConfig(8, 8, 'minmax')
+    model = quantize_model(model, cfg)
+    x = torch.randn(1, 64, 4, 4) * 3
+    calibrate(model, cfg, lambda: model.extract_feat(x))
+    with torch.no_grad():
+        simulated = model.extract_feat(x)
+        drawn = SummationDraw(model, seed=1)(x)
+        assert torch.equal(drawn[2], simulated[2])  # grouped: left alone
+        for i in (0, 1, 3):
+            assert not torch.equal(drawn[i], simulated[i]), i
+            again, other = (SummationDraw(model, seed)(x)[i]
+                            for seed in (1, 2))
+            assert torch.equal(drawn[i], again)
+            assert not torch.equal(drawn[i], other)
+        exact = copy.deepcopy(model).double()
+        for m in exact.modules():  # the cached fake-quantized weights too
+            if hasattr(m, 'quant_weight'):
+                m.cache_weight()
+        truth = exact.extract_feat(x.double())
+        drawn64 = SummationDraw(exact, seed=1)(x.double())
+        for i in (0, 1, 3):
+            torch.testing.assert_close(drawn64[i], truth[i], rtol=0,
+                                       atol=1e-12)
+            sim_error = (simulated[i].double() - truth[i]).abs().mean()
+            draw_error = (drawn[i].double() - truth[i]).abs().mean()
+            assert 0.25 < float(draw_error / sim_error) < 4, i
+            assert float((drawn[i] - simulated[i]).abs().max()) < \
+                1e-4 * float(truth[i].abs().max())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 def test_changed_detections_by_hand():
     """Same label and IoU >= 0.9, one to one: boxes [0,0,10,10] and
     [0,0,10,11] overlap 100/110 = 0.909; [0,0,10,12]: 100/120 = 0.833."""
@@ -289,10 +360,10 @@ def test_changed_detections_by_hand():
 @pytest.mark.slow  # the end-to-end --eval run (pytest -m slow)
 def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
         micro_run, tmp_path):
-    """``export_onnx.py --eval``: the rounding draws and the onnxruntime
-    backbone + neck are what the evaluations run (their features are
-    compared with the simulation's on every val image: 4 calls each; a
-    draw assigned as a submodule was silently bypassed before)."""
+    """``export_onnx.py --eval``: the draws (summation order, the default)
+    and the onnxruntime backbone + neck are what the evaluations run (their
+    features are compared with the simulation's on every val image: 4 calls
+    each; a draw assigned as a submodule was silently bypassed before)."""
     from test_tools_cli import run_tool
     config, ckpt = micro_run
     code, out = run_tool('tools/deploy/export_onnx.py', config, ckpt,
@@ -303,14 +374,15 @@ def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
     with open(tmp_path / 'export.json') as f:
         result = json.load(f)
     checked = result['map']['all_images_feature_deviation']
-    assert set(checked) == {'rounding draw 1', 'rounding draw 2',
+    assert set(checked) == {'summation draw 1', 'summation draw 2',
                             'onnxruntime'}
     for found in checked.values():
         assert found['calls'] == 4 and len(found['max_steps']) == 5
         assert 0 <= found['beyond_one_step'] <= found['values']
         detections = found['detections']
         assert 0 <= detections['changed'] <= detections['total']
-    assert len(result['map']['rounding_draws']) == 2
+    assert len(result['map']['draws']) == 2
+    assert result['map']['draw_kind'] == 'summation'
     assert 'all 4 test images, onnxruntime vs PyTorch: features' in out
 
 

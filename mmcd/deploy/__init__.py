@@ -6,12 +6,13 @@ onnxscript). The QDQ rewrite itself is pure PyTorch
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
                           QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
                           OnnxFeatures, OnnxPerShape, export_onnx, ort_session)
-from .yardstick import (ComparedFeatures, RoundingDraw, changed_detections,
-                        matched_detections)
+from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, SummationDraw,
+                        changed_detections, matched_detections)
 
 __all__ = [
     'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',
-    'ComparedFeatures', 'FeatureExtractor',
-    'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'export_onnx',
+    'DRAWS', 'ComparedFeatures', 'FeatureExtractor',
+    'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'SummationDraw',
+    'export_onnx',
     'ort_session', 'changed_detections', 'matched_detections'
 ]

@@ -1,10 +1,13 @@
 """The yardstick of the sim-vs-deploy check: how far a deployed model may
 differ from the PyTorch simulation and still compute the same model.
 
+* :class:`SummationDraw`: the simulation with every quantized Linear,
+  Conv2d and MatMul summing over its contraction in another order (as
+  another runtime's kernels block and order the sum): the spread of such
+  draws is the yardstick;
 * :class:`RoundingDraw`: the simulation with the input of every activation
-  quantizer moved by at most one float32 rounding (another summation order,
-  as another runtime's, would give): the spread of such draws is the
-  yardstick;
+  quantizer moved by at most one float32 rounding (a lower bound of what
+  another summation order gives);
 * :class:`ComparedFeatures`: a runtime's features checked against the
   simulation's on every evaluated image, in quantization steps;
 * :func:`changed_detections` / :func:`matched_detections`: how much two
@@ -12,12 +15,14 @@ differ from the PyTorch simulation and still compute the same model.
   rounding step decide the score only through the detections they
   change)."""
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmcd.core.quant.convert import activation_quantizers
+from mmcd.core.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 
 #: (boxes ``[N, 4]`` x1y1x2y2, scores ``[N]``, labels ``[N]``) of one image
 Detections = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -111,6 +116,81 @@ class RoundingDraw(nn.Module):
                 handle.remove()
 
 
+def contraction_chunks(size: int, gen: torch.Generator,
+                       max_chunks: int = 4) -> List[slice]:
+    """``[0, size)`` cut at 1..``max_chunks - 1`` distinct random points,
+    the pieces in random order (one piece when ``size`` is 1)."""
+    chunks = int(torch.randint(2, max_chunks + 1, (1, ), generator=gen))
+    chunks = min(chunks, size)
+    cuts = (torch.randperm(size - 1, generator=gen)[:chunks - 1] + 1).sort()
+    bounds = [0, *cuts.values.tolist(), size]
+    pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [pieces[i] for i in torch.randperm(len(pieces), generator=gen)]
+
+
+def reordered_output(module: nn.Module, inputs: tuple,
+                     gen: torch.Generator) -> Optional[torch.Tensor]:
+    """``module``'s output (a quantized Linear, Conv2d or MatMul) with the
+    sum over its contraction (input features, input channels, the inner
+    dimension) taken chunk by chunk in float32, the chunks' partial results
+    added in random order (:func:`contraction_chunks`); the bias is added
+    last. A grouped convolution keeps its own order (``None``)."""
+    if isinstance(module, QuantMatMul):
+        a = module.quantizer_a(inputs[0])
+        b = module.quantizer_b(inputs[1])
+        return sum(a[..., s] @ b[..., s, :]
+                   for s in contraction_chunks(a.shape[-1], gen))
+    x = module.input_quantizer(inputs[0])
+    weight = module.effective_weight()
+    if isinstance(module, QuantLinear):
+        bias = module.shift_corrected_bias(weight)
+        out = sum(F.linear(x[..., s], weight[:, s])
+                  for s in contraction_chunks(weight.shape[1], gen))
+    elif module.groups == 1:
+        bias = module.bias
+        out = sum(module._conv_forward(x[:, s], weight[:, s], None)
+                  for s in contraction_chunks(weight.shape[1], gen))
+        bias = None if bias is None else bias.view(-1, 1, 1)
+    else:
+        return None
+    return out if bias is None else out + bias
+
+
+class SummationDraw(nn.Module):
+    """``extract_feat`` of ``detector`` with every quantized Linear, Conv2d
+    and MatMul summing over its contraction in another order: split at
+    random points into 2-4 chunks whose partial sums are added in random
+    order (:func:`reordered_output`, seeded by ``seed``). The same quantized
+    operands and the same model in exact arithmetic; only the float32
+    rounding of the accumulation differs, as it does between PyTorch's and
+    another runtime's kernels, which block and order the sum their own way.
+    The accumulated error grows with the contraction length (a random walk
+    of roundings), so a value near a quantization boundary flips more often
+    than under :class:`RoundingDraw`'s single rounding. The yardstick of the
+    sim-vs-deploy check: an export that deviates from the simulation as
+    much as such draws do computes the same model."""
+
+    def __init__(self, detector, seed: int):
+        super().__init__()
+        self.__dict__['detector'] = detector  # a reference, not a submodule
+        self.seed = seed
+
+    def forward(self, images):
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def reorder(module, inputs, output):
+            return reordered_output(module, inputs, gen)
+
+        handles = [m.register_forward_hook(reorder)
+                   for m in self.detector.modules()
+                   if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
+        try:
+            return self.detector.extract_feat(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 class ComparedFeatures:
     """``features(images)`` (e.g. :class:`OnnxPerShape`) that also measures,
     on every call, its deviation from ``reference(images)`` (the fake-
@@ -142,3 +222,7 @@ class ComparedFeatures:
     def summary(self) -> dict:
         return dict(calls=self.calls, max_steps=self.max_steps,
                     beyond_one_step=self.beyond_one_step, values=self.values)
+
+
+#: the draws of the simulation a yardstick can be made of, by name
+DRAWS = {'summation': SummationDraw, 'rounding': RoundingDraw}

@@ -4,6 +4,7 @@ and check the quantized one in onnxruntime against PyTorch.
     python tools/deploy/export_onnx.py CONFIG CKPT --quant w8a8|w4a4
         [--method repq-vit] [--calib-images 32] [--layer-bits REGEX=wNaM ...]
         [--opset 21] [--out-dir work_dirs/onnx] [--eval] [--draws 3]
+        [--yardstick summation]
     python tools/deploy/export_onnx.py CONFIG CKPT --quant-checkpoint FILE
 
 Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
@@ -30,10 +31,14 @@ onnxruntime sums in another order than PyTorch, so values on a rounding
 boundary of a quantizer flip by one step and the flips spread: the exported
 model is another *draw* of the same model's rounding noise. As the yardstick
 of "close enough", ``--draws K`` (default 3) measures the simulation against
-itself: the same fake-quantized model with the input of every activation
-quantizer moved by at most one float32 rounding
-(:class:`mmcd.deploy.RoundingDraw`, seeded per draw), which flips values on
-rounding boundaries without changing the model. It prints one draw's feature
+itself, K draws of the same fake-quantized model seeded 1..K:
+``--yardstick summation`` (default) with every quantized Linear, Conv2d and
+MatMul summing its contraction in another order
+(:class:`mmcd.deploy.SummationDraw`), as another runtime's kernels do;
+``--yardstick rounding`` with the input of every activation quantizer moved
+by at most one float32 rounding (:class:`mmcd.deploy.RoundingDraw`), a
+lower bound that flips fewer values. Either flips values on rounding
+boundaries without changing the model. It prints one draw's feature
 deviation beside onnxruntime's and, with ``--eval``, the mAP of K draws
 (mean, std, range) beside the onnxruntime mAP (COCO's summary rounds mAP to
 three decimals), and for each draw and onnxruntime how many detections
@@ -55,8 +60,8 @@ import torch  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
-from mmcd.deploy import (MIN_QDQ_OPSET, ComparedFeatures,  # noqa: E402
-                         FeatureExtractor, OnnxPerShape, RoundingDraw,
+from mmcd.deploy import (DRAWS, MIN_QDQ_OPSET,  # noqa: E402
+                         ComparedFeatures, FeatureExtractor, OnnxPerShape,
                          changed_detections)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
@@ -76,9 +81,13 @@ def parse_args():
                         help='COCO mAP: PyTorch fake quantization vs the '
                         'onnxruntime backbone + neck')
     parser.add_argument('--draws', type=int, default=3,
-                        help='rounding draws of the simulation (quantizer '
-                        'inputs moved by one float32 rounding) measured as '
-                        'the yardstick of the onnxruntime deviation')
+                        help='draws of the simulation measured as the '
+                        'yardstick of the onnxruntime deviation')
+    parser.add_argument('--yardstick', choices=sorted(DRAWS),
+                        default='summation',
+                        help='the draws: another summation order of every '
+                        'quantized Linear/Conv2d/MatMul (default), or '
+                        'quantizer inputs moved by one float32 rounding')
     return parser.parse_args()
 
 
@@ -97,9 +106,9 @@ def feature_deviation(ort_feats, torch_feats, float_feats, step):
 
 
 def evaluate_draws(quant_model, ort_features, loop, draws: int,
-                   step: float) -> dict:
-    """mAPs of the fake-quantized model, of ``draws`` rounding draws of it
-    (:class:`RoundingDraw`), and of the onnxruntime backbone + neck
+                   step: float, kind: str) -> dict:
+    """mAPs of the fake-quantized model, of ``draws`` draws of it of
+    ``kind`` (``DRAWS``), and of the onnxruntime backbone + neck
     ``ort_features`` feeding its PyTorch heads; the features of the draws
     and of onnxruntime are compared with the simulation's on every test
     image (:class:`ComparedFeatures`, in units of ``step``); prints the
@@ -118,8 +127,8 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
     simulation = FeatureExtractor(quant_model)
     fake = evaluate(quant_model, loop, predictions.setdefault('sim', []))
     # features compared with the simulation's on every test image
-    checked = {f'rounding draw {seed}': ComparedFeatures(
-        RoundingDraw(quant_model, seed), simulation, step)
+    checked = {f'{kind} draw {seed}': ComparedFeatures(
+        DRAWS[kind](quant_model, seed), simulation, step)
                for seed in range(1, draws + 1)}
     drawn = [with_features(key, value) for key, value in checked.items()]
     checked['onnxruntime'] = ComparedFeatures(ort_features, simulation, step)
@@ -142,11 +151,12 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
         values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
         spread = float(values.std()) if draws > 1 else float('nan')
         print(f'{key}: PyTorch fake quantization {fake[key]:.4f}; '
-              f'{draws} rounding draws {float(values.mean()):.4f} +- '
+              f'{draws} {kind} draws {float(values.mean()):.4f} +- '
               f'{spread:.4f} ({float(values.min()):.4f}..'
               f'{float(values.max()):.4f}); onnxruntime backbone + neck '
               f'{ort[key]:.4f} (gap {ort[key] - fake[key]:+.4f})')
-    return dict(fake_quant=fake, rounding_draws=drawn, onnxruntime=ort,
+    return dict(fake_quant=fake, draw_kind=kind, draws=drawn,
+                onnxruntime=ort,
                 all_images_feature_deviation=checked)
 
 
@@ -178,7 +188,7 @@ def main():
     with torch.no_grad():
         float_feats = FeatureExtractor(model)(images)
         quant_feats = FeatureExtractor(quant_model)(images)
-        draw_feats = RoundingDraw(quant_model, seed=1)(images)
+        draw_feats = DRAWS[args.yardstick](quant_model, seed=1)(images)
     consumer = quant_model.rpn_head.rpn_conv.input_quantizer
     step = float(consumer.scale) if consumer.calibrated else 1.0
     float_dev = max(float((a - b).abs().max()) for a, b in zip(
@@ -194,7 +204,8 @@ def main():
                    float_formula_layers=report['float_formula'],
                    fractional_zero_layers=report['fractional_zero'],
                    float_max_abs_deviation=float_dev,
-                   quant_deviation=quant_dev, rounding_draw_deviation=draw_dev,
+                   quant_deviation=quant_dev, draw_kind=args.yardstick,
+                   draw_deviation=draw_dev,
                    rpn_input_step=step)
     print(f'exported {paths["float"]} ({times["float"]:.1f} s) and '
           f'{paths[name]} ({times[name]:.1f} s); QDQ forms: '
@@ -204,12 +215,14 @@ def main():
         print(f'{name} level {level} {row["shape"]}: onnxruntime vs PyTorch '
               f'max |d| {row["max_steps"]:.2f} steps, mean '
               f'{row["mean_steps"]:.3f} steps, {row["vs_quant_noise"]:.2f} x '
-              'the quantization noise; a rounding draw of the simulation: '
+              f'the quantization noise; a {args.yardstick} draw of the '
+              'simulation: '
               f'{draw["max_steps"]:.2f}, {draw["mean_steps"]:.3f}, '
               f'{draw["vs_quant_noise"]:.2f}')
     if args.eval:
         results['map'] = evaluate_draws(quant_model, exported[name],
-                                        runner.test_loop, args.draws, step)
+                                        runner.test_loop, args.draws, step,
+                                        args.yardstick)
     with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
         json.dump(results, f, indent=2, default=float)
     print(f'wrote {osp.join(args.out_dir, "export.json")}')
