@@ -19,7 +19,8 @@ from mmcd.core.quant.qdq import (ActivationQDQ, QDQConv2d, QDQLinear,
                                  to_qdq)
 from mmcd.core.quant.modules import MatMul
 from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
-                         OnnxPerShape, RoundingDraw, SummationDraw,
+                         OnnxPerShape, RoundingDraw, RuntimeDraw,
+                         SummationDraw,
                          changed_detections, export_onnx, matched_detections)
 from mmcd.deploy.yardstick import contraction_chunks
 from mmcd.deploy.onnx_export import ort_session
@@ -338,6 +339,41 @@ def test_summation_draw_reorders_every_contraction_and_nothing_else():
     assert not any(m._forward_hooks for m in model.modules())
 
 
+def test_runtime_draw_reorders_sums_and_moves_quantizer_inputs():
+    """The default yardstick does both: the quantizer inputs on a rounding
+    tie flip as under RoundingDraw, and the contractions are summed in
+    another order as under SummationDraw; its hooks are gone after."""
+    torch.manual_seed(0)
+    model = quantize_model(Reductions(), QuantConfig(8, 8, 'minmax'))
+    x = torch.randn(1, 64, 4, 4) * 3
+    calibrate(model, QuantConfig(8, 8, 'minmax'),
+              lambda: model.extract_feat(x))
+    with torch.no_grad():
+        simulated = model.extract_feat(x)[0]
+        summed = SummationDraw(model, seed=1)(x)[0]
+        both = RuntimeDraw(model, seed=1)(x)[0]
+        assert not torch.equal(both, simulated)
+        assert not torch.equal(both, summed)  # the inputs moved as well
+        assert float((both - simulated).abs().max()) < 1e-4 * float(
+            simulated.abs().max())
+        # inputs half a step off the grid of an input quantizer (exact
+        # ties: a power-of-two step): about a third flip
+        quantizer = model.linear.input_quantizer = fixed_quantizer(
+            8, 0.25, 128.0)
+        ties = (torch.arange(1024.) % 80 - 40 + 0.5) * 0.25
+        q_sim = quantizer(ties)
+        handles = RuntimeDraw(model, seed=3).install(
+            torch.Generator().manual_seed(3))
+        try:
+            flipped = quantizer(ties) != q_sim
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert 200 < int(flipped.sum()) < 500  # ~1/3 of 1024
+    assert not any(m._forward_hooks or m._forward_pre_hooks
+                   for m in model.modules())
+
+
 def test_changed_detections_by_hand():
     """Same label and IoU >= 0.9, one to one: boxes [0,0,10,10] and
     [0,0,10,11] overlap 100/110 = 0.909; [0,0,10,12]: 100/120 = 0.833."""
@@ -360,7 +396,7 @@ def test_changed_detections_by_hand():
 @pytest.mark.slow  # the end-to-end --eval run (pytest -m slow)
 def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
         micro_run, tmp_path):
-    """``export_onnx.py --eval``: the draws (summation order, the default)
+    """``export_onnx.py --eval``: the draws (runtime, the default)
     and the onnxruntime backbone + neck are what the evaluations run (their
     features are compared with the simulation's on every val image: 4 calls
     each; a draw assigned as a submodule was silently bypassed before)."""
@@ -374,7 +410,7 @@ def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
     with open(tmp_path / 'export.json') as f:
         result = json.load(f)
     checked = result['map']['all_images_feature_deviation']
-    assert set(checked) == {'summation draw 1', 'summation draw 2',
+    assert set(checked) == {'runtime draw 1', 'runtime draw 2',
                             'onnxruntime'}
     for found in checked.values():
         assert found['calls'] == 4 and len(found['max_steps']) == 5
@@ -382,7 +418,10 @@ def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
         detections = found['detections']
         assert 0 <= detections['changed'] <= detections['total']
     assert len(result['map']['draws']) == 2
-    assert result['map']['draw_kind'] == 'summation'
+    assert set(result['map']['standard_scores']) == {'coco/bbox_mAP',
+                                                     'coco/segm_mAP'}
+    assert "std from the draws' mean" in out
+    assert result['map']['draw_kind'] == 'runtime'
     assert 'all 4 test images, onnxruntime vs PyTorch: features' in out
 
 

@@ -235,11 +235,23 @@ def test_conversion_rules_and_calibration():
     assert type(skipped.backbone.fc) is nn.Linear
 
 
+class InlineAttention(nn.Module):
+    """Attention with its matmuls inline and no registered twin."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
 def test_unknown_attention_and_method():
     net = TinyNet()
-    net.head.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(ValueError, match=r'head\.attn \(MultiheadAttention'
-                       r'\).*Register a quantized twin of MultiheadAttention '
+    net.head.attn = InlineAttention()
+    with pytest.raises(ValueError, match=r'head\.attn \(InlineAttention'
+                       r'\).*Register a quantized twin of InlineAttention '
                        r'in mmcd.core.quant.QUANTIZED_MODULES'):
         quantize_model(net, QuantConfig())
     with pytest.raises(ValueError, match='unknown quantization method'):

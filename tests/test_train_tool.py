@@ -77,16 +77,32 @@ def final_weights(work_dir):
         return torch.load(f.read().strip(), map_location='cpu')['state_dict']
 
 
+#: the toy config whose one-epoch checkpoint stands for a trained model of
+#: each detector type (what the QAT configs fine-tune, the PTQ configs
+#: quantize)
+FLOAT_CONFIGS = {
+    'MaskRCNN': 'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py',
+    'CascadeRCNN':
+    'cascade-mask-rcnn_swin-toy-p4-w7_fpn_giou-4conv1f_12e_toy-coco_cd.py',
+}
+
+
 @pytest.fixture(scope='module')
 def float_checkpoint(micro_data_root, tmp_path_factory):
-    """A float toy checkpoint: what the QAT configs fine-tune and the PTQ
-    configs quantize (one epoch of the baseline through tools/train.py)."""
-    work_dir = tmp_path_factory.mktemp('float')
-    config = osp.join(REPO, 'configs', 'toy',
-                      'mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py')
-    train(config, work_dir, data_options(micro_data_root) + [
-        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'])
-    return str(work_dir / 'epoch_1.pth')
+    """``float_checkpoint(detector_type)``: a toy checkpoint of that type,
+    one epoch through tools/train.py, made once per module."""
+    made = {}
+
+    def checkpoint(detector_type):
+        if detector_type not in made:
+            work_dir = tmp_path_factory.mktemp('float')
+            train(osp.join(REPO, 'configs', 'toy',
+                           FLOAT_CONFIGS[detector_type]), work_dir,
+                  data_options(micro_data_root) + [
+                      'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'])
+            made[detector_type] = str(work_dir / 'epoch_1.pth')
+        return made[detector_type]
+    return checkpoint
 
 
 @pytest.mark.parametrize('config', config_params(
@@ -98,7 +114,9 @@ def test_toy_config_trains_through_train_py(config, micro_data_root,
     schedule, middle, last = schedule_options(cfg)
     options = data_options(micro_data_root) + schedule
     if cfg.model.type == 'QATDetector':  # fine-tunes a float checkpoint
-        options += ['load_from=' + request.getfixturevalue('float_checkpoint'),
+        load_from = request.getfixturevalue('float_checkpoint')(
+            cfg.model.detector.type)
+        options += ['load_from=' + load_from,
                     'custom_hooks.0.calib.num_images=4']
     output = train(config, tmp_path / 'run', options)
     assert osp.isfile(tmp_path / 'run' / last) and 'coco/segm_mAP' in output
@@ -123,7 +141,8 @@ def test_toy_config_trains_through_train_py(config, micro_data_root,
 def test_toy_ptq_config_evaluates_through_test_py(config, micro_data_root,
                                                   float_checkpoint,
                                                   tmp_path):
-    output = run_tool('test.py', config, float_checkpoint, '--work-dir',
+    checkpoint = float_checkpoint(Config.fromfile(config).model.type)
+    output = run_tool('test.py', config, checkpoint, '--work-dir',
                       tmp_path, '--cfg-options',
                       *data_options(micro_data_root),
                       'custom_hooks.0.calib.num_images=4')

@@ -72,13 +72,15 @@ class PairRule:
 
 
 def attention_rules(attn: str, qkv: Optional[str] = 'qkv',
-                    proj: str = 'proj', qkv_param: str = 'weight'):
+                    proj: str = 'proj', qkv_param: str = 'weight',
+                    block: str = '.+'):
     """vo and qk rules for a fused ``{block}.{attn}.{qkv}`` projection (its
     ``qkv_param``) and its ``{block}.{attn}.{proj}`` output projection;
     ``qkv=None``: the attention module itself holds the fused matrix
     (``nn.MultiheadAttention``: ``qkv=None, proj='out_proj',
-    qkv_param='in_proj_weight'``)."""
-    first = rf'(?P<block>.+)\.{re.escape(attn)}'
+    qkv_param='in_proj_weight'``); ``block``: the regular expression the
+    block's name must match."""
+    first = rf'(?P<block>{block})\.{re.escape(attn)}'
     if qkv is not None:
         first += rf'\.{qkv}'
     owner = f'{{block}}.{attn}'

@@ -6,13 +6,15 @@ onnxscript). The QDQ rewrite itself is pure PyTorch
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
                           QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
                           OnnxFeatures, OnnxPerShape, export_onnx, ort_session)
-from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, SummationDraw,
+from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, RuntimeDraw,
+                        SimulationDraw, SummationDraw,
                         changed_detections, matched_detections)
 
 __all__ = [
     'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',
     'DRAWS', 'ComparedFeatures', 'FeatureExtractor',
-    'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'SummationDraw',
+    'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'RuntimeDraw',
+    'SimulationDraw', 'SummationDraw',
     'export_onnx',
     'ort_session', 'changed_detections', 'matched_detections'
 ]

@@ -1,13 +1,13 @@
 """The yardstick of the sim-vs-deploy check: how far a deployed model may
 differ from the PyTorch simulation and still compute the same model.
 
-* :class:`SummationDraw`: the simulation with every quantized Linear,
+* :class:`RuntimeDraw`: the simulation with every quantized Linear,
   Conv2d and MatMul summing over its contraction in another order (as
-  another runtime's kernels block and order the sum): the spread of such
+  another runtime's kernels block and order the sum,
+  :class:`SummationDraw`) and the input of every activation quantizer
+  moved by at most one float32 rounding (another implementation of the
+  elementwise op before it, :class:`RoundingDraw`): the spread of such
   draws is the yardstick;
-* :class:`RoundingDraw`: the simulation with the input of every activation
-  quantizer moved by at most one float32 rounding (a lower bound of what
-  another summation order gives);
 * :class:`ComparedFeatures`: a runtime's features checked against the
   simulation's on every evaluated image, in quantization steps;
 * :func:`changed_detections` / :func:`matched_detections`: how much two
@@ -82,38 +82,55 @@ def changed_detections(reference: Sequence[Detections],
     return dict(changed=changed, total=total, images=images)
 
 
-class RoundingDraw(nn.Module):
-    """``extract_feat`` of ``detector`` with the input of every activation
-    quantizer moved by at most one float32 rounding: each value to its next
-    float32 below, above, or left as is (uniformly, from ``seed``). The same
-    quantized model, another draw of which values sit just across a rounding
-    boundary, as another summation order of the ops before each quantizer
-    (e.g. onnxruntime's) gives; weights are left alone (the export stores
-    them as the same integers). The yardstick of the sim-vs-deploy check: an
-    export that deviates from the simulation as much as such draws do
-    computes the same model."""
+class SimulationDraw(nn.Module):
+    """``extract_feat`` of ``detector`` (a reference, not a submodule) with
+    the hooks :meth:`install` returns in place for one pass, their random
+    choices drawn from ``seed``: a draw of the same quantized model whose
+    float arithmetic differs from the simulation's the way a subclass says.
+    """
 
     def __init__(self, detector, seed: int):
         super().__init__()
         self.__dict__['detector'] = detector  # a reference, not a submodule
         self.seed = seed
 
+    def install(self, gen: torch.Generator) -> list:
+        """Register this draw's hooks on ``self.detector``; their handles."""
+        raise NotImplementedError
+
     def forward(self, images):
-        gen = torch.Generator().manual_seed(self.seed)
-
-        def move(quantizer, args):
-            x = args[0]
-            direction = torch.randint(-1, 2, x.shape, generator=gen).to(x)
-            moved = torch.nextafter(x, direction * math.inf)
-            return (torch.where(direction == 0, x, moved), ) + args[1:]
-
-        handles = [q.register_forward_pre_hook(move)
-                   for q in activation_quantizers(self.detector)]
+        handles = self.install(torch.Generator().manual_seed(self.seed))
         try:
             return self.detector.extract_feat(images)
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def moved_by_one_rounding(x: torch.Tensor,
+                          gen: torch.Generator) -> torch.Tensor:
+    """Each value of ``x`` to its next float32 below, above, or left as is
+    (uniformly)."""
+    direction = torch.randint(-1, 2, x.shape, generator=gen).to(x)
+    moved = torch.nextafter(x, direction * math.inf)
+    return torch.where(direction == 0, x, moved)
+
+
+class RoundingDraw(SimulationDraw):
+    """The input of every activation quantizer moved by at most one float32
+    rounding (:func:`moved_by_one_rounding`). The same quantized model,
+    another draw of which values sit just across a rounding boundary, as
+    another implementation of the elementwise op before each quantizer
+    (LayerNorm, softmax, GELU: another exp or erf, one rounding apart)
+    gives; weights are left alone (the export stores them as the same
+    integers). A lower bound of what another runtime changes: its sums over
+    a contraction round more than once (:class:`SummationDraw`)."""
+
+    def install(self, gen):
+        def move(quantizer, args):
+            return (moved_by_one_rounding(args[0], gen), ) + args[1:]
+        return [q.register_forward_pre_hook(move)
+                for q in activation_quantizers(self.detector)]
 
 
 def contraction_chunks(size: int, gen: torch.Generator,
@@ -156,39 +173,35 @@ def reordered_output(module: nn.Module, inputs: tuple,
     return out if bias is None else out + bias
 
 
-class SummationDraw(nn.Module):
-    """``extract_feat`` of ``detector`` with every quantized Linear, Conv2d
-    and MatMul summing over its contraction in another order: split at
-    random points into 2-4 chunks whose partial sums are added in random
-    order (:func:`reordered_output`, seeded by ``seed``). The same quantized
-    operands and the same model in exact arithmetic; only the float32
-    rounding of the accumulation differs, as it does between PyTorch's and
-    another runtime's kernels, which block and order the sum their own way.
-    The accumulated error grows with the contraction length (a random walk
-    of roundings), so a value near a quantization boundary flips more often
-    than under :class:`RoundingDraw`'s single rounding. The yardstick of the
-    sim-vs-deploy check: an export that deviates from the simulation as
-    much as such draws do computes the same model."""
+class SummationDraw(SimulationDraw):
+    """Every quantized Linear, Conv2d and MatMul sums over its contraction
+    in another order: split at random points into 2-4 chunks whose partial
+    sums are added in random order (:func:`reordered_output`). The same
+    quantized operands and the same model in exact arithmetic; only the
+    float32 rounding of the accumulation differs, as it does between
+    PyTorch's and another runtime's kernels, which block and order the sum
+    their own way. The accumulated error grows with the contraction length
+    (a random walk of roundings), so a value near a quantization boundary
+    flips more often than under :class:`RoundingDraw`'s single rounding."""
 
-    def __init__(self, detector, seed: int):
-        super().__init__()
-        self.__dict__['detector'] = detector  # a reference, not a submodule
-        self.seed = seed
-
-    def forward(self, images):
-        gen = torch.Generator().manual_seed(self.seed)
-
+    def install(self, gen):
         def reorder(module, inputs, output):
             return reordered_output(module, inputs, gen)
+        return [m.register_forward_hook(reorder)
+                for m in self.detector.modules()
+                if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
 
-        handles = [m.register_forward_hook(reorder)
-                   for m in self.detector.modules()
-                   if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))]
-        try:
-            return self.detector.extract_feat(images)
-        finally:
-            for handle in handles:
-                handle.remove()
+
+class RuntimeDraw(SimulationDraw):
+    """Both ways another runtime's float arithmetic differs: contractions
+    summed in another order (:class:`SummationDraw`) and the elementwise
+    ops before each quantizer one rounding apart (:class:`RoundingDraw`).
+    The yardstick of the sim-vs-deploy check: an export that deviates from
+    the simulation as much as such draws do computes the same model."""
+
+    def install(self, gen):
+        return (SummationDraw.install(self, gen) +
+                RoundingDraw.install(self, gen))
 
 
 class ComparedFeatures:
@@ -225,4 +238,5 @@ class ComparedFeatures:
 
 
 #: the draws of the simulation a yardstick can be made of, by name
-DRAWS = {'summation': SummationDraw, 'rounding': RoundingDraw}
+DRAWS = {'runtime': RuntimeDraw, 'summation': SummationDraw,
+         'rounding': RoundingDraw}

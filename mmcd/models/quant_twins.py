@@ -2,9 +2,23 @@
 :data:`mmcd.core.quant.QUANTIZED_MODULES` (the core cannot import mmdet):
 Swin's ``WindowMSA`` computes ``q @ k^T`` and ``attn @ v`` inline and is
 taken over by :class:`~mmcd.core.quant.QuantWindowMSA`. ``ShiftWindowMSA``
-only wraps a ``WindowMSA`` and needs no twin."""
+only wraps a ``WindowMSA`` and needs no twin; neither does mmcv's
+``MultiheadAttention``, which wraps ``nn.MultiheadAttention`` (the core's
+:class:`~mmcd.core.quant.QuantMultiheadAttention`).
+
+mmcv's ``MultiScaleDeformableAttention`` (Deformable DETR, DINO,
+Mask2Former's pixel decoder) samples its value map bilinearly at learned
+offsets and sums with learned weights: a gather, not a matmul, so it stays
+float, registered in :data:`mmcd.core.quant.FLOAT_ATTENTION_KERNELS`; its
+value, offset, weight and output projections are Linears and are
+quantized."""
+from mmcv.ops import MultiScaleDeformableAttention
 from mmdet.models.backbones.swin import WindowMSA
 
-from mmcd.core.quant import QUANTIZED_MODULES, QuantWindowMSA
+from mmcd.core.quant import (FLOAT_ATTENTION_KERNELS, QUANTIZED_MODULES,
+                             QuantWindowMSA)
 
 QUANTIZED_MODULES.register(QuantWindowMSA.from_float, name=WindowMSA)
+FLOAT_ATTENTION_KERNELS.register(
+    'deformable sampling of the value map (projections quantized)',
+    name=MultiScaleDeformableAttention)

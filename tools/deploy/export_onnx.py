@@ -4,7 +4,7 @@ and check the quantized one in onnxruntime against PyTorch.
     python tools/deploy/export_onnx.py CONFIG CKPT --quant w8a8|w4a4
         [--method repq-vit] [--calib-images 32] [--layer-bits REGEX=wNaM ...]
         [--opset 21] [--out-dir work_dirs/onnx] [--eval] [--draws 3]
-        [--yardstick summation]
+        [--yardstick runtime]
     python tools/deploy/export_onnx.py CONFIG CKPT --quant-checkpoint FILE
 
 Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
@@ -31,14 +31,14 @@ onnxruntime sums in another order than PyTorch, so values on a rounding
 boundary of a quantizer flip by one step and the flips spread: the exported
 model is another *draw* of the same model's rounding noise. As the yardstick
 of "close enough", ``--draws K`` (default 3) measures the simulation against
-itself, K draws of the same fake-quantized model seeded 1..K:
-``--yardstick summation`` (default) with every quantized Linear, Conv2d and
-MatMul summing its contraction in another order
-(:class:`mmcd.deploy.SummationDraw`), as another runtime's kernels do;
-``--yardstick rounding`` with the input of every activation quantizer moved
-by at most one float32 rounding (:class:`mmcd.deploy.RoundingDraw`), a
-lower bound that flips fewer values. Either flips values on rounding
-boundaries without changing the model. It prints one draw's feature
+itself, K draws of the same fake-quantized model seeded 1..K whose float
+arithmetic differs as another runtime's does: ``--yardstick runtime``
+(default, :class:`mmcd.deploy.RuntimeDraw`) both sums every quantized
+Linear, Conv2d and MatMul contraction in another order and moves the input
+of every activation quantizer by at most one float32 rounding;
+``summation`` (:class:`mmcd.deploy.SummationDraw`) and ``rounding``
+(:class:`mmcd.deploy.RoundingDraw`) do one of the two. Each flips values on
+rounding boundaries without changing the model. It prints one draw's feature
 deviation beside onnxruntime's and, with ``--eval``, the mAP of K draws
 (mean, std, range) beside the onnxruntime mAP (COCO's summary rounds mAP to
 three decimals), and for each draw and onnxruntime how many detections
@@ -84,10 +84,11 @@ def parse_args():
                         help='draws of the simulation measured as the '
                         'yardstick of the onnxruntime deviation')
     parser.add_argument('--yardstick', choices=sorted(DRAWS),
-                        default='summation',
-                        help='the draws: another summation order of every '
-                        'quantized Linear/Conv2d/MatMul (default), or '
-                        'quantizer inputs moved by one float32 rounding')
+                        default='runtime',
+                        help='the draws: every quantized Linear/Conv2d/'
+                        'MatMul summed in another order (summation), '
+                        'quantizer inputs moved by one float32 rounding '
+                        '(rounding), or both (runtime, the default)')
     return parser.parse_args()
 
 
@@ -147,16 +148,23 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
               f'{found["detections"]["changed"]} of '
               f'{found["detections"]["total"]}, on '
               f'{len(found["detections"]["images"])} images')
+    standard_scores = {}
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
+        mean = float(values.mean())
         spread = float(values.std()) if draws > 1 else float('nan')
+        # how many of the draws' standard deviations onnxruntime is from
+        # their mean (nan with one draw, or when all draws agree)
+        standard_scores[key] = (ort[key] - mean) / spread if spread > 0 \
+            else float('nan')
         print(f'{key}: PyTorch fake quantization {fake[key]:.4f}; '
-              f'{draws} {kind} draws {float(values.mean()):.4f} +- '
-              f'{spread:.4f} ({float(values.min()):.4f}..'
-              f'{float(values.max()):.4f}); onnxruntime backbone + neck '
-              f'{ort[key]:.4f} (gap {ort[key] - fake[key]:+.4f})')
+              f'{draws} {kind} draws {mean:.4f} +- {spread:.4f} '
+              f'({float(values.min()):.4f}..{float(values.max()):.4f}); '
+              f'onnxruntime backbone + neck {ort[key]:.4f} (gap '
+              f'{ort[key] - fake[key]:+.4f}; '
+              f'{standard_scores[key]:+.1f} std from the draws\' mean)')
     return dict(fake_quant=fake, draw_kind=kind, draws=drawn,
-                onnxruntime=ort,
+                onnxruntime=ort, standard_scores=standard_scores,
                 all_images_feature_deviation=checked)
 
 

@@ -19,8 +19,9 @@ family of Transformer backbones:
 * ``num_layers`` / ``layer_id`` / ``no_decay_names``: layer-wise lr decay
   (``LayerDecayOptimWrapperConstructor``), for plain ViTs.
 
-Built in: ``swin`` (MMDetection's SwinTransformer) and ``vit`` (timm,
-mmpretrain and mmcd's ViTDet blocks). A new backbone is one new spec file
+Built in: ``swin`` (MMDetection's SwinTransformer), ``vit`` (timm,
+mmpretrain and mmcd's ViTDet blocks) and ``detr`` (the Transformer layers of
+mmdet's query-based detectors). A new backbone is one new spec file
 calling ``ARCHITECTURES.register(ArchitectureSpec(...))``
 (docs/en/extending.md). An attention module whose matmuls are computed
 inline needs a quantized twin, registered by its class in
@@ -99,7 +100,7 @@ def first_layer_pattern() -> str:
                             for s in ARCHITECTURES.values()}))
 
 
-from . import swin, vit  # noqa: E402,F401  (register the built-in specs)
+from . import detr, swin, vit  # noqa: E402,F401  (the built-in specs)
 from .swin import SWIN_RULES  # noqa: E402
 from .vit import VIT_RULES  # noqa: E402
 

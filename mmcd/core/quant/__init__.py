@@ -1,13 +1,14 @@
 """Quantization core (fake quantization): post-training quantization and
 quantization-aware training, pure PyTorch."""
 from .attention import QuantWindowMSA
+from .multihead_attention import QuantMultiheadAttention
 from .convert import (LayerBits, QuantConfig, activation_quantizers, calibrate,
                       fake_quantizers, format_precision_plan, layer_quantizers,
                       precision_plan, quantize_model, set_quant_state)
 from .methods import (POST_SOFTMAX_QUANTIZERS, QUANT_METHODS, QuantMethod,
                       get_method)
-from .modules import (QUANTIZED_MODULES, MatMul, QuantConv2d, QuantizedModule,
-                      QuantLinear, QuantMatMul)
+from .modules import (FLOAT_ATTENTION_KERNELS, QUANTIZED_MODULES, MatMul,
+                      QuantConv2d, QuantizedModule, QuantLinear, QuantMatMul)
 from .qat import (QAT_METHODS, OscillationTracker, QATConfig, QATMethod,
                   activate_qat, freeze_confident_weights, get_qat_method,
                   initialize_qat, mask_frozen_gradients, prepare_qat,
@@ -25,7 +26,7 @@ from .reparam import find_norm_linear_pairs, reparameterize, target_params
 from .saved_state import restore_quantized
 
 __all__ = [
-    'QuantWindowMSA', 'LayerBits', 'QuantConfig',
+    'QuantWindowMSA', 'QuantMultiheadAttention', 'LayerBits', 'QuantConfig',
     'activation_quantizers', 'layer_quantizers', 'calibrate',
     'precision_plan', 'format_precision_plan',
     'quantize_model', 'fake_quantizers', 'set_quant_state', 'QuantConv2d',
@@ -38,7 +39,8 @@ __all__ = [
     'LsqActQuantizer', 'LsqWeightQuantizer', 'StatsWeightQuantizer',
     'QKReparam', 'QuantMethod', 'get_method', 'QATMethod', 'get_qat_method',
     'QUANT_METHODS', 'POST_SOFTMAX_QUANTIZERS', 'RANGE_SEARCHES',
-    'QUANTIZED_MODULES', 'QuantizedModule', 'QAT_WEIGHT_QUANTIZERS',
+    'QUANTIZED_MODULES', 'FLOAT_ATTENTION_KERNELS',
+    'QuantizedModule', 'QAT_WEIGHT_QUANTIZERS',
     'QAT_ACT_QUANTIZERS', 'FakeQuantizer', 'AdaRoundQuantizer',
     'ReconstructionConfig', 'reconstruct', 'restore_quantized',
     'RECONSTRUCTION_LOSSES', 'ReconstructionLoss'

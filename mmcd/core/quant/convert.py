@@ -27,8 +27,8 @@ from torch import nn
 from ..architectures import first_layer_pattern
 from ..errors import ConfigError
 from .methods import QuantMethod, get_method
-from .modules import (QUANTIZED_MODULES, QuantConv2d, QuantizedModule,
-                      QuantLinear, QuantMatMul)
+from .modules import (FLOAT_ATTENTION_KERNELS, QUANTIZED_MODULES,
+                      QuantConv2d, QuantizedModule, QuantLinear, QuantMatMul)
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, UniformQuantizer,
                          check_bits)
 from .mlp_reconstruction import use_relu
@@ -180,6 +180,10 @@ def layer_bits_of(name: str, cfg: QuantConfig):
     return w_bits, a_bits, rule
 
 
+#: the ``why`` of a :data:`FLOAT_ATTENTION_KERNELS` row of the plan
+FLOAT_KERNEL = 'float kernel: '
+
+
 def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
     """What :func:`quantize_model` made of each layer of the converted
     ``model``: one row per module holding quantizers (``name``, ``kind``,
@@ -188,7 +192,8 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
     layer left in float (``quantized`` False, bits None), with
     ``why``: ``'default'``, ``'first layer'``, ``"layer_bits 'REGEX'"``,
     ``"skip 'REGEX'"``, ``"scope 'backbone'"`` or ``'not quantized
-    (KIND)'``."""
+    (KIND)'``; an attention module of :data:`FLOAT_ATTENTION_KERNELS` is a
+    row of its own (``'float kernel: WHY'``: its Linears have theirs)."""
     rows = []
     for name, module in model.named_modules():
         quantizers = {key: child for key, child in module.named_children()
@@ -205,6 +210,11 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
                 w_bits=None if weight is None else weight.bits,
                 a_bits=a_bits[0] if len(a_bits) == 1 else a_bits or None,
                 why=why))
+        elif FLOAT_ATTENTION_KERNELS.find(module) is not None:
+            rows.append(dict(name=name, kind=type(module).__name__,
+                             quantized=False, w_bits=None, a_bits=None,
+                             why=FLOAT_KERNEL + FLOAT_ATTENTION_KERNELS.find(
+                                 module)))
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d,
                                  nn.Conv1d, nn.Conv3d)) and \
                 not isinstance(module, QuantizedModule):
@@ -231,9 +241,12 @@ def format_precision_plan(rows: Sequence[Dict]) -> str:
         key = (bits(row, 'w_bits'), bits(row, 'a_bits'), row['why'])
         groups.setdefault(key, []).append(row['name'])
     quantized = sum(row['quantized'] for row in rows)
+    kernels = sum(row['why'].startswith(FLOAT_KERNEL) for row in rows)
     width = max([len(key[2]) for key in groups] + [3]) + 2
-    lines = [f'{quantized} quantized layer(s), {len(rows) - quantized} '
-             'weighted layer(s) in float',
+    lines = [f'{quantized} quantized layer(s), '
+             f'{len(rows) - quantized - kernels} weighted layer(s) in float'
+             + (f', {kernels} attention kernel(s) in float' if kernels
+                else ''),
              f'{"layers":>6}  {"weights":>7}  {"inputs":>6}  '
              f'{"why":<{width}}first of them']
     for (w_bits, a_bits, why), names in groups.items():
@@ -287,7 +300,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         inside = [(f'{name}.{n}' if n else name, m)
                   for n, m in module.named_modules()]
         covered = any(isinstance(m, QuantMatMul) for _, m in inside) or \
-            not all(_in_scope(n, cfg) for n, _ in inside)  # left out
+            not all(_in_scope(n, cfg) for n, _ in inside) or \
+            FLOAT_ATTENTION_KERNELS.find(module) is not None
         if not covered:
             raise ValueError(
                 f'cannot quantize attention module {name} ({kind}): its '

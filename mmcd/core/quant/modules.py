@@ -28,6 +28,12 @@ from .quantizers import FakeQuantizer
 
 #: Quantized twins by float module class (module docstring).
 QUANTIZED_MODULES = Registry('quantized twin')
+#: attention modules whose own computation stays in float, keyed by type,
+#: each with why (e.g. a gather where no matmul is): conversion accepts them
+#: without a twin, quantizes the Linears inside them and lists them as float
+#: in the precision plan; registered where their library is imported
+#: (mmcd.models: mmcv's ``MultiScaleDeformableAttention``)
+FLOAT_ATTENTION_KERNELS = Registry('attention computed in float')
 
 
 class QuantizedModule:
