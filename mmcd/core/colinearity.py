@@ -227,7 +227,7 @@ class ColinearityDecay:
         for members, _, _ in self.groups:
             heads = members[0].num_heads  # 1 for ffn pairs
             out.append(tuple(
-                [base * lr_of(getattr(p, side).weight) for p in members
+                [base * lr_of(getattr(p, f'{side}_matrix')) for p in members
                  for _ in range(heads)] for side in ('first', 'second')))
         return out
 
