@@ -21,7 +21,8 @@ from mmcd.core.quant.modules import MatMul
 from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
                          OnnxPerShape, RoundingDraw, RuntimeDraw,
                          SummationDraw,
-                         changed_detections, export_onnx, matched_detections)
+                         changed_detections, export_onnx, feature_consumer,
+                         matched_detections)
 from mmcd.deploy.yardstick import contraction_chunks
 from mmcd.deploy.onnx_export import ort_session
 from mmcd.utils.benchmark_models import build_detector
@@ -374,6 +375,32 @@ def test_runtime_draw_reorders_sums_and_moves_quantizer_inputs():
                    for m in model.modules())
 
 
+def test_feature_consumer_is_the_heads_first_quantizer():
+    """The unit of the feature comparison: the first activation quantizer
+    applied after extract_feat, whatever the head (not a named RPN)."""
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Linear(4, 4)
+            self.head_in, self.head_out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def extract_feat(self, x):
+            return self.backbone(x)
+
+        def test_step(self, batch):
+            return self.head_out(self.head_in(self.extract_feat(
+                batch['inputs'])))
+
+    detector = quantize_model(Detector(), QuantConfig(8, 8, 'minmax'))
+    batch = dict(inputs=torch.randn(3, 4))
+    calibrate(detector, QuantConfig(8, 8, 'minmax'),
+              lambda: detector.test_step(batch))
+    assert feature_consumer(detector, batch) is \
+        detector.head_in.input_quantizer
+    assert 'extract_feat' not in vars(detector)  # the method is back
+    assert not any(q._forward_pre_hooks for q in detector.modules())
+
+
 def test_changed_detections_by_hand():
     """Same label and IoU >= 0.9, one to one: boxes [0,0,10,10] and
     [0,0,10,11] overlap 100/110 = 0.909; [0,0,10,12]: 100/120 = 0.833."""
@@ -423,6 +450,31 @@ def test_export_tool_evaluates_every_image_of_draws_and_onnxruntime(
     assert "std from the draws' mean" in out
     assert result['map']['draw_kind'] == 'runtime'
     assert 'all 4 test images, onnxruntime vs PyTorch: features' in out
+
+
+@pytest.mark.slow  # a toy DINO trained, exported and evaluated
+def test_export_tool_on_a_query_based_detector(micro_data_root, tmp_path):
+    """DINO (no RPN, boxes only): the features are compared in steps of its
+    first encoder projection's input quantizer, and the mAP lines cover
+    the box metric it has."""
+    from test_tools_cli import run_tool
+    from test_train_tool import data_options
+    config = 'configs/toy/dino-5scale_swin-toy_12e_toy-coco_cd.py'
+    options = data_options(micro_data_root)
+    code, out = run_tool('tools/train.py', config, '--work-dir',
+                         str(tmp_path / 'run'), '--cfg-options', *options,
+                         'train_cfg.max_epochs=1', timeout=900)
+    assert code == 0, out
+    code, out = run_tool('tools/deploy/export_onnx.py', config,
+                         str(tmp_path / 'run' / 'epoch_1.pth'), '--quant',
+                         'w4a4', '--calib-images', '2', '--eval', '--draws',
+                         '2', '--out-dir', str(tmp_path / 'onnx'),
+                         '--cfg-options', *options, timeout=900)
+    assert code == 0, out
+    result = json.loads((tmp_path / 'onnx' / 'export.json').read_text())
+    assert result['feature_consumer'] == \
+        'encoder.layers.0.self_attn.value_proj.input_quantizer'
+    assert set(result['map']['standard_scores']) == {'coco/bbox_mAP'}
 
 
 def test_export_tool_errors(tmp_path):

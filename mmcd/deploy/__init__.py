@@ -8,7 +8,8 @@ from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
                           OnnxFeatures, OnnxPerShape, export_onnx, ort_session)
 from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, RuntimeDraw,
                         SimulationDraw, SummationDraw,
-                        changed_detections, matched_detections)
+                        changed_detections, feature_consumer,
+                        matched_detections)
 
 __all__ = [
     'MIN_QDQ_OPSET', 'ORT_SESSION_CONFIG', 'QDQ_DISABLED_OPTIMIZERS',
@@ -16,5 +17,6 @@ __all__ = [
     'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'RuntimeDraw',
     'SimulationDraw', 'SummationDraw',
     'export_onnx',
-    'ort_session', 'changed_detections', 'matched_detections'
+    'ort_session', 'changed_detections', 'feature_consumer',
+    'matched_detections'
 ]

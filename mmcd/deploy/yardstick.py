@@ -204,6 +204,37 @@ class RuntimeDraw(SimulationDraw):
                 RoundingDraw.install(self, gen))
 
 
+@torch.no_grad()
+def feature_consumer(detector, batch: dict) -> Optional[nn.Module]:
+    """The first activation quantizer ``detector`` applies after its
+    ``extract_feat`` has returned (the heads' input quantizer: the RPN's
+    convolution in Mask R-CNN, the first encoder projection in DINO), found
+    by running ``detector.test_step(batch)``; None when the heads quantize
+    nothing. Its step is the unit in which the features are compared."""
+    quantizers = activation_quantizers(detector)
+    state = dict(features_done=False, found=None)
+    extract_feat = detector.extract_feat
+
+    def tracked(*args, **kwargs):
+        out = extract_feat(*args, **kwargs)
+        state['features_done'] = True
+        return out
+
+    def note(quantizer, args):
+        if state['features_done'] and state['found'] is None:
+            state['found'] = quantizer
+
+    handles = [q.register_forward_pre_hook(note) for q in quantizers]
+    object.__setattr__(detector, 'extract_feat', tracked)
+    try:
+        detector.test_step(batch)
+    finally:
+        object.__delattr__(detector, 'extract_feat')
+        for handle in handles:
+            handle.remove()
+    return state['found']
+
+
 class ComparedFeatures:
     """``features(images)`` (e.g. :class:`OnnxPerShape`) that also measures,
     on every call, its deviation from ``reference(images)`` (the fake-

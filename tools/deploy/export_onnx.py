@@ -62,7 +62,7 @@ import mmcd  # noqa: E402,F401
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (DRAWS, MIN_QDQ_OPSET,  # noqa: E402
                          ComparedFeatures, FeatureExtractor, OnnxPerShape,
-                         changed_detections)
+                         changed_detections, feature_consumer)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
@@ -150,6 +150,8 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
               f'{len(found["detections"]["images"])} images')
     standard_scores = {}
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        if key not in fake:  # a box-only detector (DINO)
+            continue
         values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
         mean = float(values.mean())
         spread = float(values.std()) if draws > 1 else float('nan')
@@ -197,8 +199,11 @@ def main():
         float_feats = FeatureExtractor(model)(images)
         quant_feats = FeatureExtractor(quant_model)(images)
         draw_feats = DRAWS[args.yardstick](quant_model, seed=1)(images)
-    consumer = quant_model.rpn_head.rpn_conv.input_quantizer
-    step = float(consumer.scale) if consumer.calibrated else 1.0
+    consumer = feature_consumer(quant_model, dict(
+        inputs=calib_batch['inputs'][:1],
+        data_samples=calib_batch['data_samples'][:1]))
+    step = float(consumer.scale.max()) if consumer is not None and \
+        consumer.calibrated else 1.0
     float_dev = max(float((a - b).abs().max()) for a, b in zip(
         outputs['float'], float_feats))
     quant_dev = feature_deviation(outputs[name], quant_feats, float_feats,
@@ -214,7 +219,8 @@ def main():
                    float_max_abs_deviation=float_dev,
                    quant_deviation=quant_dev, draw_kind=args.yardstick,
                    draw_deviation=draw_dev,
-                   rpn_input_step=step)
+                   feature_step=step,
+                   feature_consumer=getattr(consumer, 'layer_name', None))
     print(f'exported {paths["float"]} ({times["float"]:.1f} s) and '
           f'{paths[name]} ({times[name]:.1f} s); QDQ forms: '
           f'{results["forms"]}')
