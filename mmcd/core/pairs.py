@@ -71,6 +71,12 @@ class PairRule:
                              '`num_heads`')
 
 
+#: the FFN pair of mmcv's ``FFN`` (``ffn.layers.0.0`` -> ``ffn.layers.1``),
+#: which MMDetection's Swin blocks and its DETR-style layers both use
+MMCV_FFN_RULE = PairRule('ffn', r'(?P<block>.+)\.ffn\.layers\.0\.0',
+                         '{block}.ffn.layers.1', name='{block}.ffn')
+
+
 def attention_rules(attn: str, qkv: Optional[str] = 'qkv',
                     proj: str = 'proj', qkv_param: str = 'weight',
                     block: str = '.+'):

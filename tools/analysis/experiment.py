@@ -365,7 +365,7 @@ def run_qat(args, training, seed, checkpoint, bits):
     cfg.load_from = checkpoint
     runner = Runner.from_cfg(cfg)
     runner.train()
-    metrics = {k: float(v) for k, v in runner.test().items()}
+    metrics = metrics_of(runner.test())
     oscillation = runner.message_hub.get_scalar('train/qat_oscillation')
     metrics['qat_oscillation'] = float(oscillation.current()) \
         if oscillation is not None else None

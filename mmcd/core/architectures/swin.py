@@ -5,12 +5,11 @@ before attention and FFN, patch merging ``downsample.norm`` ->
 ``downsample.reduction``, ``patch_embed`` first. ``WindowMSA`` computes its
 matmuls inline: its quantized twin (:class:`mmcd.core.quant.QuantWindowMSA`)
 is registered by class where mmdet is imported (``mmcd.models``)."""
-from ..pairs import PairRule, attention_rules
+from ..pairs import MMCV_FFN_RULE, attention_rules
 from . import ARCHITECTURES, ArchitectureSpec, MlpUnit
 
 SWIN_RULES = (
-    PairRule('ffn', r'(?P<block>.+)\.ffn\.layers\.0\.0',
-             '{block}.ffn.layers.1', name='{block}.ffn'),
+    MMCV_FFN_RULE,
     *attention_rules('attn.w_msa'),
 )
 

@@ -210,11 +210,10 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
                 w_bits=None if weight is None else weight.bits,
                 a_bits=a_bits[0] if len(a_bits) == 1 else a_bits or None,
                 why=why))
-        elif FLOAT_ATTENTION_KERNELS.find(module) is not None:
+        elif (kernel := FLOAT_ATTENTION_KERNELS.find(module)) is not None:
             rows.append(dict(name=name, kind=type(module).__name__,
                              quantized=False, w_bits=None, a_bits=None,
-                             why=FLOAT_KERNEL + FLOAT_ATTENTION_KERNELS.find(
-                                 module)))
+                             why=FLOAT_KERNEL + kernel))
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d,
                                  nn.Conv1d, nn.Conv3d)) and \
                 not isinstance(module, QuantizedModule):
