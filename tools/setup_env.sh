@@ -9,7 +9,8 @@
 # then mmcv 2.1.0 with compiled ops (a wheel from PIP_FIND_LINKS when one is
 # given, otherwise built from source against the installed torch: ~7 min on 2
 # cores), then mmengine/mmdet/test deps, the ONNX deployment deps
-# (requirements/deploy.txt), then mmcd itself (editable).
+# (requirements/deploy.txt; mmdeploy without its pins,
+# requirements/mmdeploy.txt), then mmcd itself (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -52,6 +53,8 @@ if (version('mmengine'), version('mmdet')) != ('0.10.7', '3.3.0') or any(
     need.append('deps')
 if any(version(m) is None for m in ('onnx', 'onnxruntime', 'onnxscript')):
     need.append('deploy')
+if version('mmdeploy') != '1.3.1':
+    need.append('mmdeploy')
 try:
     import mmcd
     if os.path.realpath(os.path.dirname(mmcd.__file__)) != os.path.realpath(
@@ -66,7 +69,7 @@ PYEOF
 
 need=$(missing)
 if [ -z "$need" ]; then
-  log "environment ready (torch, mmcv with ops, mmengine, mmdet, onnx, mmcd)"
+  log "environment ready (torch, mmcv with ops, mmengine, mmdet, onnx, mmdeploy, mmcd)"
   exit 0
 fi
 log "installing: $need"
@@ -82,6 +85,9 @@ case " $need " in *" deps "*)
   pip_install -r requirements/runtime.txt -r requirements/tests.txt ;; esac
 case " $need " in *" deploy "*)
   pip_install -r requirements/deploy.txt ;; esac
+case " $need " in *" mmdeploy "*)
+  # --no-deps: requirements/mmdeploy.txt says why
+  pip_install --no-deps -r requirements/mmdeploy.txt ;; esac
 case " $need " in *" mmcd "*)
   pip_install --no-build-isolation --no-deps -e . ;; esac
 need=$(missing)

@@ -14,6 +14,7 @@ differ from the PyTorch simulation and still compute the same model.
   runs' detections differ, image by image (features that differ by a
   rounding step decide the score only through the detections they
   change)."""
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -87,6 +88,8 @@ class SimulationDraw(nn.Module):
     the hooks :meth:`install` returns in place for one pass, their random
     choices drawn from ``seed``: a draw of the same quantized model whose
     float arithmetic differs from the simulation's the way a subclass says.
+    ``with draw.applied():`` makes the whole detector that draw (its heads
+    too) for the block: the end-to-end check evaluates it so.
     """
 
     def __init__(self, detector, seed: int):
@@ -98,13 +101,20 @@ class SimulationDraw(nn.Module):
         """Register this draw's hooks on ``self.detector``; their handles."""
         raise NotImplementedError
 
-    def forward(self, images):
+    @contextlib.contextmanager
+    def applied(self):
+        """This draw's hooks on the detector within the block, their random
+        choices drawn from one generator seeded with ``seed``."""
         handles = self.install(torch.Generator().manual_seed(self.seed))
         try:
-            return self.detector.extract_feat(images)
+            yield self.detector
         finally:
             for handle in handles:
                 handle.remove()
+
+    def forward(self, images):
+        with self.applied():
+            return self.detector.extract_feat(images)
 
 
 def moved_by_one_rounding(x: torch.Tensor,

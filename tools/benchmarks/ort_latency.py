@@ -1,4 +1,5 @@
-"""onnxruntime latency of the QDQ (integer) backbone + neck against float.
+"""onnxruntime latency of the QDQ (integer) backbone + neck, or of the whole
+detector, against float.
 
 For the toy Swin Mask R-CNN (256 px) and Mask R-CNN Swin-T (512x768), built
 from the configs (random weights, random images: no data needed), exports
@@ -12,8 +13,12 @@ runs with every optimization, the QDQ model without ``MatMulAddFusion``
 (:data:`mmcd.deploy.QDQ_DISABLED_OPTIMIZERS`: it would turn the Linear
 layers into float Gemms before the integer fusion sees them).
 
+``--scope detector`` times the whole detector exported end to end
+(``mmcd.deploy.end2end``: image in, boxes, labels, masks out; calibrated
+on a full forward of the timing image, heads included).
+
     python tools/benchmarks/ort_latency.py [--models toy swin-t]
-        [--bits 8] [--method minmax] [--runs 10]
+        [--bits 8] [--method minmax] [--runs 10] [--scope features|detector]
 """
 import argparse
 import collections
@@ -31,6 +36,8 @@ warnings.filterwarnings('ignore')
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from mmdet.structures import DetDataSample  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
@@ -39,9 +46,11 @@ from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (QDQ_DISABLED_OPTIMIZERS,  # noqa: E402
                          FeatureExtractor, export_onnx, ort_session)
+from mmcd.deploy.end2end import end2end_detector  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
-    BENCHMARK_DETECTORS, build_detector)
+    BENCHMARK_DETECTORS, REPO, build_detector)
 
+SCOPES = dict(features='backbone + neck', detector='whole detector')
 QUANTIZED_KERNELS = ('QLinearConv', 'QLinearMatMul', 'MatMulIntegerToFloat',
                      'ConvInteger', 'MatMulInteger', 'QGemm', 'QAttention',
                      'MatMulNBits', 'DynamicQuantizeMatMul')
@@ -55,11 +64,13 @@ def main():
     parser.add_argument('--method', default='minmax',
                         choices=list(QUANT_METHODS))
     parser.add_argument('--runs', type=int, default=10)
+    parser.add_argument('--scope', choices=('features', 'detector'),
+                        default='features')
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'onnxruntime {ort.__version__}, CPU, W{args.bits}A{args.bits} '
-          f'{args.method} vs float, backbone + neck, batch 1, median of '
+          f'{args.method} vs float, {SCOPES[args.scope]}, batch 1, median of '
           f'{args.runs} interleaved runs')
     folder = tempfile.mkdtemp(prefix='ort_latency_')
     for key in args.models:
@@ -68,13 +79,25 @@ def main():
         images = torch.rand(1, 3, *size) * 2 - 1
         cfg = QuantConfig(args.bits, args.bits, args.method,
                           first_layer_bits=max(8, args.bits))
+        sample = DetDataSample(metainfo=dict(
+            img_shape=size, ori_shape=size, pad_shape=size,
+            batch_input_shape=size, scale_factor=(1.0, 1.0)))
         quant = quantize_model(copy.deepcopy(model), cfg)
-        calibrate(quant, cfg, lambda: quant.extract_feat(images))
+        calibrate(quant, cfg, lambda: quant.extract_feat(images)
+                  if args.scope == 'features' else
+                  quant.predict(images, [copy.deepcopy(sample)]))
         to_qdq(quant)
         sessions = {}
         for label, module in (('float', model), ('qdq', quant)):
-            path = export_onnx(FeatureExtractor(module), images,
-                               osp.join(folder, f'{key}_{label}.onnx'))
+            if args.scope == 'features':
+                path = export_onnx(FeatureExtractor(module), images,
+                                   osp.join(folder, f'{key}_{label}.onnx'))
+            else:
+                exported = end2end_detector(
+                    module, Config.fromfile(osp.join(REPO, config)),
+                    out_dir=folder, prefix=f'{key}_{label}')
+                exported.outputs(images, sample)  # exports
+                path = exported.path_for(images)
             sessions[label] = ort_session(
                 path, optimized_path=osp.join(
                     folder, f'{key}_{label}_optimized.onnx'),

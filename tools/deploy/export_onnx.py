@@ -1,11 +1,20 @@
-"""Export a detector's backbone + neck to ONNX, float and calibrated QDQ,
-and check the quantized one in onnxruntime against PyTorch.
+"""Export a detector's backbone + neck (or the whole detector) to ONNX,
+float and calibrated QDQ, and check the quantized one in onnxruntime
+against PyTorch.
 
     python tools/deploy/export_onnx.py CONFIG CKPT --quant w8a8|w4a4
         [--method repq-vit] [--calib-images 32] [--layer-bits REGEX=wNaM ...]
-        [--opset 21] [--out-dir work_dirs/onnx] [--eval] [--draws 3]
-        [--yardstick runtime]
+        [--scope features|detector] [--opset N] [--out-dir work_dirs/onnx]
+        [--eval] [--draws 3] [--yardstick runtime]
     python tools/deploy/export_onnx.py CONFIG CKPT --quant-checkpoint FILE
+
+``--scope detector`` exports the whole two-stage detector (image in,
+boxes, labels, masks out) through mmdeploy (:mod:`mmcd.deploy.end2end`)
+as ``e2e_float_{H}x{W}.onnx`` and ``e2e_w{N}a{M}_{method}_{H}x{W}.onnx``
+and, with ``--eval``, evaluates float and quantized as mmdet computes
+them, as exported (PyTorch under mmdeploy's rewriters), the draws of the
+latter and onnxruntime (:func:`evaluate_detector`). The rest of this text
+is the default scope, ``features``:
 
 Calibrates as ``tools/test.py --quant`` does (PostTrainingQuantHook's
 calibration images), or loads a model quantized (and reconstructed: the
@@ -63,6 +72,9 @@ from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (DRAWS, MIN_QDQ_OPSET,  # noqa: E402
                          ComparedFeatures, FeatureExtractor, OnnxPerShape,
                          changed_detections, feature_consumer)
+from mmcd.deploy.end2end import (END2END_MAX_OPSET,  # noqa: E402
+                                 END2END_MIN_OPSET, END2END_OPSET,
+                                 end2end_detector)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
@@ -76,7 +88,15 @@ def parse_args():
     add_ptq_arguments(parser, calib_images=32, out_dir='work_dirs/onnx')
     parser.add_argument('--layer-bits', nargs='+', default=(),
                         metavar='REGEX=wNaM')
-    parser.add_argument('--opset', type=int, default=MIN_QDQ_OPSET)
+    parser.add_argument('--scope', choices=('features', 'detector'),
+                        default='features',
+                        help='what is exported: backbone + neck (features, '
+                        'the default; the heads stay in PyTorch) or the '
+                        'whole detector, image in, detections out, through '
+                        'mmdeploy (two-stage detectors)')
+    parser.add_argument('--opset', type=int,
+                        help=f'ONNX opset (default {MIN_QDQ_OPSET} for '
+                        f'features, {END2END_OPSET} for the detector)')
     parser.add_argument('--eval', action='store_true',
                         help='COCO mAP: PyTorch fake quantization vs the '
                         'onnxruntime backbone + neck')
@@ -104,6 +124,86 @@ def feature_deviation(ort_feats, torch_feats, float_feats, step):
                          vs_quant_noise=float((a - b).norm() /
                                               (b - f).norm().clamp_min(1e-12))))
     return rows
+
+
+def map_summary(fake: dict, drawn: list, ort: dict, kind: str,
+                what: str) -> dict:
+    """Print, per mAP, the simulation's, the draws' (mean, std, range) and
+    onnxruntime's; returns how many of the draws' standard deviations
+    onnxruntime is from their mean (nan with one draw, or when all draws
+    agree)."""
+    standard_scores = {}
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        if key not in fake:  # a box-only detector (DINO)
+            continue
+        values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
+        mean = float(values.mean())
+        spread = float(values.std()) if len(drawn) > 1 else float('nan')
+        standard_scores[key] = (ort[key] - mean) / spread if spread > 0 \
+            else float('nan')
+        print(f'{key}: PyTorch fake quantization {fake[key]:.4f}; '
+              f'{len(drawn)} {kind} draws {mean:.4f} +- {spread:.4f} '
+              f'({float(values.min()):.4f}..{float(values.max()):.4f}); '
+              f'{what} {ort[key]:.4f} (gap {ort[key] - fake[key]:+.4f}; '
+              f'{standard_scores[key]:+.1f} std from the draws\' mean)')
+    return standard_scores
+
+
+def print_changed(key: str, changed: dict, reference: str) -> None:
+    print(f'{key} vs {reference}: detections without a same-label IoU >= '
+          f'0.9 counterpart: {changed["changed"]} of {changed["total"]}, on '
+          f'{len(changed["images"])} images')
+
+
+def evaluate_detector(model, quant_model, exported: dict, loop, draws: int,
+                      kind: str, model_cfg) -> dict:
+    """``--scope detector --eval``: mAPs of the float and fake-quantized
+    detector as mmdet computes them (PyTorch post-processing), as the
+    export computes them (``runtime='pytorch'``: the same model under
+    mmdeploy's rewriters), of ``draws`` draws of the latter (the
+    yardstick), and of the onnxruntime exports ``exported`` (float, then
+    quantized); detections changed against the PyTorch run of the same
+    function."""
+    float_name, quant_name = list(exported)
+    predictions, maps = {}, {}
+
+    def run(key, detector):
+        maps[key] = evaluate(detector, loop, predictions.setdefault(key, []))
+        return maps[key]
+
+    run('float mmdet', model)
+    run('float rewritten', end2end_detector(model, model_cfg,
+                                            runtime='pytorch'))
+    run('float onnxruntime', exported[float_name])
+    run('sim mmdet', quant_model)
+    rewritten = end2end_detector(quant_model, model_cfg, runtime='pytorch')
+    run('sim rewritten', rewritten)
+    drawn = []
+    for seed in range(1, draws + 1):
+        with DRAWS[kind](quant_model, seed).applied():
+            drawn.append(run(f'{kind} draw {seed}', rewritten))
+    ort = run('onnxruntime', exported[quant_name])
+    changed = {}
+    for key, reference in [('float rewritten', 'float mmdet'),
+                           ('float onnxruntime', 'float rewritten'),
+                           ('sim rewritten', 'sim mmdet')] + [
+                               (f'{kind} draw {seed}', 'sim rewritten')
+                               for seed in range(1, draws + 1)] + [
+                                   ('onnxruntime', 'sim rewritten')]:
+        changed[key] = changed_detections(predictions[reference],
+                                          predictions[key])
+        changed[key]['reference'] = reference
+        print_changed(key, changed[key], reference)
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        if key in maps['float mmdet']:
+            print(f'{key}: float mmdet {maps["float mmdet"][key]:.4f}, '
+                  f'as exported (PyTorch) {maps["float rewritten"][key]:.4f}'
+                  f', onnxruntime {maps["float onnxruntime"][key]:.4f}; '
+                  f'quantized mmdet {maps["sim mmdet"][key]:.4f}')
+    standard_scores = map_summary(maps['sim rewritten'], drawn, ort, kind,
+                                  'onnxruntime end to end')
+    return dict(maps=maps, draw_kind=kind, draws=drawn,
+                standard_scores=standard_scores, detections=changed)
 
 
 def evaluate_draws(quant_model, ort_features, loop, draws: int,
@@ -148,26 +248,64 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
               f'{found["detections"]["changed"]} of '
               f'{found["detections"]["total"]}, on '
               f'{len(found["detections"]["images"])} images')
-    standard_scores = {}
-    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
-        if key not in fake:  # a box-only detector (DINO)
-            continue
-        values = torch.tensor([d[key] for d in drawn], dtype=torch.float64)
-        mean = float(values.mean())
-        spread = float(values.std()) if draws > 1 else float('nan')
-        # how many of the draws' standard deviations onnxruntime is from
-        # their mean (nan with one draw, or when all draws agree)
-        standard_scores[key] = (ort[key] - mean) / spread if spread > 0 \
-            else float('nan')
-        print(f'{key}: PyTorch fake quantization {fake[key]:.4f}; '
-              f'{draws} {kind} draws {mean:.4f} +- {spread:.4f} '
-              f'({float(values.min()):.4f}..{float(values.max()):.4f}); '
-              f'onnxruntime backbone + neck {ort[key]:.4f} (gap '
-              f'{ort[key] - fake[key]:+.4f}; '
-              f'{standard_scores[key]:+.1f} std from the draws\' mean)')
+    standard_scores = map_summary(fake, drawn, ort, kind,
+                                  'onnxruntime backbone + neck')
     return dict(fake_quant=fake, draw_kind=kind, draws=drawn,
                 onnxruntime=ort, standard_scores=standard_scores,
                 all_images_feature_deviation=checked)
+
+
+def export_whole_detector(args, runner, quant_model, qdq_model, report,
+                          calib_batch, quant_cfg) -> None:
+    """``--scope detector``: float and QDQ end-to-end exports at the first
+    calibration image's shape, checked there against the same function in
+    PyTorch; with ``--eval``, :func:`evaluate_detector`."""
+    model, model_cfg = runner.model, runner.cfg
+    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
+    try:
+        exported = {key: end2end_detector(
+            module, model_cfg, out_dir=args.out_dir, prefix=f'e2e_{key}',
+            opset=args.opset) for key, module in (('float', model),
+                                                  (name, qdq_model))}
+    except ValueError as err:  # a detector the export does not cover
+        raise UserError(str(err)) from None
+    first = model.data_preprocessor(dict(
+        inputs=calib_batch['inputs'][:1],
+        data_samples=calib_batch['data_samples'][:1]), False)
+    image, sample = first['inputs'], first['data_samples'][0]
+    paths, times, deviation = {}, {}, {}
+    for key, module in (('float', model), (name, quant_model)):
+        start = time.perf_counter()
+        found = exported[key].outputs(image, sample)
+        times[key] = time.perf_counter() - start
+        paths[key] = exported[key].path_for(image)
+        reference = end2end_detector(module, model_cfg, runtime='pytorch'
+                                     ).outputs(image, sample)
+        same = [a.shape == b.shape for a, b in zip(found, reference)]
+        deviation[key] = dict(
+            detections=[int(found[0].shape[1]), int(reference[0].shape[1])],
+            max_abs=[float((a.float() - b.float()).abs().max())
+                     if ok and a.numel() else None
+                     for a, b, ok in zip(found, reference, same)])
+        print(f'exported {paths[key]} ({times[key]:.1f} s); first image: '
+              f'{deviation[key]["detections"][0]} detections in onnxruntime, '
+              f'{deviation[key]["detections"][1]} in PyTorch; max |d| of '
+              f'dets/labels/masks: {deviation[key]["max_abs"]}')
+    results = dict(config=args.config, checkpoint=args.checkpoint,
+                   scope='detector', quant=args.quant, method=args.method,
+                   input_shape=list(image.shape), opset=args.opset,
+                   export_seconds=times, files=paths,
+                   forms={k: len(v) for k, v in report.items()},
+                   float_formula_layers=report['float_formula'],
+                   fractional_zero_layers=report['fractional_zero'],
+                   first_image=deviation)
+    if args.eval:
+        results['map'] = evaluate_detector(model, quant_model, exported,
+                                           runner.test_loop, args.draws,
+                                           args.yardstick, model_cfg)
+    with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
+        json.dump(results, f, indent=2, default=float)
+    print(f'wrote {osp.join(args.out_dir, "export.json")}')
 
 
 def main():
@@ -176,14 +314,27 @@ def main():
                            layer_bits=parse_layer_bits(args.layer_bits))
     if args.draws < 1:
         raise UserError(f'--draws must be >= 1, got {args.draws}')
-    if args.opset < MIN_QDQ_OPSET:
-        raise UserError(f'--opset {args.opset}: the QDQ export needs opset >= '
-                        f'{MIN_QDQ_OPSET} (4-bit integer types)')
+    if args.scope == 'features':
+        args.opset = args.opset or MIN_QDQ_OPSET
+        if args.opset < MIN_QDQ_OPSET:
+            raise UserError(f'--opset {args.opset}: the QDQ export of the '
+                            f'features needs opset >= {MIN_QDQ_OPSET} (4-bit '
+                            'integer types)')
+    else:
+        args.opset = args.opset or END2END_OPSET
+        if not END2END_MIN_OPSET <= args.opset <= END2END_MAX_OPSET:
+            raise UserError(f'--opset {args.opset}: the end-to-end export '
+                            f'takes opsets {END2END_MIN_OPSET}..'
+                            f'{END2END_MAX_OPSET} (per-axis DequantizeLinear; '
+                            'the TorchScript exporter mmdeploy uses)')
     runner, quant_model, calib_batch = calibrated_from_checkpoint(
         args, quant_cfg, ['test_dataloader'])
     model = runner.model
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
+    if args.scope == 'detector':
+        return export_whole_detector(args, runner, quant_model, qdq_model,
+                                     report, calib_batch, quant_cfg)
     images = calibration_images(model, calib_batch)[:1]
     name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
     exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,

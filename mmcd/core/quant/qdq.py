@@ -167,7 +167,7 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
 
     def forward(self, x):
         x, weight = self.input_qdq(x), self.dequantized_weight()
-        if not torch.compiler.is_exporting():
+        if not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
             return F.linear(x, weight.t().contiguous(), self.bias)
         out = torch.matmul(x, weight)
         return out if self.bias is None else out + self.bias

@@ -1,0 +1,194 @@
+"""The end-to-end export through mmdeploy (mmcd.deploy.end2end) and the
+compatibility of mmdeploy 1.3.1 with current PyTorch
+(mmcd.compat.mmdeploy_torch)."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from mmengine.config import Config
+from torch import nn
+
+from mmcd.compat.mmdeploy_torch import torchscript_export
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model
+from mmcd.core.quant.qdq import to_qdq
+from mmcd.deploy.end2end import (deploy_config, end2end_detector,
+                                 register_symbolics)
+from mmcd.deploy.onnx_export import ort_session
+
+TOY_CONFIG = 'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py'
+
+
+def torchscript_onnx(module, x, path, opset=17):
+    register_symbolics(opset)
+    with torchscript_export(), torch.no_grad():
+        torch.onnx.export(module.eval(), (x, ), path, opset_version=opset,
+                          input_names=['input'])
+    return path
+
+
+def run_onnx(path, x):
+    session = ort_session(path)
+    return torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
+
+
+@pytest.mark.parametrize('bits', [3, 4, 8])
+def test_torchscript_qdq_activation_bit_for_bit(bits, tmp_path):
+    """The TorchScript symbolic of ``mmcd::quantize_dequantize``: uint8
+    QuantizeLinear/DequantizeLinear, clipped to the 2^b levels below 8 bits,
+    is the fake quantizer in onnxruntime bit for bit (written by hand:
+    ``(clamp(round(x / s) + z, 0, 2^b - 1) - z) s``)."""
+    from mmcd.core.quant import UniformQuantizer
+    from mmcd.core.quant.qdq import ActivationQDQ
+    torch.manual_seed(bits)
+    x = torch.randn(1, 4, 8, 8) * 3
+    quantizer = UniformQuantizer(bits)
+    scale, zero = 7.0 / 2**bits, float(2**(bits - 1))
+    quantizer.set_params(torch.tensor(scale), torch.tensor(zero))
+    expected = (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) -
+                zero) * scale
+    path = torchscript_onnx(ActivationQDQ(quantizer), x,
+                            str(tmp_path / 'a.onnx'))
+    assert torch.equal(run_onnx(path, x), expected)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count('QuantizeLinear') == 1 and ('Clip' in ops) == (bits != 8)
+
+
+@pytest.mark.parametrize('bits', [2, 4, 8])
+def test_torchscript_integer_weights_carried(bits, tmp_path):
+    """Integer weights of every width are uint8 initializers holding the
+    same integers, dequantized per output channel; the exported Conv and
+    Linear compute the QDQ model's output (each layer alone: a later
+    layer would see rounding flips of its input quantizer)."""
+    torch.manual_seed(bits)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    x = torch.randn(4, 3, 6, 6)
+    cfg = QuantConfig(bits, 8, 'minmax', first_layer_bits=8)
+    quantize_model(model, cfg)
+    calibrate(model, cfg, lambda: model(x))
+    to_qdq(model)
+    with torch.no_grad():
+        inputs_of = ((0, x[:1]), (3, model[:3](x[:1])))
+    for index, inputs in inputs_of:
+        layer = model[index]
+        path = torchscript_onnx(layer, inputs, str(tmp_path / f'{index}.onnx'))
+        with torch.no_grad():
+            expected = layer(inputs)
+        torch.testing.assert_close(run_onnx(path, inputs), expected,
+                                   rtol=1e-5, atol=1e-5)
+        graph = onnx.load(path).graph
+        stored = [onnx.numpy_helper.to_array(i) for i in graph.initializer
+                  if list(i.dims) == list(layer.weight_int.shape)]
+        assert len(stored) == 1 and stored[0].dtype == np.uint8
+        assert np.array_equal(stored[0], layer.weight_int.numpy())
+        assert int(stored[0].max()) <= 2**bits - 1
+
+
+def test_rewriter_exit_with_torch_fx_dict_registry():
+    """torch.fx's registry of wrapped functions is a dict: mmdeploy's
+    rewriter context pops from its end on exit (``KeyError: -1``, which
+    hides the export's own error); within :func:`torchscript_export` the
+    entries added during the block are removed and the others kept."""
+    from mmdeploy.core import RewriterContext
+    from torch.fx import _symbolic_trace
+    registry = _symbolic_trace._wrapped_fns_to_patch
+    assert isinstance(registry, dict)
+    before = dict(registry)
+    context = RewriterContext(cfg={}, backend='onnxruntime')
+    context.enter()
+    registry[(0, 'added_during_export')] = {}
+    with pytest.raises(KeyError):
+        context.exit()  # mmdeploy's own exit: fails before restoring
+    registry.pop((0, 'added_during_export'))
+    context.exit()  # now restores mmdeploy's rewritten functions
+    with torchscript_export():
+        with RewriterContext(cfg={}, backend='onnxruntime'):
+            registry[(0, 'added_during_export')] = {}
+    assert registry == before
+    # and everything is restored after the block
+    from mmdeploy.core.rewriters.function_rewriter import FunctionRewriter
+    import torch.onnx.symbolic_opset9 as opset9
+    assert FunctionRewriter.exit.__name__ == 'exit'
+    assert not hasattr(FunctionRewriter.exit, '__wrapped__')
+    assert not hasattr(opset9, '_cast_Long')
+
+
+def test_deploy_config_takes_the_detectors_test_cfg():
+    cfg = Config.fromfile(TOY_CONFIG)
+    rcnn = cfg.model.test_cfg.rcnn
+    post = deploy_config(cfg).codebase_config.post_processing
+    assert (post.iou_threshold, post.keep_top_k,
+            post.max_output_boxes_per_class) == \
+        (rcnn.nms.iou_threshold, rcnn.max_per_img, rcnn.max_per_img)
+    assert post.score_threshold == 0  # mmdeploy's RPN reads it; mmdet's
+    # RPN has none (the RoI head's comes from test_cfg.rcnn)
+    assert deploy_config(cfg).onnx_config.output_names == ['dets', 'labels',
+                                                           'masks']
+    dino = Config.fromfile(
+        'configs/toy/dino-5scale_swin-toy_12e_toy-coco_cd.py')
+    with pytest.raises(ValueError, match='--scope features'):
+        deploy_config(dino)
+
+
+def test_end_to_end_float_export_is_the_rewritten_model(tmp_path):
+    """The toy Mask R-CNN exported end to end (RoiAlign, TopK,
+    NonMaxSuppression: standard ops) computes in onnxruntime what the same
+    model computes in PyTorch under mmdeploy's rewriters, to float
+    rounding; the image's detections survive the round trip."""
+    from mmdet.structures import DetDataSample
+    from mmengine.registry import init_default_scope
+
+    from mmcd.utils.benchmark_models import build_detector
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(TOY_CONFIG)
+    torch.manual_seed(0)
+    detector = build_detector(TOY_CONFIG)
+    image = torch.randn(1, 3, 64, 96)
+    sample = DetDataSample(metainfo=dict(
+        img_shape=(64, 96), ori_shape=(64, 96), pad_shape=(64, 96),
+        batch_input_shape=(64, 96), scale_factor=(1.0, 1.0)))
+    exported = end2end_detector(detector, cfg, out_dir=str(tmp_path),
+                                prefix='float')
+    found = exported.outputs(image, sample)
+    reference = end2end_detector(detector, cfg,
+                                 runtime='pytorch').outputs(image, sample)
+    ops = {n.op_type for n in onnx.load(exported.path_for(image)).graph.node}
+    assert {'RoiAlign', 'TopK', 'NonMaxSuppression'} <= ops
+    assert not {n.domain for n in onnx.load(
+        exported.path_for(image)).graph.node} - {''}
+    assert [f.shape for f in found] == [r.shape for r in reference]
+    assert found[0].shape[1] > 0  # detections to compare
+    for a, b in zip(found, reference):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4,
+                                   atol=1e-3)
+
+
+def test_end2end_detector_bad_runtime():
+    cfg = Config.fromfile(TOY_CONFIG)
+    with pytest.raises(ValueError, match='onnxruntime or pytorch'):
+        end2end_detector(nn.Module(), cfg, runtime='tensorrt')
+
+
+@pytest.mark.slow  # the whole detector exported and evaluated twice
+def test_export_tool_whole_detector(micro_run, tmp_path):
+    """``export_onnx.py --scope detector --eval``: the float export's
+    detections are those of the same model in PyTorch (as exported), and
+    the quantized one is measured against its draws."""
+    from test_tools_cli import run_tool
+    config, ckpt = micro_run
+    code, out = run_tool('tools/deploy/export_onnx.py', config, ckpt,
+                         '--quant', 'w8a8', '--calib-images', '2',
+                         '--scope', 'detector', '--eval', '--draws', '2',
+                         '--out-dir', str(tmp_path), timeout=900)
+    assert code == 0, out
+    result = json.loads((tmp_path / 'export.json').read_text())
+    assert result['scope'] == 'detector' and result['opset'] == 17
+    changed = result['map']['detections']
+    assert changed['float onnxruntime']['changed'] == 0
+    assert changed['onnxruntime']['reference'] == 'sim rewritten'
+    assert set(result['map']['standard_scores']) == {'coco/bbox_mAP',
+                                                     'coco/segm_mAP'}
+    assert len(result['map']['draws']) == 2
+    assert 'onnxruntime end to end' in out
