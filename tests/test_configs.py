@@ -249,6 +249,7 @@ def test_toy_cascade_shrinks_only_the_sizes_of_the_real_heads():
     ('qat/mask-rcnn_swin-t_cd_w4a4_ofq.py', 12),
     ('qat/cascade-mask-rcnn_swin-t_cd_w4a4_ofq.py', 12),
     ('qat/vitdet_mask-rcnn_vit-b_cd_w4a4_ofq.py', 12),
+    ('qat/mask2former_swin-t_cd_w4a4_ofq.py', 12),
 ])
 def test_real_qat_configs_convert(name, attentions):
     from mmcd.engine.hooks import QuantAwareTrainingHook
@@ -257,6 +258,9 @@ def test_real_qat_configs_convert(name, attentions):
     cfg.model.detector.backbone.init_cfg = None  # no download
     model = MODELS.build(cfg.model)  # QATDetector: converted when built
     assert model.qat_config.qk_reparam == bool(attentions)
+    # the float checkpoint of load_from has the converted model's keys
+    float_keys = set(MODELS.build(cfg.model.detector).state_dict())
+    assert float_keys <= set(model.state_dict())
     assert sum(getattr(m, 'qk_reparam', None) is not None
                for m in model.modules()) == attentions
     hook_cfg = dict(cfg.custom_hooks[0])

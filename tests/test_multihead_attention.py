@@ -90,6 +90,79 @@ def test_projections_share_the_fused_weight():
     assert twin.out_proj is mha.out_proj
 
 
+def test_twin_keeps_the_parameters_and_their_names():
+    """The converted module holds nn.MultiheadAttention's own parameters
+    under their names (a float checkpoint loads into a QAT model), and the
+    projections own none; separate key/value dims too."""
+    from mmcd.core.quant import QATConfig, prepare_qat
+    for kwargs in (dict(), dict(kdim=24, vdim=20)):
+        torch.manual_seed(0)
+        mha = nn.MultiheadAttention(32, 4, **kwargs)
+        float_state = Holder(mha).state_dict()
+        model = copy.deepcopy(Holder(mha))
+        prepare_qat(model, QATConfig(4, 4, qk_reparam=False))
+        params = dict(model.named_parameters())
+        assert set(float_state) <= set(model.state_dict())
+        assert {k for k in params if not k.endswith('_quantizer.step') and
+                'quantizer' not in k} == set(float_state)
+        # a float checkpoint sets every weight of the QAT model
+        fresh = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.zero_()
+        missing = fresh.load_state_dict(float_state, strict=False)
+        assert not missing.missing_keys or all(
+            'quantizer' in k for k in missing.missing_keys)
+        for key, value in float_state.items():
+            assert torch.equal(fresh.state_dict()[key], value), key
+        query, key, value = inputs(False, **kwargs)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(query, key, value)[0],
+                                       mha(query, key, value)[0])
+
+
+def test_cd_pairs_and_cga_on_the_converted_twin():
+    """CD's nn.MultiheadAttention rules find the converted twin's pairs
+    (in_proj_weight is still there), and CGA's frozen weights get zero
+    gradient in the fused parameter's rows they occupy."""
+    from mmcd.core.architectures.detr import DETR_RULES
+    from mmcd.core.pairs import discover_pairs
+    from mmcd.core.quant import (QATConfig, freeze_confident_weights,
+                                 initialize_qat, mask_frozen_gradients,
+                                 prepare_qat)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Holder(nn.MultiheadAttention(32, 4))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Layer())
+    float_pairs = discover_pairs(model, DETR_RULES)
+    prepare_qat(model, QATConfig(4, 4, qk_reparam=False))
+    x = torch.randn(5, 3, 32)
+
+    def forward():
+        return model[0].self_attn(x, x, x)[0]
+    initialize_qat(model, QATConfig(4, 4, qk_reparam=False), forward)
+    pairs = discover_pairs(model, DETR_RULES)
+    assert [p.name for p in pairs] == [p.name for p in float_pairs] == [
+        '0.self_attn.vo', '0.self_attn.qk']
+    in_proj = model[0].self_attn.attn.in_proj_weight
+    assert all(p.first_matrix is in_proj for p in pairs)
+    freeze_confident_weights(model, boundary_range=0.2)
+    handles = mask_frozen_gradients(model)
+    forward().square().sum().backward()
+    v_proj = model[0].self_attn.attn.v_proj
+    frozen = v_proj.weight_quantizer.frozen_mask
+    assert frozen.any() and not frozen.all()
+    v_rows = in_proj.grad[64:96]
+    assert torch.all(v_rows[frozen] == 0)
+    assert (v_rows[~frozen] != 0).any()
+    for handle in handles:
+        handle.remove()
+
+
 def test_calibrated_twin_quantizes_both_products_and_the_weights():
     """At W4A4 the attention weights that reach ``attn @ v`` lie on the
     post-softmax quantizer's grid, and ``q`` and ``k`` reach ``q k^T`` as

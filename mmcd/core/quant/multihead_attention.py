@@ -13,11 +13,16 @@ from modules a quantizer can take over:
     attn_h = softmax((q_h / sqrt(d)) k_h^T + mask)
     out = out_proj(concat_h(attn_h v_h))
 
-``q_proj`` / ``k_proj`` / ``v_proj`` are Linears whose weights and biases are
-views of the module's ``in_proj_weight`` / ``in_proj_bias`` rows (or its
-separate ``q/k/v_proj_weight`` when ``kdim`` / ``vdim`` differ from
-``embed_dim``): no copy, the same values; conversion then quantizes them and
-``out_proj`` as Linears (weights per output channel, inputs per tensor),
+The twin keeps ``nn.MultiheadAttention``'s parameters under their names
+(``in_proj_weight`` / ``in_proj_bias``, or ``q/k/v_proj_weight`` when
+``kdim`` / ``vdim`` differ from ``embed_dim``; ``out_proj``), so state-dict
+keys do not change (a float checkpoint loads into a QAT model) and CD's pair
+rules, which address ``in_proj_weight``, still match. ``q_proj`` /
+``k_proj`` / ``v_proj`` are :class:`FusedRowsLinear`: Linears whose weight
+and bias are read, at every access, as rows of those parameters (no
+parameter of their own, no copy); conversion quantizes them
+(:class:`QuantFusedRowsLinear`) and ``out_proj`` as Linears (weights per
+output channel, inputs per tensor),
 ``q k^T`` with both operands quantized uniformly and ``attn v`` with the
 method's post-softmax quantizer (:class:`~mmcd.core.quant.modules.
 QuantMatMul`). With quantization off the output equals the float module's
@@ -32,21 +37,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QUANTIZED_MODULES, QuantizedModule, QuantMatMul
+from .modules import (QUANTIZED_MODULES, QuantizedModule, QuantLinear,
+                      QuantMatMul)
 
 
-def _linear_view(weight: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> nn.Linear:
-    """An ``nn.Linear`` whose parameters share ``weight``'s and ``bias``'s
-    storage (rows of a fused projection)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                       device='meta')
-    linear.weight = nn.Parameter(weight.detach(),
-                                 requires_grad=weight.requires_grad)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach(),
-                                   requires_grad=bias.requires_grad)
-    return linear
+class FusedRowsLinear(nn.Linear):
+    """A Linear whose ``weight`` is rows ``rows`` of its owner's parameter
+    ``weight_name`` and whose ``bias`` is rows ``bias_rows`` of
+    ``bias_name`` (None: no bias), read at every access: it owns no
+    parameter, gradients and optimizer updates reach the owner's, and the
+    owner (not a submodule: held by reference) keeps the parameter names.
+    :meth:`weight_source` names the leaf parameter and rows (what a hook on
+    the weight's gradient must be registered on)."""
+
+    def __init__(self, owner: nn.Module, weight_name: str, rows: slice,
+                 bias_name: Optional[str], bias_rows: slice):
+        nn.Module.__init__(self)
+        self.__dict__['_owner'] = owner  # a reference, not a submodule
+        self.weight_name, self.rows = weight_name, rows
+        self.bias_name, self.bias_rows = bias_name, bias_rows
+        self.out_features, self.in_features = self.weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self._owner, self.weight_name)[self.rows]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        if self.bias_name is None:
+            return None
+        return getattr(self._owner, self.bias_name)[self.bias_rows]
+
+    def weight_source(self) -> Tuple[nn.Parameter, slice]:
+        """The owner's parameter holding the weight, and its rows."""
+        return getattr(self._owner, self.weight_name), self.rows
+
+
+class QuantFusedRowsLinear(QuantLinear, FusedRowsLinear):
+    """The quantized twin of :class:`FusedRowsLinear`: a
+    :class:`~mmcd.core.quant.modules.QuantLinear` on the owner's rows."""
+
+
+QUANTIZED_MODULES.register(QuantFusedRowsLinear.from_float,
+                           name=FusedRowsLinear)
 
 
 def _additive(mask: Optional[torch.Tensor],
@@ -79,15 +112,18 @@ class QuantMultiheadAttention(QuantizedModule, nn.Module):
         self.batch_first = mha.batch_first
         self.dropout = mha.dropout
         e = mha.embed_dim
-        biases = (None, None, None) if mha.in_proj_bias is None else \
-            mha.in_proj_bias.split(e)
-        if mha._qkv_same_embed_dim:
-            weights = mha.in_proj_weight.split(e)
-        else:
-            weights = (mha.q_proj_weight, mha.k_proj_weight,
-                       mha.v_proj_weight)
-        self.q_proj, self.k_proj, self.v_proj = (
-            _linear_view(w, b) for w, b in zip(weights, biases))
+        # nn.MultiheadAttention's parameters, under their names
+        fused = mha._qkv_same_embed_dim
+        names = ('in_proj_weight', ) if fused else (
+            'q_proj_weight', 'k_proj_weight', 'v_proj_weight')
+        for name in names + ('in_proj_bias', ):
+            self.register_parameter(name, getattr(mha, name))
+        bias_name = None if mha.in_proj_bias is None else 'in_proj_bias'
+        for i, role in enumerate(('q', 'k', 'v')):
+            rows = slice(i * e, (i + 1) * e)
+            setattr(self, f'{role}_proj', FusedRowsLinear(
+                self, 'in_proj_weight' if fused else f'{role}_proj_weight',
+                rows if fused else slice(None), bias_name, rows))
         self.out_proj = mha.out_proj
         self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method)
         self.av_matmul = QuantMatMul.for_role('av', a_bits, method)

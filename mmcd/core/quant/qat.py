@@ -293,10 +293,23 @@ def mask_frozen_gradients(model: nn.Module) -> List:
                 param.grad.masked_fill_(quantizer.frozen_mask, 0)
         return hook
 
-    return [layer.weight.register_post_accumulate_grad_hook(
-        zero_frozen(layer.weight_quantizer))
-        for layer in trainable_weight_layers(model)
-        if not isinstance(layer, QKReparam)]
+    def zero_frozen_rows(quantizer, rows):
+        def hook(param):
+            if quantizer.frozen_mask.numel() and param.grad is not None:
+                param.grad[rows].masked_fill_(quantizer.frozen_mask, 0)
+        return hook
+
+    handles = []
+    for layer in trainable_weight_layers(model):
+        if isinstance(layer, QKReparam):
+            continue
+        if hasattr(layer, 'weight_source'):  # rows of a fused parameter
+            param, rows = layer.weight_source()
+            hook = zero_frozen_rows(layer.weight_quantizer, rows)
+        else:
+            param, hook = layer.weight, zero_frozen(layer.weight_quantizer)
+        handles.append(param.register_post_accumulate_grad_hook(hook))
+    return handles
 
 
 @torch.no_grad()
