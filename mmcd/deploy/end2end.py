@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from mmcd.compat.mmdeploy_torch import torchscript_export
-from .onnx_export import ort_session
+from .onnx_export import check_onnx, ort_session
 
 #: opsets of the end-to-end export: per-axis DequantizeLinear needs 13, the
 #: TorchScript exporter goes up to 20
@@ -171,6 +171,7 @@ def export_detector(detector: nn.Module, inputs: torch.Tensor,
                context_info=dict(deploy_cfg=cfg), opset_version=opset,
                dynamic_axes=None, verbose=False,
                keep_initializers_as_inputs=False, optimize=False)
+    check_onnx(path)
     return path
 
 

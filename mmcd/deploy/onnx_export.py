@@ -111,7 +111,15 @@ def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
     program.save(path)
     if quantized:
         store_integer_initializers(path)
+    check_onnx(path)
     return path
+
+
+def check_onnx(path: str) -> None:
+    """``onnx.checker`` with ``full_check`` (strict shape inference) on
+    the written file: an export that is not valid ONNX stops here."""
+    import onnx
+    onnx.checker.check_model(path, full_check=True)
 
 
 def store_integer_initializers(path: str) -> None:
