@@ -1,6 +1,7 @@
 """The end-to-end export through mmdeploy (mmcd.deploy.end2end) and the
 compatibility of mmdeploy 1.3.1 with current PyTorch
 (mmcd.compat.mmdeploy_torch)."""
+import copy
 import json
 
 import numpy as np
@@ -132,23 +133,50 @@ def test_deploy_config_takes_the_detectors_test_cfg():
         deploy_config(dino)
 
 
-def test_end_to_end_float_export_is_the_rewritten_model(tmp_path):
-    """The toy Mask R-CNN exported end to end (RoiAlign, TopK,
-    NonMaxSuppression: standard ops) computes in onnxruntime what the same
-    model computes in PyTorch under mmdeploy's rewriters, to float
-    rounding; the image's detections survive the round trip."""
+def toy_detector_and_image():
     from mmdet.structures import DetDataSample
     from mmengine.registry import init_default_scope
 
     from mmcd.utils.benchmark_models import build_detector
     init_default_scope('mmdet')
-    cfg = Config.fromfile(TOY_CONFIG)
     torch.manual_seed(0)
     detector = build_detector(TOY_CONFIG)
-    image = torch.randn(1, 3, 64, 96)
+    image = torch.randn(1, 3, 64, 96)  # no padding: img_shape = its shape
     sample = DetDataSample(metainfo=dict(
         img_shape=(64, 96), ori_shape=(64, 96), pad_shape=(64, 96),
         batch_input_shape=(64, 96), scale_factor=(1.0, 1.0)))
+    return detector, image, sample
+
+
+def test_exported_function_is_mmdets_post_processing():
+    """On an unpadded image the detector as exported (PyTorch under
+    mmdeploy's rewriters and mmcd's) detects what mmdet's own predict
+    does: the RPN's NMS per level, every class with its own regressed
+    box (mmdeploy alone: one NMS over all levels, one box per RoI)."""
+    from mmcd.deploy import changed_detections
+    detector, image, sample = toy_detector_and_image()
+    cfg = Config.fromfile(TOY_CONFIG)
+    with torch.no_grad():
+        reference = detector.predict(image, [copy.deepcopy(sample)])[0]
+    exported = end2end_detector(detector, cfg, runtime='pytorch')
+    found = exported(image, [copy.deepcopy(sample)])[0]
+    ours, theirs = (r.pred_instances for r in (found, reference))
+    assert len(theirs) > 20  # random weights: plenty of detections
+    changed = changed_detections(
+        [(theirs.bboxes, theirs.scores, theirs.labels)],
+        [(ours.bboxes, ours.scores, ours.labels)])
+    assert changed['changed'] == 0, changed
+    torch.testing.assert_close(ours.scores.sort().values,
+                               theirs.scores.sort().values)
+
+
+def test_end_to_end_float_export_is_the_rewritten_model(tmp_path):
+    """The toy Mask R-CNN exported end to end (RoiAlign, TopK,
+    NonMaxSuppression: standard ops) computes in onnxruntime what the same
+    model computes in PyTorch under the rewriters, to float rounding; the
+    image's detections survive the round trip."""
+    detector, image, sample = toy_detector_and_image()
+    cfg = Config.fromfile(TOY_CONFIG)
     exported = end2end_detector(detector, cfg, out_dir=str(tmp_path),
                                 prefix='float')
     found = exported.outputs(image, sample)

@@ -18,22 +18,26 @@ heads' post-processing into standard ONNX ops (``RoiAlign``, ``TopK``,
   of 2-8 bits as ``uint8`` initializers, the same integers; activations
   clipped to their ``2^b`` levels), which computes the same model;
 * :func:`deploy_config`: mmdeploy's post-processing parameters taken from
-  the detector's own ``test_cfg`` (score threshold, NMS IoU, detections
-  per image), so that the exported model post-processes as mmdet does;
+  the detector's own ``test_cfg``;
+* two rewriters (:data:`REWRITERS`) where mmdeploy's post-processing is
+  not mmdet's: the RPN's NMS per level (:func:`rpn_proposals_per_level_nms`)
+  and every class with its own regressed box in the RoI head
+  (:func:`rcnn_detections_per_class_boxes`);
 * ``End2EndDetector`` (:func:`end2end_detector`): one static-shape model
   per padded input shape run by onnxruntime
   (:func:`~.onnx_export.ort_session`'s QDQ session options), or the same
-  function in PyTorch (the detector under mmdeploy's rewriters), its
-  outputs turned into mmdet's ``DetDataSample`` by mmdeploy's own
-  ``End2EndModel`` post-processing (boxes rescaled, masks pasted), then
-  boxes clipped to the original image as mmdet clips them.
+  function in PyTorch (the detector under the rewriters), its outputs
+  turned into mmdet's ``DetDataSample`` by mmdeploy's own ``End2EndModel``
+  post-processing (boxes rescaled, masks pasted), then boxes clipped to the
+  original image as mmdet clips them.
 
-What still differs from mmdet's PyTorch post-processing, by mmdeploy's
-design: proposals and boxes are clipped to the padded input rather than to
-each image's own size before RoI pooling (the clip above restores the final
-boxes), the RPN's NMS runs over all levels at once (mmdet's per level), and
-mask pasting is mmdeploy's. ``tools/deploy/export_onnx.py --scope detector
---eval`` measures what these cost on the float model.
+With these, on an unpadded image the exported function detects what
+mmdet's ``predict`` does (tested). What still differs, by mmdeploy's
+design: the image size inside the graph is the padded input's (one static
+file serves every image of that padded shape), so proposals and boxes are
+clipped to the padded input instead of each image's own size before RoI
+pooling. ``tools/deploy/export_onnx.py --scope detector --eval`` measures
+what that costs on the float model.
 """
 import copy
 import os.path as osp
@@ -94,16 +98,149 @@ def register_symbolics(opset: int = END2END_OPSET) -> None:
     _registered.add(opset)
 
 
+#: RPN proposals scoring at most this are dropped by the exported NMS
+#: (:func:`rpn_proposals_per_level_nms`)
+RPN_MIN_SCORE = 1e-12
+
+
+def rpn_proposals_per_level_nms(self, cls_scores, bbox_preds,
+                                score_factors=None, batch_img_metas=None,
+                                cfg=None, rescale=False, with_nms=True,
+                                **kwargs):
+    """``RPNHead.predict_by_feat`` for the export, as mmdet 3 computes it:
+    per level the ``nms_pre`` best anchors, decoded and clipped; boxes no
+    wider or taller than ``min_bbox_size`` dropped; NMS **per level**
+    (mmdet's ``batched_nms`` with the level as the class), then the
+    ``max_per_img`` best over all levels. mmdeploy's own rewriter runs one
+    NMS over all levels together, which lets a box of one level suppress
+    another level's and changes the proposals (measured on the toy Mask
+    R-CNN: 0.4 box AP). Written with ``multiclass_nms`` (ONNX
+    ``NonMaxSuppression``) taking the levels as classes: each box scores in
+    its level's column only, and the other columns' zeros are dropped by a
+    score threshold of :data:`RPN_MIN_SCORE` (a real proposal scoring below
+    it is dropped too). Returns ``(dets [1, K, 5], level [1, K])`` as
+    mmdeploy's RPN rewriter returns its ``(dets, labels)``, without the
+    zero-score padding row that mmdeploy's keeps as a proposal."""
+    from mmdeploy.codebase.mmdet.deploy import get_post_processing_params
+    from mmdeploy.core import FUNCTION_REWRITER
+    from mmdeploy.mmcv.ops import multiclass_nms
+    if not with_nms:
+        raise ValueError('the exported RPN applies its NMS (with_nms=True)')
+    cfg = self.test_cfg if cfg is None else cfg
+    deploy_cfg = FUNCTION_REWRITER.get_context().cfg
+    nms_pre = cfg.get('nms_pre', -1)
+    levels = len(cls_scores)
+    priors = self.prior_generator.grid_priors(
+        [s.shape[-2:] for s in cls_scores], device=cls_scores[0].device)
+    batch = cls_scores[0].shape[0]
+    boxes, level_scores = [], []
+    for level, (cls_score, bbox_pred, prior) in enumerate(
+            zip(cls_scores, bbox_preds, priors)):
+        score = cls_score.permute(0, 2, 3, 1).reshape(
+            batch, -1, self.cls_out_channels)
+        score = score.sigmoid()[..., 0] if self.use_sigmoid_cls else \
+            score.softmax(-1)[..., 0]
+        delta = bbox_pred.permute(0, 2, 3, 1).reshape(
+            batch, -1, self.bbox_coder.encode_size)
+        prior = prior.unsqueeze(0).expand(batch, -1, -1)
+        if 0 < nms_pre < score.shape[1]:
+            score, index = score.topk(nms_pre, dim=1)
+            delta = delta.gather(1, index.unsqueeze(-1).expand(
+                -1, -1, delta.shape[-1]))
+            prior = prior.gather(1, index.unsqueeze(-1).expand(
+                -1, -1, prior.shape[-1]))
+        boxes.append(self.bbox_coder.decode(
+            prior, delta, max_shape=batch_img_metas[0]['img_shape']))
+        column = torch.zeros(levels, dtype=score.dtype,
+                             device=score.device)
+        column[level] = 1
+        level_scores.append(score.unsqueeze(-1) * column)
+    boxes = torch.cat(boxes, dim=1)
+    scores = torch.cat(level_scores, dim=1)
+    min_size = cfg.get('min_bbox_size', -1)
+    if min_size >= 0:
+        width = boxes[..., 2] - boxes[..., 0]
+        height = boxes[..., 3] - boxes[..., 1]
+        scores = scores * ((width > min_size) & (height > min_size)
+                           ).unsqueeze(-1).to(scores.dtype)
+    post = get_post_processing_params(deploy_cfg)
+    dets, levels = multiclass_nms(
+        boxes, scores, max_output_boxes_per_class=cfg.max_per_img,
+        iou_threshold=cfg.nms.get('iou_threshold', post.iou_threshold),
+        score_threshold=RPN_MIN_SCORE, pre_top_k=-1,
+        keep_top_k=cfg.max_per_img)
+    # multiclass_nms appends a zero box scoring 0, kept when fewer than
+    # max_per_img boxes survive: as a proposal it would be classified like
+    # any other (batch 1: export_detector exports one image)
+    real = dets[0, :, 4] > 0
+    return dets[:, real], levels[:, real]
+
+
+def rcnn_detections_per_class_boxes(self, rois, cls_scores, bbox_preds,
+                                    batch_img_metas, rcnn_test_cfg=None,
+                                    rescale=False):
+    """``BBoxHead.predict_by_feat`` for the export, as mmdet 3 computes it:
+    every class's score with **that class's** regressed box, scores above
+    ``score_thr``, NMS per class, the ``max_per_img`` best. mmdeploy's own
+    rewriter keeps one box per RoI, the one of its highest-scoring class,
+    and gives it to every class (ONNX ``NonMaxSuppression`` shares boxes
+    across classes), which changes every detection of a RoI's other
+    classes (measured on the toy Mask R-CNN: a quarter of the detections).
+    Here each (RoI, class) is a box of its own scoring in its class's
+    column only (``N x C`` boxes; the zeros are below ``score_thr``).
+    Returns ``(dets [N, K, 5], labels [N, K])`` as mmdeploy's does."""
+    import torch.nn.functional as F
+    from mmdeploy.mmcv.ops import multiclass_nms
+    from mmdet.structures.bbox import get_box_tensor
+    cfg = rcnn_test_cfg
+    scores = self.loss_cls.get_activation(cls_scores) \
+        if self.custom_cls_channels else F.softmax(cls_scores, dim=-1)
+    scores = scores[..., :self.num_classes]
+    boxes = get_box_tensor(self.bbox_coder.decode(
+        rois[..., 1:], bbox_preds,
+        max_shape=batch_img_metas[0]['img_shape']))
+    batch, count, classes = scores.shape
+    if not self.reg_class_agnostic:
+        boxes = boxes.reshape(batch, count * classes, 4)
+        scores = (scores.unsqueeze(-1) * torch.eye(
+            classes, dtype=scores.dtype, device=scores.device)).reshape(
+                batch, count * classes, classes)
+    return multiclass_nms(
+        boxes, scores, max_output_boxes_per_class=cfg.max_per_img,
+        iou_threshold=cfg.nms.iou_threshold, score_threshold=cfg.score_thr,
+        pre_top_k=-1, keep_top_k=cfg.max_per_img)
+
+
+#: mmcd's rewriters of mmdet functions for the onnxruntime backend (which
+#: mmdeploy prefers over its default ones): what mmdeploy computes
+#: differently from mmdet there
+REWRITERS = {
+    'mmdet.models.dense_heads.rpn_head.RPNHead.predict_by_feat':
+    rpn_proposals_per_level_nms,
+    'mmdet.models.roi_heads.bbox_heads.bbox_head.BBoxHead.predict_by_feat':
+    rcnn_detections_per_class_boxes,
+}
+_rewriters_registered = False
+
+
 def import_mmdeploy() -> None:
-    """Import mmdeploy and register its mmdet rewriters; an ImportError
-    that says how to install it when it is missing."""
+    """Import mmdeploy, register its mmdet rewriters and mmcd's
+    (:data:`REWRITERS`); an ImportError that says how to install mmdeploy
+    when it is missing."""
+    global _rewriters_registered
     try:
         from mmdeploy.codebase import import_codebase
+        from mmdeploy.core import FUNCTION_REWRITER
         from mmdeploy.utils import Codebase
     except ImportError:
         raise ImportError('the end-to-end export needs mmdeploy: pip install '
                           '--no-deps -r requirements/mmdeploy.txt') from None
     import_codebase(Codebase.MMDET)
+    if not _rewriters_registered:
+        for name, rewriter in REWRITERS.items():
+            FUNCTION_REWRITER.register_rewriter(
+                name, backend='onnxruntime')(rewriter)
+        _rewriters_registered = True
 
 
 def deploy_config(model_cfg, opset: int = END2END_OPSET):
