@@ -19,6 +19,11 @@ from mmcd.deploy.end2end import (deploy_config, end2end_detector,
 from mmcd.deploy.onnx_export import ort_session
 
 TOY_CONFIG = 'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py'
+#: Mask R-CNN, and (slow) the Swin repository's Cascade Mask R-CNN, whose
+#: heads regress per class
+DETECTORS = [TOY_CONFIG, pytest.param(
+    'configs/toy/cascade-mask-rcnn_swin-toy-p4-w7_fpn_giou-4conv1f_12e_'
+    'toy-coco_cd.py', marks=pytest.mark.slow, id='cascade')]
 
 
 def torchscript_onnx(module, x, path, opset=17):
@@ -133,14 +138,14 @@ def test_deploy_config_takes_the_detectors_test_cfg():
         deploy_config(dino)
 
 
-def toy_detector_and_image():
+def toy_detector_and_image(config=TOY_CONFIG):
     from mmdet.structures import DetDataSample
     from mmengine.registry import init_default_scope
 
     from mmcd.utils.benchmark_models import build_detector
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    detector = build_detector(TOY_CONFIG)
+    detector = build_detector(config)
     image = torch.randn(1, 3, 64, 96)  # no padding: img_shape = its shape
     sample = DetDataSample(metainfo=dict(
         img_shape=(64, 96), ori_shape=(64, 96), pad_shape=(64, 96),
@@ -148,14 +153,16 @@ def toy_detector_and_image():
     return detector, image, sample
 
 
-def test_exported_function_is_mmdets_post_processing():
+@pytest.mark.parametrize('config', DETECTORS)
+def test_exported_function_is_mmdets_post_processing(config):
     """On an unpadded image the detector as exported (PyTorch under
     mmdeploy's rewriters and mmcd's) detects what mmdet's own predict
     does: the RPN's NMS per level, every class with its own regressed
-    box (mmdeploy alone: one NMS over all levels, one box per RoI)."""
+    box, Cascade's stages refined by class (mmdeploy alone: one NMS over
+    all levels, one box per RoI, class-agnostic cascades only)."""
     from mmcd.deploy import changed_detections
-    detector, image, sample = toy_detector_and_image()
-    cfg = Config.fromfile(TOY_CONFIG)
+    detector, image, sample = toy_detector_and_image(config)
+    cfg = Config.fromfile(config)
     with torch.no_grad():
         reference = detector.predict(image, [copy.deepcopy(sample)])[0]
     exported = end2end_detector(detector, cfg, runtime='pytorch')
@@ -170,13 +177,14 @@ def test_exported_function_is_mmdets_post_processing():
                                theirs.scores.sort().values)
 
 
-def test_end_to_end_float_export_is_the_rewritten_model(tmp_path):
+@pytest.mark.parametrize('config', DETECTORS)
+def test_end_to_end_float_export_is_the_rewritten_model(config, tmp_path):
     """The toy Mask R-CNN exported end to end (RoiAlign, TopK,
     NonMaxSuppression: standard ops) computes in onnxruntime what the same
     model computes in PyTorch under the rewriters, to float rounding; the
     image's detections survive the round trip."""
-    detector, image, sample = toy_detector_and_image()
-    cfg = Config.fromfile(TOY_CONFIG)
+    detector, image, sample = toy_detector_and_image(config)
+    cfg = Config.fromfile(config)
     exported = end2end_detector(detector, cfg, out_dir=str(tmp_path),
                                 prefix='float')
     found = exported.outputs(image, sample)

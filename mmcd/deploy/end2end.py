@@ -19,10 +19,11 @@ heads' post-processing into standard ONNX ops (``RoiAlign``, ``TopK``,
   clipped to their ``2^b`` levels), which computes the same model;
 * :func:`deploy_config`: mmdeploy's post-processing parameters taken from
   the detector's own ``test_cfg``;
-* two rewriters (:data:`REWRITERS`) where mmdeploy's post-processing is
-  not mmdet's: the RPN's NMS per level (:func:`rpn_proposals_per_level_nms`)
-  and every class with its own regressed box in the RoI head
-  (:func:`rcnn_detections_per_class_boxes`);
+* rewriters (:data:`REWRITERS`) where mmdeploy's post-processing is not
+  mmdet's: the RPN's NMS per level (:func:`rpn_proposals_per_level_nms`),
+  every class with its own regressed box in the RoI head
+  (:func:`rcnn_detections_per_class_boxes`) and Cascade R-CNN's stages
+  refined by class (:func:`cascade_stages_refined_by_class`);
 * ``End2EndDetector`` (:func:`end2end_detector`): one static-shape model
   per padded input shape run by onnxruntime
   (:func:`~.onnx_export.ort_session`'s QDQ session options), or the same
@@ -211,6 +212,45 @@ def rcnn_detections_per_class_boxes(self, rois, cls_scores, bbox_preds,
         pre_top_k=-1, keep_top_k=cfg.max_per_img)
 
 
+def cascade_stages_refined_by_class(self, x, batch_img_metas,
+                                    rpn_results_list, rcnn_test_cfg,
+                                    rescale=False, **kwargs):
+    """``CascadeRoIHead.predict_bbox`` for the export, as mmdet 3 computes
+    it: between stages each RoI is refined with the box regressed for its
+    highest-scoring class (mmdet's ``regress_by_class``), the final scores
+    are the mean of the stages', and the last head post-processes
+    (:func:`rcnn_detections_per_class_boxes`). mmdeploy's rewriter takes
+    class-agnostic regression only and fails on the Swin repository's
+    Cascade Mask R-CNN, whose heads regress per class. Batch 1."""
+    from mmdet.structures.bbox import get_box_tensor
+    boxes = rpn_results_list[0][..., :4]  # [1, K, 4]
+    img_shape = batch_img_metas[0]['img_shape']
+    scores = []
+    for stage in range(self.num_stages):
+        rois = torch.cat([boxes.new_zeros(boxes.shape[:2] + (1, )), boxes],
+                         dim=-1)
+        result = self._bbox_forward(stage, x, rois[0])
+        cls_score, bbox_pred = result['cls_score'], result['bbox_pred']
+        scores.append(cls_score)
+        if stage == self.num_stages - 1:
+            break
+        head = self.bbox_head[stage]
+        if head.custom_activation:
+            cls_score = head.loss_cls.get_activation(cls_score)
+        if not head.reg_class_agnostic:
+            size = head.bbox_coder.encode_size
+            label = cls_score[:, :-1].argmax(dim=1)
+            index = (label * size).unsqueeze(-1) + torch.arange(
+                size, device=label.device)
+            bbox_pred = bbox_pred.gather(1, index)
+        boxes = get_box_tensor(head.bbox_coder.decode(
+            boxes, bbox_pred[None], max_shape=img_shape))
+    return self.bbox_head[-1].predict_by_feat(
+        rois=rois, cls_scores=(sum(scores) / len(scores))[None],
+        bbox_preds=bbox_pred[None], batch_img_metas=batch_img_metas,
+        rcnn_test_cfg=rcnn_test_cfg, rescale=rescale)
+
+
 #: mmcd's rewriters of mmdet functions for the onnxruntime backend (which
 #: mmdeploy prefers over its default ones): what mmdeploy computes
 #: differently from mmdet there
@@ -219,6 +259,8 @@ REWRITERS = {
     rpn_proposals_per_level_nms,
     'mmdet.models.roi_heads.bbox_heads.bbox_head.BBoxHead.predict_by_feat':
     rcnn_detections_per_class_boxes,
+    'mmdet.models.roi_heads.cascade_roi_head.CascadeRoIHead.predict_bbox':
+    cascade_stages_refined_by_class,
 }
 _rewriters_registered = False
 
