@@ -489,6 +489,14 @@ def test_export_tool_errors(tmp_path):
                          '--opset', '18')
     assert_one_line_error(code, out, 'opset >= 21')
     code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+                         '--scope', 'detector', '--opset', '21')
+    assert_one_line_error(code, out, 'takes opsets 13..20')
+    code, out = run_tool(tool, 'configs/toy/dino-5scale_swin-toy_12e_toy-'
+                         'coco_cd.py', str(ckpt), '--quant', 'w4a4',
+                         '--scope', 'detector')
+    assert_one_line_error(code, out, 'export its backbone + neck with '
+                          '--scope features')
+    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--draws', '0')
     assert_one_line_error(code, out, '--draws must be >= 1')
     code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',

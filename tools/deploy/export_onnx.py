@@ -74,11 +74,11 @@ from mmcd.deploy import (DRAWS, MIN_QDQ_OPSET,  # noqa: E402
                          changed_detections, feature_consumer)
 from mmcd.deploy.end2end import (END2END_MAX_OPSET,  # noqa: E402
                                  END2END_MIN_OPSET, END2END_OPSET,
-                                 end2end_detector)
+                                 deploy_config, end2end_detector)
 from mmcd.engine.calibration import calibration_images, evaluate  # noqa
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
-                                      calibrated_from_checkpoint,
+                                      calibrated_from_checkpoint, load_config,
                                       parse_layer_bits, ptq_config,
                                       run_main)
 
@@ -262,13 +262,10 @@ def export_whole_detector(args, runner, quant_model, qdq_model, report,
     PyTorch; with ``--eval``, :func:`evaluate_detector`."""
     model, model_cfg = runner.model, runner.cfg
     name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
-    try:
-        exported = {key: end2end_detector(
-            module, model_cfg, out_dir=args.out_dir, prefix=f'e2e_{key}',
-            opset=args.opset) for key, module in (('float', model),
-                                                  (name, qdq_model))}
-    except ValueError as err:  # a detector the export does not cover
-        raise UserError(str(err)) from None
+    exported = {key: end2end_detector(
+        module, model_cfg, out_dir=args.out_dir, prefix=f'e2e_{key}',
+        opset=args.opset) for key, module in (('float', model),
+                                              (name, qdq_model))}
     first = model.data_preprocessor(dict(
         inputs=calib_batch['inputs'][:1],
         data_samples=calib_batch['data_samples'][:1]), False)
@@ -327,6 +324,10 @@ def main():
                             f'takes opsets {END2END_MIN_OPSET}..'
                             f'{END2END_MAX_OPSET} (per-axis DequantizeLinear; '
                             'the TorchScript exporter mmdeploy uses)')
+        try:  # a detector the export does not cover, before calibrating
+            deploy_config(load_config(args.config, args.cfg_options))
+        except ValueError as err:
+            raise UserError(str(err)) from None
     runner, quant_model, calib_batch = calibrated_from_checkpoint(
         args, quant_cfg, ['test_dataloader'])
     model = runner.model
