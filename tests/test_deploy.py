@@ -98,15 +98,23 @@ def test_fractional_zero_point_exported_as_its_formula(bits, tmp_path):
     assert clipped.any()
 
 
-@pytest.mark.parametrize('bits', [4, 8])
-def test_integer_weights(bits, tmp_path):
-    torch.manual_seed(0)
+def calibrated_conv_linear(bits, seed=0):
+    """Conv -> ReLU -> Flatten -> Linear with ``bits``-bit weights and
+    8-bit inputs, min-max calibrated on its input ``x`` ``[4, 3, 6, 6]``;
+    returns ``(model, x)``."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     x = torch.randn(4, 3, 6, 6)
     cfg = QuantConfig(bits, 8, 'minmax', first_layer_bits=8)
     quantize_model(model, cfg)
     calibrate(model, cfg, lambda: model(x))
+    return model, x
+
+
+@pytest.mark.parametrize('bits', [4, 8])
+def test_integer_weights(bits, tmp_path):
+    model, x = calibrated_conv_linear(bits)
     fake = model(x)
     report = to_qdq(model)
     assert report['integer_weights'] == ['0', '3']

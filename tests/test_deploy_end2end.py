@@ -12,7 +12,6 @@ from mmengine.config import Config
 from torch import nn
 
 from mmcd.compat.mmdeploy_torch import torchscript_export
-from mmcd.core.quant import QuantConfig, calibrate, quantize_model
 from mmcd.core.quant.qdq import to_qdq
 from mmcd.deploy.end2end import (deploy_config, end2end_detector,
                                  register_symbolics)
@@ -67,13 +66,8 @@ def test_torchscript_integer_weights_carried(bits, tmp_path):
     same integers, dequantized per output channel; the exported Conv and
     Linear compute the QDQ model's output (each layer alone: a later
     layer would see rounding flips of its input quantizer)."""
-    torch.manual_seed(bits)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
-    x = torch.randn(4, 3, 6, 6)
-    cfg = QuantConfig(bits, 8, 'minmax', first_layer_bits=8)
-    quantize_model(model, cfg)
-    calibrate(model, cfg, lambda: model(x))
+    from test_deploy import calibrated_conv_linear
+    model, x = calibrated_conv_linear(bits, seed=bits)
     to_qdq(model)
     with torch.no_grad():
         inputs_of = ((0, x[:1]), (3, model[:3](x[:1])))
