@@ -12,6 +12,7 @@ from mmengine.config import Config
 from torch import nn
 
 from mmcd.compat.mmdeploy_torch import torchscript_export
+from mmcd.core.quant import QuantConfig, calibrate, quantize_model
 from mmcd.core.quant.qdq import to_qdq
 from mmcd.deploy.end2end import (deploy_config, end2end_detector,
                                  register_symbolics)
@@ -84,6 +85,29 @@ def test_torchscript_integer_weights_carried(bits, tmp_path):
         assert len(stored) == 1 and stored[0].dtype == np.uint8
         assert np.array_equal(stored[0], layer.weight_int.numpy())
         assert int(stored[0].max()) <= 2**bits - 1
+
+
+def test_conv_stack_not_requantized_with_a_rounded_bias(tmp_path):
+    """Conv -> ReLU -> quantized Conv: onnxruntime would fuse the first
+    into QLinearConv and round its float bias to int32 at s_x * s_w, a
+    quantization the model does not contain (values of the next 4-bit
+    input one step away); the export adds the bias after the convolution,
+    so the stack computes the QDQ model's output to float rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 8, 3, padding=1))
+    with torch.no_grad():
+        model[0].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 16, 14, 14)
+    cfg = QuantConfig(4, 4, 'minmax', first_layer_bits=4)
+    quantize_model(model, cfg)
+    calibrate(model, cfg, lambda: model(x))
+    to_qdq(model)
+    with torch.no_grad():
+        expected = model(x)
+    path = torchscript_onnx(model, x, str(tmp_path / 'stack.onnx'))
+    torch.testing.assert_close(run_onnx(path, x), expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_rewriter_exit_with_torch_fx_dict_registry():
