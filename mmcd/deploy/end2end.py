@@ -288,12 +288,10 @@ def import_mmdeploy() -> None:
 def deploy_config(model_cfg, opset: int = END2END_OPSET):
     """mmdeploy's deploy config for a static-shape onnxruntime export of
     ``model_cfg`` (an mmengine Config with a two-stage detector's
-    ``test_cfg``). mmdeploy's RoI-head rewriter reads score threshold, NMS
-    IoU and detections per image from ``test_cfg.rcnn``, its RPN rewriter
-    reads ``nms_pre``, NMS IoU and proposals from ``test_cfg.rpn`` but its
-    score threshold from ``post_processing``: 0 here, as mmdet's RPN keeps
-    every score (0.05, mmdeploy's own configs' value, drops proposals
-    mmdet keeps)."""
+    ``test_cfg``). Its ``post_processing`` is what mmdeploy's rewriters read
+    where a model's ``test_cfg`` says nothing; mmcd's (:data:`REWRITERS`)
+    read ``test_cfg`` itself. The values mirror ``test_cfg.rcnn``, with no
+    score threshold for proposals (mmdet's RPN has none)."""
     from mmengine import Config
     test_cfg = model_cfg.model.get('test_cfg') or {}
     rcnn = test_cfg.get('rcnn')
@@ -314,8 +312,6 @@ def deploy_config(model_cfg, opset: int = END2END_OPSET):
         codebase_config=dict(
             type='mmdet', task='ObjectDetection', model_type='end2end',
             post_processing=dict(
-                # the RPN's threshold (mmdet's RPN has none); the RoI head
-                # takes its own from test_cfg.rcnn, as the rest below
                 score_threshold=0.0, confidence_threshold=0.0,
                 iou_threshold=rcnn['nms']['iou_threshold'],
                 max_output_boxes_per_class=rcnn['max_per_img'],
