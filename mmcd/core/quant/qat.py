@@ -287,13 +287,7 @@ def mask_frozen_gradients(model: nn.Module) -> List:
     gradient accumulation, AMP's unscaling, clipping, the optimizer and a
     DDP all-reduce (whose hooks run after it) all see the zeros. Returns
     the hook handles (``handle.remove()`` undoes it)."""
-    def zero_frozen(quantizer):
-        def hook(param):
-            if quantizer.frozen_mask.numel() and param.grad is not None:
-                param.grad.masked_fill_(quantizer.frozen_mask, 0)
-        return hook
-
-    def zero_frozen_rows(quantizer, rows):
+    def zero_frozen(quantizer, rows):
         def hook(param):
             if quantizer.frozen_mask.numel() and param.grad is not None:
                 param.grad[rows].masked_fill_(quantizer.frozen_mask, 0)
@@ -303,11 +297,11 @@ def mask_frozen_gradients(model: nn.Module) -> List:
     for layer in trainable_weight_layers(model):
         if isinstance(layer, QKReparam):
             continue
-        if hasattr(layer, 'weight_source'):  # rows of a fused parameter
-            param, rows = layer.weight_source()
-            hook = zero_frozen_rows(layer.weight_quantizer, rows)
-        else:
-            param, hook = layer.weight, zero_frozen(layer.weight_quantizer)
+        # the leaf parameter and the weight's rows in it (a FusedRowsLinear
+        # reads rows of its owner's fused parameter)
+        param, rows = layer.weight_source() if hasattr(
+            layer, 'weight_source') else (layer.weight, slice(None))
+        hook = zero_frozen(layer.weight_quantizer, rows)
         handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
 
