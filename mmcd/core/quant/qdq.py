@@ -118,6 +118,13 @@ class UniformFormula(ActivationQDQ):
                                   2**self.bits - 1)
 
 
+def _exporting() -> bool:
+    """Whether an ONNX export is tracing the model: ``torch.export``
+    (mmcd's features export) or the TorchScript tracer (mmdeploy's
+    end-to-end export)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 class IntegerWeightMixin:
     """The weight as integers, per-output-channel scale and zero point."""
 
@@ -167,7 +174,7 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
 
     def forward(self, x):
         x, weight = self.input_qdq(x), self.dequantized_weight()
-        if not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        if not _exporting():
             return F.linear(x, weight.t().contiguous(), self.bias)
         out = torch.matmul(x, weight)
         return out if self.bias is None else out + self.bias
@@ -195,8 +202,7 @@ class QDQConv2d(IntegerWeightMixin, nn.Module):
 
     def forward(self, x):
         x, weight = self.input_qdq(x), self.dequantized_weight()
-        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
-        if self.bias is None or not exporting:
+        if self.bias is None or not _exporting():
             return F.conv2d(x, weight, self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
         out = F.conv2d(x, weight, None, self.stride, self.padding,
