@@ -255,20 +255,37 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
                 all_images_feature_deviation=checked)
 
 
+def export_record(args, report: dict, input_shape, times: dict,
+                  paths: dict, **fields) -> dict:
+    """What ``export.json`` holds for either scope, plus ``fields``."""
+    return dict(config=args.config, checkpoint=args.checkpoint,
+                scope=args.scope, quant=args.quant, method=args.method,
+                input_shape=list(input_shape), opset=args.opset,
+                export_seconds=times, files=paths,
+                forms={k: len(v) for k, v in report.items()},
+                float_formula_layers=report['float_formula'],
+                fractional_zero_layers=report['fractional_zero'], **fields)
+
+
+def write_record(args, results: dict) -> None:
+    path = osp.join(args.out_dir, 'export.json')
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=2, default=float)
+    print(f'wrote {path}')
+
+
 def export_whole_detector(args, runner, quant_model, qdq_model, report,
-                          calib_batch, quant_cfg) -> None:
-    """``--scope detector``: float and QDQ end-to-end exports at the first
-    calibration image's shape, checked there against the same function in
-    PyTorch; with ``--eval``, :func:`evaluate_detector`."""
+                          first_batch, name) -> None:
+    """``--scope detector``: float and QDQ (``name``) end-to-end exports at
+    the shape of ``first_batch`` (one calibration image), checked there
+    against the same function in PyTorch; with ``--eval``,
+    :func:`evaluate_detector`."""
     model, model_cfg = runner.model, runner.cfg
-    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
     exported = {key: end2end_detector(
         module, model_cfg, out_dir=args.out_dir, prefix=f'e2e_{key}',
         opset=args.opset) for key, module in (('float', model),
                                               (name, qdq_model))}
-    first = model.data_preprocessor(dict(
-        inputs=calib_batch['inputs'][:1],
-        data_samples=calib_batch['data_samples'][:1]), False)
+    first = model.data_preprocessor(first_batch, False)
     image, sample = first['inputs'], first['data_samples'][0]
     paths, times, deviation = {}, {}, {}
     for key, module in (('float', model), (name, quant_model)):
@@ -288,21 +305,13 @@ def export_whole_detector(args, runner, quant_model, qdq_model, report,
               f'{deviation[key]["detections"][0]} detections in onnxruntime, '
               f'{deviation[key]["detections"][1]} in PyTorch; max |d| of '
               f'dets/labels/masks: {deviation[key]["max_abs"]}')
-    results = dict(config=args.config, checkpoint=args.checkpoint,
-                   scope='detector', quant=args.quant, method=args.method,
-                   input_shape=list(image.shape), opset=args.opset,
-                   export_seconds=times, files=paths,
-                   forms={k: len(v) for k, v in report.items()},
-                   float_formula_layers=report['float_formula'],
-                   fractional_zero_layers=report['fractional_zero'],
-                   first_image=deviation)
+    results = export_record(args, report, image.shape, times, paths,
+                            first_image=deviation)
     if args.eval:
         results['map'] = evaluate_detector(model, quant_model, exported,
                                            runner.test_loop, args.draws,
                                            args.yardstick, model_cfg)
-    with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
-        json.dump(results, f, indent=2, default=float)
-    print(f'wrote {osp.join(args.out_dir, "export.json")}')
+    write_record(args, results)
 
 
 def main():
@@ -333,11 +342,13 @@ def main():
     model = runner.model
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
+    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
+    first_batch = dict(inputs=calib_batch['inputs'][:1],
+                       data_samples=calib_batch['data_samples'][:1])
     if args.scope == 'detector':
         return export_whole_detector(args, runner, quant_model, qdq_model,
-                                     report, calib_batch, quant_cfg)
+                                     report, first_batch, name)
     images = calibration_images(model, calib_batch)[:1]
-    name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
     exported = {key: OnnxPerShape(FeatureExtractor(module), args.out_dir,
                                   key, args.opset)
                 for key, module in (('float', model), (name, qdq_model))}
@@ -351,9 +362,7 @@ def main():
         float_feats = FeatureExtractor(model)(images)
         quant_feats = FeatureExtractor(quant_model)(images)
         draw_feats = DRAWS[args.yardstick](quant_model, seed=1)(images)
-    consumer = feature_consumer(quant_model, dict(
-        inputs=calib_batch['inputs'][:1],
-        data_samples=calib_batch['data_samples'][:1]))
+    consumer = feature_consumer(quant_model, first_batch)
     step = float(consumer.scale.max()) if consumer is not None and \
         consumer.calibrated else 1.0
     float_dev = max(float((a - b).abs().max()) for a, b in zip(
@@ -361,18 +370,11 @@ def main():
     quant_dev = feature_deviation(outputs[name], quant_feats, float_feats,
                                   step)
     draw_dev = feature_deviation(draw_feats, quant_feats, float_feats, step)
-    results = dict(config=args.config, checkpoint=args.checkpoint,
-                   quant=args.quant, method=args.method,
-                   input_shape=list(images.shape), opset=args.opset,
-                   export_seconds=times, files=paths,
-                   forms={k: len(v) for k, v in report.items()},
-                   float_formula_layers=report['float_formula'],
-                   fractional_zero_layers=report['fractional_zero'],
-                   float_max_abs_deviation=float_dev,
-                   quant_deviation=quant_dev, draw_kind=args.yardstick,
-                   draw_deviation=draw_dev,
-                   feature_step=step,
-                   feature_consumer=getattr(consumer, 'layer_name', None))
+    results = export_record(
+        args, report, images.shape, times, paths,
+        float_max_abs_deviation=float_dev, quant_deviation=quant_dev,
+        draw_kind=args.yardstick, draw_deviation=draw_dev, feature_step=step,
+        feature_consumer=getattr(consumer, 'layer_name', None))
     print(f'exported {paths["float"]} ({times["float"]:.1f} s) and '
           f'{paths[name]} ({times[name]:.1f} s); QDQ forms: '
           f'{results["forms"]}')
@@ -389,9 +391,7 @@ def main():
         results['map'] = evaluate_draws(quant_model, exported[name],
                                         runner.test_loop, args.draws, step,
                                         args.yardstick)
-    with open(osp.join(args.out_dir, 'export.json'), 'w') as f:
-        json.dump(results, f, indent=2, default=float)
-    print(f'wrote {osp.join(args.out_dir, "export.json")}')
+    write_record(args, results)
 
 
 if __name__ == '__main__':
