@@ -2,7 +2,7 @@
 
 mmdeploy exports through ``torch.onnx.export``'s TorchScript exporter: its
 rewriters patch module functions during a trace and its symbolics emit ONNX
-nodes from the traced graph. Two things of PyTorch it relies on changed
+nodes from the traced graph. Three things of PyTorch it relies on changed
 (measured with torch 2.13 exporting mmdet 3.3's Mask R-CNN):
 
 * since torch 2.9 ``torch.onnx.export`` defaults to ``dynamo=True``, the
@@ -17,7 +17,7 @@ nodes from the traced graph. Two things of PyTorch it relies on changed
   during an export from its end, fails on exit with ``KeyError: -1`` and
   hides whatever error the export raised.
 
-:func:`torchscript_export` restores both for the duration of an export:
+:func:`torchscript_export` restores the three for the duration of an export:
 ``dynamo=False`` unless the caller says otherwise, ``_cast_Long`` as
 an ONNX ``Cast`` to int64 (what it was), and the rewriter's exit removing
 the registry's newest entries by key. Nothing else of mmdeploy is
@@ -58,8 +58,9 @@ def _exit_with_dict_registry(original_exit):
 @contextlib.contextmanager
 def torchscript_export():
     """Within the block, ``torch.onnx.export`` uses the TorchScript exporter
-    by default and ``torch.onnx.symbolic_opset9._cast_Long`` exists (module
-    docstring); both are restored on exit."""
+    by default, ``torch.onnx.symbolic_opset9._cast_Long`` exists and
+    mmdeploy's rewriter exit handles the dict registry (module docstring);
+    all three are restored on exit."""
     import torch.onnx.symbolic_opset9 as opset9
     from mmdeploy.core.rewriters.function_rewriter import FunctionRewriter
     original_export = torch.onnx.export
