@@ -486,27 +486,28 @@ def test_export_tool_on_a_query_based_detector(micro_data_root, tmp_path):
 
 
 def test_export_tool_errors(tmp_path):
-    from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
+    from test_tools_cli import (TOY_CONFIG, assert_one_line_error,
+                                run_here)
     ckpt = tmp_path / 'model.pth'
     torch.save({}, ckpt)
     tool = 'tools/deploy/export_onnx.py'
-    code, out = run_tool(tool, TOY_CONFIG, str(tmp_path / 'nope.pth'),
+    code, out = run_here(tool, TOY_CONFIG, str(tmp_path / 'nope.pth'),
                          '--quant', 'w4a4')
     assert_one_line_error(code, out, 'does not exist')
-    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--opset', '18')
     assert_one_line_error(code, out, 'opset >= 21')
-    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--scope', 'detector', '--opset', '21')
     assert_one_line_error(code, out, 'takes opsets 13..20')
-    code, out = run_tool(tool, 'configs/toy/dino-5scale_swin-toy_12e_toy-'
+    code, out = run_here(tool, 'configs/toy/dino-5scale_swin-toy_12e_toy-'
                          'coco_cd.py', str(ckpt), '--quant', 'w4a4',
                          '--scope', 'detector')
     assert_one_line_error(code, out, 'export its backbone + neck with '
                           '--scope features')
-    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--draws', '0')
     assert_one_line_error(code, out, '--draws must be >= 1')
-    code, out = run_tool(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--layer-bits', 'x=w1')
     assert_one_line_error(code, out, 'bits must be an integer in 2..8')

@@ -8,7 +8,8 @@ from mmcd.core.quant import (QuantConfig, format_precision_plan,
                              precision_plan, quantize_model)
 from mmcd.engine.hooks import PostTrainingQuantHook
 from mmcd.utils.runner_setup import UserError, parse_layer_bits
-from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
+from test_tools_cli import (TOY_CONFIG, assert_one_line_error,
+                            run_here)
 
 
 class Block(nn.Module):
@@ -103,9 +104,9 @@ def test_hook_and_command_line_spelling():
 def test_cli_layer_bits_errors(tmp_path):
     ckpt = tmp_path / 'model.pth'
     torch.save({}, ckpt)
-    code, out = run_tool('tools/test.py', TOY_CONFIG, str(ckpt),
+    code, out = run_here('tools/test.py', TOY_CONFIG, str(ckpt),
                          '--layer-bits', 'fc=w8a8')
     assert_one_line_error(code, out, '--layer-bits needs --quant')
-    code, out = run_tool('tools/test.py', TOY_CONFIG, str(ckpt), '--quant',
+    code, out = run_here('tools/test.py', TOY_CONFIG, str(ckpt), '--quant',
                          'w4a4', '--layer-bits', 'fc=w9a8')
     assert_one_line_error(code, out, '--quant', '2..8')

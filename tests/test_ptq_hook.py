@@ -13,7 +13,8 @@ from mmengine.runner import Runner
 from conftest import micro_config
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model
 from mmcd.core.quant.quantizers import FakeQuantizer
-from test_tools_cli import TOY_CONFIG, assert_one_line_error, run_tool
+from test_tools_cli import (TOY_CONFIG, assert_one_line_error, run_here,
+                            run_tool)
 
 
 @pytest.fixture(scope='module')
@@ -154,13 +155,13 @@ def test_w8a8_detector_features_close_to_fp(micro_data_root, trained,
 
 
 def test_cli_quant_shortcut_errors(trained):
-    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+    code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
                          'w9a4')
     assert_one_line_error(code, out, '--quant', '2..8')
-    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+    code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
                          'w4a4', '--quant-method', 'gptq')
     assert_one_line_error(code, out, 'unknown quantization method')
-    code, out = run_tool('tools/test.py', TOY_CONFIG, trained, '--quant',
+    code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
                          'four')
     assert_one_line_error(code, out, 'wNaM')
 

@@ -8,7 +8,8 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 from mmcd.engine.hooks import PostTrainingQuantHook
-from test_tools_cli import assert_one_line_error, run_tool
+from test_tools_cli import (assert_one_line_error, run_tool,
+                            run_here)
 
 
 def test_sqnr_ranking_and_keep_configs(micro_run, tmp_path):
@@ -81,19 +82,19 @@ def test_map_metric_is_the_test_set_map(micro_run, tmp_path):
 
 def test_errors(micro_run, tmp_path):
     config, ckpt = micro_run
-    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+    code, out = run_here('tools/analysis/sensitivity.py', config, ckpt,
                          '--quant', 'w9a4')
     assert_one_line_error(code, out, '2..8')
-    code, out = run_tool('tools/analysis/sensitivity.py', config,
+    code, out = run_here('tools/analysis/sensitivity.py', config,
                          str(tmp_path / 'nope.pth'), '--quant', 'w4a4')
     assert_one_line_error(code, out, 'does not exist')
-    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+    code, out = run_here('tools/analysis/sensitivity.py', config, ckpt,
                          '--quant', 'w4a4', '--avg-w-bits', '9')
     assert_one_line_error(code, out, '--avg-w-bits must lie in [4, 8]')
-    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+    code, out = run_here('tools/analysis/sensitivity.py', config, ckpt,
                          '--quant', 'w4a4', '--layers', 'blocks.(')
     assert_one_line_error(code, out, "--layers 'blocks.(':")
-    code, out = run_tool('tools/analysis/sensitivity.py', config, ckpt,
+    code, out = run_here('tools/analysis/sensitivity.py', config, ckpt,
                          '--quant', 'w4a4', '--calib-images', '2',
                          '--layers', 'no_such_layer')
     assert_one_line_error(code, out, 'matches no quantized layer')

@@ -1,10 +1,13 @@
 """The tools fail on bad input with one line that says what to do."""
 import json
 import os
+import io
 import os.path as osp
+import runpy
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -18,6 +21,38 @@ def run_tool(*args, cwd=None, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_here(*args):
+    """Run a tool's ``__main__`` in this interpreter as ``python TOOL ARGS``
+    would (``sys.argv``, the tool's folder first on ``sys.path``, the repo
+    as working directory) and return ``(exit status, printed output)``.
+
+    For argument and configuration errors, where the ~9 s a new
+    interpreter spends importing torch and mmdet is most of a call; runs
+    that check what a tool logs while it works use :func:`run_tool`
+    (loggers made earlier in this process print elsewhere). One test per
+    tool keeps the subprocess path."""
+    path = osp.join(REPO, args[0])
+    saved = sys.argv, list(sys.path), os.getcwd()
+    sys.argv = [path, *args[1:]]
+    sys.path.insert(0, osp.dirname(path))
+    os.chdir(REPO)
+    out, code = io.StringIO(), 0
+    try:
+        with redirect_stdout(out), redirect_stderr(out):
+            try:
+                runpy.run_path(path, run_name='__main__')
+            except SystemExit as exc:  # as the interpreter reports it
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+                else:
+                    code = exc.code or 0
+    finally:
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.chdir(saved[2])
+    return code, out.getvalue()
 
 
 def assert_one_line_error(code, output, *fragments):

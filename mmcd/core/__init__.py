@@ -1,9 +1,10 @@
 """Pure-PyTorch core of mmcd: one spec per backbone family, matrix-pair
-discovery, the regularizer
-interface with Colinearity Decay and the comparison regularizers, activation
-statistics and (in :mod:`.quant`)
-post-training quantization. Nothing here imports OpenMMLab."""
+discovery, the regularizer interface with Colinearity Decay, the comparison
+regularizers and the planted alignment growth, activation statistics and
+(in :mod:`.quant`) post-training quantization. Nothing here imports
+OpenMMLab."""
 from .activation_penalty import ActivationPenalty, ActivationPenaltyRegularizer
+from .alignment_growth import AlignmentGrowthRegularizer
 from .activation_stats import (ActivationRecorder, StatsAccumulator,
                                probe_points, tensor_stats)
 from .architectures import (ARCHITECTURES, SWIN_RULES, VIT_RULES,
@@ -27,6 +28,7 @@ __all__ = [
     'MatrixPair',
     'PairRule', 'discover_pairs', 'SelectiveSpectralDecay',
     'ColinearityDecayRegularizer', 'SpectralDecayRegularizer',
-    'ActivationPenaltyRegularizer', 'REGULARIZERS', 'Regularizer',
+    'ActivationPenaltyRegularizer', 'AlignmentGrowthRegularizer',
+    'REGULARIZERS', 'Regularizer',
     'build_regularizer'
 ]

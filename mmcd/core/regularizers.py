@@ -21,7 +21,8 @@ Life cycle, driven by the optim wrapper:
    travel in the optim wrapper's state (checkpoints, ``--resume``).
 
 Registered here: ``cd`` (:mod:`.colinearity`), ``s2d``
-(:mod:`.spectral_decay`), ``tweo`` (:mod:`.activation_penalty`). Pure
+(:mod:`.spectral_decay`), ``tweo`` (:mod:`.activation_penalty`) and the
+planted model ``alignment_growth`` (:mod:`.alignment_growth`). Pure
 PyTorch.
 """
 import inspect
