@@ -23,8 +23,8 @@ def test_one_step_adds_the_cd_update_written_from_its_formula():
     pairs = discover_pairs(model, VIT_RULES, kinds=['ffn'])
     growth = AlignmentGrowthRegularizer(0.5)
     growth.bind(model, pairs, lambda p: 0.1)
-    for _, sigma_a, sigma_b in growth.decay.groups:  # converged norms
-        sigma_a.init_iters = sigma_b.init_iters = 300
+    for estimator in (e for ests in growth.sigmas.values() for e in ests):
+        estimator.init_iters = 300  # converged spectral norms
     before = _fc_weights(model)
     logged = growth.after_step(0, 0)
     lr_lam = 0.1 * 0.5
@@ -57,6 +57,36 @@ def test_built_by_the_optim_wrapper_from_a_config():
     assert all(a > b for a, b in zip(after, before))
     hub = MessageHub.get_current_instance()
     assert 'train/alignment_growth_align_qk_max' in hub.log_scalars
+
+
+def test_channels_restricts_the_growth_to_the_most_aligned_channels():
+    """channels=k: rows j of A and columns j of B grow, with the formula's
+    values, only for the k hidden units of largest ||a_j|| ||b_j||."""
+    torch.manual_seed(0)
+    model = ViT().double()
+    pairs = discover_pairs(model, VIT_RULES, kinds=['ffn'])
+    growth = AlignmentGrowthRegularizer(0.5, channels=3)
+    growth.bind(model, pairs, lambda p: 0.1)
+    for estimator in (e for ests in growth.sigmas.values() for e in ests):
+        estimator.init_iters = 300
+    before = _fc_weights(model)
+    growth.after_step(0, 0)
+    for (a, b), blk in zip(before, model.blocks):
+        score = [float(a[j].norm() * b[:, j].norm())
+                 for j in range(a.shape[0])]
+        top = sorted(range(len(score)), key=score.__getitem__)[-3:]
+        rows = torch.zeros(a.shape[0], 1, dtype=a.dtype)
+        rows[top] = 1
+        sig_a = torch.linalg.matrix_norm(a, ord=2)
+        sig_b = torch.linalg.matrix_norm(b, ord=2)
+        torch.testing.assert_close(
+            blk.mlp.fc1.weight.detach(),
+            a + 0.05 * rows * (b.T @ b @ a) / sig_b**2)
+        torch.testing.assert_close(
+            blk.mlp.fc2.weight.detach(),
+            b + 0.05 * (b @ a @ a.T) * rows.T / sig_a**2)
+        changed = (blk.mlp.fc1.weight.detach() != a).any(1)
+        assert changed.nonzero().flatten().tolist() == sorted(top)
 
 
 def test_alignment_rises_where_cd_lowers_it():
@@ -96,6 +126,8 @@ def test_a_pair_at_the_cap_is_left_unchanged():
     (dict(strength=-1.0), 'strength must be >= 0'),
     (dict(strength=1.0, max_alignment=0), 'max_alignment must be > 0'),
     (dict(strength=1.0, end=3, begin=5), 'end'),
+    (dict(strength=1.0, channels=0), 'channels must be an integer >= 1'),
+    (dict(strength=1.0, cuda_graph=True), "unknown option"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -117,7 +117,8 @@ def test_a_config_lists_several_regularizers_and_bad_names_fail():
     assert [r.name for r in wrapper.regularizers] == [
         'cd', 'tweo', 'test_step_recorder']
     with pytest.raises(ValueError, match=r"unknown regularizer 'l2'; "
-                       r'registered: cd, s2d, test_step_recorder, tweo'):
+                       r'registered: alignment_growth, cd, s2d, '
+                       r'test_step_recorder, tweo'):
         build_optim_wrapper(model, dict(
             type='ColinearityDecayOptimWrapper',
             optimizer=dict(type='SGD', lr=0.1),

@@ -78,6 +78,18 @@ def test_experiment_seeds_cache_and_refusals(micro_data_root, tmp_path):
     # other settings, or results of another code version: refused
     code, out = run_tool(*run, '--lr', '0.002', timeout=300)
     assert_one_line_error(code, out, 'settings lr=0.001 (now 0.002)')
+    code, out = run_tool(*run, '--load-from', str(tmp_path / 'no.pth'))
+    assert_one_line_error(code, out, f'--load-from {tmp_path}/no.pth does '
+                          'not exist')
+    ckpt = tmp_path / 'baseline_s0' / 'epoch_1.pth'
+    code, out = run_tool(*run, '--load-from', str(ckpt), timeout=300)
+    assert_one_line_error(code, out, f"load_from=None (now '{ckpt}')")
+    # fine-tuning: every training starts from the --load-from weights
+    code, out = run_tool(*run[:-1], str(tmp_path / 'tuned'), '--trainings',
+                         'baseline', '--seeds', '1', '--qat-bits',
+                         '--load-from', str(ckpt), timeout=1200)
+    assert code == 0, out
+    assert f'Load checkpoint from {ckpt}' in out
     manifest = tmp_path / 'cache' / 'manifest.json'
     stored = json.loads(manifest.read_text())
     manifest.write_text(json.dumps(dict(stored, version='0123abc')))

@@ -242,3 +242,22 @@ def test_bootstrap_turns_on_huge_pages_before_torch(preset, expected):
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == expected
+
+
+def test_resume_before_the_first_checkpoint_keeps_load_from(micro_run,
+                                                              tmp_path):
+    """--resume in a work dir without a checkpoint starts from the config's
+    load_from (a fine-tuning run interrupted early), not from random
+    weights; once a checkpoint exists, it resumes from it."""
+    config, ckpt = micro_run
+    options = ['--work-dir', str(tmp_path), '--resume', '--cfg-options',
+               f'load_from={ckpt}']
+    code, out = run_tool('tools/train.py', config, *options)
+    assert code == 0, out
+    assert f'no checkpoint in {tmp_path} yet; starting from load_from' in out
+    assert f'Load checkpoint from {ckpt}' in out
+    code, out = run_tool('tools/train.py', config, *options,
+                         'train_cfg.max_epochs=2')
+    assert code == 0, out
+    assert f'Resumed checkpoint from {tmp_path}/epoch_1.pth' in out or \
+        'resumed epoch: 1' in out, out[-3000:]

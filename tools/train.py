@@ -17,7 +17,7 @@ from mmcd.utils.runner_setup import (UserError,
                                       add_rng_state_hook, check_checkpoint,
                                       check_datasets,
                                       default_work_dir, enable_amp,
-                                      load_config, run_main,
+                                      load_config, resume_latest, run_main,
                                       set_local_rank_env, setup_launcher,
                                       warn_if_oversubscribed)
 
@@ -34,7 +34,8 @@ def parse_args():
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or without a value from the '
-        'latest checkpoint in the work dir')
+        'latest checkpoint in the work dir (none yet: start as the config '
+        'says, from its load_from if any)')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, key=value (e.g. '
@@ -60,7 +61,7 @@ def main():
                 'config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+        resume_latest(cfg)
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     if cfg.get('load_from'):

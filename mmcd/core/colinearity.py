@@ -346,26 +346,22 @@ class ColinearityDecayRegularizer(Regularizer):
         if multiplier == 0:
             return {}
         stats = self._last_stats = self.decay.step(self.lr_of, multiplier)
-        return self._logged(stats)
-
-    def _logged(self, stats: Dict) -> Dict[str, torch.Tensor]:
-        """The scalars to log from one step's stats, under ``name``."""
-        logged = {f'{self.name}_update_norm': stats['update_sq'].sqrt()}
+        logged = {'cd_update_norm': stats['update_sq'].sqrt()}
         for kind in sorted(stats['alignment']):
             align = stats['alignment'][kind].float()
-            logged[f'{self.name}_align_{kind}_mean'] = align.mean()
-            logged[f'{self.name}_align_{kind}_max'] = align.max()
-        logged[f'{self.name}_skipped_pairs'] = (~stats['finite']).sum()
+            logged[f'cd_align_{kind}_mean'] = align.mean()
+            logged[f'cd_align_{kind}_max'] = align.max()
+        logged['cd_skipped_pairs'] = (~stats['finite']).sum()
         return logged
 
     def describe(self, logged):
-        if not logged.get(f'{self.name}_skipped_pairs'):
+        if not logged.get('cd_skipped_pairs'):
             return None
         skipped = [name for name, ok in zip(
             self._last_stats['names'], self._last_stats['finite'].tolist())
             if not ok]
-        return (f'{self.name} skipped pairs with non-finite values (left '
-                f'unchanged): {", ".join(skipped)}')
+        return ('Colinearity decay skipped pairs with non-finite values '
+                f'(left unchanged): {", ".join(skipped)}')
 
     def state_dict(self) -> Dict:
         return self.decay.state_dict() if self.decay is not None else {}

@@ -110,6 +110,24 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     return cfg
 
 
+def resume_latest(cfg: Config) -> None:
+    """``--resume`` without a path: continue from the work dir's last
+    checkpoint when it has one; otherwise start as the config says, from
+    its ``load_from`` if any (MMEngine's own ``resume=True`` drops
+    ``load_from`` when it finds no checkpoint, and a fine-tuning run
+    interrupted before its first checkpoint would restart from random
+    weights)."""
+    from mmengine.runner import find_latest_checkpoint
+    latest = find_latest_checkpoint(cfg.work_dir)
+    if latest is not None:
+        cfg.resume, cfg.load_from = True, latest
+        return
+    cfg.resume = False
+    print_log(f'--resume: no checkpoint in {cfg.work_dir} yet; starting '
+              + (f'from load_from {cfg.load_from}' if cfg.get('load_from')
+                 else 'from the initial weights'), logger='current')
+
+
 def default_work_dir(cfg: Config, config_path: str,
                      work_dir: Optional[str]) -> str:
     """CLI ``--work-dir`` > ``work_dir`` in the file > ``work_dirs/NAME``."""

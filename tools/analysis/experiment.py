@@ -37,6 +37,7 @@ still training to a usable float AP; 2e-3 diverged. The toy set gets
 val images, under 10 minutes.
 """
 import argparse
+import hashlib
 import json
 import os
 import os.path as osp
@@ -58,8 +59,8 @@ from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
 from mmcd.engine.hooks import collect_activation_stats  # noqa: E402
 from mmcd.utils.result_cache import ResultCache, code_version  # noqa
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
-                                      add_rng_state_hook, run_main,
-                                      toy_run_config)
+                                      add_rng_state_hook, resume_latest,
+                                      run_main, toy_run_config)
 from mmcd.visualization import (plot_alignment, plot_histogram,  # noqa
                                 plot_max_activation, plot_tradeoff)
 
@@ -130,6 +131,11 @@ def parse_args():
                                  CD_STRENGTH, 2 * CD_STRENGTH])
     parser.add_argument('--tweo-weights', nargs='+', type=float,
                         default=[0, 0.003, 0.01, 0.03, 0.1])
+    parser.add_argument('--load-from', metavar='CKPT',
+                        help='every training fine-tunes this checkpoint '
+                        '(e.g. the pretraining of docs/experiment/'
+                        'planted.md) instead of starting from random '
+                        'weights; its sha256 is part of the settings')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override toy config settings of every '
                         'training, key=value')
@@ -155,6 +161,13 @@ def parse_args():
         args.val_images = None  # the given set's own
     args.data_root = (args.data_root or
                       f'data/toy_coco_val{args.val_images}/').rstrip('/') + '/'
+    args.load_from_sha256 = None
+    if args.load_from:
+        if not osp.isfile(args.load_from):
+            raise UserError(f'--load-from {args.load_from} does not exist')
+        with open(args.load_from, 'rb') as f:
+            args.load_from_sha256 = hashlib.file_digest(
+                f, 'sha256').hexdigest()
     return args
 
 
@@ -162,7 +175,7 @@ def settings_of(args):
     """What the cached results depend on (a resumed run must match)."""
     keys = ('epochs', 'lr', 'calib_images', 'stat_images', 'val_images',
             'data_root', 'cfg_options', 'qat_method', 'qat_epochs',
-            'recon_iters')
+            'recon_iters', 'load_from', 'load_from_sha256')
     return {k: getattr(args, k) for k in keys}
 
 
@@ -207,6 +220,7 @@ def toy_config(args, training, seed):
         type='CheckpointHook', interval=max(1, args.epochs // 6),
         max_keep_ckpts=1)
     cfg.randomness = dict(seed=seed)
+    cfg.load_from = args.load_from
     add_rng_state_hook(cfg)  # a resumed training continues bit-exactly
     cfg.experiment_name = f'experiment_{name}'
     cfg.visualizer.name = cfg.experiment_name
@@ -218,7 +232,7 @@ def train(args, cache, training, seed):
     resumed from its last checkpoint if a run was interrupted)."""
     def compute():
         cfg = toy_config(args, training, seed)
-        cfg.resume = True  # from the work dir's last checkpoint, if any
+        resume_latest(cfg)  # the work dir's last checkpoint, if any
         start = time.time()
         Runner.from_cfg(cfg).train()
         return dict(checkpoint=osp.join(cfg.work_dir,
@@ -229,7 +243,7 @@ def train(args, cache, training, seed):
 
 def loaded_runner(args, training, seed, checkpoint):
     cfg = toy_config(args, training, seed)
-    cfg.work_dir = osp.join(cfg.work_dir, 'eval')
+    cfg.work_dir, cfg.load_from = osp.join(cfg.work_dir, 'eval'), None
     runner = Runner.from_cfg(cfg)
     runner.load_checkpoint(checkpoint, map_location='cpu')
     return cfg, runner
