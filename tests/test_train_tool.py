@@ -120,10 +120,16 @@ def test_toy_config_trains_through_train_py(config, micro_data_root,
             cfg.model.detector.type)
         options += ['load_from=' + load_from,
                     'custom_hooks.0.calib.num_images=4']
+    elif cfg.get('load_from'):  # fine-tunes another config's checkpoint
+        options.append('load_from=' + request.getfixturevalue(
+            'float_checkpoint')(cfg.model.type))
     output = train(config, tmp_path / 'run', options)
     assert osp.isfile(tmp_path / 'run' / last) and 'coco/bbox_mAP' in output
     assert 'Reach the end of the dataloader' not in output
     assert 'RNGStateHook:' not in output  # nothing keeps resume inexact
+    for regularizer in cfg.optim_wrapper.get('regularizers') or []:
+        if regularizer['type'] == 'alignment_growth':  # the planted model
+            assert 'alignment_growth_align_ffn_max' in output
     if osp.basename(config) not in FAST:
         return
     # resume from the middle checkpoint in another work dir: same weights
