@@ -74,7 +74,7 @@ def test_train_missing_dataset(tmp_path):
         'tools/train.py', TOY_CONFIG, '--work-dir', str(tmp_path),
         '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/x/')
     assert_one_line_error(code, out, 'annotation file', 'train_dataloader',
-                          'make_toy_coco.py')
+                          f'make_toy_coco.py {tmp_path}/x/')
 
 
 def test_test_rejects_non_checkpoint(micro_data_root, tmp_path):

@@ -179,10 +179,13 @@ def check_datasets(cfg: Config, loaders: Iterable[str]) -> None:
         for path, what in _dataset_files(dataset):
             if '://' in path or osp.exists(path):
                 continue
+            root = next((leaf['data_root'] for leaf in _leaf_datasets(
+                dataset) if leaf.get('data_root')), 'data/toy_coco/')
             raise UserError(
                 f'{what} {path} of {loader} does not exist. Generate the toy '
-                'set with `python tools/misc/make_toy_coco.py data/toy_coco`,'
-                ' or point data_root at your COCO copy, e.g. --cfg-options '
+                f'set with `python tools/misc/make_toy_coco.py {root}` (with '
+                "the options in the config's header, if any), or point "
+                'data_root at your COCO copy, e.g. --cfg-options '
                 f'{loader}.dataset.data_root=/path/to/coco/')
         for leaf in _leaf_datasets(dataset):
             ann = _join_root(leaf, leaf.get('ann_file') or '')
