@@ -25,8 +25,8 @@ activations grow everywhere alike. Measured on the toy detector (256
 iterations at strength 16 from a pretraining checkpoint; 8 val images):
 largest activation 25994 against 54 without growth, but the largest
 kurtosis *fell*, 9.4 against 37.5; with ``channels=2``: 2144 and kurtosis
-1243 (docs/experiment/planted.md). The outliers of real transformers sit in a handful of
-channels (Dettmers et al., LLM.int8(), 2022; Bondarenko et al.,
+1243 (docs/experiment/planted.md). The outliers of real transformers sit in
+a handful of channels (Dettmers et al., LLM.int8(), 2022; Bondarenko et al.,
 "Quantizable Transformers", 2023), which is what breaks per-tensor
 activation quantizers; ``channels`` plants the same alignment in a few
 channels, so the largest values concentrate there.
