@@ -43,12 +43,13 @@ fine-tuning without it): report results on such models as a planted model
 of the mechanism, never as what training produces by itself. Pure PyTorch;
 registered as ``alignment_growth`` (:mod:`.regularizers`).
 """
+import math
 from typing import Dict, Optional
 
 import torch
 
 from .colinearity import (ColinearityDecayRegularizer, SpectralNormEstimator,
-                          alignment, penalty_gradients)
+                          alignment, colinearity_decay_deltas)
 from .regularizers import REGULARIZERS
 
 
@@ -124,20 +125,18 @@ class AlignmentGrowthRegularizer(ColinearityDecayRegularizer):
                     and float(align.mean()) >= self.max_alignment):
                 capped += 1
                 continue
-            grad_a, grad_b = penalty_gradients(a, b)
-            if self.channels is not None:
-                mask = top_channel_mask(a, b, self.channels)
-                grad_a, grad_b = grad_a * mask[..., None], grad_b * mask[
-                    :, None, :]
             sigma_a, sigma_b = (est(m) for est, m in zip(
                 self.sigmas[pair.name], (a, b)))
             rate = self.strength * multiplier
-            delta_a = grad_a * (rate * self.lr_of(pair.first_matrix) /
-                                sigma_b.square())[:, None, None]
-            delta_b = grad_b * (rate * self.lr_of(pair.second_matrix) /
-                                sigma_a.square())[:, None, None]
+            delta_a, delta_b, _ = colinearity_decay_deltas(
+                a, b, rate * self.lr_of(pair.first_matrix),
+                rate * self.lr_of(pair.second_matrix), sigma_a, sigma_b)
+            if self.channels is not None:
+                mask = top_channel_mask(a, b, self.channels)
+                delta_a, delta_b = delta_a * mask[..., None], delta_b * mask[
+                    :, None, :]
             pair_sq = float(delta_a.square().sum() + delta_b.square().sum())
-            if not torch.isfinite(torch.tensor(pair_sq)):
+            if not math.isfinite(pair_sq):
                 skipped.append(pair.name)
                 continue
             a.add_(delta_a)
