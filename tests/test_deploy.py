@@ -511,3 +511,11 @@ def test_export_tool_errors(tmp_path):
     code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
                          '--layer-bits', 'x=w1')
     assert_one_line_error(code, out, 'bits must be an integer in 2..8')
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w4a4',
+                         '--profile', 'tensorrt')
+    assert_one_line_error(code, out, "profile 'tensorrt' (TensorRT INT8) "
+                          'runs 8-bit integers only, not the 4-bit of '
+                          'a_bits=4, w_bits=4: choose w8a8')
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w8a8',
+                         '--profile', 'tensorrt', '--method', 'qdrop')
+    assert_one_line_error(code, out, 'cannot run a reconstructed model')

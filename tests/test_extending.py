@@ -69,7 +69,7 @@ def test_the_page_has_every_extension_kind():
     assert set(page_files()) == {
         'my_quant.py', 'my_config.py', 'my_qat.py', 'my_regularizer.py',
         'my_train_config.py', 'my_backbone_spec.py', 'my_attention.py',
-        'my_recon_loss.py'}
+        'my_recon_loss.py', 'my_profile.py'}
 
 
 def tool_env(folder):
@@ -233,3 +233,31 @@ def test_an_attention_kind_from_outside(page_module):
     calibrate(model, cfg, lambda: model(x))
     out = model(x)
     assert 0 < (out - expected).norm() / expected.norm() < 0.1
+
+
+def test_a_deployment_profile_from_outside(page_module, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mmcd.core import ConfigError
+    from mmcd.core.quant import (DEPLOY_PROFILES, QUANTIZED_MODULES,
+                                 QuantConfig, UniformQuantizer,
+                                 quantize_model)
+    from mmcd.deploy import PROFILE_GRAPH_CHECKS, profile_problems
+    page_module('my_profile', DEPLOY_PROFILES, PROFILE_GRAPH_CHECKS)
+    attention = page_module('my_attention', QUANTIZED_MODULES)
+    model = nn.Sequential(attention.MyAttention(16))
+    quantize_model(model, QuantConfig(8, 8, 'repq-vit', profile='int8-qdq'))
+    quantizer = model[0].av_matmul.quantizer_a
+    assert type(quantizer) is UniformQuantizer and not quantizer.symmetric
+    with pytest.raises(ConfigError, match="profile 'int8-qdq' .* runs "
+                       '8-bit integers only, not the 6-bit of a_bits=6'):
+        QuantConfig(8, 6, profile='int8-qdq')
+    graph = helper.make_graph(
+        [helper.make_node('Log', ['x'], ['y'])], 'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [2])])
+    path = str(tmp_path / 'log.onnx')
+    onnx.save(helper.make_model(graph), path)
+    assert profile_problems(path, 'int8-qdq') == ['Log in the graph']
+    assert profile_problems(path, 'onnxruntime') == []

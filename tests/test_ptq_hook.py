@@ -164,6 +164,13 @@ def test_cli_quant_shortcut_errors(trained):
     code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
                          'four')
     assert_one_line_error(code, out, 'wNaM')
+    code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'w6a6', '--quant-profile', 'tensorrt')
+    assert_one_line_error(code, out, '--quant', 'runs 8-bit integers only, '
+                          'not the 6-bit of a_bits=6, w_bits=6')
+    code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
+                         'w8a8', '--quant-profile', 'trt')
+    assert_one_line_error(code, out, 'unknown deployment profile')
 
 
 def test_calibration_images_are_the_same_on_every_rank(micro_data_root,

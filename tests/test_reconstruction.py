@@ -282,6 +282,14 @@ def test_quantized_checkpoint_refuses_other_settings(tmp_path):
                    model_cfg, path)
     with pytest.raises(ConfigError, match='the detector config'):
         check_meta(loaded, cfg, ConfigDict(type='Net', depth=3), path)
+    with pytest.raises(ConfigError, match=r"profile 'onnxruntime' \(here "
+                       r"'tensorrt'\)"):
+        check_meta(loaded, QuantConfig(8, 8, 'minmax', first_layer_bits=3,
+                                       profile='tensorrt'),
+                   model_cfg, path)
+    # a file written before profiles existed has the default one
+    del loaded['settings']['profile']
+    check_meta(loaded, cfg, model_cfg, path, complete=False)
     with pytest.raises(ConfigError, match=r'stopped after 0 of 1 units'):
         check_meta(loaded, cfg, model_cfg, path)
     torch.save(quantized.state_dict(), tmp_path / 'float.pth')

@@ -3,8 +3,8 @@ reconstruction if asked for, written to a quantized checkpoint that
 ``tools/test.py --quant-checkpoint`` evaluates without calibrating again.
 
 The settings are the config's ``PostTrainingQuantHook`` (or ``--quant``,
-``--quant-method``, ``--layer-bits``, ``--calib-images`` as in
-``tools/test.py``; ``--reconstruction iters=20000 batch_size=1 ...`` adds or
+``--quant-method``, ``--quant-profile``, ``--layer-bits``,
+``--calib-images`` as in ``tools/test.py``; ``--reconstruction iters=20000 batch_size=1 ...`` adds or
 overrides reconstruction; ``--quant-method qdrop`` or ``aphq-vit`` bring
 their own). APHQ-ViT's MLP reconstruction, if asked for, runs before
 calibration and is saved with it. The file is written after calibration
@@ -25,9 +25,9 @@ from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from mmcd.utils.runner_setup import (UserError, add_quant_hook,
-                                     check_checkpoint, check_datasets,
-                                     load_config, run_main)
+from mmcd.utils.runner_setup import (UserError, add_profile_argument,
+                                     add_quant_hook, check_checkpoint,
+                                     check_datasets, load_config, run_main)
 
 
 def parse_args():
@@ -38,6 +38,7 @@ def parse_args():
                         help='the quantized checkpoint to write (or finish)')
     parser.add_argument('--quant', metavar='wNaM')
     parser.add_argument('--quant-method', default='repq-vit')
+    add_profile_argument(parser, '--quant-profile')
     parser.add_argument('--layer-bits', nargs='+', default=(),
                         metavar='REGEX=wNaM')
     parser.add_argument('--calib-images', type=int)
@@ -53,7 +54,8 @@ def ptq_hook(cfg, args) -> dict:
     """The PTQ hook settings: ``--quant`` ones, else the config's hook."""
     if args.quant:
         add_quant_hook(cfg, args.quant, args.quant_method, False,
-                       args.calib_images, args.layer_bits)
+                       args.calib_images, args.layer_bits,
+                       args.quant_profile)
     hooks = [h for h in cfg.get('custom_hooks', [])
              if h.get('type') == 'PostTrainingQuantHook']
     if not hooks:
@@ -65,6 +67,9 @@ def ptq_hook(cfg, args) -> dict:
                              num_images=args.calib_images)
     if args.layer_bits and not args.quant:
         raise UserError('--layer-bits goes with --quant (or set layer_bits '
+                        "in the config's PostTrainingQuantHook)")
+    if args.quant_profile and not args.quant:
+        raise UserError('--quant-profile goes with --quant (or set profile '
                         "in the config's PostTrainingQuantHook)")
     if args.reconstruction:
         hook['reconstruction'] = dict(hook.get('reconstruction') or {},

@@ -15,7 +15,8 @@ from mmengine.runner import Runner
 
 import mmcd  # noqa: F401  (registers mmcd's modules)
 from mmcd.core.quant import QUANT_METHODS
-from mmcd.utils.runner_setup import (UserError, add_quant_hook,
+from mmcd.utils.runner_setup import (UserError, add_profile_argument,
+                                     add_quant_hook,
                                      add_quantized_checkpoint_hook,
                                      check_checkpoint, check_datasets,
                                      default_work_dir, load_config, run_main,
@@ -38,6 +39,7 @@ def parse_args():
                         help='a registered PTQ method (built in: '
                         f'{", ".join(QUANT_METHODS.names())}; the config\'s '
                         'custom_imports may register more)')
+    add_profile_argument(parser, '--quant-profile')
     parser.add_argument(
         '--layer-bits', nargs='+', default=(), metavar='REGEX=wNaM',
         help='with --quant: mixed precision, e.g. "stages\\.3=w8a8" '
@@ -72,15 +74,18 @@ def main():
         raise UserError('--quant calibrates, --quant-checkpoint loads a '
                         'calibrated model: give one of them')
     if args.quant_checkpoint:
-        if args.layer_bits or args.calib_images is not None:
-            raise UserError('--layer-bits and --calib-images are settings of '
-                            'the quantized checkpoint (tools/quantize.py), '
-                            'not of --quant-checkpoint')
+        if args.layer_bits or args.calib_images is not None or \
+                args.quant_profile:
+            raise UserError('--layer-bits, --calib-images and '
+                            '--quant-profile are settings of the quantized '
+                            'checkpoint (tools/quantize.py), not of '
+                            '--quant-checkpoint')
         add_quantized_checkpoint_hook(cfg, args.quant_checkpoint,
                                       args.compare_fp)
     elif args.quant:
         add_quant_hook(cfg, args.quant, args.quant_method, args.compare_fp,
-                       args.calib_images, args.layer_bits)
+                       args.calib_images, args.layer_bits,
+                       args.quant_profile)
     elif args.layer_bits:
         raise UserError('--layer-bits needs --quant')
     check_datasets(cfg, ['test_dataloader'])

@@ -2,10 +2,14 @@
 onnxruntime check (needs ``requirements/deploy.txt``: onnx, onnxruntime,
 onnxscript). The QDQ rewrite itself is pure PyTorch
 (:mod:`mmcd.core.quant.qdq`); this package maps it to ONNX
-(onnx_export.py) and holds the yardstick of the check (yardstick.py)."""
+(onnx_export.py, end2end.py), holds the yardstick of the check
+(yardstick.py) and checks a graph against TensorRT's Q/DQ rules
+(tensorrt_check.py)."""
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
-                          QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
-                          OnnxFeatures, OnnxPerShape, export_onnx, ort_session)
+                          PROFILE_GRAPH_CHECKS, QDQ_DISABLED_OPTIMIZERS,
+                          FeatureExtractor, OnnxFeatures, OnnxPerShape,
+                          export_onnx, ort_session, profile_problems)
+from .tensorrt_check import tensorrt_problems
 from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, RuntimeDraw,
                         SimulationDraw, SummationDraw,
                         changed_detections, feature_consumer,
@@ -18,5 +22,6 @@ __all__ = [
     'SimulationDraw', 'SummationDraw',
     'export_onnx',
     'ort_session', 'changed_detections', 'feature_consumer',
-    'matched_detections'
+    'matched_detections', 'tensorrt_problems', 'PROFILE_GRAPH_CHECKS',
+    'profile_problems'
 ]

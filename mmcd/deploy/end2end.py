@@ -11,12 +11,13 @@ heads' post-processing into standard ONNX ops (``RoiAlign``, ``TopK``,
 * TorchScript symbolics of mmcd's two QDQ ops (:func:`register_symbolics`),
   the counterparts of the ``torch.export`` translations of
   :mod:`.onnx_export`: ``mmcd::quantize_dequantize`` -> ``QuantizeLinear``
-  (-> ``Clip`` to ``[0, 2^b - 1]`` below 8 bits) -> ``DequantizeLinear``,
+  (-> ``Clip`` to the ``2^b`` levels below 8 bits) -> ``DequantizeLinear``,
   ``mmcd::dequantize`` -> per-axis ``DequantizeLinear`` of the integer
   weight. The TorchScript exporter stops at opset 20, before ONNX's 4-bit
-  types (opset 21): every width is carried in ``uint8`` (integer weights
-  of 2-8 bits as ``uint8`` initializers, the same integers; activations
-  clipped to their ``2^b`` levels), which computes the same model;
+  types (opset 21): every width is carried in ``uint8``, or ``int8`` for
+  the signed grids of the ``tensorrt`` profile (integer weights of 2-8
+  bits as 8-bit initializers, the same integers; activations clipped to
+  their ``2^b`` levels), which computes the same model;
 * :func:`deploy_config`: mmdeploy's post-processing parameters taken from
   the detector's own ``test_cfg``;
 * rewriters (:data:`REWRITERS`) where mmdeploy's post-processing is not
@@ -48,35 +49,38 @@ import torch
 from torch import nn
 
 from mmcd.compat.mmdeploy_torch import torchscript_export
-from .onnx_export import check_onnx, ort_session
+from .onnx_export import check_onnx, integer_levels, ort_session
 
 #: opsets of the end-to-end export: per-axis DequantizeLinear needs 13, the
 #: TorchScript exporter goes up to 20
 END2END_MIN_OPSET, END2END_MAX_OPSET = 13, 20
 #: its default
 END2END_OPSET = 17
-#: ONNX TensorProto data type of uint8
-_UINT8 = 2
+#: ONNX TensorProto data types of uint8 and int8
+_UINT8, _INT8 = 2, 3
 _registered = set()
 
 
-def _quantize_dequantize_symbolic(g, x, scale, zero_point, bits):
+def _quantize_dequantize_symbolic(g, x, scale, zero_point, bits, signed):
     from torch.onnx import symbolic_helper
     bits = symbolic_helper._get_const(bits, 'i', 'bits')
-    zero = g.op('Cast', zero_point, to_i=_UINT8)
+    signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
+    zero = g.op('Cast', zero_point, to_i=_INT8 if signed else _UINT8)
     quantized = g.op('QuantizeLinear', x, scale, zero)
     if bits != 8:
-        levels = [g.op('Constant', value_t=torch.tensor(v, dtype=torch.uint8))
-                  for v in (0, 2**bits - 1)]
+        dtype = torch.int8 if signed else torch.uint8
+        levels = [g.op('Constant', value_t=torch.tensor(v, dtype=dtype))
+                  for v in integer_levels(bits, signed)]
         quantized = g.op('Clip', quantized, *levels)
     return g.op('DequantizeLinear', quantized, scale, zero)
 
 
-def _dequantize_symbolic(g, q, scale, zero_point, bits, axis):
+def _dequantize_symbolic(g, q, scale, zero_point, bits, axis, signed):
     from torch.onnx import symbolic_helper
     axis = symbolic_helper._get_const(axis, 'i', 'axis')
-    return g.op('DequantizeLinear', q, scale,
-                g.op('Cast', zero_point, to_i=_UINT8), axis_i=axis)
+    signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
+    zero = g.op('Cast', zero_point, to_i=_INT8 if signed else _UINT8)
+    return g.op('DequantizeLinear', q, scale, zero, axis_i=axis)
 
 
 def _exp2_symbolic(g, x):

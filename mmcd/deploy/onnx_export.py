@@ -3,17 +3,20 @@
 :func:`export_onnx` exports with ``torch.onnx.export(..., dynamo=True)`` and
 translates mmcd's two quantization ops (:mod:`mmcd.core.quant.qdq`):
 
-* ``mmcd::quantize_dequantize(x, s, z, bits)`` -> ``QuantizeLinear`` ->
-  ``DequantizeLinear`` with a ``uint4`` (4 bits) or ``uint8`` zero point;
-  other widths (2, 3, 5-7 bits) use ``uint8`` and a ``Clip`` to
-  ``[0, 2^b - 1]`` between the two, since ``QuantizeLinear`` saturates to its
-  type's range while mmcd's quantizer clamps to ``2^b - 1``;
-* ``mmcd::dequantize(q, s, z, bits, axis)`` -> ``DequantizeLinear(axis)`` of
-  the integer weight, stored as a ``uint4`` (up to 4 bits) or ``uint8``
-  initializer (:func:`store_integer_initializers` folds the casts of
+* ``mmcd::quantize_dequantize(x, s, z, bits, signed)`` -> ``QuantizeLinear``
+  -> ``DequantizeLinear`` with a ``uint4`` (4 bits) or ``uint8`` zero point
+  (``int4`` / ``int8`` when ``signed``: the symmetric grids of the
+  ``tensorrt`` profile, zero point 0); other widths (2, 3, 5-7 bits) use
+  the 8-bit type and a ``Clip`` to the ``2^b`` levels between the two,
+  since ``QuantizeLinear`` saturates to its type's range while mmcd's
+  quantizer clamps to its own;
+* ``mmcd::dequantize(q, s, z, bits, axis, signed)`` ->
+  ``DequantizeLinear(axis)`` of the integer weight, stored as a ``uint4``
+  (up to 4 bits) or ``uint8`` initializer (``int4`` / ``int8`` when
+  ``signed``; :func:`store_integer_initializers` folds the casts of
   constants; ``DequantizeLinear`` is left unfolded).
 
-``uint4`` needs opset 21 (:data:`MIN_QDQ_OPSET`, also the floor for the
+4-bit types need opset 21 (:data:`MIN_QDQ_OPSET`, also the floor for the
 quantized export). Both ops round half to even, as ``torch.round`` does.
 """
 import os.path as osp
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from mmcd.core.quant.qdq import ActivationQDQ, IntegerWeightMixin
+from mmcd.core.registry import Registry
 
 #: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
 MIN_QDQ_OPSET = 21
@@ -45,29 +49,54 @@ QDQ_DISABLED_OPTIMIZERS = ('MatMulAddFusion', )
 #: mean 0.30 -> 0.20 steps; a lone Linear 1.1e-2 -> float rounding. Level 1
 #: computes in float32 from the integer weights.
 ORT_SESSION_CONFIG = {'session.qdq_matmulnbits_accuracy_level': '1'}
+#: checks of an exported file against a deployment profile's runtime, by
+#: profile name: ``check(path) -> [problem, ...]`` (tensorrt_check.py)
+PROFILE_GRAPH_CHECKS = Registry('graph check of a deployment profile')
 
 
-def _qdq_onnx(x, scale, zero_point, bits: int):
+def profile_problems(path: str, profile: str) -> List[str]:
+    """What in the exported ``path`` the runtime of ``profile`` refuses
+    (its registered graph check; none registered: nothing to check)."""
+    if profile not in PROFILE_GRAPH_CHECKS:
+        return []
+    return PROFILE_GRAPH_CHECKS.get(profile)(path)
+
+
+def integer_levels(bits: int, signed: bool) -> Tuple[int, int]:
+    """The smallest and largest integer of a ``bits``-wide grid."""
+    return (-2**(bits - 1), 2**(bits - 1) - 1) if signed else \
+        (0, 2**bits - 1)
+
+
+def _qdq_onnx(x, scale, zero_point, bits: int, signed: bool):
     from onnxscript import ir
     from onnxscript import opset21 as op
-    qtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
+    qtype = _integer_type(ir, bits == 4, signed)
     zero = op.Cast(zero_point, to=qtype)
     quantized = op.QuantizeLinear(x, scale, zero)
     if bits not in (4, 8):
+        lo, hi = integer_levels(bits, signed)
         quantized = op.Clip(
-            quantized, op.Cast(op.Constant(value_int=0), to=qtype),
-            op.Cast(op.Constant(value_int=2**bits - 1), to=qtype))
+            quantized, op.Cast(op.Constant(value_int=lo), to=qtype),
+            op.Cast(op.Constant(value_int=hi), to=qtype))
     return op.DequantizeLinear(quantized, scale, zero)
 
 
-def _dequantize_onnx(q, scale, zero_point, bits: int, axis: int):
+def _dequantize_onnx(q, scale, zero_point, bits: int, axis: int,
+                     signed: bool):
     from onnxscript import ir
     from onnxscript import opset21 as op
-    qtype = ir.DataType.UINT4 if bits <= 4 else ir.DataType.UINT8
+    qtype = _integer_type(ir, bits <= 4, signed)
     if bits <= 4:
         q = op.Cast(q, to=qtype)
     return op.DequantizeLinear(q, scale, op.Cast(zero_point, to=qtype),
                                axis=axis)
+
+
+def _integer_type(ir, four_bit: bool, signed: bool):
+    if four_bit:
+        return ir.DataType.INT4 if signed else ir.DataType.UINT4
+    return ir.DataType.INT8 if signed else ir.DataType.UINT8
 
 
 class FeatureExtractor(nn.Module):

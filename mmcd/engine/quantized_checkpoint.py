@@ -21,14 +21,16 @@ import torch
 from mmengine.logging import print_log
 
 from mmcd.core import ConfigError
-from mmcd.core.quant import QuantConfig, quantize_model
+from mmcd.core.quant import DEFAULT_PROFILE, QuantConfig, quantize_model
 from mmcd.core.quant.saved_state import restore_quantized
 
 FORMAT = 'mmcd-quantized-checkpoint-1'
 #: the QuantConfig settings a quantized checkpoint is tied to
 SETTINGS = ('w_bits', 'a_bits', 'method', 'scope', 'skip',
             'first_layer_bits', 'weight_search', 'layer_bits',
-            'reconstruction')
+            'reconstruction', 'profile')
+#: the value of a setting in files written before it existed
+SETTING_DEFAULTS = dict(profile=DEFAULT_PROFILE)
 
 
 def settings_of(quant_cfg: QuantConfig) -> Dict:
@@ -83,8 +85,10 @@ def check_meta(meta: Dict, quant_cfg: QuantConfig, model_cfg,
     """Refuse ``meta`` made for other settings or another detector config,
     or (``complete``) a reconstruction still under way."""
     expected = settings_of(quant_cfg)
-    differ = [f'{k} {meta["settings"].get(k)!r} (here {expected[k]!r})'
-              for k in SETTINGS if meta['settings'].get(k) != expected[k]]
+    stored = {k: meta['settings'].get(k, SETTING_DEFAULTS.get(k))
+              for k in SETTINGS}
+    differ = [f'{k} {stored[k]!r} (here {expected[k]!r})'
+              for k in SETTINGS if stored[k] != expected[k]]
     if meta['model'] != model_digest(model_cfg):
         differ.append('the detector config (model) differs')
     if differ:
@@ -101,6 +105,9 @@ def describe(meta: Dict) -> str:
     s = meta['settings']
     recon = '' if s['reconstruction'] is None else \
         f' + reconstruction {s["reconstruction"]}'
+    profile = s.get('profile', SETTING_DEFAULTS['profile'])
+    recon += '' if profile == SETTING_DEFAULTS['profile'] else \
+        f', profile {profile}'
     return (f'W{s["w_bits"]}A{s["a_bits"]} {s["method"]}{recon}, calibrated '
             f'on {meta["calib_images"]} images')
 

@@ -345,14 +345,18 @@ def parse_layer_bits(specs: Sequence[str]) -> list:
 
 def add_quant_hook(cfg: Config, spec: str, method: str, compare_fp: bool,
                    calib_images: Optional[int],
-                   layer_bits: Sequence[str] = ()) -> None:
+                   layer_bits: Sequence[str] = (),
+                   profile: Optional[str] = None) -> None:
     """Append a PostTrainingQuantHook for ``--quant`` (replacing one the
-    config already has); ``layer_bits`` as ``--layer-bits`` gives it."""
+    config already has); ``layer_bits`` as ``--layer-bits`` gives it,
+    ``profile`` as ``--quant-profile`` (None: the default)."""
+    from mmcd.core.quant import DEFAULT_PROFILE
     w_bits, a_bits = parse_quant_spec(spec)
     hooks = [h for h in cfg.get('custom_hooks', [])
              if h.get('type') != 'PostTrainingQuantHook']
     hook = dict(type='PostTrainingQuantHook', w_bits=w_bits, a_bits=a_bits,
-                method=method, compare_fp=compare_fp)
+                method=method, compare_fp=compare_fp,
+                profile=profile or DEFAULT_PROFILE)
     if calib_images is not None:
         hook['calib'] = dict(num_images=calib_images)
     if layer_bits:
@@ -423,6 +427,7 @@ def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
                         "config's custom_imports may register more)")
     parser.add_argument('--calib-images', type=int,
                         help=f'default {calib_images}')
+    add_profile_argument(parser, '--profile')
     parser.add_argument('--quant-checkpoint', metavar='FILE',
                         help='a model quantized by tools/quantize.py, loaded '
                         'instead of calibrating (its settings are the run\'s)')
@@ -432,6 +437,17 @@ def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
                         help='override config settings, key=value')
 
 
+def add_profile_argument(parser, flag: str) -> None:
+    """``--profile`` / ``--quant-profile``: the runtime the model is
+    quantized for (a registered deployment profile)."""
+    from mmcd.core.quant import DEPLOY_PROFILES
+    parser.add_argument(flag, metavar='PROFILE',
+                        help='the runtime the model is quantized for: '
+                        f'{", ".join(DEPLOY_PROFILES.names())} (default '
+                        'onnxruntime; tensorrt: symmetric INT8, zero point '
+                        '0, uniform post-softmax, 8 bits only)')
+
+
 def ptq_config(args, **options):
     """The :class:`~mmcd.core.quant.QuantConfig` of the PTQ tools'
     ``--quant`` and ``--method`` (plus ``options``), or the settings of
@@ -439,7 +455,7 @@ def ptq_config(args, **options):
     ``args.method`` and ``args.calib_images``, which the tools report),
     after checking that ``args.checkpoint`` exists; bad values raise
     :class:`UserError`."""
-    from mmcd.core.quant import QuantConfig
+    from mmcd.core.quant import DEFAULT_PROFILE, QuantConfig
     check_checkpoint(args.checkpoint)
     load_config(args.config, args.cfg_options)  # its custom_imports
     if args.quant_checkpoint:
@@ -449,10 +465,12 @@ def ptq_config(args, **options):
                         '--quant-checkpoint FILE (tools/quantize.py)')
     w_bits, a_bits = parse_quant_spec(args.quant)
     args.method = args.method or 'repq-vit'
+    args.profile = args.profile or DEFAULT_PROFILE
     if args.calib_images is None:
         args.calib_images = args.default_calib_images
     try:
-        return QuantConfig(w_bits, a_bits, args.method, **options)
+        return QuantConfig(w_bits, a_bits, args.method, profile=args.profile,
+                           **options)
     except ValueError as err:
         raise UserError(err) from None
 
@@ -461,11 +479,13 @@ def _checkpoint_settings(args, options):
     """``ptq_config`` for ``--quant-checkpoint``: the file's settings;
     ``--quant``, ``--method``, ``--calib-images`` and tool options that set
     them are refused (they are the file's)."""
+    from mmcd.engine.quantized_checkpoint import (SETTING_DEFAULTS,
+                                                  load_quantized)
     from mmcd.core.quant import QuantConfig
-    from mmcd.engine.quantized_checkpoint import load_quantized
     given = [flag for flag, value in (
         ('--quant', args.quant), ('--method', args.method),
-        ('--calib-images', args.calib_images)) if value is not None]
+        ('--calib-images', args.calib_images), ('--profile', args.profile))
+        if value is not None]
     given += [f'--{key.replace("_", "-")}' for key, value in options.items()
               if value]
     if given:
@@ -476,6 +496,7 @@ def _checkpoint_settings(args, options):
     settings = meta['settings']
     args.quant = f'w{settings["w_bits"]}a{settings["a_bits"]}'
     args.method, args.calib_images = settings['method'], meta['calib_images']
+    args.profile = settings.get('profile', SETTING_DEFAULTS['profile'])
     return QuantConfig(**settings)
 
 

@@ -114,7 +114,8 @@ def within_weight_budget(ranked, params, w_bits, budget):
 
 
 def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
-                a_bits, calib_images, label=None, reconstruction=None):
+                a_bits, calib_images, label=None, reconstruction=None,
+                profile=None):
     """A config inheriting ``config_path`` whose PTQ hook keeps ``names``
     at W8A8 and calibrates (and reconstructs, with the measured model's
     ``reconstruction`` options) as the measurement did
@@ -126,6 +127,8 @@ def keep_config(cfg, config_path, out_dir, spec, method, names, w_bits,
     hooks.append(dict(type='PostTrainingQuantHook', w_bits=w_bits,
                       a_bits=a_bits, method=method, layer_bits=rules,
                       calib=dict(num_images=calib_images)))
+    if profile is not None:
+        hooks[-1]['profile'] = profile
     if reconstruction is not None:
         hooks[-1]['reconstruction'] = dict(reconstruction)
     path = osp.join(out_dir, f'{label or f"keep{len(names)}"}_{spec}.py')
@@ -203,7 +206,8 @@ def main():
     configs = [keep_config(cfg, args.config, args.out_dir, args.quant,
                            args.method, ranked[:k], w_bits, a_bits,
                            args.calib_images,
-                           reconstruction=quant_cfg.reconstruction)
+                           reconstruction=quant_cfg.reconstruction,
+                           profile=quant_cfg.profile)
                for k in args.keep if 0 < k <= len(ranked)]
     params = {name: module.weight.numel()
               for name, module in model.named_modules()
@@ -217,7 +221,8 @@ def main():
             cfg, args.config, args.out_dir, args.quant, args.method, chosen,
             w_bits, a_bits, args.calib_images,
             label=f'avgw{args.avg_w_bits:g}',
-            reconstruction=quant_cfg.reconstruction))
+            reconstruction=quant_cfg.reconstruction,
+            profile=quant_cfg.profile))
         print(f'--avg-w-bits {args.avg_w_bits:g}: {len(chosen)} layers at '
               f'8 bits, average weight bits {average:.3f}')
     with open(paths['json'], 'w') as f:

@@ -68,10 +68,12 @@ import _bootstrap  # noqa: E402,F401  (must precede OpenMMLab imports)
 import torch  # noqa: E402
 
 import mmcd  # noqa: E402,F401
+from mmcd.core.quant import DEFAULT_PROFILE  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (DRAWS, MIN_QDQ_OPSET,  # noqa: E402
                          ComparedFeatures, FeatureExtractor, OnnxPerShape,
-                         changed_detections, feature_consumer)
+                         changed_detections, feature_consumer,
+                         profile_problems)
 from mmcd.deploy.end2end import (END2END_MAX_OPSET,  # noqa: E402
                                  END2END_MIN_OPSET, END2END_OPSET,
                                  deploy_config, end2end_detector)
@@ -260,11 +262,21 @@ def export_record(args, report: dict, input_shape, times: dict,
     """What ``export.json`` holds for either scope, plus ``fields``."""
     return dict(config=args.config, checkpoint=args.checkpoint,
                 scope=args.scope, quant=args.quant, method=args.method,
-                input_shape=list(input_shape), opset=args.opset,
+                profile=args.profile, input_shape=list(input_shape),
+                opset=args.opset,
                 export_seconds=times, files=paths,
                 forms={k: len(v) for k, v in report.items()},
                 float_formula_layers=report['float_formula'],
                 fractional_zero_layers=report['fractional_zero'], **fields)
+
+
+def check_profile(path: str, profile: str) -> None:
+    """Refuse an exported file that breaks its profile's runtime rules
+    (:func:`mmcd.deploy.profile_problems`), naming the first problems."""
+    problems = profile_problems(path, profile)
+    if problems:
+        raise UserError(f'{path} breaks the {profile} profile\'s rules in '
+                        f'{len(problems)} place(s): {"; ".join(problems[:3])}')
 
 
 def write_record(args, results: dict) -> None:
@@ -293,6 +305,8 @@ def export_whole_detector(args, runner, quant_model, qdq_model, report,
         found = exported[key].outputs(image, sample)
         times[key] = time.perf_counter() - start
         paths[key] = exported[key].path_for(image)
+        if key == name:
+            check_profile(paths[key], args.profile)
         reference = end2end_detector(module, model_cfg, runtime='pytorch'
                                      ).outputs(image, sample)
         same = [a.shape == b.shape for a, b in zip(found, reference)]
@@ -343,6 +357,8 @@ def main():
     qdq_model = copy.deepcopy(quant_model)
     report = to_qdq(qdq_model)
     name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
+    if quant_cfg.profile != DEFAULT_PROFILE:
+        name += f'_{quant_cfg.profile}'
     first_batch = dict(inputs=calib_batch['inputs'][:1],
                        data_samples=calib_batch['data_samples'][:1])
     if args.scope == 'detector':
@@ -358,6 +374,7 @@ def main():
         outputs[key] = onnx_model(images)  # exports at this shape
         times[key] = time.perf_counter() - start
         paths[key] = onnx_model.path_for(images)
+    check_profile(paths[name], args.profile)
     with torch.no_grad():
         float_feats = FeatureExtractor(model)(images)
         quant_feats = FeatureExtractor(quant_model)(images)

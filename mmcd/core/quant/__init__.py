@@ -16,6 +16,7 @@ from .qat import (QAT_METHODS, OscillationTracker, QATConfig, QATMethod,
 from .qat_quantizers import (QAT_ACT_QUANTIZERS, QAT_WEIGHT_QUANTIZERS,
                              LsqActQuantizer, LsqWeightQuantizer,
                              StatsWeightQuantizer)
+from .profiles import DEFAULT_PROFILE, DEPLOY_PROFILES, DeployProfile
 from .qk_reparam import QKReparam
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
@@ -43,5 +44,6 @@ __all__ = [
     'QuantizedModule', 'QAT_WEIGHT_QUANTIZERS',
     'QAT_ACT_QUANTIZERS', 'FakeQuantizer', 'AdaRoundQuantizer',
     'ReconstructionConfig', 'reconstruct', 'restore_quantized',
-    'RECONSTRUCTION_LOSSES', 'ReconstructionLoss'
+    'RECONSTRUCTION_LOSSES', 'ReconstructionLoss', 'DEPLOY_PROFILES',
+    'DeployProfile', 'DEFAULT_PROFILE'
 ]

@@ -27,6 +27,7 @@ from torch import nn
 from ..architectures import first_layer_pattern
 from ..errors import ConfigError
 from .methods import QuantMethod, get_method
+from .profiles import DEFAULT_PROFILE, DEPLOY_PROFILES, DeployProfile
 from .modules import (FLOAT_ATTENTION_KERNELS, QUANTIZED_MODULES,
                       QuantConv2d, QuantizedModule, QuantLinear, QuantMatMul)
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, UniformQuantizer,
@@ -102,6 +103,10 @@ class QuantConfig:
             ``drop_prob``, ``loss``, ``mlp``...), for any method: they
             override the method's own reconstruction (``qdrop``,
             ``aphq-vit``) or add one (None: the method's, if any).
+        profile: the runtime the model is quantized for, a registered
+            :class:`~mmcd.core.quant.profiles.DeployProfile`
+            (``'onnxruntime'``, the default: the method as published;
+            ``'tensorrt'``: symmetric INT8, profiles.py).
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -113,6 +118,7 @@ class QuantConfig:
     weight_search: Optional[str] = None
     layer_bits: Sequence = field(default_factory=tuple)
     reconstruction: Optional[Dict] = None
+    profile: str = DEFAULT_PROFILE
 
     def __post_init__(self):
         self.layer_bits = tuple(LayerBits.from_dict(rule)
@@ -128,15 +134,26 @@ class QuantConfig:
         if self.scope not in ('all', 'backbone'):
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
+        profile = self.deploy_profile
+        profile.check_reconstruction(self.reconstruction_config() is not None)
+        if not self.layer_bits:  # else: per layer, at conversion
+            profile.check_bits({f'w_bits={self.w_bits}': [self.w_bits],
+                                f'a_bits={self.a_bits}': [self.a_bits]})
+
+    @property
+    def deploy_profile(self) -> DeployProfile:
+        return DEPLOY_PROFILES.get(self.profile)
 
     @property
     def resolved_method(self) -> QuantMethod:
-        """The registered method, with ``weight_search`` applied."""
+        """The registered method, with ``weight_search`` and the
+        profile applied."""
         method = get_method(self.method)
-        if self.weight_search is None:
-            return method
-        return replace(method, name=f'{method.name}+{self.weight_search}',
-                       weight_search=self.weight_search)
+        if self.weight_search is not None:
+            method = replace(method,
+                             name=f'{method.name}+{self.weight_search}',
+                             weight_search=self.weight_search)
+        return self.deploy_profile.apply(method)
 
     def reconstruction_config(self) -> Optional[ReconstructionConfig]:
         """The reconstruction after calibration: the method's, with
@@ -281,17 +298,28 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             matched.add(rule)
         return w_bits, a_bits
 
-    def convert_children(parent: nn.Module, prefix: str) -> None:
+    def convert_children(parent: nn.Module, prefix: str, convert) -> None:
         for attr, child in list(parent.named_children()):
             name = prefix + attr
             twin_of = QUANTIZED_MODULES.find(child)
             if twin_of is not None and _in_scope(name, cfg) and \
                     not isinstance(child, (QuantizedModule, FakeQuantizer)):
-                child = twin_of(child, *bits_of(name), method)
-                setattr(parent, attr, child)
-            convert_children(child, name + '.')
+                child = convert(parent, attr, child, name, twin_of)
+            convert_children(child, name + '.', convert)
 
-    convert_children(model, '')
+    def plan(parent, attr, child, name, twin_of):
+        planned[name] = bits_of(name)
+        return child
+
+    def replace_by_twin(parent, attr, child, name, twin_of):
+        twin = twin_of(child, *bits_of(name), method)
+        setattr(parent, attr, twin)
+        return twin
+
+    planned = {}  # the profile's check sees every layer before any change
+    convert_children(model, '', plan)
+    cfg.deploy_profile.check_bits(planned)
+    convert_children(model, '', replace_by_twin)
     for name, module in model.named_modules():
         kind = type(module).__name__
         if not name or not ATTENTION_NAME.search(kind):
@@ -396,7 +424,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
                 continue
             own = linear.input_quantizer
             linear.input_quantizer = UniformQuantizer(
-                own.bits, -1, 'quantile', keep_zero=True)
+                own.bits, -1, 'quantile', keep_zero=True,
+                symmetric=own.symmetric)
             linear.input_quantizer.layer_name = own.layer_name
             per_channel.append((modules[norm_name], linear, own))
     act_quantizers = activation_quantizers(model)

@@ -53,13 +53,17 @@ class QuantMethod:
     ``softmax`` a registered post-softmax quantizer; ``reparameterize``:
     RepQ-ViT's scale reparameterization of post-LayerNorm inputs
     (reparam.py); ``reconstruction``: None (calibration only) or the
-    reconstruction that follows calibration."""
+    reconstruction that follows calibration; ``symmetric``: every uniform
+    grid symmetric with zero point 0 in signed integers (a deployment
+    profile sets it: profiles.py), which needs a uniform post-softmax
+    quantizer."""
     name: str
     act_search: str
     weight_search: str
     softmax: str
     reparameterize: bool = False
     reconstruction: Optional[ReconstructionConfig] = None
+    symmetric: bool = False
 
     def __post_init__(self):
         for field_name, registry in (
@@ -76,18 +80,29 @@ class QuantMethod:
             raise ValueError(f'{self.name}: reconstruction must be a '
                              'ReconstructionConfig or None, got '
                              f'{self.reconstruction!r}')
-        if not isinstance(self.reparameterize, bool):
-            raise ValueError(f'{self.name}: reparameterize must be True or '
-                             f'False, got {self.reparameterize!r}')
+        for flag in ('reparameterize', 'symmetric'):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f'{self.name}: {flag} must be True or '
+                                 f'False, got {getattr(self, flag)!r}')
+        if self.symmetric and not isinstance(self.softmax_quantizer(8),
+                                             UniformQuantizer):
+            raise ValueError(
+                f'{self.name}: symmetric grids need a uniform post-softmax '
+                f'quantizer, {self.softmax!r} is not one')
 
     def act_quantizer(self, bits: int) -> UniformQuantizer:
-        return UniformQuantizer(bits, None, self.act_search)
+        return UniformQuantizer(bits, None, self.act_search,
+                                symmetric=self.symmetric)
 
     def weight_quantizer(self, bits: int) -> UniformQuantizer:
-        return UniformQuantizer(bits, 0, self.weight_search)
+        return UniformQuantizer(bits, 0, self.weight_search,
+                                symmetric=self.symmetric)
 
     def softmax_quantizer(self, bits: int) -> FakeQuantizer:
-        return POST_SOFTMAX_QUANTIZERS.get(self.softmax)(bits)
+        quantizer = POST_SOFTMAX_QUANTIZERS.get(self.softmax)(bits)
+        if isinstance(quantizer, UniformQuantizer):
+            quantizer.symmetric = self.symmetric
+        return quantizer
 
 
 #: PTQ methods by name.

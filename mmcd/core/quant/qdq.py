@@ -9,8 +9,9 @@ calibrate` has calibrated, into the form deployment runtimes read:
   of a reparameterized input stays an ``Add`` before and a ``Sub`` after);
 * every quantized ``Linear`` / ``Conv2d`` becomes :class:`QDQLinear` /
   :class:`QDQConv2d`: the weight is stored as its integers ``q`` (uint8
-  values in ``[0, 2^b - 1]``; a Linear's transposed), one scale and zero
-  point per output channel, and rebuilt as ``(q - z) s`` by one
+  values in ``[0, 2^b - 1]``, or int8 in ``[-2^(b-1), 2^(b-1) - 1]`` with
+  zero point 0 for a symmetric quantizer; a Linear's transposed), one
+  scale and zero point per output channel, and rebuilt as ``(q - z) s`` by one
   ``mmcd::dequantize`` op (ONNX: ``DequantizeLinear`` on an integer
   initializer, 4-bit types at opset 21);
 * the post-softmax quantizers (log-sqrt2, TanQ) have no linear-quantization
@@ -42,30 +43,41 @@ from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer, UniformQuantizer,
 
 @torch.library.custom_op('mmcd::quantize_dequantize', mutates_args=())
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor,
-                        zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-tensor ``(clamp(round(x / s) + z, 0, 2^b - 1) - z) s``."""
+                        zero_point: torch.Tensor, bits: int,
+                        signed: bool) -> torch.Tensor:
+    """Per-tensor ``(clamp(round(x / s) + z, lo, hi) - z) s`` with
+    ``[lo, hi] = [0, 2^b - 1]``, or ``[-2^(b-1), 2^(b-1) - 1]`` when
+    ``signed`` (ONNX's int8/int4)."""
+    if signed:  # the same grid on unsigned codes
+        zero_point = zero_point + 2**(bits - 1)
     return uniform_fake_quant(x, scale, zero_point, 2**bits - 1)
 
 
 @quantize_dequantize.register_fake
-def _(x, scale, zero_point, bits):
+def _(x, scale, zero_point, bits, signed):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op('mmcd::dequantize', mutates_args=())
 def dequantize(q: torch.Tensor, scale: torch.Tensor,
-               zero_point: torch.Tensor, bits: int,
-               axis: int) -> torch.Tensor:
+               zero_point: torch.Tensor, bits: int, axis: int,
+               signed: bool) -> torch.Tensor:
     """``(q - z) s`` with one ``s``, ``z`` per index of ``axis`` of the
-    integer tensor ``q``."""
+    integer tensor ``q`` (``signed``: ``q`` holds signed integers)."""
     shape = [1] * q.dim()
     shape[axis] = -1
     return (q.to(scale.dtype) - zero_point.view(shape)) * scale.view(shape)
 
 
 @dequantize.register_fake
-def _(q, scale, zero_point, bits, axis):
+def _(q, scale, zero_point, bits, axis, signed):
     return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
+
+
+def signed_shift(quantizer: UniformQuantizer) -> int:
+    """What a symmetric quantizer's codes and zero point lose to become
+    signed integers (``2^(b-1)``: zero point 0), 0 for an asymmetric one."""
+    return quantizer.signed_zero if quantizer.symmetric else 0
 
 
 class ActivationQDQ(nn.Module):
@@ -77,10 +89,11 @@ class ActivationQDQ(nn.Module):
         if quantizer.channel_axis is not None:
             raise ValueError(f'{quantizer.layer_name}: per-channel activation'
                              ' quantizers have no QDQ form here')
-        self.bits = quantizer.bits
+        self.bits, self.signed = quantizer.bits, quantizer.symmetric
         self.register_buffer('scale', quantizer.scale.detach().clone())
-        self.register_buffer('zero_point',
-                             quantizer.zero_point.detach().clone())
+        self.register_buffer(
+            'zero_point',
+            quantizer.zero_point.detach() - signed_shift(quantizer))
         self.register_buffer('offset',
                              quantizer.channel_offset.detach().clone())
 
@@ -90,10 +103,11 @@ class ActivationQDQ(nn.Module):
         return self.quantize(x)
 
     def quantize(self, x):
-        return quantize_dequantize(x, self.scale, self.zero_point, self.bits)
+        return quantize_dequantize(x, self.scale, self.zero_point, self.bits,
+                                   self.signed)
 
     def extra_repr(self):
-        return f'bits={self.bits}'
+        return f'bits={self.bits}' + (', signed' if self.signed else '')
 
 
 class FormulaFakeQuant(nn.Module):
@@ -114,8 +128,8 @@ class UniformFormula(ActivationQDQ):
     2^b - 1) - z) s - t`` in float ops (module docstring)."""
 
     def quantize(self, x):
-        return uniform_fake_quant(x, self.scale, self.zero_point,
-                                  2**self.bits - 1)
+        zero = self.zero_point + (2**(self.bits - 1) if self.signed else 0)
+        return uniform_fake_quant(x, self.scale, zero, 2**self.bits - 1)
 
 
 def _exporting() -> bool:
@@ -135,14 +149,17 @@ class IntegerWeightMixin:
         quantizer = layer.weight_quantizer
         if quantizer.state != 'quant' or not quantizer.calibrated:
             raise ValueError(f'{quantizer.layer_name} is not calibrated')
+        shift = signed_shift(quantizer)
         scale = quantizer.scale.detach()
-        zero = quantizer.zero_point.detach()
-        integers = quantizer.codes(layer.weight.detach())
+        zero = quantizer.zero_point.detach() - shift
+        integers = quantizer.codes(layer.weight.detach()) - shift
         if self.channel_axis == 1:  # stored as [in, out]
             integers = integers.t()
-        self.bits = quantizer.bits
-        self.register_buffer('weight_int',
-                             integers.to(torch.uint8).contiguous())
+        self.bits, self.signed = quantizer.bits, quantizer.symmetric
+        self.register_buffer(
+            'weight_int',
+            integers.to(torch.int8 if self.signed else torch.uint8)
+            .contiguous())
         self.register_buffer('weight_scale', scale.clone())
         self.register_buffer('weight_zero_point', zero.clone())
         self.input_qdq = _activation_module(layer.input_quantizer)
@@ -150,7 +167,7 @@ class IntegerWeightMixin:
     def dequantized_weight(self):
         return dequantize(self.weight_int, self.weight_scale,
                           self.weight_zero_point, self.bits,
-                          self.channel_axis)
+                          self.channel_axis, self.signed)
 
 
 class QDQLinear(IntegerWeightMixin, nn.Module):

@@ -24,7 +24,11 @@ Quantizers and their sources (RepQ-ViT: Li et al., ICCV 2023, and its public
 code; DopQ-ViT: Yang et al., 2024, whose equations are not public to us):
 
 * :class:`UniformQuantizer`: ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
-  ``x^ = (q - z) s``, asymmetric, per tensor or per channel. Ranges:
+  ``x^ = (q - z) s``, asymmetric, per tensor or per channel; ``symmetric``:
+  the zero point fixed at ``2^(b-1)`` and ``s = max(|lo|, |hi|) /
+  (2^(b-1) - 1)`` for a range ``[lo, hi]``, which is the signed grid
+  ``clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) s`` of TensorRT's INT8
+  (zero point 0) written on unsigned codes. Ranges:
 
   - ``'minmax'``: ``[min(x, 0), max(x, 0)]`` (0 exactly representable);
   - ``'quantile'`` (RepQ-ViT, activations and weights): the clip range
@@ -366,7 +370,7 @@ def uniform_fake_quant(x: torch.Tensor, scale: torch.Tensor,
 
 
 class UniformQuantizer(FakeQuantizer):
-    """Asymmetric uniform fake quantizer.
+    """Uniform fake quantizer, asymmetric or symmetric.
 
     Args:
         bits: 2..8.
@@ -380,12 +384,16 @@ class UniformQuantizer(FakeQuantizer):
             0 is exactly representable (the per-channel grids of
             reparameterized post-LayerNorm activations: Swin zero-pads them,
             and the padding must stay 0; reparam.py).
+        symmetric: every grid symmetric around 0 with the zero point
+            ``2^(b-1)`` (module docstring): the signed integers of a
+            runtime that takes zero point 0 only (TensorRT).
     """
 
     def __init__(self, bits: int, channel_axis: Optional[int] = None,
-                 search: str = 'minmax', keep_zero: bool = False):
+                 search: str = 'minmax', keep_zero: bool = False,
+                 symmetric: bool = False):
         super().__init__(bits)
-        self.keep_zero = keep_zero
+        self.keep_zero, self.symmetric = keep_zero, symmetric
         RANGE_SEARCHES.get(search)  # registered?
         self.channel_axis, self.search = channel_axis, search
         self.register_buffer('scale', torch.empty(0))
@@ -417,9 +425,24 @@ class UniformQuantizer(FakeQuantizer):
         return x.movedim(self.channel_axis, 0).reshape(
             x.shape[self.channel_axis], -1).contiguous()
 
+    @property
+    def signed_zero(self) -> int:
+        """The zero point of a symmetric grid, ``2^(b-1)``: code
+        ``2^(b-1) + k`` is the signed integer ``k``."""
+        return 2**(self.bits - 1)
+
+    def symmetric_params(self, lo: torch.Tensor, hi: torch.Tensor):
+        """The symmetric grid covering ``[lo, hi]``: ``s = max(|lo|, |hi|)
+        / (2^(b-1) - 1)``, ``z = 2^(b-1)``."""
+        bound = torch.maximum(lo.abs(), hi.abs())
+        scale = (bound / (self.signed_zero - 1)).clamp_min(1e-8)
+        return scale, torch.full_like(scale, self.signed_zero)
+
     def params_for_range(self, lo: torch.Tensor, hi: torch.Tensor):
         """Scale and zero point whose grid spans ``[min(lo, 0), max(hi, 0)]``
         (0 stays exactly representable): the min-max grid."""
+        if self.symmetric:
+            return self.symmetric_params(lo, hi)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / self.levels).clamp_min(1e-8)
         zero = torch.round(-lo / scale)
@@ -429,6 +452,8 @@ class UniformQuantizer(FakeQuantizer):
         """RepQ-ViT's grid of a clip range: ``s = (hi - lo) / (2^b - 1)``,
         ``z = round(-lo / s)``; a range of width 0 (a constant) falls back
         to the min-max grid, where the constant is exact."""
+        if self.symmetric:
+            return self.symmetric_params(lo, hi)
         if self.keep_zero:
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         width = hi - lo
@@ -516,6 +541,10 @@ class UniformQuantizer(FakeQuantizer):
             lambda part, out: self._fake_shifted(part, scale, zero, offset,
                                                  out), x,
             torch.result_type(x, scale))  # half inputs: float32 grid math
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (', symmetric' if self.symmetric
+                                       else '')
 
     def _fake_shifted(self, x, scale, zero, offset, out=None):
         if offset.numel():

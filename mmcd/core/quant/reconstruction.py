@@ -152,7 +152,7 @@ class AdaRoundQuantizer(UniformQuantizer):
             raise ValueError(f'{grid.layer_name}: AdaRound needs a calibrated '
                              'per-channel weight quantizer')
         super().__init__(grid.bits, grid.channel_axis, grid.search,
-                         grid.keep_zero)
+                         grid.keep_zero, grid.symmetric)
         self.layer_name = grid.layer_name
         self.set_params(grid.scale, grid.zero_point)
         rest = weight.detach() / self.params_along(weight)[0]
@@ -168,7 +168,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         rounding variables (of ``shape``) a state dict fills."""
         new = cls.__new__(cls)
         UniformQuantizer.__init__(new, like.bits, like.channel_axis,
-                                  like.search, like.keep_zero)
+                                  like.search, like.keep_zero, like.symmetric)
         new.layer_name = like.layer_name
         new.alpha = nn.Parameter(torch.zeros(shape))
         new.soft = False

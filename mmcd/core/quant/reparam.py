@@ -118,5 +118,7 @@ def reparameterize(
     norm.weight.div_(r)
     norm.bias.div_(r)
     linear.weight.mul_(r[None, :])
-    linear.input_quantizer.set_params(scale_t, zero_t, channel_offset=t)
+    # symmetric grids (zero points all 2^(b-1)) have no shift to keep
+    linear.input_quantizer.set_params(scale_t, zero_t,
+                                      channel_offset=t if t.any() else None)
     return dict(r=r, t=t, scale=scale_t, zero=zero_t)

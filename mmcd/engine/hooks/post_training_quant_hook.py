@@ -39,7 +39,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from mmcd.core.quant import (QuantConfig, format_precision_plan,
+from mmcd.core.quant import (DEFAULT_PROFILE, QuantConfig, format_precision_plan,
                              precision_plan)
 from mmcd.core.quant.debug import quantization_report
 
@@ -71,6 +71,10 @@ class PostTrainingQuantHook(Hook):
             w_bits=8, a_bits=8)]``; ``reconstruction``: options of the
             reconstruction after calibration, ``dict(iters=20000, ...)``,
             overriding the method's).
+        profile: the runtime the model is quantized for
+            (``'onnxruntime'``; ``'tensorrt'``: symmetric INT8, zero point
+            0, uniform post-softmax, 8 bits only:
+            :mod:`mmcd.core.quant.profiles`).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
         quantized_checkpoint: a file written by ``tools/quantize.py``: the
@@ -95,12 +99,14 @@ class PostTrainingQuantHook(Hook):
                  weight_search: Optional[str] = None,
                  layer_bits: Sequence[Dict] = (), debug: bool = False,
                  reconstruction: Optional[Dict] = None,
-                 quantized_checkpoint: Optional[str] = None):
+                 quantized_checkpoint: Optional[str] = None,
+                 profile: str = DEFAULT_PROFILE):
         self.quant_cfg = QuantConfig(w_bits, a_bits, method, scope,
                                      tuple(skip), first_layer_bits,
                                      weight_search=weight_search,
                                      layer_bits=layer_bits,
-                                     reconstruction=reconstruction)
+                                     reconstruction=reconstruction,
+                                     profile=profile)
         self.calib = CalibrationOptions.from_dict(calib)
         unknown = set(stages) - {'test', 'val'}
         if unknown:

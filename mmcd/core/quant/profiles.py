@@ -1,0 +1,118 @@
+"""Deployment profiles: what a runtime's integer kernels run, as constraints
+on the quantization, applied before calibration so that the simulation
+computes what the runtime will.
+
+A :class:`DeployProfile` is one registered instance
+(``DEPLOY_PROFILES.register(DeployProfile(...))``); ``QuantConfig(profile=
+NAME)`` applies it to the method (:meth:`DeployProfile.apply`) and refuses
+what the runtime cannot run before anything is converted
+(:meth:`DeployProfile.check_bits`, :meth:`~DeployProfile.check_reconstruction`). Built in:
+
+===============  ==========  ===========  ===============  =====  ========
+name             integers    zero point   post-softmax     bits   reconstr.
+===============  ==========  ===========  ===============  =====  ========
+``onnxruntime``  unsigned    any integer  the method's     2..8   yes
+``tensorrt``     signed      0            uniform          8      no
+===============  ==========  ===========  ===============  =====  ========
+
+``tensorrt`` is TensorRT's explicit quantization (its developer guide,
+"Working with Quantized Types"): INT8 ``QuantizeLinear`` /
+``DequantizeLinear`` with zero point 0 only, per-tensor activation scales,
+per-channel weight scales along the output channels. The symmetric grid of
+:class:`~mmcd.core.quant.quantizers.UniformQuantizer` computes it
+(``s = max(|lo|, |hi|) / 127`` on the range the method's search picks).
+What changes against the method as published, and why:
+
+* every grid is symmetric: a one-sided input (after GELU or softmax) uses
+  half of the 256 codes;
+* the post-softmax quantizer is uniform: log-sqrt2 and TanQ have no
+  Q/DQ form;
+* RepQ-ViT's reparameterization keeps its scale half only: every
+  per-channel zero point is ``2^(b-1)``, so the target's is too and the
+  shift ``t`` is 0 (reparam.py);
+* reconstruction is refused: its learned activation steps (LSQ+) keep a
+  fixed offset, which moves the zero point off 0 as the step changes;
+* 8-bit weights and activations only (the profile's INT8).
+
+docs/en/deployment.md has the measured cost. Pure PyTorch.
+"""
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Sequence, Tuple
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .methods import QuantMethod
+
+
+@dataclass(frozen=True)
+class DeployProfile:
+    """A runtime's constraints: ``runtime`` (for messages), ``symmetric``
+    (signed integers, zero point 0), ``softmax`` (a registered post-softmax
+    quantizer replacing the method's; None keeps it), ``bits`` (the widths
+    it runs; None: any of 2..8), ``reconstruction`` (whether a
+    reconstructed model satisfies it)."""
+    name: str
+    runtime: str
+    symmetric: bool = False
+    softmax: Optional[str] = None
+    bits: Optional[Tuple[int, ...]] = None
+    reconstruction: bool = True
+
+    def apply(self, method: QuantMethod) -> QuantMethod:
+        """``method`` under this profile (itself when nothing changes)."""
+        changes = {}
+        if self.symmetric and not method.symmetric:
+            changes['symmetric'] = True
+        if self.softmax is not None and self.softmax != method.softmax:
+            changes['softmax'] = self.softmax
+        if not changes:
+            return method
+        return replace(method, name=f'{method.name}@{self.name}', **changes)
+
+    def check_reconstruction(self, reconstructs: bool) -> None:
+        """Refuse, in one line, a reconstruction this runtime cannot run."""
+        if reconstructs and not self.reconstruction:
+            raise ConfigError(
+                f'profile {self.name!r} ({self.runtime}) cannot run a '
+                'reconstructed model: learned activation steps move the zero '
+                'point off 0; use a calibration-only method (repq-vit, '
+                'minmax) or profile \'onnxruntime\'')
+
+    def check_bits(self, bits_of: Dict[str, Sequence[int]]) -> None:
+        """Refuse, in one line, the bit widths this runtime has no kernel
+        for; ``bits_of`` maps what sets them (a layer's name, or a setting
+        such as ``'a_bits=4'``) to its widths."""
+        if self.bits is None:
+            return
+        wrong = sorted(name for name, widths in bits_of.items()
+                       if not set(widths) <= set(self.bits))
+        if wrong:
+            widths = sorted({b for name in wrong for b in bits_of[name]
+                             if b not in self.bits})
+            top = self.bits[-1]
+            raise ConfigError(
+                f'profile {self.name!r} ({self.runtime}) runs '
+                f'{_widths(self.bits)} integers only, not the '
+                f'{_widths(widths)} of {_first(wrong)}: choose '
+                f'w{top}a{top}, keep those layers at {top} bits with '
+                "layer_bits, or use profile 'onnxruntime'")
+
+
+def _widths(bits: Sequence[int]) -> str:
+    return '/'.join(f'{b}-bit' for b in bits)
+
+
+def _first(names: Sequence[str], count: int = 3) -> str:
+    more = len(names) - count
+    return ', '.join(names[:count]) + (f' and {more} more layer(s)'
+                                       if more > 0 else '')
+
+
+#: Deployment profiles by name.
+DEPLOY_PROFILES = Registry('deployment profile')
+#: the profile of a model quantized without one: the method as published
+DEFAULT_PROFILE = 'onnxruntime'
+DEPLOY_PROFILES.register(DeployProfile(DEFAULT_PROFILE, 'onnxruntime'))
+DEPLOY_PROFILES.register(DeployProfile(
+    'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform', bits=(8, ),
+    reconstruction=False))
