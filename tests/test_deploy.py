@@ -53,20 +53,31 @@ def test_activation_qdq_by_hand():
     torch.testing.assert_close(q(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('bits', [2, 3, 4, 5, 8])
-def test_activation_qdq_exact_in_onnxruntime(bits, tmp_path):
+@pytest.mark.parametrize('bits,symmetric', [(2, False), (3, False),
+                                            (4, False), (5, False),
+                                            (8, False), (3, True),
+                                            (4, True), (8, True)])
+def test_activation_qdq_exact_in_onnxruntime(bits, symmetric, tmp_path):
+    """Asymmetric grids as uint QDQ, symmetric ones (the tensorrt profile)
+    as int QDQ with zero point 0."""
     torch.manual_seed(bits)
     x = torch.randn(1, 16, 24, 24) * 3
-    quantizer = UniformQuantizer(bits, None, 'quantile')
+    quantizer = UniformQuantizer(bits, None, 'quantile', symmetric=symmetric)
     quantizer.set_state('calib')
     reference = quantizer(x)  # calibrates, then fake-quantizes
     path = export_onnx(Wrap(ActivationQDQ(quantizer)), x,
                        str(tmp_path / 'qdq.onnx'))
     out = OnnxFeatures(path)(x)[0]
     assert torch.equal(out, reference)  # bit for bit
-    ops = [n.op_type for n in onnx.load(path).graph.node]
+    graph = onnx.load(path).graph
+    ops = [n.op_type for n in graph.node]
     assert ops.count('QuantizeLinear') == ops.count('DequantizeLinear') == 1
     assert ('Clip' in ops) == (bits not in (4, 8))
+    zero, = [i for i in graph.initializer if i.name == graph.node[
+        ops.index('QuantizeLinear')].input[2]]
+    signed = {onnx.TensorProto.INT4, onnx.TensorProto.INT8}
+    assert (zero.data_type in signed) == symmetric
+    assert (int(onnx.numpy_helper.to_array(zero)) == 0) or not symmetric
 
 
 @pytest.mark.parametrize('bits', [4, 8])
@@ -98,15 +109,15 @@ def test_fractional_zero_point_exported_as_its_formula(bits, tmp_path):
     assert clipped.any()
 
 
-def calibrated_conv_linear(bits, seed=0):
+def calibrated_conv_linear(bits, seed=0, profile='onnxruntime'):
     """Conv -> ReLU -> Flatten -> Linear with ``bits``-bit weights and
-    8-bit inputs, min-max calibrated on its input ``x`` ``[4, 3, 6, 6]``;
-    returns ``(model, x)``."""
+    8-bit inputs, min-max calibrated on its input ``x`` ``[4, 3, 6, 6]``
+    for ``profile``; returns ``(model, x)``."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     x = torch.randn(4, 3, 6, 6)
-    cfg = QuantConfig(bits, 8, 'minmax', first_layer_bits=8)
+    cfg = QuantConfig(bits, 8, 'minmax', first_layer_bits=8, profile=profile)
     quantize_model(model, cfg)
     calibrate(model, cfg, lambda: model(x))
     return model, x

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto
 import torch
 from mmengine.config import Config
 from torch import nn
@@ -61,14 +62,41 @@ def test_torchscript_qdq_activation_bit_for_bit(bits, tmp_path):
     assert ops.count('QuantizeLinear') == 1 and ('Clip' in ops) == (bits != 8)
 
 
-@pytest.mark.parametrize('bits', [2, 4, 8])
-def test_torchscript_integer_weights_carried(bits, tmp_path):
-    """Integer weights of every width are uint8 initializers holding the
-    same integers, dequantized per output channel; the exported Conv and
-    Linear compute the QDQ model's output (each layer alone: a later
-    layer would see rounding flips of its input quantizer)."""
+@pytest.mark.parametrize('bits', [3, 8])
+def test_torchscript_signed_qdq_bit_for_bit(bits, tmp_path):
+    """A symmetric quantizer (the tensorrt profile) exports with an int8
+    zero point of 0 and computes ``clamp(round(x / s), -2^(b-1),
+    2^(b-1) - 1) s`` (written by hand) in onnxruntime, bit for bit."""
+    from mmcd.core.quant import UniformQuantizer
+    from mmcd.core.quant.qdq import ActivationQDQ
+    torch.manual_seed(bits)
+    x = torch.randn(1, 4, 8, 8) * 3
+    quantizer = UniformQuantizer(bits, None, 'minmax', symmetric=True)
+    quantizer.set_state('calib')
+    quantizer(x[:, :2])  # a range narrower than x: values get clamped
+    scale, half = quantizer.scale, 2**(bits - 1)
+    expected = torch.clamp(torch.round(x / scale), -half, half - 1) * scale
+    path = torchscript_onnx(ActivationQDQ(quantizer), x,
+                            str(tmp_path / 's.onnx'))
+    assert torch.equal(run_onnx(path, x), expected)
+    graph = onnx.load(path).graph
+    zeros = [i for i in graph.initializer if i.data_type == TensorProto.INT8]
+    assert zeros and all(not onnx.numpy_helper.to_array(z).any()
+                         for z in zeros)
+
+
+@pytest.mark.parametrize('bits,profile', [(2, 'onnxruntime'),
+                                          (4, 'onnxruntime'),
+                                          (8, 'onnxruntime'),
+                                          (8, 'tensorrt')])
+def test_torchscript_integer_weights_carried(bits, profile, tmp_path):
+    """Integer weights of every width are uint8 (signed grids: int8)
+    initializers holding the same integers, dequantized per output channel;
+    the exported Conv and Linear compute the QDQ model's output (each layer
+    alone: a later layer would see rounding flips of its input
+    quantizer)."""
     from test_deploy import calibrated_conv_linear
-    model, x = calibrated_conv_linear(bits, seed=bits)
+    model, x = calibrated_conv_linear(bits, seed=bits, profile=profile)
     to_qdq(model)
     with torch.no_grad():
         inputs_of = ((0, x[:1]), (3, model[:3](x[:1])))
@@ -82,7 +110,8 @@ def test_torchscript_integer_weights_carried(bits, tmp_path):
         graph = onnx.load(path).graph
         stored = [onnx.numpy_helper.to_array(i) for i in graph.initializer
                   if list(i.dims) == list(layer.weight_int.shape)]
-        assert len(stored) == 1 and stored[0].dtype == np.uint8
+        kind = np.int8 if profile == 'tensorrt' else np.uint8
+        assert len(stored) == 1 and stored[0].dtype == kind
         assert np.array_equal(stored[0], layer.weight_int.numpy())
         assert int(stored[0].max()) <= 2**bits - 1
 
