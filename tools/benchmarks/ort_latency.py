@@ -17,8 +17,13 @@ layers into float Gemms before the integer fusion sees them).
 (``mmcd.deploy.end2end``: image in, boxes, labels, masks out; calibrated
 on a full forward of the timing image, heads included).
 
+``--profile tensorrt`` quantizes for TensorRT's INT8 (symmetric grids,
+int8 zero point 0: :mod:`mmcd.core.quant.profiles`), which onnxruntime runs
+with its signed integer kernels.
+
     python tools/benchmarks/ort_latency.py [--models toy swin-t]
-        [--bits 8] [--method minmax] [--runs 10] [--scope features|detector]
+        [--bits 8] [--method minmax] [--profile onnxruntime|tensorrt]
+        [--runs 10] [--scope features|detector]
 """
 import argparse
 import collections
@@ -41,7 +46,8 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
-from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
+from mmcd.core.quant import (DEFAULT_PROFILE, DEPLOY_PROFILES,  # noqa
+                             QuantConfig, calibrate, quantize_model)
 from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (QDQ_DISABLED_OPTIMIZERS,  # noqa: E402
@@ -63,6 +69,8 @@ def main():
     parser.add_argument('--bits', type=int, default=8)
     parser.add_argument('--method', default='minmax',
                         choices=list(QUANT_METHODS))
+    parser.add_argument('--profile', default=DEFAULT_PROFILE,
+                        choices=list(DEPLOY_PROFILES))
     parser.add_argument('--runs', type=int, default=10)
     parser.add_argument('--scope', choices=('features', 'detector'),
                         default='features')
@@ -70,7 +78,8 @@ def main():
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'onnxruntime {ort.__version__}, CPU, W{args.bits}A{args.bits} '
-          f'{args.method} vs float, {SCOPES[args.scope]}, batch 1, median of '
+          f'{args.method} (profile {args.profile}) vs float, '
+          f'{SCOPES[args.scope]}, batch 1, median of '
           f'{args.runs} interleaved runs')
     folder = tempfile.mkdtemp(prefix='ort_latency_')
     for key in args.models:
@@ -78,7 +87,8 @@ def main():
         model = build_detector(config)
         images = torch.rand(1, 3, *size) * 2 - 1
         cfg = QuantConfig(args.bits, args.bits, args.method,
-                          first_layer_bits=max(8, args.bits))
+                          first_layer_bits=max(8, args.bits),
+                          profile=args.profile)
         sample = DetDataSample(metainfo=dict(
             img_shape=size, ori_shape=size, pad_shape=size,
             batch_input_shape=size, scale_factor=(1.0, 1.0)))
