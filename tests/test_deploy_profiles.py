@@ -24,15 +24,6 @@ from mmcd.utils.benchmark_models import build_detector
 TOY = 'configs/toy/mask-rcnn_swin-toy-p4-w7_fpn_12e_toy-coco.py'
 
 
-class Wrap(nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        return (self.module(x), )
-
-
 def test_symmetric_grid_by_hand():
     # 4 bits, min-max range of [-0.7, 0.1, 1.4]: s = 1.4 / 7 = 0.2; signed
     # levels -8..7: x / s = -3.5 0.5 7 -> round half to even -4 0 7
