@@ -6,7 +6,8 @@ A :class:`DeployProfile` is one registered instance
 (``DEPLOY_PROFILES.register(DeployProfile(...))``); ``QuantConfig(profile=
 NAME)`` applies it to the method (:meth:`DeployProfile.apply`) and refuses
 what the runtime cannot run before anything is converted
-(:meth:`DeployProfile.check_bits`, :meth:`~DeployProfile.check_reconstruction`). Built in:
+(:meth:`DeployProfile.check_bits`,
+:meth:`~DeployProfile.check_reconstruction`). Built in:
 
 ===============  ==========  ===========  ===============  =====  ========
 name             integers    zero point   post-softmax     bits   reconstr.
