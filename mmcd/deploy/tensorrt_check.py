@@ -15,8 +15,8 @@ INT8:
 :func:`tensorrt_problems` lists what breaks them, one line per node; the
 export of the ``tensorrt`` profile (:mod:`mmcd.core.quant.profiles`) is
 checked with it (registered in
-:data:`~.onnx_export.PROFILE_GRAPH_CHECKS`). Building the engine needs TensorRT and a GPU; this check
-does not.
+:data:`~.onnx_export.PROFILE_GRAPH_CHECKS`). Building the engine needs
+TensorRT and a GPU; this check does not.
 """
 from typing import List
 
