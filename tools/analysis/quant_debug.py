@@ -91,14 +91,15 @@ def plot_worst_inputs(model, images, keys, path):
 
 def main():
     args = parse_args()
-    runner, model, calib_batch = calibrated_from_checkpoint(args,
-                                                       ptq_config(args))
+    quant_cfg = ptq_config(args)
+    runner, model, calib_batch = calibrated_from_checkpoint(args, quant_cfg)
     images = calibration_images(model, calib_batch)
     report = quantization_report(model, lambda: dense_outputs(model, images))
     reached = {n: e for n, e in report.items()
                if e['output_sqnr'] is not None}
     ranked = sorted(reached, key=lambda n: reached[n]['output_sqnr'])
-    lines = [f'# {args.quant} {args.method}: float vs quantized on '
+    lines = [f'# {args.quant} {quant_cfg.resolved_method.name}: float vs '
+             'quantized on '
              f'{len(images)} calibration images (SQNR, dB)', '',
              '| layer | bits | output | inputs | weight |',
              '|---|---|---:|---|---:|']

@@ -190,7 +190,8 @@ def main():
     # most sensitive first: the lowest SQNR (or mAP) with only it quantized
     rows.sort(key=lambda r: (r['kind'] != 'layer', r['only']))
     unit = 'dB' if args.metric == 'sqnr' else 'box mAP'
-    lines = [f'# Sensitivity: {args.quant} {args.method}, metric '
+    lines = [f'# Sensitivity: {args.quant} {quant_cfg.resolved_method.name}, '
+             'metric '
              f'{args.metric} ({unit})', '',
              f'all quantized: {full:.4f}; none: {none:.4f}', '',
              '| rank | kind | layer | only this quantized | all but this |',
