@@ -114,8 +114,9 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
     2^(b-1)), RepQ-ViT's reparameterization keeps no shift, the post-softmax
     quantizers are uniform; the QDQ model is the simulation, its export
     holds int8 zero points of 0 only, passes the TensorRT check, and
-    onnxruntime computes it as close as a runtime draw of the simulation;
-    the default profile's export fails the check."""
+    onnxruntime computes it as close as a runtime draw of the simulation
+    (the default profile's uint8 grids fail the check: hand-built graphs
+    below)."""
     model, quant, images, summary = calibrated_toy('tensorrt')
     assert summary['reparameterized'] > 0
     quantizers = fake_quantizers(quant)
@@ -152,13 +153,6 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
         assert float((a - b).abs().mean()) <= \
             1.5 * float((d - b).abs().mean()) + 1e-3 * step
         assert float((a - b).abs().max()) <= 3 * step
-    _, default, _, _ = calibrated_toy('onnxruntime')
-    to_qdq(default)
-    path = export_onnx(FeatureExtractor(default), x,
-                       str(tmp_path / 'o.onnx'))
-    problems = tensorrt_problems(path)
-    assert problems and all('zero point must be int8 0' in p
-                            for p in problems)
 
 
 def qdq_graph(zero, scale, axis=None, weight=None, consumer='MatMul'):
