@@ -94,7 +94,7 @@ def test_refusals():
         8, 8, profile='tensorrt', layer_bits=[dict(pattern='^1$', w_bits=8)]))
 
 
-def calibrated_toy(profile):
+def calibrated_toy():
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = build_detector(TOY)
@@ -102,7 +102,7 @@ def calibrated_toy(profile):
     meta = dict(img_shape=(128, 128), ori_shape=(128, 128),
                 pad_shape=(128, 128), scale_factor=(1.0, 1.0),
                 batch_input_shape=(128, 128))
-    cfg = QuantConfig(8, 8, 'repq-vit', profile=profile)
+    cfg = QuantConfig(8, 8, 'repq-vit', profile='tensorrt')
     quant = quantize_model(copy.deepcopy(model), cfg)
     summary = calibrate(quant, cfg, lambda: quant.predict(
         images, [DetDataSample(metainfo=meta) for _ in range(2)]))
@@ -117,7 +117,7 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
     onnxruntime computes it as close as a runtime draw of the simulation
     (the default profile's uint8 grids fail the check: hand-built graphs
     below)."""
-    model, quant, images, summary = calibrated_toy('tensorrt')
+    model, quant, images, summary = calibrated_toy()
     assert summary['reparameterized'] > 0
     quantizers = fake_quantizers(quant)
     assert quantizers and all(isinstance(q, UniformQuantizer)
