@@ -106,10 +106,10 @@ def describe(meta: Dict) -> str:
     recon = '' if s['reconstruction'] is None else \
         f' + reconstruction {s["reconstruction"]}'
     profile = s.get('profile', SETTING_DEFAULTS['profile'])
-    recon += '' if profile == SETTING_DEFAULTS['profile'] else \
+    target = '' if profile == SETTING_DEFAULTS['profile'] else \
         f', profile {profile}'
-    return (f'W{s["w_bits"]}A{s["a_bits"]} {s["method"]}{recon}, calibrated '
-            f'on {meta["calib_images"]} images')
+    return (f'W{s["w_bits"]}A{s["a_bits"]} {s["method"]}{recon}{target}, '
+            f'calibrated on {meta["calib_images"]} images')
 
 
 def load_quantized_model(float_model, quant_cfg: QuantConfig, model_cfg,

@@ -48,9 +48,9 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor,
     """Per-tensor ``(clamp(round(x / s) + z, lo, hi) - z) s`` with
     ``[lo, hi] = [0, 2^b - 1]``, or ``[-2^(b-1), 2^(b-1) - 1]`` when
     ``signed`` (ONNX's int8/int4)."""
-    if signed:  # the same grid on unsigned codes
-        zero_point = zero_point + 2**(bits - 1)
-    return uniform_fake_quant(x, scale, zero_point, 2**bits - 1)
+    return uniform_fake_quant(x, scale,
+                              unsigned_zero_point(zero_point, bits, signed),
+                              2**bits - 1)
 
 
 @quantize_dequantize.register_fake
@@ -72,6 +72,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor,
 @dequantize.register_fake
 def _(q, scale, zero_point, bits, axis, signed):
     return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
+
+
+def unsigned_zero_point(zero_point: torch.Tensor, bits: int,
+                        signed: bool) -> torch.Tensor:
+    """The zero point of the same grid on unsigned codes ``[0, 2^b - 1]``
+    (a signed grid's ``z + 2^(b-1)``)."""
+    return zero_point + 2**(bits - 1) if signed else zero_point
 
 
 def signed_shift(quantizer: UniformQuantizer) -> int:
@@ -128,8 +135,10 @@ class UniformFormula(ActivationQDQ):
     2^b - 1) - z) s - t`` in float ops (module docstring)."""
 
     def quantize(self, x):
-        zero = self.zero_point + (2**(self.bits - 1) if self.signed else 0)
-        return uniform_fake_quant(x, self.scale, zero, 2**self.bits - 1)
+        return uniform_fake_quant(
+            x, self.scale,
+            unsigned_zero_point(self.zero_point, self.bits, self.signed),
+            2**self.bits - 1)
 
 
 def _exporting() -> bool:
