@@ -171,6 +171,9 @@ def test_cli_quant_shortcut_errors(trained):
     code, out = run_here('tools/test.py', TOY_CONFIG, trained, '--quant',
                          'w8a8', '--quant-profile', 'trt')
     assert_one_line_error(code, out, 'unknown deployment profile')
+    code, out = run_here('tools/test.py', TOY_CONFIG, trained,
+                         '--quant-profile', 'tensorrt')
+    assert_one_line_error(code, out, '--quant-profile needs --quant')
 
 
 def test_calibration_images_are_the_same_on_every_rank(micro_data_root,

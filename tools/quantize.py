@@ -4,10 +4,11 @@ reconstruction if asked for, written to a quantized checkpoint that
 
 The settings are the config's ``PostTrainingQuantHook`` (or ``--quant``,
 ``--quant-method``, ``--quant-profile``, ``--layer-bits``,
-``--calib-images`` as in ``tools/test.py``; ``--reconstruction iters=20000 batch_size=1 ...`` adds or
-overrides reconstruction; ``--quant-method qdrop`` or ``aphq-vit`` bring
-their own). APHQ-ViT's MLP reconstruction, if asked for, runs before
-calibration and is saved with it. The file is written after calibration
+``--calib-images`` as in ``tools/test.py``; ``--reconstruction
+iters=20000 batch_size=1 ...`` adds or overrides reconstruction;
+``--quant-method qdrop`` or ``aphq-vit`` bring their own). APHQ-ViT's MLP
+reconstruction, if asked for, runs before calibration and is saved with
+it. The file is written after calibration
 and after every reconstruction unit; run the same command again after an
 interruption and it continues with the next unit. The float checkpoint is
 not touched.

@@ -88,6 +88,8 @@ def main():
                        args.quant_profile)
     elif args.layer_bits:
         raise UserError('--layer-bits needs --quant')
+    elif args.quant_profile:
+        raise UserError('--quant-profile needs --quant')
     check_datasets(cfg, ['test_dataloader'])
     warn_if_oversubscribed()
     setup_launcher(cfg, args.launcher)
