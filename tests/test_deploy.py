@@ -24,7 +24,7 @@ from mmcd.deploy import (ComparedFeatures, FeatureExtractor, OnnxFeatures,
                          changed_detections, export_onnx, feature_consumer,
                          matched_detections)
 from mmcd.deploy.yardstick import contraction_chunks
-from mmcd.deploy.onnx_export import ort_session
+from mmcd.deploy.onnx_export import kernel_times, ort_session
 from mmcd.utils.benchmark_models import build_detector
 
 
@@ -127,17 +127,25 @@ def calibrated_conv_linear(bits, seed=0, profile='onnxruntime'):
 def test_integer_weights(bits, tmp_path):
     model, x = calibrated_conv_linear(bits)
     fake = model(x)
+    with torch.no_grad():
+        fake_weight = model[3].weight_quantizer(model[3].weight)
     report = to_qdq(model)
     assert report['integer_weights'] == ['0', '3']
     assert isinstance(model[0], QDQConv2d) and isinstance(model[3], QDQLinear)
     assert torch.equal(model(x), fake)  # the rewrite is the simulation
     ints = model[3].weight_int
-    assert ints.dtype == torch.uint8 and int(ints.max()) <= 2**bits - 1
+    # signed storage: the codes and zero points shifted by 2^(b-1)
+    assert ints.dtype == torch.int8
+    assert -2**(bits - 1) <= int(ints.min()) and \
+        int(ints.max()) <= 2**(bits - 1) - 1
+    assert torch.equal(
+        (ints.t().float() - model[3].weight_zero_point[:, None])
+        * model[3].weight_scale[:, None], fake_weight)
     path = export_onnx(Wrap(model), x[:1], str(tmp_path / 'w.onnx'))
     graph = onnx.load(path).graph
     weights = [i for i in graph.initializer
                if list(i.dims) == list(ints.shape)]
-    kind = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8
+    kind = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
     assert len(weights) == 1 and weights[0].data_type == kind
     stored = onnx.numpy_helper.to_array(weights[0]).astype(np.int64)
     assert np.array_equal(stored, ints.numpy().astype(np.int64))
@@ -148,6 +156,65 @@ def test_integer_weights(bits, tmp_path):
         path = export_onnx(Wrap(layer), inputs, str(tmp_path / 'l.onnx'))
         torch.testing.assert_close(OnnxFeatures(path)(inputs)[0],
                                    layer(inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('conv', [
+    dict(kernel_size=3, padding=1), dict(kernel_size=4, stride=4),
+    dict(kernel_size=1), dict(kernel_size=3, stride=2, padding=2, dilation=2),
+    dict(kernel_size=(1, 3), padding=(0, 1), bias=False)])
+def test_conv_exported_as_integer_matmul(conv, tmp_path):
+    """Profile onnxruntime, 8-bit weights: the Conv is exported as im2col on
+    the input's codes + MatMul, which onnxruntime fuses into its integer
+    kernel (no Conv, no DequantizeLinear left), computing the QDQ model's
+    convolution to float rounding in both exporters (the padding is the
+    zero point's code: the calibrated zero point is not 0 here, a 0 code
+    would move every border output); the int8 matrix holds the weight's
+    integers row ``(i kw + j) C_in + c`` for kernel offset ``(i, j)``,
+    input channel ``c``."""
+    from test_deploy_end2end import run_onnx, torchscript_onnx
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 5, **conv))
+    x = torch.randn(2, 6, 13, 16) + 1.0
+    cfg = QuantConfig(8, 8, 'minmax', first_layer_bits=8)
+    quantize_model(model, cfg)
+    calibrate(model, cfg, lambda: model(x))
+    with torch.no_grad():
+        fake = model(x)
+        fake_weight = model[0].weight_quantizer(model[0].weight)
+    assert 0 < float(model[0].input_quantizer.zero_point) < 255
+    to_qdq(model)
+    layer = model[0]
+    assert layer.integer_matmul and torch.equal(model(x), fake)
+    kh, kw = layer.kernel_size
+    matrix = (layer.weight_int.float() - layer.weight_zero_point) * \
+        layer.weight_scale
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice((i * kw + j) * 6, (i * kw + j + 1) * 6)
+            assert torch.equal(matrix[rows], fake_weight[:, :, i, j].t())
+    path = export_onnx(Wrap(model), x[:1], str(tmp_path / 'c.onnx'))
+    torch.testing.assert_close(OnnxFeatures(path)(x[:1])[0], fake[:1],
+                               rtol=1e-5, atol=1e-5)
+    ort_session(path, optimized_path=str(tmp_path / 'opt.onnx'))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'opt.onnx')).graph.node]
+    assert ops.count('MatMulIntegerToFloat') == 1
+    assert 'Conv' not in ops and 'DequantizeLinear' not in ops
+    traced = torchscript_onnx(model, x[:1], str(tmp_path / 'ts.onnx'))
+    torch.testing.assert_close(run_onnx(traced, x[:1]), fake[:1], rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize('bits,profile', [(8, 'tensorrt'),
+                                          (4, 'onnxruntime')])
+def test_conv_form_where_no_integer_matmul_applies(bits, profile, tmp_path):
+    """TensorRT fuses Q/DQ -> Conv itself; 4-bit weights are int4, which
+    onnxruntime's integer matmul does not take: both keep the Conv."""
+    model, x = calibrated_conv_linear(bits, profile=profile)
+    to_qdq(model, profile)
+    assert not model[0].integer_matmul
+    path = export_onnx(Wrap(model[0]), x[:1], str(tmp_path / 'c.onnx'))
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert 'Conv' in ops and 'MatMul' not in ops
 
 
 @pytest.mark.parametrize('bits', [4, 8])
@@ -249,8 +316,8 @@ def test_toy_detector_backbone_neck_w4a4(tmp_path):
                if n.startswith(exported)]
     assert ops.count('DequantizeLinear') == ops.count(
         'QuantizeLinear') + len(weights)
-    # 4-bit weights as uint4 (the patch embedding's input stays 8-bit)
-    assert sum(i.data_type == onnx.TensorProto.UINT4 and len(i.dims) > 1
+    # 4-bit weights as int4 (the patch embedding's input stays 8-bit)
+    assert sum(i.data_type == onnx.TensorProto.INT4 and len(i.dims) > 1
                for i in graph.initializer) == len(weights)
 
 
@@ -530,3 +597,35 @@ def test_export_tool_errors(tmp_path):
     code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w8a8',
                          '--profile', 'tensorrt', '--method', 'qdrop')
     assert_one_line_error(code, out, 'cannot run a reconstructed model')
+
+
+def test_kernel_times_of_a_profiler_trace(tmp_path):
+    """Seconds per operator type: the ``*_kernel_time`` Node events summed
+    (fences and session events left out), by hand on a written trace, then
+    on a real trace of a small model (its operator types, positive)."""
+    trace = [
+        dict(cat='Session', name='model_run', dur=900),
+        dict(cat='Node', name='/a/Conv_fence_before', dur=7,
+             args=dict(op_name='Conv')),
+        dict(cat='Node', name='/a/Conv_kernel_time', dur=300,
+             args=dict(op_name='Conv')),
+        dict(cat='Node', name='/b/Conv_kernel_time', dur=200,
+             args=dict(op_name='Conv')),
+        dict(cat='Node', name='/m/MatMul_kernel_time', dur=50,
+             args=dict(op_name='MatMul'))]
+    path = tmp_path / 'trace.json'
+    path.write_text(json.dumps(trace))
+    times = kernel_times(str(path))
+    assert times.keys() == {'Conv', 'MatMul'}
+    assert times['Conv'] == pytest.approx(500e-6)
+    assert times['MatMul'] == pytest.approx(50e-6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    onnx_path = export_onnx(Wrap(model), x, str(tmp_path / 'm.onnx'))
+    session = ort_session(onnx_path, profile_prefix=str(tmp_path / 'p'))
+    session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    measured = kernel_times(session.end_profiling())
+    assert measured and all(t > 0 for t in measured.values())
+    # onnxruntime's NCHWc layout of the Conv (ReLU fused into it)
+    assert 'Conv' in measured and set(measured) <= {'Conv', 'ReorderInput',
+                                                    'ReorderOutput'}

@@ -90,8 +90,7 @@ def test_torchscript_signed_qdq_bit_for_bit(bits, tmp_path):
                                           (8, 'onnxruntime'),
                                           (8, 'tensorrt')])
 def test_torchscript_integer_weights_carried(bits, profile, tmp_path):
-    """Integer weights of every width are uint8 (signed grids: int8)
-    initializers holding the same integers, dequantized per output channel;
+    """Integer weights of every width are int8 initializers holding the same integers, dequantized per output channel;
     the exported Conv and Linear compute the QDQ model's output (each layer
     alone: a later layer would see rounding flips of its input
     quantizer)."""
@@ -110,10 +109,10 @@ def test_torchscript_integer_weights_carried(bits, profile, tmp_path):
         graph = onnx.load(path).graph
         stored = [onnx.numpy_helper.to_array(i) for i in graph.initializer
                   if list(i.dims) == list(layer.weight_int.shape)]
-        kind = np.int8 if profile == 'tensorrt' else np.uint8
-        assert len(stored) == 1 and stored[0].dtype == kind
+        assert len(stored) == 1 and stored[0].dtype == np.int8
         assert np.array_equal(stored[0], layer.weight_int.numpy())
-        assert int(stored[0].max()) <= 2**bits - 1
+        assert -2**(bits - 1) <= int(stored[0].min()) and \
+            int(stored[0].max()) <= 2**(bits - 1) - 1
 
 
 def test_conv_stack_not_requantized_with_a_rounded_bias(tmp_path):

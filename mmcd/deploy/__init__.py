@@ -8,7 +8,8 @@ onnxscript). The QDQ rewrite itself is pure PyTorch
 from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
                           PROFILE_GRAPH_CHECKS, QDQ_DISABLED_OPTIMIZERS,
                           FeatureExtractor, OnnxFeatures, OnnxPerShape,
-                          export_onnx, ort_session, profile_problems)
+                          export_onnx, kernel_times, ort_session,
+                          profile_problems)
 from .tensorrt_check import tensorrt_problems
 from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, RuntimeDraw,
                         SimulationDraw, SummationDraw,
@@ -20,7 +21,7 @@ __all__ = [
     'DRAWS', 'ComparedFeatures', 'FeatureExtractor',
     'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'RuntimeDraw',
     'SimulationDraw', 'SummationDraw',
-    'export_onnx',
+    'export_onnx', 'kernel_times',
     'ort_session', 'changed_detections', 'feature_consumer',
     'matched_detections', 'tensorrt_problems', 'PROFILE_GRAPH_CHECKS',
     'profile_problems'

@@ -8,16 +8,18 @@ heads' post-processing into standard ONNX ops (``RoiAlign``, ``TopK``,
 
 * :func:`~mmcd.compat.mmdeploy_torch.torchscript_export`: mmdeploy 1.3.1 on
   torch >= 2.9;
-* TorchScript symbolics of mmcd's two QDQ ops (:func:`register_symbolics`),
+* TorchScript symbolics of mmcd's three QDQ ops (:func:`register_symbolics`),
   the counterparts of the ``torch.export`` translations of
   :mod:`.onnx_export`: ``mmcd::quantize_dequantize`` -> ``QuantizeLinear``
   (-> ``Clip`` to the ``2^b`` levels below 8 bits) -> ``DequantizeLinear``,
-  ``mmcd::dequantize`` -> per-axis ``DequantizeLinear`` of the integer
-  weight. The TorchScript exporter stops at opset 20, before ONNX's 4-bit
-  types (opset 21): every width is carried in ``uint8``, or ``int8`` for
-  the signed grids of the ``tensorrt`` profile (integer weights of 2-8
-  bits as 8-bit initializers, the same integers; activations clipped to
-  their ``2^b`` levels), which computes the same model;
+  ``mmcd::quantize`` -> the same without the ``DequantizeLinear`` (a
+  convolution's input codes), ``mmcd::dequantize`` -> per-axis
+  ``DequantizeLinear`` of the integer weight. The TorchScript exporter
+  stops at opset 20, before ONNX's 4-bit types (opset 21): every
+  activation width is carried in ``uint8``, or ``int8`` for the signed
+  grids of the ``tensorrt`` profile (clipped to their ``2^b`` levels), and
+  integer weights of 2-8 bits in ``int8`` initializers, the same integers,
+  which computes the same model;
 * :func:`deploy_config`: mmdeploy's post-processing parameters taken from
   the detector's own ``test_cfg``;
 * rewriters (:data:`REWRITERS`) where mmdeploy's post-processing is not
@@ -49,7 +51,9 @@ import torch
 from torch import nn
 
 from mmcd.compat.mmdeploy_torch import torchscript_export
-from .onnx_export import check_onnx, integer_levels, ort_session
+from mmcd.core.quant.qdq import integer_levels
+
+from .onnx_export import check_onnx, ort_session
 
 #: opsets of the end-to-end export: per-axis DequantizeLinear needs 13, the
 #: TorchScript exporter goes up to 20
@@ -61,7 +65,7 @@ _UINT8, _INT8 = 2, 3
 _registered = set()
 
 
-def _quantize_dequantize_symbolic(g, x, scale, zero_point, bits, signed):
+def _quantize_symbolic(g, x, scale, zero_point, bits, signed):
     from torch.onnx import symbolic_helper
     bits = symbolic_helper._get_const(bits, 'i', 'bits')
     signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
@@ -72,7 +76,15 @@ def _quantize_dequantize_symbolic(g, x, scale, zero_point, bits, signed):
         levels = [g.op('Constant', value_t=torch.tensor(v, dtype=dtype))
                   for v in integer_levels(bits, signed)]
         quantized = g.op('Clip', quantized, *levels)
-    return g.op('DequantizeLinear', quantized, scale, zero)
+    return quantized
+
+
+def _quantize_dequantize_symbolic(g, x, scale, zero_point, bits, signed):
+    from torch.onnx import symbolic_helper
+    signed_value = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
+    zero = g.op('Cast', zero_point, to_i=_INT8 if signed_value else _UINT8)
+    return g.op('DequantizeLinear', _quantize_symbolic(
+        g, x, scale, zero_point, bits, signed), scale, zero)
 
 
 def _dequantize_symbolic(g, q, scale, zero_point, bits, axis, signed):
@@ -89,14 +101,15 @@ def _exp2_symbolic(g, x):
 
 
 def register_symbolics(opset: int = END2END_OPSET) -> None:
-    """Register the TorchScript symbolics of ``mmcd::quantize_dequantize``
-    and ``mmcd::dequantize`` (module docstring) for ``opset``, and of
+    """Register the TorchScript symbolics of ``mmcd::quantize_dequantize``,
+    ``mmcd::quantize`` and ``mmcd::dequantize`` (module docstring) for ``opset``, and of
     ``aten::exp2`` (the log-sqrt2 quantizer's levels, which the TorchScript
     exporter lacks) as ``Pow(2, x)``."""
     if opset in _registered:
         return
     for name, symbolic in (
             ('mmcd::quantize_dequantize', _quantize_dequantize_symbolic),
+            ('mmcd::quantize', _quantize_symbolic),
             ('mmcd::dequantize', _dequantize_symbolic),
             ('aten::exp2', _exp2_symbolic)):
         torch.onnx.register_custom_op_symbolic(name, symbolic, opset)

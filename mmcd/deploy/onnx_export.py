@@ -10,6 +10,9 @@ translates mmcd's two quantization ops (:mod:`mmcd.core.quant.qdq`):
   the 8-bit type and a ``Clip`` to the ``2^b`` levels between the two,
   since ``QuantizeLinear`` saturates to its type's range while mmcd's
   quantizer clamps to its own;
+* ``mmcd::quantize(x, s, z, bits, signed)`` -> ``QuantizeLinear`` to
+  ``uint8`` (``int8``), with the ``Clip`` below 8 bits: the codes of a
+  convolution's input, which its im2col form rearranges (``QDQConv2d``);
 * ``mmcd::dequantize(q, s, z, bits, axis, signed)`` ->
   ``DequantizeLinear(axis)`` of the integer weight, stored as a ``uint4``
   (up to 4 bits) or ``uint8`` initializer (``int4`` / ``int8`` when
@@ -26,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmcd.core.quant.qdq import ActivationQDQ, IntegerWeightMixin
+from mmcd.core.quant.qdq import (ActivationQDQ, IntegerWeightMixin,
+                                 integer_levels)
 from mmcd.core.registry import Registry
 
 #: opset of the 4-bit integer types (and the floor of mmcd's QDQ export)
@@ -62,10 +66,17 @@ def profile_problems(path: str, profile: str) -> List[str]:
     return PROFILE_GRAPH_CHECKS.get(profile)(path)
 
 
-def integer_levels(bits: int, signed: bool) -> Tuple[int, int]:
-    """The smallest and largest integer of a ``bits``-wide grid."""
-    return (-2**(bits - 1), 2**(bits - 1) - 1) if signed else \
-        (0, 2**bits - 1)
+def _codes_onnx(x, scale, zero, bits: int, signed: bool, qtype):
+    """``QuantizeLinear`` to ``qtype``, clipped to the ``bits``-wide grid
+    where the type is wider."""
+    from onnxscript import opset21 as op
+    quantized = op.QuantizeLinear(x, scale, zero)
+    if bits not in (4, 8) or (bits == 4 and qtype.bitwidth == 8):
+        lo, hi = integer_levels(bits, signed)
+        quantized = op.Clip(
+            quantized, op.Cast(op.Constant(value_int=lo), to=qtype),
+            op.Cast(op.Constant(value_int=hi), to=qtype))
+    return quantized
 
 
 def _qdq_onnx(x, scale, zero_point, bits: int, signed: bool):
@@ -73,13 +84,16 @@ def _qdq_onnx(x, scale, zero_point, bits: int, signed: bool):
     from onnxscript import opset21 as op
     qtype = _integer_type(ir, bits == 4, signed)
     zero = op.Cast(zero_point, to=qtype)
-    quantized = op.QuantizeLinear(x, scale, zero)
-    if bits not in (4, 8):
-        lo, hi = integer_levels(bits, signed)
-        quantized = op.Clip(
-            quantized, op.Cast(op.Constant(value_int=lo), to=qtype),
-            op.Cast(op.Constant(value_int=hi), to=qtype))
-    return op.DequantizeLinear(quantized, scale, zero)
+    return op.DequantizeLinear(
+        _codes_onnx(x, scale, zero, bits, signed, qtype), scale, zero)
+
+
+def _quantize_onnx(x, scale, zero_point, bits: int, signed: bool):
+    from onnxscript import ir
+    from onnxscript import opset21 as op
+    qtype = _integer_type(ir, False, signed)  # the 8-bit container
+    return _codes_onnx(x, scale, op.Cast(zero_point, to=qtype), bits,
+                       signed, qtype)
 
 
 def _dequantize_onnx(q, scale, zero_point, bits: int, axis: int,
@@ -136,6 +150,7 @@ def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
             module, (images, ), dynamo=True, opset_version=opset,
             optimize=True, verbose=False, custom_translation_table={
                 torch.ops.mmcd.quantize_dequantize.default: _qdq_onnx,
+                torch.ops.mmcd.quantize.default: _quantize_onnx,
                 torch.ops.mmcd.dequantize.default: _dequantize_onnx})
     program.save(path)
     if quantized:
@@ -183,10 +198,13 @@ def store_integer_initializers(path: str) -> None:
 
 def ort_session(path: str, threads: int = 0,
                 optimized_path: Optional[str] = None,
-                disabled_optimizers: Sequence[str] = QDQ_DISABLED_OPTIMIZERS):
+                disabled_optimizers: Sequence[str] = QDQ_DISABLED_OPTIMIZERS,
+                profile_prefix: Optional[str] = None):
     """An onnxruntime CPU session with every graph optimization except
     ``disabled_optimizers`` (default :data:`QDQ_DISABLED_OPTIMIZERS`), and
-    :data:`ORT_SESSION_CONFIG`."""
+    :data:`ORT_SESSION_CONFIG`; ``profile_prefix``: onnxruntime's profiler
+    on, its trace written to ``{prefix}_<date>.json`` at
+    ``session.end_profiling()`` (:func:`kernel_times`)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -196,9 +214,28 @@ def ort_session(path: str, threads: int = 0,
         options.add_session_config_entry(key, value)
     if optimized_path:
         options.optimized_model_filepath = optimized_path
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(
         path, options, providers=['CPUExecutionProvider'],
         disabled_optimizers=list(disabled_optimizers))
+
+
+def kernel_times(trace_path: str) -> Dict[str, float]:
+    """Seconds spent per operator type in an onnxruntime profiler trace
+    (:func:`ort_session` with ``profile_prefix``): the ``Node`` events'
+    kernel durations, summed over the runs the trace holds."""
+    import json
+    with open(trace_path) as f:
+        events = json.load(f)
+    totals: Dict[str, float] = {}
+    for event in events:
+        if event.get('cat') == 'Node' and \
+                event.get('name', '').endswith('_kernel_time'):
+            op = event['args']['op_name']
+            totals[op] = totals.get(op, 0.0) + event['dur'] * 1e-6
+    return totals
 
 
 class OnnxFeatures:

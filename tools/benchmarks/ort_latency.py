@@ -11,11 +11,17 @@ nodes it fused (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...) and
 the DequantizeLinear nodes left in front of float kernels. The float model
 runs with every optimization, the QDQ model without ``MatMulAddFusion``
 (:data:`mmcd.deploy.QDQ_DISABLED_OPTIMIZERS`: it would turn the Linear
-layers into float Gemms before the integer fusion sees them).
+layers into float Gemms before the integer fusion sees them). Under the
+``onnxruntime`` profile the convolutions are exported as integer matmuls
+(``DeployProfile.conv_as_integer_matmul``), which it fuses too.
 
 ``--scope detector`` times the whole detector exported end to end
 (``mmcd.deploy.end2end``: image in, boxes, labels, masks out; calibrated
 on a full forward of the timing image, heads included).
+
+``--kernel-times`` then runs both models ``--runs`` more times under
+onnxruntime's profiler and prints the kernel time per operator type (ms
+per run, largest first): what is left in float, what runs in integers.
 
 ``--profile tensorrt`` quantizes for TensorRT's INT8 (symmetric grids,
 int8 zero point 0: :mod:`mmcd.core.quant.profiles`), which onnxruntime runs
@@ -23,7 +29,8 @@ with its signed integer kernels.
 
     python tools/benchmarks/ort_latency.py [--models toy swin-t]
         [--bits 8] [--method minmax] [--profile onnxruntime|tensorrt]
-        [--runs 10] [--scope features|detector]
+        [--runs 10] [--scope features|detector] [--threads 0]
+        [--kernel-times]
 """
 import argparse
 import collections
@@ -51,7 +58,8 @@ from mmcd.core.quant import (DEFAULT_PROFILE, DEPLOY_PROFILES,  # noqa
 from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (QDQ_DISABLED_OPTIMIZERS,  # noqa: E402
-                         FeatureExtractor, export_onnx, ort_session)
+                         FeatureExtractor, export_onnx, kernel_times,
+                         ort_session)
 from mmcd.deploy.end2end import end2end_detector  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, REPO, build_detector)
@@ -74,6 +82,11 @@ def main():
     parser.add_argument('--runs', type=int, default=10)
     parser.add_argument('--scope', choices=('features', 'detector'),
                         default='features')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='onnxruntime intra-op threads (0: all cores)')
+    parser.add_argument('--kernel-times', action='store_true',
+                        help="kernel time per operator type (onnxruntime's "
+                        'profiler), float and QDQ')
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
@@ -96,8 +109,8 @@ def main():
         calibrate(quant, cfg, lambda: quant.extract_feat(images)
                   if args.scope == 'features' else
                   quant.predict(images, [copy.deepcopy(sample)]))
-        to_qdq(quant)
-        sessions = {}
+        to_qdq(quant, args.profile)
+        sessions, paths = {}, {}
         for label, module in (('float', model), ('qdq', quant)):
             if args.scope == 'features':
                 path = export_onnx(FeatureExtractor(module), images,
@@ -108,11 +121,9 @@ def main():
                     out_dir=folder, prefix=f'{key}_{label}')
                 exported.outputs(images, sample)  # exports
                 path = exported.path_for(images)
-            sessions[label] = ort_session(
-                path, optimized_path=osp.join(
-                    folder, f'{key}_{label}_optimized.onnx'),
-                disabled_optimizers=QDQ_DISABLED_OPTIMIZERS
-                if label == 'qdq' else ())
+            paths[label] = path
+            sessions[label] = session_of(label, path, args.threads, osp.join(
+                folder, f'{key}_{label}_optimized.onnx'))
         feed = {sessions['float'].get_inputs()[0].name: images.numpy()}
         times = {label: [] for label in sessions}
         for _ in range(2):  # warm-up
@@ -133,6 +144,38 @@ def main():
               f'integer kernels {fused or "none"}, DequantizeLinear left '
               f'{ops["DequantizeLinear"]}, QuantizeLinear '
               f'{ops["QuantizeLinear"]}')
+        if args.kernel_times:
+            print_kernel_times(paths, feed, args, osp.join(folder, key))
+
+
+def session_of(label, path, threads, optimized_path=None,
+               profile_prefix=None):
+    """The float model with every optimization, the QDQ one without
+    :data:`QDQ_DISABLED_OPTIMIZERS` (module docstring)."""
+    return ort_session(path, threads, optimized_path,
+                       QDQ_DISABLED_OPTIMIZERS if label == 'qdq' else (),
+                       profile_prefix=profile_prefix)
+
+
+def print_kernel_times(paths, feed, args, prefix, top=8):
+    """Kernel time per operator type of each model under onnxruntime's
+    profiler, ms per run, largest first (the rest summed)."""
+    for label, path in paths.items():
+        session = session_of(label, path, args.threads,
+                             profile_prefix=f'{prefix}_{label}')
+        for _ in range(args.runs):
+            session.run(None, feed)
+        times = kernel_times(session.end_profiling())
+        total = sum(times.values())
+        ranked = sorted(times.items(), key=lambda item: -item[1])
+        shown = [f'{op} {t / args.runs * 1e3:.1f} ({t / total:.0%})'
+                 for op, t in ranked[:top]]
+        rest = sum(t for _, t in ranked[top:])
+        if rest:
+            shown.append(f'other {rest / args.runs * 1e3:.1f} '
+                         f'({rest / total:.0%})')
+        print(f'  {label} kernels, {total / args.runs * 1e3:.1f} ms per '
+              f'run: ' + ', '.join(shown))
 
 
 if __name__ == '__main__':

@@ -355,7 +355,7 @@ def main():
         args, quant_cfg, ['test_dataloader'])
     model = runner.model
     qdq_model = copy.deepcopy(quant_model)
-    report = to_qdq(qdq_model)
+    report = to_qdq(qdq_model, quant_cfg.profile)
     name = f'w{quant_cfg.w_bits}a{quant_cfg.a_bits}_{quant_cfg.method}'
     if quant_cfg.profile != DEFAULT_PROFILE:
         name += f'_{quant_cfg.profile}'

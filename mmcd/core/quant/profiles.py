@@ -51,13 +51,17 @@ class DeployProfile:
     (signed integers, zero point 0), ``softmax`` (a registered post-softmax
     quantizer replacing the method's; None keeps it), ``bits`` (the widths
     it runs; None: any of 2..8), ``reconstruction`` (whether a
-    reconstructed model satisfies it)."""
+    reconstructed model satisfies it), ``conv_as_integer_matmul`` (export
+    quantized convolutions as im2col + an integer matrix product, the form
+    the runtime has a fast kernel for, :class:`~mmcd.core.quant.qdq.
+    QDQConv2d`; False: ``DequantizeLinear`` -> ``Conv``)."""
     name: str
     runtime: str
     symmetric: bool = False
     softmax: Optional[str] = None
     bits: Optional[Tuple[int, ...]] = None
     reconstruction: bool = True
+    conv_as_integer_matmul: bool = False
 
     def apply(self, method: QuantMethod) -> QuantMethod:
         """``method`` under this profile (itself when nothing changes)."""
@@ -113,7 +117,8 @@ def _first(names: Sequence[str], count: int = 3) -> str:
 DEPLOY_PROFILES = Registry('deployment profile')
 #: the profile of a model quantized without one: the method as published
 DEFAULT_PROFILE = 'onnxruntime'
-DEPLOY_PROFILES.register(DeployProfile(DEFAULT_PROFILE, 'onnxruntime'))
+DEPLOY_PROFILES.register(DeployProfile(DEFAULT_PROFILE, 'onnxruntime',
+                                      conv_as_integer_matmul=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform', bits=(8, ),
     reconstruction=False))

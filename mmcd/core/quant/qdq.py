@@ -8,12 +8,17 @@ calibrate` has calibrated, into the form deployment runtimes read:
   ``QuantizeLinear`` -> ``DequantizeLinear``; RepQ-ViT's per-channel shift
   of a reparameterized input stays an ``Add`` before and a ``Sub`` after);
 * every quantized ``Linear`` / ``Conv2d`` becomes :class:`QDQLinear` /
-  :class:`QDQConv2d`: the weight is stored as its integers ``q`` (uint8
-  values in ``[0, 2^b - 1]``, or int8 in ``[-2^(b-1), 2^(b-1) - 1]`` with
-  zero point 0 for a symmetric quantizer; a Linear's transposed), one
-  scale and zero point per output channel, and rebuilt as ``(q - z) s`` by one
-  ``mmcd::dequantize`` op (ONNX: ``DequantizeLinear`` on an integer
-  initializer, 4-bit types at opset 21);
+  :class:`QDQConv2d`: the weight is stored as signed integers ``q`` in
+  ``[-2^(b-1), 2^(b-1) - 1]`` (the codes ``[0, 2^b - 1]`` and the zero
+  point shifted by ``2^(b-1)``, which leaves ``q - z`` unchanged; a
+  symmetric quantizer's zero point becomes 0; a Linear's transposed), one
+  scale and zero point per output channel, and rebuilt as ``(q - z) s`` by
+  one ``mmcd::dequantize`` op (ONNX: ``DequantizeLinear`` on an ``int8``
+  initializer, ``int4`` up to 4 bits at opset 21). Signed weights because
+  onnxruntime's fast integer kernels multiply unsigned activations by
+  signed weights (``u8s8``, VNNI): measured on this machine's CPU, one
+  thread, a 4096x2304 by 2304x256 ``MatMulIntegerToFloat``: int8 weights
+  10.1 ms, uint8 weights 47.9 ms, float ``MatMul`` 67.7 ms;
 * the post-softmax quantizers (log-sqrt2, TanQ) have no linear-quantization
   form: they stay as their float formula (:class:`FormulaFakeQuant`: the
   quantizer's own fake quantization, exported as elementwise float ops);
@@ -30,15 +35,38 @@ Both ops compute, in PyTorch, bit for bit what the fake-quantized model
 computes (tested), so the rewritten model is the simulation; ``mmcd.deploy``
 maps them to ONNX. Pure PyTorch.
 """
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .modules import QuantConv2d, QuantLinear
+from .profiles import DEFAULT_PROFILE, DEPLOY_PROFILES
 from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer, UniformQuantizer,
                          uniform_fake_quant)
+
+
+def integer_levels(bits: int, signed: bool) -> Tuple[int, int]:
+    """The smallest and largest integer of a ``bits``-wide grid."""
+    return (-2**(bits - 1), 2**(bits - 1) - 1) if signed else \
+        (0, 2**bits - 1)
+
+
+@torch.library.custom_op('mmcd::quantize', mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+             bits: int, signed: bool) -> torch.Tensor:
+    """Per-tensor integer codes ``clamp(round(x / s) + z, lo, hi)`` in an
+    8-bit tensor whatever the width (``uint8``; ``int8`` when ``signed``),
+    ``[lo, hi]`` as in :func:`quantize_dequantize`."""
+    lo, hi = integer_levels(bits, signed)
+    codes = torch.div(x, scale).round_().add_(zero_point).clamp_(lo, hi)
+    return codes.to(torch.int8 if signed else torch.uint8)
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, bits, signed):
+    return torch.empty_like(x, dtype=torch.int8 if signed else torch.uint8)
 
 
 @torch.library.custom_op('mmcd::quantize_dequantize', mutates_args=())
@@ -83,7 +111,8 @@ def unsigned_zero_point(zero_point: torch.Tensor, bits: int,
 
 def signed_shift(quantizer: UniformQuantizer) -> int:
     """What a symmetric quantizer's codes and zero point lose to become
-    signed integers (``2^(b-1)``: zero point 0), 0 for an asymmetric one."""
+    signed integers (``2^(b-1)``: zero point 0), 0 for an asymmetric one
+    (activations: the profile decides the grid's type)."""
     return quantizer.signed_zero if quantizer.symmetric else 0
 
 
@@ -112,6 +141,17 @@ class ActivationQDQ(nn.Module):
     def quantize(self, x):
         return quantize_dequantize(x, self.scale, self.zero_point, self.bits,
                                    self.signed)
+
+    def codes(self, x):
+        """The integer codes of ``x`` in an 8-bit tensor (no offset)."""
+        return quantize(x, self.scale, self.zero_point, self.bits,
+                        self.signed)
+
+    def from_codes(self, codes):
+        """``(q - z) s`` of :meth:`codes`' integers (per tensor: the axis
+        does not matter; 8: the container's width)."""
+        return dequantize(codes, self.scale, self.zero_point, 8, 0,
+                          self.signed)
 
     def extra_repr(self):
         return f'bits={self.bits}' + (', signed' if self.signed else '')
@@ -154,24 +194,29 @@ class IntegerWeightMixin:
     #: the axis of the output channels in the stored integers
     channel_axis = 0
 
+    def _stored(self, integers: torch.Tensor) -> torch.Tensor:
+        """The layout the integers are stored in (the layer's weight's)."""
+        return integers
+
     def _take_weight(self, layer):
         quantizer = layer.weight_quantizer
         if quantizer.state != 'quant' or not quantizer.calibrated:
             raise ValueError(f'{quantizer.layer_name} is not calibrated')
-        shift = signed_shift(quantizer)
+        shift = quantizer.signed_zero  # signed storage (module docstring)
         scale = quantizer.scale.detach()
         zero = quantizer.zero_point.detach() - shift
-        integers = quantizer.codes(layer.weight.detach()) - shift
-        if self.channel_axis == 1:  # stored as [in, out]
-            integers = integers.t()
-        self.bits, self.signed = quantizer.bits, quantizer.symmetric
-        self.register_buffer(
-            'weight_int',
-            integers.to(torch.int8 if self.signed else torch.uint8)
-            .contiguous())
+        if zero.min() < -shift or zero.max() >= shift:
+            raise ValueError(
+                f'{quantizer.layer_name}: a weight zero point outside the '
+                f'{quantizer.bits}-bit grid (a clip range not containing 0) '
+                'has no integer form; use a range search that keeps 0')
+        integers = self._stored(quantizer.codes(layer.weight.detach()) -
+                                shift)
+        self.bits, self.signed = quantizer.bits, True
+        self.register_buffer('weight_int',
+                             integers.to(torch.int8).contiguous())
         self.register_buffer('weight_scale', scale.clone())
         self.register_buffer('weight_zero_point', zero.clone())
-        self.input_qdq = _activation_module(layer.input_quantizer)
 
     def dequantized_weight(self):
         return dequantize(self.weight_int, self.weight_scale,
@@ -188,10 +233,14 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
     fake-quantized model, so the rewrite stays bit-exact in PyTorch."""
     channel_axis = 1
 
+    def _stored(self, integers):
+        return integers.t()
+
     def __init__(self, layer: QuantLinear):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, \
             layer.out_features
+        self.input_qdq = _activation_module(layer.input_quantizer)
         self._take_weight(layer)
         # RepQ-ViT's shift leaves through the float weight (QuantLinear)
         bias = layer.shift_corrected_bias(layer.effective_weight())
@@ -214,19 +263,62 @@ class QDQConv2d(IntegerWeightMixin, nn.Module):
     scale ``s_x s_w``, a quantization this model does not contain (measured
     on the toy W4A4 mask head: 0.34% of the next 4-bit input one step away;
     tested). Eagerly it is ``F.conv2d`` with the bias, as in the
-    fake-quantized model."""
+    fake-quantized model.
 
-    def __init__(self, layer: QuantConv2d):
+    ``integer_matmul`` (the profile's
+    :attr:`~mmcd.core.quant.profiles.DeployProfile.conv_as_integer_matmul`):
+    under export the convolution is written as im2col on the input's
+    integer codes and one matrix product, ``DequantizeLinear(patches) @
+    DequantizeLinear(W)``, the pattern onnxruntime fuses into its integer
+    kernel with a float output (``MatMulIntegerToFloat``); it has none for
+    a Conv whose output is not quantized again, which is every Conv here:
+    mmcd quantizes layer inputs. The patches are the input's codes
+    (``QuantizeLinear``), channels last, padded with the zero point's code
+    (the dequantized padding is 0, as the float Conv pads), one strided
+    ``Slice`` per kernel offset concatenated along the channels; the
+    weight is stored ``[kh kw C_in, C_out]`` in the same order. Taken where
+    the input quantizer is a plain per-tensor grid (no RepQ-ViT shift, an
+    integer zero point), ``groups == 1`` and weights of 5-8 bits (4-bit
+    ones are ``int4`` initializers, which that kernel does not take);
+    elsewhere the Conv form."""
+
+    def __init__(self, layer: QuantConv2d, integer_matmul: bool = False):
         super().__init__()
         self.bias = layer.bias
+        self.kernel_size = layer.kernel_size
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
         if layer.padding_mode != 'zeros':
             raise ValueError(f'{layer.weight_quantizer.layer_name}: padding '
                              f'mode {layer.padding_mode!r} is not exported')
+        self.input_qdq = _activation_module(layer.input_quantizer)
+        self.integer_matmul = (
+            integer_matmul and self.groups == 1 and
+            layer.weight_quantizer.bits > 4 and
+            type(self.input_qdq) is ActivationQDQ and
+            not self.input_qdq.offset.numel() and
+            not isinstance(self.padding, str))
+        if self.integer_matmul:
+            self.channel_axis = 1
+            self.pad_code = int(self.input_qdq.zero_point)
         self._take_weight(layer)
 
+    def _stored(self, integers):
+        if not self.integer_matmul:
+            return integers
+        return integers.permute(0, 2, 3, 1).flatten(1).t()
+
+    def dequantized_weight(self):
+        weight = super().dequantized_weight()
+        if not self.integer_matmul:
+            return weight
+        kh, kw = self.kernel_size
+        return weight.t().reshape(weight.shape[1], kh, kw, -1).permute(
+            0, 3, 1, 2)
+
     def forward(self, x):
+        if self.integer_matmul and _exporting():
+            return self._integer_matmul_conv(x)
         x, weight = self.input_qdq(x), self.dequantized_weight()
         if self.bias is None or not _exporting():
             return F.conv2d(x, weight, self.bias, self.stride, self.padding,
@@ -234,6 +326,27 @@ class QDQConv2d(IntegerWeightMixin, nn.Module):
         out = F.conv2d(x, weight, None, self.stride, self.padding,
                        self.dilation, self.groups)
         return out + self.bias.view(1, -1, 1, 1)
+
+    def _integer_matmul_conv(self, x):
+        """im2col on the codes, one matrix product (class docstring)."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        codes = self.input_qdq.codes(x).permute(0, 2, 3, 1)
+        if ph or pw:
+            codes = F.pad(codes, (0, 0, pw, pw, ph, ph), value=self.pad_code)
+        n, h, w, _ = codes.shape
+        out_h = (h - dh * (kh - 1) - 1) // sh + 1
+        out_w = (w - dw * (kw - 1) - 1) // sw + 1
+        columns = [codes[:, i * dh:i * dh + sh * (out_h - 1) + 1:sh,
+                         j * dw:j * dw + sw * (out_w - 1) + 1:sw]
+                   for i in range(kh) for j in range(kw)]
+        patches = columns[0] if len(columns) == 1 else torch.cat(columns, 3)
+        out = torch.matmul(
+            self.input_qdq.from_codes(patches.reshape(n * out_h * out_w, -1)),
+            IntegerWeightMixin.dequantized_weight(self))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(n, out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
 def _activation_module(quantizer: FakeQuantizer) -> nn.Module:
@@ -256,8 +369,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def to_qdq(model: nn.Module) -> Dict[str, List[str]]:
-    """Rewrite a calibrated PTQ model in place (module docstring). Returns
+def to_qdq(model: nn.Module,
+           profile: str = DEFAULT_PROFILE) -> Dict[str, List[str]]:
+    """Rewrite a calibrated PTQ model in place (module docstring), for the
+    runtime of the deployment ``profile`` the model was quantized for
+    (:data:`~mmcd.core.quant.profiles.DEPLOY_PROFILES`). Returns
     the layer names by form: ``qdq`` (activations as QuantizeLinear/
     DequantizeLinear), ``integer_weights``, ``float_formula`` (post-softmax
     quantizers), ``fractional_zero`` (uniform quantizers with a non-integer
@@ -275,12 +391,13 @@ def to_qdq(model: nn.Module) -> Dict[str, List[str]]:
     if any(getattr(q, 'trainable', False) for q in quantizers.values()):
         raise ValueError('QAT models are not exported here; export a PTQ '
                          'model (quantize_model + calibrate)')
+    conv_as_matmul = DEPLOY_PROFILES.get(profile).conv_as_integer_matmul
     report = dict(qdq=[], integer_weights=[], float_formula=[],
                   fractional_zero=[], float=[])
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d)):
-            qdq = (QDQLinear if isinstance(module, QuantLinear)
-                   else QDQConv2d)(module)
+            qdq = QDQLinear(module) if isinstance(module, QuantLinear) \
+                else QDQConv2d(module, conv_as_matmul)
             _set_module(model, name, qdq)
             report['integer_weights'].append(name)
     for name, module in list(model.named_modules()):
