@@ -65,11 +65,17 @@ _UINT8, _INT8 = 2, 3
 _registered = set()
 
 
-def _quantize_symbolic(g, x, scale, zero_point, bits, signed):
+def _zero_point_symbolic(g, zero_point, signed):
+    """The zero point as the integer type of the codes, and whether it is signed."""
+    from torch.onnx import symbolic_helper
+    signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
+    return g.op('Cast', zero_point, to_i=_INT8 if signed else _UINT8), signed
+
+
+def _quantize_codes_symbolic(g, x, scale, bits, zero, signed):
+    """QuantizeLinear, clipped to the ``bits``-bit range when below 8 bits."""
     from torch.onnx import symbolic_helper
     bits = symbolic_helper._get_const(bits, 'i', 'bits')
-    signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
-    zero = g.op('Cast', zero_point, to_i=_INT8 if signed else _UINT8)
     quantized = g.op('QuantizeLinear', x, scale, zero)
     if bits != 8:
         dtype = torch.int8 if signed else torch.uint8
@@ -79,19 +85,22 @@ def _quantize_symbolic(g, x, scale, zero_point, bits, signed):
     return quantized
 
 
+def _quantize_symbolic(g, x, scale, zero_point, bits, signed):
+    zero, signed = _zero_point_symbolic(g, zero_point, signed)
+    return _quantize_codes_symbolic(g, x, scale, bits, zero, signed)
+
+
 def _quantize_dequantize_symbolic(g, x, scale, zero_point, bits, signed):
-    from torch.onnx import symbolic_helper
-    signed_value = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
-    zero = g.op('Cast', zero_point, to_i=_INT8 if signed_value else _UINT8)
-    return g.op('DequantizeLinear', _quantize_symbolic(
-        g, x, scale, zero_point, bits, signed), scale, zero)
+    zero, signed = _zero_point_symbolic(g, zero_point, signed)
+    return g.op('DequantizeLinear',
+                _quantize_codes_symbolic(g, x, scale, bits, zero, signed),
+                scale, zero)
 
 
 def _dequantize_symbolic(g, q, scale, zero_point, bits, axis, signed):
     from torch.onnx import symbolic_helper
     axis = symbolic_helper._get_const(axis, 'i', 'axis')
-    signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
-    zero = g.op('Cast', zero_point, to_i=_INT8 if signed else _UINT8)
+    zero, _ = _zero_point_symbolic(g, zero_point, signed)
     return g.op('DequantizeLinear', q, scale, zero, axis_i=axis)
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from .modules import QuantConv2d, QuantLinear
 from .profiles import DEFAULT_PROFILE, DEPLOY_PROFILES
 from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer, UniformQuantizer,
-                         uniform_fake_quant)
+                         uniform_codes, uniform_fake_quant)
 
 
 def integer_levels(bits: int, signed: bool) -> Tuple[int, int]:
@@ -60,7 +60,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     8-bit tensor whatever the width (``uint8``; ``int8`` when ``signed``),
     ``[lo, hi]`` as in :func:`quantize_dequantize`."""
     lo, hi = integer_levels(bits, signed)
-    codes = torch.div(x, scale).round_().add_(zero_point).clamp_(lo, hi)
+    codes = uniform_codes(x, scale, zero_point, lo, hi)
     return codes.to(torch.int8 if signed else torch.uint8)
 
 
