@@ -66,7 +66,7 @@ _registered = set()
 
 
 def _zero_point_symbolic(g, zero_point, signed):
-    """The zero point as the integer type of the codes, and whether it is signed."""
+    """The zero point cast to the codes' integer type, and whether signed."""
     from torch.onnx import symbolic_helper
     signed = bool(symbolic_helper._get_const(signed, 'b', 'signed'))
     return g.op('Cast', zero_point, to_i=_INT8 if signed else _UINT8), signed
@@ -111,9 +111,9 @@ def _exp2_symbolic(g, x):
 
 def register_symbolics(opset: int = END2END_OPSET) -> None:
     """Register the TorchScript symbolics of ``mmcd::quantize_dequantize``,
-    ``mmcd::quantize`` and ``mmcd::dequantize`` (module docstring) for ``opset``, and of
-    ``aten::exp2`` (the log-sqrt2 quantizer's levels, which the TorchScript
-    exporter lacks) as ``Pow(2, x)``."""
+    ``mmcd::quantize`` and ``mmcd::dequantize`` (module docstring) for
+    ``opset``, and of ``aten::exp2`` (the log-sqrt2 quantizer's levels,
+    which the TorchScript exporter lacks) as ``Pow(2, x)``."""
     if opset in _registered:
         return
     for name, symbolic in (
