@@ -629,3 +629,102 @@ def test_kernel_times_of_a_profiler_trace(tmp_path):
     # onnxruntime's NCHWc layout of the Conv (ReLU fused into it)
     assert 'Conv' in measured and set(measured) <= {'Conv', 'ReorderInput',
                                                     'ReorderOutput'}
+
+
+def test_interleaved_latency_medians_of_runs_in_turn(monkeypatch):
+    """Each session runs once per round, in turn; warm-up rounds are not
+    timed; the result is each session's median (by hand on a fake clock
+    that each run advances by its session's next duration)."""
+    import time
+    from mmcd.deploy import interleaved_latency
+    clock, order = [0.0], []
+
+    class Session:
+        def __init__(self, key, durations):
+            self.key, self.durations = key, iter(durations)
+
+        def run(self, outputs, feed):
+            assert outputs is None and feed == {'x': 1}
+            order.append(self.key)
+            clock[0] += next(self.durations)
+
+    monkeypatch.setattr(time, 'perf_counter', lambda: clock[0])
+    sessions = {'a': Session('a', [100, 100, 1, 5, 3]),
+                'b': Session('b', [100, 100, 2, 2, 9])}
+    found = interleaved_latency(sessions, {'x': 1}, runs=3, warmup=2)
+    assert order == ['a', 'b'] * 5
+    assert found == {'a': 3, 'b': 2}
+
+
+def test_integer_kernel_counts_by_hand(tmp_path):
+    """Counts of onnxruntime's integer kernels and of the Q/DQ nodes left,
+    nothing else, on a graph written by hand."""
+    from onnx import TensorProto, helper
+    from mmcd.deploy import integer_kernel_counts
+    nodes = [helper.make_node('QuantizeLinear', ['x', 's', 'z'], ['q']),
+             helper.make_node('DequantizeLinear', ['q', 's', 'z'], ['d']),
+             helper.make_node('Relu', ['d'], ['r']),
+             helper.make_node('QuantizeLinear', ['r', 's', 'z'], ['q2']),
+             helper.make_node('QLinearMatMul', ['q2', 's', 'z', 'q2', 's',
+                                                'z', 's', 'z'], ['y'])]
+    graph = helper.make_graph(
+        nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT,
+                                                   [2, 2])],
+        [helper.make_tensor_value_info('y', TensorProto.UINT8, [2, 2])],
+        [helper.make_tensor('s', TensorProto.FLOAT, [], [0.1]),
+         helper.make_tensor('z', TensorProto.UINT8, [], [128])])
+    path = str(tmp_path / 'g.onnx')
+    onnx.save(helper.make_model(graph), path)
+    assert integer_kernel_counts(path) == {
+        'QLinearMatMul': 1, 'QuantizeLinear': 2, 'DequantizeLinear': 1}
+
+
+def test_compare_ptq_tools_errors(tmp_path):
+    from test_tools_cli import (TOY_CONFIG, assert_one_line_error,
+                                run_here)
+    ckpt = tmp_path / 'model.pth'
+    torch.save({}, ckpt)
+    tool = 'tools/benchmarks/compare_ptq_tools.py'
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--bits', '4')
+    assert_one_line_error(code, out, "--bits 4: onnxruntime's and "
+                          "ModelOpt's rows are 8-bit")
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--runs', '0')
+    assert_one_line_error(code, out, '--runs must be >= 1')
+    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--mmcd', 'nope',
+                         '--ort')
+    assert_one_line_error(code, out, 'nope')
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError:
+        code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--modelopt',
+                             'max')
+        assert_one_line_error(code, out, '--modelopt needs nvidia-modelopt')
+
+
+@pytest.mark.slow  # calibrates, quantizes three ways, evaluates three times
+def test_compare_ptq_tools_rows(micro_run, tmp_path):
+    """One run of the side-by-side benchmark on the micro detector: float,
+    an mmcd method and onnxruntime's quantize_static each evaluated and
+    timed on the same static shape; onnxruntime's file is a QDQ model
+    with per-channel int8 weights, and its integer kernels are counted."""
+    from test_tools_cli import run_tool
+    config, ckpt = micro_run
+    code, out = run_tool('tools/benchmarks/compare_ptq_tools.py', config,
+                         ckpt, '--mmcd', 'minmax', '--ort', 'MinMax',
+                         '--calib-images', '2', '--pad-to', '128',
+                         '--runs', '1', '--out-dir', str(tmp_path),
+                         timeout=600)
+    assert code == 0, out
+    result = json.loads((tmp_path / 'compare_ptq_tools.json').read_text())
+    assert result['input_shape'] == [3, 128, 128]
+    rows = result['rows']
+    assert list(rows) == ['float', 'mmcd minmax', 'onnxruntime MinMax']
+    for row in rows.values():
+        assert 0 <= row['box_map'] <= 1 and 0 <= row['mask_map'] <= 1
+        assert row['latency_ms'] > 0
+    assert rows['float']['latency_ratio'] == 1
+    assert not any(op.startswith('Q') for op in rows['float']['kernels'])
+    ops = {n.op_type: n for n in onnx.load(
+        rows['onnxruntime MinMax']['path']).graph.node}
+    assert 'QuantizeLinear' in ops and 'DequantizeLinear' in ops
+    assert '| onnxruntime MinMax |' in out

@@ -5,11 +5,12 @@ onnxscript). The QDQ rewrite itself is pure PyTorch
 (onnx_export.py, end2end.py), holds the yardstick of the check
 (yardstick.py) and checks a graph against TensorRT's Q/DQ rules
 (tensorrt_check.py)."""
-from .onnx_export import (MIN_QDQ_OPSET, ORT_SESSION_CONFIG,
-                          PROFILE_GRAPH_CHECKS, QDQ_DISABLED_OPTIMIZERS,
-                          FeatureExtractor, OnnxFeatures, OnnxPerShape,
-                          export_onnx, kernel_times, ort_session,
-                          profile_problems)
+from .onnx_export import (INTEGER_KERNELS, MIN_QDQ_OPSET,
+                          ORT_SESSION_CONFIG, PROFILE_GRAPH_CHECKS,
+                          QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
+                          OnnxFeatures, OnnxPerShape, export_onnx,
+                          integer_kernel_counts, interleaved_latency,
+                          kernel_times, ort_session, profile_problems)
 from .tensorrt_check import tensorrt_problems
 from .yardstick import (DRAWS, ComparedFeatures, RoundingDraw, RuntimeDraw,
                         SimulationDraw, SummationDraw,
@@ -21,7 +22,8 @@ __all__ = [
     'DRAWS', 'ComparedFeatures', 'FeatureExtractor',
     'OnnxFeatures', 'OnnxPerShape', 'RoundingDraw', 'RuntimeDraw',
     'SimulationDraw', 'SummationDraw',
-    'export_onnx', 'kernel_times',
+    'export_onnx', 'kernel_times', 'INTEGER_KERNELS',
+    'integer_kernel_counts', 'interleaved_latency',
     'ort_session', 'changed_detections', 'feature_consumer',
     'matched_detections', 'tensorrt_problems', 'PROFILE_GRAPH_CHECKS',
     'profile_problems'

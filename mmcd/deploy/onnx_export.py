@@ -238,6 +238,42 @@ def kernel_times(trace_path: str) -> Dict[str, float]:
     return totals
 
 
+#: onnxruntime's integer kernels: what its graph optimizations fuse a QDQ
+#: pattern into (the rest of a QDQ model runs in float)
+INTEGER_KERNELS = ('QLinearConv', 'QLinearMatMul', 'MatMulIntegerToFloat',
+                   'ConvInteger', 'MatMulInteger', 'QGemm', 'QAttention',
+                   'MatMulNBits', 'DynamicQuantizeMatMul')
+
+
+def integer_kernel_counts(optimized_path: str) -> Dict[str, int]:
+    """How many nodes of each of :data:`INTEGER_KERNELS`, and of
+    ``QuantizeLinear`` / ``DequantizeLinear`` (the round trips left), an
+    optimized model (a session's ``optimized_path``) holds."""
+    import onnx
+    counts: Dict[str, int] = {}
+    for node in onnx.load(optimized_path).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {op: counts[op] for op in INTEGER_KERNELS + (
+        'QuantizeLinear', 'DequantizeLinear') if counts.get(op)}
+
+
+def interleaved_latency(sessions: Dict[str, object], feed: Dict,
+                        runs: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per ``session.run(None, feed)`` of each session,
+    the sessions run in turn ``runs`` times after ``warmup`` rounds (so
+    that a slow phase of the machine hits every model alike)."""
+    import statistics
+    import time
+    times: Dict[str, List[float]] = {key: [] for key in sessions}
+    for round_ in range(warmup + runs):
+        for key, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(found) for key, found in times.items()}
+
+
 class OnnxFeatures:
     """An exported feature extractor run by onnxruntime (CPU,
     :func:`ort_session`), called like the module: ``images -> [features]``

@@ -33,19 +33,15 @@ with its signed integer kernels.
         [--kernel-times]
 """
 import argparse
-import collections
 import copy
 import os.path as osp
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
 warnings.filterwarnings('ignore')
-import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
@@ -57,17 +53,15 @@ from mmcd.core.quant import (DEFAULT_PROFILE, DEPLOY_PROFILES,  # noqa
                              QuantConfig, calibrate, quantize_model)
 from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
-from mmcd.deploy import (QDQ_DISABLED_OPTIMIZERS,  # noqa: E402
-                         FeatureExtractor, export_onnx, kernel_times,
-                         ort_session)
+from mmcd.deploy import (INTEGER_KERNELS,  # noqa: E402
+                         QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
+                         export_onnx, integer_kernel_counts,
+                         interleaved_latency, kernel_times, ort_session)
 from mmcd.deploy.end2end import end2end_detector  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, REPO, build_detector)
 
 SCOPES = dict(features='backbone + neck', detector='whole detector')
-QUANTIZED_KERNELS = ('QLinearConv', 'QLinearMatMul', 'MatMulIntegerToFloat',
-                     'ConvInteger', 'MatMulInteger', 'QGemm', 'QAttention',
-                     'MatMulNBits', 'DynamicQuantizeMatMul')
 
 
 def main():
@@ -125,25 +119,16 @@ def main():
             sessions[label] = session_of(label, path, args.threads, osp.join(
                 folder, f'{key}_{label}_optimized.onnx'))
         feed = {sessions['float'].get_inputs()[0].name: images.numpy()}
-        times = {label: [] for label in sessions}
-        for _ in range(2):  # warm-up
-            for s in sessions.values():
-                s.run(None, feed)
-        for _ in range(args.runs):
-            for label, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, feed)
-                times[label].append(time.perf_counter() - start)
-        t_float = statistics.median(times['float'])
-        t_qdq = statistics.median(times['qdq'])
-        ops = collections.Counter(n.op_type for n in onnx.load(osp.join(
-            folder, f'{key}_qdq_optimized.onnx')).graph.node)
-        fused = {op: ops[op] for op in QUANTIZED_KERNELS if ops[op]}
+        latency = interleaved_latency(sessions, feed, args.runs)
+        t_float, t_qdq = latency['float'], latency['qdq']
+        found = integer_kernel_counts(osp.join(folder,
+                                               f'{key}_qdq_optimized.onnx'))
+        fused = {op: n for op, n in found.items() if op in INTEGER_KERNELS}
         print(f'{name}: float {t_float * 1e3:.1f} ms, QDQ '
               f'{t_qdq * 1e3:.1f} ms, ratio {t_qdq / t_float:.2f}; fused '
               f'integer kernels {fused or "none"}, DequantizeLinear left '
-              f'{ops["DequantizeLinear"]}, QuantizeLinear '
-              f'{ops["QuantizeLinear"]}')
+              f'{found.get("DequantizeLinear", 0)}, QuantizeLinear '
+              f'{found.get("QuantizeLinear", 0)}')
         if args.kernel_times:
             print_kernel_times(paths, feed, args, osp.join(folder, key))
 

@@ -1,0 +1,253 @@
+"""mmcd's PTQ side by side with the tools a user would pick instead:
+onnxruntime's ``quantize_static`` and NVIDIA ModelOpt's ONNX PTQ, on the
+same exported float backbone + neck and the same calibration images.
+
+    python tools/benchmarks/compare_ptq_tools.py CONFIG CKPT
+        [--bits 8] [--mmcd repq-vit minmax] [--profile onnxruntime]
+        [--ort MinMax Percentile Entropy] [--modelopt max entropy]
+        [--calib-images 32] [--pad-to 256] [--runs 10] [--threads 0]
+        [--out-dir work_dirs/compare_ptq_tools] [--cfg-options K=V ...]
+
+Every row quantizes the detector's backbone + neck only and keeps the heads
+in float PyTorch (onnxruntime's and ModelOpt's tools quantize an ONNX file,
+and mmcd's export of the features is the one all three share): mmcd
+calibrates with ``--mmcd`` methods (``QuantConfig(skip=...)`` leaves every
+module outside ``backbone.`` / ``neck.`` in float) and exports QDQ
+(:func:`mmcd.core.quant.qdq.to_qdq`); onnxruntime quantizes the float
+export (after its ``quant_pre_process``) with ``quantize_static`` in QDQ
+format, ``uint8`` activations, per-channel ``int8`` weights, its default
+operator set, once per ``--ort`` calibration method; ModelOpt
+(``modelopt.onnx.quantization.quantize``, ``int8`` mode, calibration on
+the CPU, float32 kept as the high precision) once per ``--modelopt``
+method. Each is fed the same calibration images (mmcd's calibration set:
+``--calib-images`` train images through the test pipeline).
+
+For each row it prints the box / mask mAP on the test set (the ONNX
+backbone + neck run by onnxruntime feeding the float PyTorch heads), the
+median latency of the ONNX backbone + neck (interleaved runs, batch 1), its
+ratio to float, and the integer kernels onnxruntime fused. Every session
+is :func:`mmcd.deploy.ort_session` (all graph optimizations; the
+quantized ones without ``MatMulAddFusion``), so latencies differ by the
+quantized graph only. ``--pad-to N`` pads every image to a multiple of N
+(the data preprocessor's ``pad_size_divisor``; 256 makes every toy image
+256x256): one static-shape file per tool serves the whole test set.
+Writes ``compare_ptq_tools.json`` to ``--out-dir``.
+
+ModelOpt is optional (``pip install nvidia-modelopt`` and, without its
+``[onnx]`` extra, which would replace onnx and onnxruntime by older
+releases: ``pip install --no-deps onnx_graphsurgeon polygraphy onnxslim
+onnxconverter-common``); ``--modelopt`` without it fails in one line.
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+
+import mmcd  # noqa: E402,F401
+from mmcd.core.quant import DEFAULT_PROFILE, QuantConfig  # noqa: E402
+from mmcd.core.quant.qdq import to_qdq  # noqa: E402
+from mmcd.deploy import (INTEGER_KERNELS,  # noqa: E402
+                         QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
+                         OnnxFeatures, export_onnx, integer_kernel_counts,
+                         interleaved_latency, ort_session)
+from mmcd.engine.calibration import (calibration_images,  # noqa: E402
+                                     evaluate, quantize_copy)
+from mmcd.utils.runner_setup import (UserError,  # noqa: E402
+                                      add_profile_argument,
+                                      calibrated_from_checkpoint, run_main)
+
+#: what every row quantizes: the modules of the exported backbone + neck
+FEATURE_MODULES = r'^(?!backbone\.|neck\.)'
+ORT_METHODS = ('MinMax', 'Percentile', 'Entropy')
+MODELOPT_METHODS = ('max', 'entropy')
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--bits', type=int, default=8,
+                        help='weight and activation bits of every tool '
+                        '(onnxruntime and ModelOpt rows: 8 only)')
+    parser.add_argument('--mmcd', nargs='*', default=['repq-vit', 'minmax'],
+                        metavar='METHOD', help='mmcd PTQ methods')
+    add_profile_argument(parser, '--profile')
+    parser.add_argument('--ort', nargs='*', default=list(ORT_METHODS),
+                        choices=ORT_METHODS, metavar='CALIBRATION',
+                        help="onnxruntime quantize_static's calibration "
+                        f'methods ({", ".join(ORT_METHODS)})')
+    parser.add_argument('--modelopt', nargs='*', default=[],
+                        choices=MODELOPT_METHODS, metavar='CALIBRATION',
+                        help="ModelOpt's calibration methods "
+                        f'({", ".join(MODELOPT_METHODS)}; needs '
+                        'nvidia-modelopt)')
+    parser.add_argument('--calib-images', type=int, default=32)
+    parser.add_argument('--pad-to', type=int, default=256,
+                        help='pad every image to a multiple of this')
+    parser.add_argument('--runs', type=int, default=10)
+    parser.add_argument('--threads', type=int, default=0,
+                        help='onnxruntime intra-op threads (0: all cores)')
+    parser.add_argument('--out-dir', default='work_dirs/compare_ptq_tools')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        default={}, help='override config settings, '
+                        'key=value')
+    args = parser.parse_args()
+    if (args.ort or args.modelopt) and args.bits != 8:
+        raise UserError(f'--bits {args.bits}: onnxruntime\'s and ModelOpt\'s '
+                        'rows are 8-bit; give --ort --modelopt (none) to '
+                        'compare mmcd methods alone at other widths')
+    if args.modelopt:
+        try:
+            import modelopt.onnx.quantization  # noqa: F401
+        except ImportError as err:
+            raise UserError(f'--modelopt needs nvidia-modelopt ({err}); see '
+                            'this tool\'s docstring for the install') from None
+    if args.runs < 1:
+        raise UserError(f'--runs must be >= 1, got {args.runs}')
+    return args
+
+
+def input_name(path: str) -> str:
+    import onnx
+    return onnx.load(path, load_external_data=False).graph.input[0].name
+
+
+class ImagesReader:
+    """onnxruntime's ``CalibrationDataReader`` protocol: one image per
+    call of ``get_next``, then None."""
+
+    def __init__(self, name: str, images: torch.Tensor):
+        self.feeds = iter([{name: image[None].numpy()}
+                           for image in images])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def ort_quantized(float_path: str, images, calibration: str,
+                  out_dir: str) -> str:
+    """``float_path`` quantized by onnxruntime's ``quantize_static``
+    (module docstring) with ``calibration``."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    prepared = osp.join(out_dir, 'float_prepared.onnx')
+    if not osp.exists(prepared):
+        quant_pre_process(float_path, prepared)
+    path = osp.join(out_dir, f'ort_{calibration.lower()}.onnx')
+    reader = ImagesReader(input_name(float_path), images)
+    quantize_static(prepared, path, reader,
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod[calibration])
+    return path
+
+
+def modelopt_quantized(float_path: str, images, calibration: str,
+                       out_dir: str) -> str:
+    """``float_path`` quantized by ModelOpt's ONNX PTQ (module docstring)
+    with ``calibration``."""
+    from modelopt.onnx.quantization import quantize
+    path = osp.join(out_dir, f'modelopt_{calibration}.onnx')
+    feed = {input_name(float_path): images.numpy()}
+    quantize(float_path, quantize_mode='int8', calibration_data=feed,
+             calibration_method=calibration, calibration_eps=['cpu'],
+             high_precision_dtype='fp32', output_path=path)
+    return path
+
+
+def main():
+    args = parse_args()
+    args.cfg_options['model.data_preprocessor.pad_size_divisor'] = \
+        args.pad_to
+    args.quant_checkpoint = None
+    os.makedirs(args.out_dir, exist_ok=True)
+    configs = {}
+    for method in args.mmcd:
+        try:
+            configs[f'mmcd {method}'] = QuantConfig(
+                args.bits, args.bits, method, skip=(FEATURE_MODULES, ),
+                profile=args.profile or DEFAULT_PROFILE)
+        except ValueError as err:
+            raise UserError(err) from None
+    first = next(iter(configs.values()), QuantConfig(8, 8, 'minmax'))
+    runner, quant_model, batch = calibrated_from_checkpoint(
+        args, first, ['test_dataloader'])
+    model = runner.model
+    images = calibration_images(model, batch)
+    shapes = {tuple(image.shape) for image in images}
+    print(f'{len(images)} calibration images, padded to {shapes}')
+
+    def exported(module, key):
+        return export_onnx(FeatureExtractor(module), images[:1],
+                           osp.join(args.out_dir, f'{key}.onnx'))
+
+    paths = {'float': exported(model, 'float')}
+    for i, (key, cfg) in enumerate(configs.items()):
+        calibrated = quant_model if i == 0 else quantize_copy(model, cfg,
+                                                              batch)
+        to_qdq(calibrated, cfg.profile)
+        paths[key] = exported(calibrated, key.replace(' ', '_'))
+    for calibration in args.ort:
+        paths[f'onnxruntime {calibration}'] = ort_quantized(
+            paths['float'], images, calibration, args.out_dir)
+    for calibration in args.modelopt:
+        paths[f'ModelOpt {calibration}'] = modelopt_quantized(
+            paths['float'], images, calibration, args.out_dir)
+
+    rows = {}
+    for key, path in paths.items():
+        detector = copy.deepcopy(model)
+        # an instance attribute (a module assigned as an attribute would
+        # become a submodule and leave the class's extract_feat in place)
+        object.__setattr__(detector, 'extract_feat',
+                           OnnxFeatures(path, args.threads))
+        print(f'{key}: evaluating {path}')
+        scores = evaluate(detector, runner.test_loop)
+        rows[key] = dict(path=path, box_map=scores.get('coco/bbox_mAP'),
+                         mask_map=scores.get('coco/segm_mAP'))
+
+    sessions = {}
+    for key, row in rows.items():
+        row['optimized_path'] = osp.join(args.out_dir,
+                                         f'{osp.basename(row["path"])}.opt')
+        sessions[key] = ort_session(
+            row['path'], args.threads, row['optimized_path'],
+            () if key == 'float' else QDQ_DISABLED_OPTIMIZERS)
+    feed = {sessions['float'].get_inputs()[0].name: images[:1].numpy()}
+    latency = interleaved_latency(sessions, feed, args.runs)
+    print(f'\nW{args.bits}A{args.bits} backbone + neck at '
+          f'{list(images.shape[1:])}, heads in float PyTorch; '
+          f'{len(images)} calibration images; latency: median of '
+          f'{args.runs} interleaved runs, batch 1, onnxruntime CPU\n')
+    print('| tool | box mAP | mask mAP | latency (ms) | vs float | integer '
+          'kernels |\n|---|---|---|---|---|---|')
+    for key, row in rows.items():
+        counts = integer_kernel_counts(row['optimized_path'])
+        row.update(latency_ms=latency[key] * 1e3,
+                   latency_ratio=latency[key] / latency['float'],
+                   kernels=counts)
+        fused = ', '.join(f'{op} {n}' for op, n in counts.items()
+                          if op in INTEGER_KERNELS) or 'none'
+        print(f'| {key} | {row["box_map"]:.3f} | {row["mask_map"]:.3f} | '
+              f'{row["latency_ms"]:.1f} | {row["latency_ratio"]:.2f} | '
+              f'{fused} |')
+    path = osp.join(args.out_dir, 'compare_ptq_tools.json')
+    with open(path, 'w') as f:
+        json.dump(dict(config=args.config, checkpoint=args.checkpoint,
+                       bits=args.bits, calib_images=len(images),
+                       input_shape=list(images.shape[1:]), runs=args.runs,
+                       threads=args.threads, rows=rows), f, indent=2)
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    run_main(main)
