@@ -728,3 +728,37 @@ def test_compare_ptq_tools_rows(micro_run, tmp_path):
         rows['onnxruntime MinMax']['path']).graph.node}
     assert 'QuantizeLinear' in ops and 'DequantizeLinear' in ops
     assert '| onnxruntime MinMax |' in out
+
+
+def test_onnxruntime_quantize_static_of_an_exported_model(tmp_path):
+    """``ort_quantized``: onnxruntime's own QDQ model of a float export,
+    calibrated on the images given: per-output-channel int8 weights with
+    onnxruntime's symmetric scale ``max|w| / 127`` (written here from its
+    documented rule), outputs within a few activation steps of float; an
+    unknown calibration method is refused by name."""
+    from onnx import numpy_helper
+    from mmcd.deploy.other_tools import ort_quantized
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))
+    images = torch.rand(4, 3, 8, 8)
+    path = export_onnx(Wrap(model), images[:1], str(tmp_path / 'f.onnx'))
+    quantized = ort_quantized(path, images, 'MinMax')
+    assert quantized == str(tmp_path / 'f_ort_minmax.onnx')
+    graph = onnx.load(quantized).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weight_dq = [n for n in graph.node if n.op_type == 'DequantizeLinear'
+                 and inits.get(n.input[0]) is not None
+                 and inits[n.input[0]].dtype == np.int8]
+    assert len(weight_dq) == 2
+    for node, conv in zip(weight_dq, (model[0], model[2])):
+        scale = inits[node.input[1]]
+        expected = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / 127
+        np.testing.assert_allclose(scale, expected.numpy(), rtol=1e-6)
+    with torch.no_grad():
+        reference = model(images[:1])
+    found = OnnxFeatures(quantized)(images[:1])[0]
+    step = float(reference.abs().max()) / 127
+    assert float((found - reference).abs().max()) < 4 * step
+    with pytest.raises(ValueError, match="'KL': choose one of MinMax"):
+        ort_quantized(path, images, 'KL')

@@ -3,7 +3,8 @@ onnxruntime's ``quantize_static`` and NVIDIA ModelOpt's ONNX PTQ, on the
 same exported float backbone + neck and the same calibration images.
 
     python tools/benchmarks/compare_ptq_tools.py CONFIG CKPT
-        [--bits 8] [--mmcd repq-vit minmax] [--profile onnxruntime]
+        [--bits 8] [--mmcd repq-vit minmax repq-vit@tensorrt]
+        [--profile onnxruntime]
         [--ort MinMax Percentile Entropy] [--modelopt max entropy]
         [--calib-images 32] [--pad-to 256] [--runs 10] [--threads 0]
         [--out-dir work_dirs/compare_ptq_tools] [--cfg-options K=V ...]
@@ -11,16 +12,15 @@ same exported float backbone + neck and the same calibration images.
 Every row quantizes the detector's backbone + neck only and keeps the heads
 in float PyTorch (onnxruntime's and ModelOpt's tools quantize an ONNX file,
 and mmcd's export of the features is the one all three share): mmcd
-calibrates with ``--mmcd`` methods (``QuantConfig(skip=...)`` leaves every
-module outside ``backbone.`` / ``neck.`` in float) and exports QDQ
-(:func:`mmcd.core.quant.qdq.to_qdq`); onnxruntime quantizes the float
-export (after its ``quant_pre_process``) with ``quantize_static`` in QDQ
-format, ``uint8`` activations, per-channel ``int8`` weights, its default
-operator set, once per ``--ort`` calibration method; ModelOpt
-(``modelopt.onnx.quantization.quantize``, ``int8`` mode, calibration on
-the CPU, float32 kept as the high precision) once per ``--modelopt``
-method. Each is fed the same calibration images (mmcd's calibration set:
-``--calib-images`` train images through the test pipeline).
+calibrates with each ``--mmcd`` method, under ``--profile`` or the
+profile named after ``@`` (``QuantConfig(skip=...)`` leaves every module
+outside ``backbone.`` / ``neck.`` in float) and exports QDQ
+(:func:`mmcd.core.quant.qdq.to_qdq`); onnxruntime's ``quantize_static``
+runs once per ``--ort`` calibration method and ModelOpt once per
+``--modelopt`` method on the float export, with the settings of
+:mod:`mmcd.deploy.other_tools` (8 bits only: it says why). Each is fed
+the same calibration images (mmcd's calibration set: ``--calib-images``
+train images through the test pipeline).
 
 For each row it prints the box / mask mAP on the test set (the ONNX
 backbone + neck run by onnxruntime feeding the float PyTorch heads), the
@@ -33,10 +33,8 @@ quantized graph only. ``--pad-to N`` pads every image to a multiple of N
 256x256): one static-shape file per tool serves the whole test set.
 Writes ``compare_ptq_tools.json`` to ``--out-dir``.
 
-ModelOpt is optional (``pip install nvidia-modelopt`` and, without its
-``[onnx]`` extra, which would replace onnx and onnxruntime by older
-releases: ``pip install --no-deps onnx_graphsurgeon polygraphy onnxslim
-onnxconverter-common``); ``--modelopt`` without it fails in one line.
+ModelOpt is optional (docs/en/deployment.md: how to install it beside
+mmcd's onnx and onnxruntime); ``--modelopt`` without it fails in one line.
 """
 import argparse
 import copy
@@ -47,7 +45,6 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
-import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 import mmcd  # noqa: E402,F401
@@ -57,6 +54,9 @@ from mmcd.deploy import (INTEGER_KERNELS,  # noqa: E402
                          QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
                          OnnxFeatures, export_onnx, integer_kernel_counts,
                          interleaved_latency, ort_session)
+from mmcd.deploy.other_tools import (MODELOPT_METHODS,  # noqa: E402
+                                     ORT_METHODS, modelopt_quantized,
+                                     ort_quantized)
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      evaluate, quantize_copy)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
@@ -65,8 +65,6 @@ from mmcd.utils.runner_setup import (UserError,  # noqa: E402
 
 #: what every row quantizes: the modules of the exported backbone + neck
 FEATURE_MODULES = r'^(?!backbone\.|neck\.)'
-ORT_METHODS = ('MinMax', 'Percentile', 'Entropy')
-MODELOPT_METHODS = ('max', 'entropy')
 
 
 def parse_args():
@@ -76,8 +74,10 @@ def parse_args():
     parser.add_argument('--bits', type=int, default=8,
                         help='weight and activation bits of every tool '
                         '(onnxruntime and ModelOpt rows: 8 only)')
-    parser.add_argument('--mmcd', nargs='*', default=['repq-vit', 'minmax'],
-                        metavar='METHOD', help='mmcd PTQ methods')
+    parser.add_argument('--mmcd', nargs='*', default=[
+        'repq-vit', 'minmax', 'repq-vit@tensorrt'], metavar='METHOD[@PROFILE]',
+                        help='mmcd PTQ methods, each under --profile or the '
+                        'deployment profile after @')
     add_profile_argument(parser, '--profile')
     parser.add_argument('--ort', nargs='*', default=list(ORT_METHODS),
                         choices=ORT_METHODS, metavar='CALIBRATION',
@@ -114,56 +114,6 @@ def parse_args():
     return args
 
 
-def input_name(path: str) -> str:
-    import onnx
-    return onnx.load(path, load_external_data=False).graph.input[0].name
-
-
-class ImagesReader:
-    """onnxruntime's ``CalibrationDataReader`` protocol: one image per
-    call of ``get_next``, then None."""
-
-    def __init__(self, name: str, images: torch.Tensor):
-        self.feeds = iter([{name: image[None].numpy()}
-                           for image in images])
-
-    def get_next(self):
-        return next(self.feeds, None)
-
-
-def ort_quantized(float_path: str, images, calibration: str,
-                  out_dir: str) -> str:
-    """``float_path`` quantized by onnxruntime's ``quantize_static``
-    (module docstring) with ``calibration``."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    prepared = osp.join(out_dir, 'float_prepared.onnx')
-    if not osp.exists(prepared):
-        quant_pre_process(float_path, prepared)
-    path = osp.join(out_dir, f'ort_{calibration.lower()}.onnx')
-    reader = ImagesReader(input_name(float_path), images)
-    quantize_static(prepared, path, reader,
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod[calibration])
-    return path
-
-
-def modelopt_quantized(float_path: str, images, calibration: str,
-                       out_dir: str) -> str:
-    """``float_path`` quantized by ModelOpt's ONNX PTQ (module docstring)
-    with ``calibration``."""
-    from modelopt.onnx.quantization import quantize
-    path = osp.join(out_dir, f'modelopt_{calibration}.onnx')
-    feed = {input_name(float_path): images.numpy()}
-    quantize(float_path, quantize_mode='int8', calibration_data=feed,
-             calibration_method=calibration, calibration_eps=['cpu'],
-             high_precision_dtype='fp32', output_path=path)
-    return path
-
-
 def main():
     args = parse_args()
     args.cfg_options['model.data_preprocessor.pad_size_divisor'] = \
@@ -171,13 +121,14 @@ def main():
     args.quant_checkpoint = None
     os.makedirs(args.out_dir, exist_ok=True)
     configs = {}
-    for method in args.mmcd:
+    for spec in args.mmcd:
+        method, _, profile = spec.partition('@')
         try:
-            configs[f'mmcd {method}'] = QuantConfig(
+            configs[f'mmcd {spec}'] = QuantConfig(
                 args.bits, args.bits, method, skip=(FEATURE_MODULES, ),
-                profile=args.profile or DEFAULT_PROFILE)
+                profile=profile or args.profile or DEFAULT_PROFILE)
         except ValueError as err:
-            raise UserError(err) from None
+            raise UserError(f'--mmcd {spec}: {err}') from None
     first = next(iter(configs.values()), QuantConfig(8, 8, 'minmax'))
     runner, quant_model, batch = calibrated_from_checkpoint(
         args, first, ['test_dataloader'])
@@ -198,10 +149,10 @@ def main():
         paths[key] = exported(calibrated, key.replace(' ', '_'))
     for calibration in args.ort:
         paths[f'onnxruntime {calibration}'] = ort_quantized(
-            paths['float'], images, calibration, args.out_dir)
+            paths['float'], images, calibration)
     for calibration in args.modelopt:
         paths[f'ModelOpt {calibration}'] = modelopt_quantized(
-            paths['float'], images, calibration, args.out_dir)
+            paths['float'], images, calibration)
 
     rows = {}
     for key, path in paths.items():

@@ -23,6 +23,10 @@ on a full forward of the timing image, heads included).
 onnxruntime's profiler and prints the kernel time per operator type (ms
 per run, largest first): what is left in float, what runs in integers.
 
+``--ort-static CALIBRATION`` also times onnxruntime's own
+``quantize_static`` of the float export, calibrated on the timing image
+(:mod:`mmcd.deploy.other_tools`), in the same interleaved runs.
+
 ``--profile tensorrt`` quantizes for TensorRT's INT8 (symmetric grids,
 int8 zero point 0: :mod:`mmcd.core.quant.profiles`), which onnxruntime runs
 with its signed integer kernels.
@@ -30,7 +34,7 @@ with its signed integer kernels.
     python tools/benchmarks/ort_latency.py [--models toy swin-t]
         [--bits 8] [--method minmax] [--profile onnxruntime|tensorrt]
         [--runs 10] [--scope features|detector] [--threads 0]
-        [--kernel-times]
+        [--kernel-times] [--ort-static MinMax]
 """
 import argparse
 import copy
@@ -58,6 +62,7 @@ from mmcd.deploy import (INTEGER_KERNELS,  # noqa: E402
                          export_onnx, integer_kernel_counts,
                          interleaved_latency, kernel_times, ort_session)
 from mmcd.deploy.end2end import end2end_detector  # noqa: E402
+from mmcd.deploy.other_tools import ORT_METHODS, ort_quantized  # noqa
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, REPO, build_detector)
 
@@ -81,7 +86,15 @@ def main():
     parser.add_argument('--kernel-times', action='store_true',
                         help="kernel time per operator type (onnxruntime's "
                         'profiler), float and QDQ')
+    parser.add_argument('--ort-static', choices=ORT_METHODS,
+                        metavar='CALIBRATION',
+                        help="also time onnxruntime's own quantize_static "
+                        'of the float export (features scope, 8 bits; '
+                        f'{", ".join(ORT_METHODS)})')
     args = parser.parse_args()
+    if args.ort_static and (args.scope != 'features' or args.bits != 8):
+        parser.error('--ort-static times the 8-bit backbone + neck: drop '
+                     '--scope detector / --bits')
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'onnxruntime {ort.__version__}, CPU, W{args.bits}A{args.bits} '
@@ -116,11 +129,22 @@ def main():
                 exported.outputs(images, sample)  # exports
                 path = exported.path_for(images)
             paths[label] = path
+        if args.ort_static:
+            paths['ort'] = ort_quantized(paths['float'], images,
+                                         args.ort_static)
+        for label, path in paths.items():
             sessions[label] = session_of(label, path, args.threads, osp.join(
                 folder, f'{key}_{label}_optimized.onnx'))
         feed = {sessions['float'].get_inputs()[0].name: images.numpy()}
         latency = interleaved_latency(sessions, feed, args.runs)
         t_float, t_qdq = latency['float'], latency['qdq']
+        if args.ort_static:
+            found = integer_kernel_counts(osp.join(
+                folder, f'{key}_ort_optimized.onnx'))
+            print(f"{name}: onnxruntime's quantize_static "
+                  f'({args.ort_static}) {latency["ort"] * 1e3:.1f} ms, ratio '
+                  f'{latency["ort"] / t_float:.2f}; its integer kernels '
+                  f'{found}')
         found = integer_kernel_counts(osp.join(folder,
                                                f'{key}_qdq_optimized.onnx'))
         fused = {op: n for op, n in found.items() if op in INTEGER_KERNELS}
@@ -135,10 +159,10 @@ def main():
 
 def session_of(label, path, threads, optimized_path=None,
                profile_prefix=None):
-    """The float model with every optimization, the QDQ one without
+    """The float model with every optimization, the quantized ones without
     :data:`QDQ_DISABLED_OPTIMIZERS` (module docstring)."""
     return ort_session(path, threads, optimized_path,
-                       QDQ_DISABLED_OPTIMIZERS if label == 'qdq' else (),
+                       () if label == 'float' else QDQ_DISABLED_OPTIMIZERS,
                        profile_prefix=profile_prefix)
 
 
