@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from mmdet.structures import DetDataSample
 from mmengine.registry import init_default_scope
 from torch import nn
@@ -219,11 +220,12 @@ def test_conv_form_where_no_integer_matmul_applies(bits, profile, tmp_path):
 
 @pytest.mark.parametrize('bits', [4, 8])
 def test_reparameterized_linear_exact_in_onnxruntime(bits, tmp_path):
-    """A Linear whose input quantizer carries RepQ-ViT's shift (Add -> QDQ
-    -> Sub before the MatMul): onnxruntime fuses its weight into
-    MatMulNBits, which at its default accuracy level quantized the float
-    input to int8 on the fly (max error 1.1e-2 here); the sessions mmcd
-    opens compute it in float32: the simulation's output exactly."""
+    """A Linear whose input quantizer carries RepQ-ViT's shift and its
+    fractional target zero point (a float formula before the MatMul):
+    onnxruntime fuses its weight into MatMulNBits, which at its default
+    accuracy level quantized the float input to int8 on the fly (max error
+    1.1e-2 here); the sessions mmcd opens compute it in float32: the
+    simulation's output exactly."""
     torch.manual_seed(bits)
     model = nn.Sequential(nn.Linear(64, 32))
     x = torch.randn(1, 50, 64)
@@ -231,6 +233,7 @@ def test_reparameterized_linear_exact_in_onnxruntime(bits, tmp_path):
     quantize_model(model, cfg)
     calibrate(model, cfg, lambda: model(x))
     model[0].input_quantizer.channel_offset = torch.randn(64) * 0.5
+    model[0].input_quantizer.zero_point.add_(0.3)
     fake = model(x)
     to_qdq(model)
     path = export_onnx(Wrap(model), x, str(tmp_path / 'r.onnx'))
@@ -240,6 +243,43 @@ def test_reparameterized_linear_exact_in_onnxruntime(bits, tmp_path):
                              for n in onnx.load(optimized).graph.node]
     torch.testing.assert_close(OnnxFeatures(path)(x)[0], fake, rtol=1e-6,
                                atol=1e-6)
+
+
+def test_reparameterized_linear_with_an_integer_zero_point_fuses(tmp_path):
+    """With an integer zero point (profile ``onnxruntime-integer``) the shift
+    ``t`` of a reparameterized input folds into the Linear's bias: ``W_q
+    (Q(x + t) - t) + b + (W_q - W) t = W_q Q(x + t) + b - W t``, the
+    simulation's output to float rounding in PyTorch and onnxruntime, and
+    onnxruntime fuses Add -> QDQ -> MatMul into its integer kernel (no
+    Sub, no MatMulNBits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(1, 50, 64)
+    cfg = QuantConfig(8, 8, 'minmax')
+    quantize_model(model, cfg)
+    calibrate(model, cfg, lambda: model(x))
+    offset = torch.randn(64) * 0.5
+    model[0].input_quantizer.channel_offset = offset
+    quantizer = model[0].input_quantizer
+    s, z = float(quantizer.scale), float(quantizer.zero_point)
+    with torch.no_grad():
+        fake = model(x)
+        shifted = (torch.clamp(torch.round((x + offset) / s) + z, 0, 255)
+                   - z) * s
+        by_hand = F.linear(shifted, model[0].effective_weight(),
+                           model[0].bias - model[0].weight @ offset)
+    torch.testing.assert_close(fake, by_hand, rtol=1e-5, atol=1e-5)
+    to_qdq(model, 'onnxruntime-integer')
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fake, rtol=1e-5, atol=1e-5)
+    path = export_onnx(Wrap(model), x, str(tmp_path / 'r.onnx'))
+    optimized = str(tmp_path / 'r_optimized.onnx')
+    ort_session(path, optimized_path=optimized)
+    ops = [n.op_type for n in onnx.load(optimized).graph.node]
+    assert 'MatMulIntegerToFloat' in ops
+    assert 'MatMulNBits' not in ops and 'Sub' not in ops
+    torch.testing.assert_close(OnnxFeatures(path)(x)[0], fake, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_errors(tmp_path):

@@ -1,7 +1,8 @@
 """Deployment profiles (mmcd.core.quant.profiles): the tensorrt profile's
 symmetric INT8 grid by hand, what it changes in a method, its refusals, its
-QDQ export (int8, zero point 0) bit for bit in onnxruntime, and the
-TensorRT rule check (mmcd.deploy.tensorrt_check) on hand-built graphs."""
+QDQ export (int8, zero point 0) bit for bit in onnxruntime, the TensorRT
+rule check (mmcd.deploy.tensorrt_check) on hand-built graphs, and the
+onnxruntime-integer profile's all-integer export."""
 import copy
 
 import numpy as np
@@ -70,17 +71,34 @@ def test_tensorrt_profile_changes_the_method(method):
     assert not plain.symmetric and plain.name == method
 
 
+@pytest.mark.parametrize('method,changed', [
+    ('repq-vit', True), ('dopq-vit', True), ('minmax', False)])
+def test_onnxruntime_integer_profile_changes_the_method(method, changed):
+    """Uniform post-softmax quantizer, RepQ-ViT's target zero point rounded
+    (methods that reparameterize), asymmetric grids kept."""
+    resolved = QuantConfig(4, 4, method,
+                           profile='onnxruntime-integer').resolved_method
+    assert resolved.softmax == 'uniform' and not resolved.symmetric
+    assert resolved.integer_target == resolved.reparameterize
+    assert (resolved.name == f'{method}@onnxruntime-integer') == changed
+    assert not QuantConfig(4, 4, method).resolved_method.integer_target
+
+
 def test_refusals():
     with pytest.raises(ConfigError, match=r"runs 8-bit integers only, not "
                        r"the 4-bit of a_bits=4, w_bits=4: choose w8a8"):
         QuantConfig(4, 4, profile='tensorrt')
-    with pytest.raises(ConfigError, match='cannot run a reconstructed model'):
-        QuantConfig(8, 8, 'qdrop', profile='tensorrt')
+    for profile in ('tensorrt', 'onnxruntime-integer'):
+        with pytest.raises(ConfigError, match='cannot run a reconstructed '
+                           'model: learned activation steps move the zero '
+                           'point off the integers'):
+            QuantConfig(8, 8, 'qdrop', profile=profile)
     with pytest.raises(ConfigError, match='cannot run a reconstructed model'):
         QuantConfig(8, 8, 'repq-vit', profile='tensorrt',
                     reconstruction=dict(iters=10))
     with pytest.raises(ValueError, match='unknown deployment profile '
-                       "'trt'; registered: onnxruntime, tensorrt"):
+                       "'trt'; registered: onnxruntime, onnxruntime-integer, "
+                       'tensorrt'):
         QuantConfig(8, 8, profile='trt')
     # per layer: a rule sending layers to 4 bits is refused naming them,
     # before anything is converted
@@ -94,7 +112,7 @@ def test_refusals():
         8, 8, profile='tensorrt', layer_bits=[dict(pattern='^1$', w_bits=8)]))
 
 
-def calibrated_toy():
+def calibrated_toy(profile='tensorrt'):
     init_default_scope('mmdet')
     torch.manual_seed(0)
     model = build_detector(TOY)
@@ -102,7 +120,7 @@ def calibrated_toy():
     meta = dict(img_shape=(128, 128), ori_shape=(128, 128),
                 pad_shape=(128, 128), scale_factor=(1.0, 1.0),
                 batch_input_shape=(128, 128))
-    cfg = QuantConfig(8, 8, 'repq-vit', profile='tensorrt')
+    cfg = QuantConfig(8, 8, 'repq-vit', profile=profile)
     quant = quantize_model(copy.deepcopy(model), cfg)
     summary = calibrate(quant, cfg, lambda: quant.predict(
         images, [DetDataSample(metainfo=meta) for _ in range(2)]))
@@ -153,6 +171,43 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
         assert float((a - b).abs().mean()) <= \
             1.5 * float((d - b).abs().mean()) + 1e-3 * step
         assert float((a - b).abs().max()) <= 3 * step
+
+
+def test_onnxruntime_integer_profile_on_the_toy_detector(tmp_path):
+    """Under ``onnxruntime-integer`` RepQ-ViT's toy detector has no float
+    formula left (the default profile has both kinds: fractional target
+    zero points, log-sqrt2); its QDQ form folds each reparameterized
+    Linear's shift into the bias (as close to the simulation as a runtime
+    draw), so onnxruntime fuses every quantized layer of the backbone +
+    neck into an integer kernel: no MatMulNBits (a float-accuracy matmul
+    on integer weights), no DequantizeLinear left."""
+    from mmcd.deploy import integer_kernel_counts, ort_session
+    _, published, _, _ = calibrated_toy('onnxruntime')
+    report = to_qdq(copy.deepcopy(published), 'onnxruntime')
+    assert report['float_formula'] and report['fractional_zero']
+    _, quant, images, summary = calibrated_toy('onnxruntime-integer')
+    assert summary['reparameterized'] > 0
+    for q in fake_quantizers(quant):
+        assert isinstance(q, UniformQuantizer) and not q.symmetric
+        assert torch.equal(q.zero_point, q.zero_point.round()), q.layer_name
+    qdq = copy.deepcopy(quant)
+    report = to_qdq(qdq, 'onnxruntime-integer')
+    assert report['float_formula'] == report['fractional_zero'] == []
+    x = images[:1]
+    with torch.no_grad():
+        fake = FeatureExtractor(quant)(x)
+        drawn = RuntimeDraw(quant, seed=1)(x)
+        for a, b, d in zip(FeatureExtractor(qdq)(x), fake, drawn):
+            # the shift folded into the bias: float rounding apart, which
+            # flips a value on a level boundary as a runtime draw does
+            assert float((a - b).abs().mean()) <= \
+                1.5 * float((d - b).abs().mean()) + 1e-6
+    path = export_onnx(FeatureExtractor(qdq), x, str(tmp_path / 'i.onnx'))
+    optimized = str(tmp_path / 'opt.onnx')
+    ort_session(path, optimized_path=optimized)
+    counts = integer_kernel_counts(optimized)
+    assert counts.get('MatMulIntegerToFloat', 0) > 0
+    assert 'MatMulNBits' not in counts and 'DequantizeLinear' not in counts
 
 
 def qdq_graph(zero, scale, axis=None, weight=None, consumer='MatMul'):
@@ -208,5 +263,6 @@ def test_tensorrt_check_on_hand_built_graphs(tmp_path):
 
 
 def test_profiles_are_registered_by_name():
-    assert DEPLOY_PROFILES.names() == ['onnxruntime', 'tensorrt']
+    assert DEPLOY_PROFILES.names() == ['onnxruntime', 'onnxruntime-integer',
+                                       'tensorrt']
     assert DEPLOY_PROFILES.get('tensorrt').bits == (8, )

@@ -472,6 +472,47 @@ def test_reparameterized_layer_computes_repq_vits_quantized_function(bits):
     assert (through_w_q - reference).norm() / reference.norm() > 1e-3
 
 
+@pytest.mark.parametrize('bits', [4, 8])
+def test_integer_target_quantizes_each_channel_on_its_own_grid(bits):
+    """RepQ-ViT's paper states that the reparameterized per-tensor
+    quantizer reproduces the per-channel one. With the target zero point
+    rounded (profile ``onnxruntime-integer``) it does: channel ``c`` of
+    the LayerNorm output ``y`` comes out as ``(clamp(round(y / s_c) + z_c,
+    0, 2^b - 1) - z_c) s_c`` (written here from the per-channel grid, float64),
+    all but the few values float32 rounds across a level boundary; with
+    the published fractional target (its code) a large share of values
+    lands on another level, and the target zero point is not an
+    integer."""
+    net, x = outlier_channel_model()
+    found = {}
+    for profile in ('onnxruntime', 'onnxruntime-integer'):
+        cfg = QuantConfig(bits, bits, 'repq-vit', profile=profile)
+        q = quantize_model(copy.deepcopy(net), cfg)
+        captured = {}
+
+        def run():
+            captured['grid'] = q.blk.attn.qkv.input_quantizer
+            q(x)
+
+        calibrate(q, cfg, run)
+        s_c = captured['grid'].scale.double()
+        z_c = captured['grid'].zero_point.double()
+        with torch.no_grad():
+            y = net.blk.norm1(x).double()
+            y_rep = q.blk.norm1(x)  # y / r, the folded LayerNorm
+            quantized = q.blk.attn.qkv.input_quantizer(y_rep).double()
+        r = s_c / float(q.blk.attn.qkv.input_quantizer.scale)
+        per_channel = (torch.clamp(torch.round(y / s_c) + z_c, 0,
+                                   2**bits - 1) - z_c) * s_c
+        off = ((quantized * r - per_channel).abs() > 1e-3 * s_c).double()
+        found[profile] = (float(off.mean()), float(
+            q.blk.attn.qkv.input_quantizer.zero_point))
+    share, zero = found['onnxruntime-integer']
+    assert share < 1e-3 and zero == round(zero)
+    share, zero = found['onnxruntime']
+    assert share > 0.1 and zero != round(zero)
+
+
 # ------------------------------------------------------------ bad input --
 @pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
 def test_calibration_with_nan_names_the_layer(bad):

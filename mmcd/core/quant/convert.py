@@ -34,7 +34,7 @@ from .quantizers import (RANGE_SEARCHES, FakeQuantizer, UniformQuantizer,
                          check_bits)
 from .mlp_reconstruction import use_relu
 from .reconstruction import ReconstructionConfig
-from .reparam import find_norm_linear_pairs, reparameterize
+from .reparam import find_norm_linear_pairs, reparameterize, target_params
 
 ATTENTION_NAME = re.compile(r'attention|msa', re.IGNORECASE)
 
@@ -447,7 +447,9 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
     for norm, linear, own in per_channel:
         grid, linear.input_quantizer = linear.input_quantizer, own
         if grid.calibrated:  # else: unreached, left in float
-            reparameterize(norm, linear, *grid.channel_params())
+            params = grid.channel_params()
+            reparameterize(norm, linear, *params, target=target_params(
+                *params, integer=method.integer_target))
             linear.finalize_weight()
             reparameterized += 1
     return dict(method=method.name, layers=len(layers),

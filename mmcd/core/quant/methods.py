@@ -56,7 +56,9 @@ class QuantMethod:
     reconstruction that follows calibration; ``symmetric``: every uniform
     grid symmetric with zero point 0 in signed integers (a deployment
     profile sets it: profiles.py), which needs a uniform post-softmax
-    quantizer."""
+    quantizer; ``integer_target``: the reparameterization's target zero
+    point rounded to an integer (a deployment profile sets it: reparam.py
+    says what it changes)."""
     name: str
     act_search: str
     weight_search: str
@@ -64,6 +66,7 @@ class QuantMethod:
     reparameterize: bool = False
     reconstruction: Optional[ReconstructionConfig] = None
     symmetric: bool = False
+    integer_target: bool = False
 
     def __post_init__(self):
         for field_name, registry in (
@@ -80,7 +83,7 @@ class QuantMethod:
             raise ValueError(f'{self.name}: reconstruction must be a '
                              'ReconstructionConfig or None, got '
                              f'{self.reconstruction!r}')
-        for flag in ('reparameterize', 'symmetric'):
+        for flag in ('reparameterize', 'symmetric', 'integer_target'):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f'{self.name}: {flag} must be True or '
                                  f'False, got {getattr(self, flag)!r}')

@@ -9,12 +9,25 @@ what the runtime cannot run before anything is converted
 (:meth:`DeployProfile.check_bits`,
 :meth:`~DeployProfile.check_reconstruction`). Built in:
 
-===============  ==========  ===========  ===============  =====  ========
-name             integers    zero point   post-softmax     bits   reconstr.
-===============  ==========  ===========  ===============  =====  ========
-``onnxruntime``  unsigned    any integer  the method's     2..8   yes
-``tensorrt``     signed      0            uniform          8      no
-===============  ==========  ===========  ===============  =====  ========
+=======================  ========  ============  ============  ====  ======
+name                     integers  zero point    post-softmax  bits  recon.
+=======================  ========  ============  ============  ====  ======
+``onnxruntime``          unsigned  the method's  the method's  2..8  yes
+``onnxruntime-integer``  unsigned  integer       uniform       2..8  no
+``tensorrt``             signed    0             uniform       8     no
+=======================  ========  ============  ============  ====  ======
+
+``onnxruntime`` is the method as published: RepQ-ViT's fractional target
+zero point and the log-sqrt2 / TanQ post-softmax quantizers have no
+QuantizeLinear form and export as float formulas (qdq.py), which
+onnxruntime runs in float (measured: the toy's W8A8 RepQ-ViT backbone +
+neck 1.9x slower than float, docs/en/deployment.md).
+``onnxruntime-integer`` gives every quantizer an integer form: the
+reparameterization's target zero point rounded (reparam.py: each channel's
+codes are then exactly its per-channel quantizer's) and a uniform
+post-softmax quantizer. Reconstruction is refused there as under
+``tensorrt``: its learned activation steps (LSQ+) keep the offset fixed,
+so the zero point ``-offset / step`` leaves the integers as the step moves.
 
 ``tensorrt`` is TensorRT's explicit quantization (its developer guide,
 "Working with Quantized Types"): INT8 ``QuantizeLinear`` /
@@ -51,7 +64,9 @@ class DeployProfile:
     (signed integers, zero point 0), ``softmax`` (a registered post-softmax
     quantizer replacing the method's; None keeps it), ``bits`` (the widths
     it runs; None: any of 2..8), ``reconstruction`` (whether a
-    reconstructed model satisfies it), ``conv_as_integer_matmul`` (export
+    reconstructed model satisfies it), ``integer_target`` (RepQ-ViT's
+    reparameterization target zero point rounded to an integer),
+    ``conv_as_integer_matmul`` (export
     quantized convolutions as im2col + an integer matrix product, the form
     the runtime has a fast kernel for, :class:`~mmcd.core.quant.qdq.
     QDQConv2d`; False: ``DequantizeLinear`` -> ``Conv``)."""
@@ -61,6 +76,7 @@ class DeployProfile:
     softmax: Optional[str] = None
     bits: Optional[Tuple[int, ...]] = None
     reconstruction: bool = True
+    integer_target: bool = False
     conv_as_integer_matmul: bool = False
 
     def apply(self, method: QuantMethod) -> QuantMethod:
@@ -70,6 +86,9 @@ class DeployProfile:
             changes['symmetric'] = True
         if self.softmax is not None and self.softmax != method.softmax:
             changes['softmax'] = self.softmax
+        if self.integer_target and method.reparameterize and \
+                not method.integer_target:
+            changes['integer_target'] = True
         if not changes:
             return method
         return replace(method, name=f'{method.name}@{self.name}', **changes)
@@ -80,8 +99,8 @@ class DeployProfile:
             raise ConfigError(
                 f'profile {self.name!r} ({self.runtime}) cannot run a '
                 'reconstructed model: learned activation steps move the zero '
-                'point off 0; use a calibration-only method (repq-vit, '
-                'minmax) or profile \'onnxruntime\'')
+                'point off the integers; use a calibration-only method '
+                "(repq-vit, minmax) or profile 'onnxruntime'")
 
     def check_bits(self, bits_of: Dict[str, Sequence[int]]) -> None:
         """Refuse, in one line, the bit widths this runtime has no kernel
@@ -119,6 +138,9 @@ DEPLOY_PROFILES = Registry('deployment profile')
 DEFAULT_PROFILE = 'onnxruntime'
 DEPLOY_PROFILES.register(DeployProfile(DEFAULT_PROFILE, 'onnxruntime',
                                       conv_as_integer_matmul=True))
+DEPLOY_PROFILES.register(DeployProfile(
+    'onnxruntime-integer', 'onnxruntime', softmax='uniform',
+    reconstruction=False, integer_target=True, conv_as_integer_matmul=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform', bits=(8, ),
     reconstruction=False))

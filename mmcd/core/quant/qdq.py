@@ -31,9 +31,15 @@ calibrate` has calibrated, into the form deployment runtimes read:
   the toy W4A4 RepQ-ViT backbone, the feature deviation from the simulation
   fell from 0.19-0.26 to 0.02-0.04 steps on average with the formula).
 
-Both ops compute, in PyTorch, bit for bit what the fake-quantized model
-computes (tested), so the rewritten model is the simulation; ``mmcd.deploy``
-maps them to ONNX. Pure PyTorch.
+Under the ``onnxruntime-integer`` profile both have an integer form: the
+reparameterization's target zero point is an integer, and the shift ``t``
+of such an input folds into the Linear's bias (:class:`QDQLinear`), so that
+``Add -> QuantizeLinear -> DequantizeLinear -> MatMul`` fuses into an
+integer kernel.
+
+The ops compute, in PyTorch, bit for bit what the fake-quantized model
+computes (tested; the folded shift: to float rounding), so the rewritten
+model is the simulation; ``mmcd.deploy`` maps them to ONNX. Pure PyTorch.
 """
 from typing import Dict, List, Tuple
 
@@ -133,10 +139,15 @@ class ActivationQDQ(nn.Module):
         self.register_buffer('offset',
                              quantizer.channel_offset.detach().clone())
 
+    #: whether the offset is subtracted again after quantizing (False when
+    #: the consuming QDQLinear folds it into its bias)
+    subtract_offset = True
+
     def forward(self, x):
-        if self.offset.numel():
-            return self.quantize(x + self.offset) - self.offset
-        return self.quantize(x)
+        if not self.offset.numel():
+            return self.quantize(x)
+        quantized = self.quantize(x + self.offset)
+        return quantized - self.offset if self.subtract_offset else quantized
 
     def quantize(self, x):
         return quantize_dequantize(x, self.scale, self.zero_point, self.bits,
@@ -230,13 +241,18 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
     ``Transpose`` between the weight's DequantizeLinear and the MatMul: the
     pattern onnxruntime fuses into an integer kernel
     (``MatMulIntegerToFloat``). Eagerly it is ``F.linear``, as in the
-    fake-quantized model, so the rewrite stays bit-exact in PyTorch."""
+    fake-quantized model, so the rewrite stays bit-exact in PyTorch.
+    ``fold_shift`` (profiles with ``integer_target``): a reparameterized
+    input quantized with an integer zero point has its shift ``t`` folded
+    into the bias (``W_q Q(x + t) + b - W t``; no float ``Sub`` between the
+    activation's DequantizeLinear and the MatMul, which onnxruntime then
+    fuses into its integer kernel): equal to float rounding."""
     channel_axis = 1
 
     def _stored(self, integers):
         return integers.t()
 
-    def __init__(self, layer: QuantLinear):
+    def __init__(self, layer: QuantLinear, fold_shift: bool = False):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, \
             layer.out_features
@@ -244,6 +260,14 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
         self._take_weight(layer)
         # RepQ-ViT's shift leaves through the float weight (QuantLinear)
         bias = layer.shift_corrected_bias(layer.effective_weight())
+        if fold_shift and isinstance(self.input_qdq, ActivationQDQ) and \
+                self.input_qdq.offset.numel():
+            # W_q (Q(x + t) - t) + b + (W_q - W) t = W_q Q(x + t) + b - W t:
+            # no float Sub between DequantizeLinear and MatMul, which
+            # onnxruntime then fuses into its integer kernel
+            self.input_qdq.subtract_offset = False
+            bias = F.linear(-self.input_qdq.offset.to(layer.weight.dtype),
+                            layer.weight, layer.bias)
         self.bias = bias if bias is None or bias is layer.bias else \
             nn.Parameter(bias.detach(), requires_grad=False)
 
@@ -392,11 +416,13 @@ def to_qdq(model: nn.Module,
         raise ValueError('QAT models are not exported here; export a PTQ '
                          'model (quantize_model + calibrate)')
     conv_as_matmul = DEPLOY_PROFILES.get(profile).conv_as_integer_matmul
+    fold_shift = DEPLOY_PROFILES.get(profile).integer_target
     report = dict(qdq=[], integer_weights=[], float_formula=[],
                   fractional_zero=[], float=[])
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d)):
-            qdq = QDQLinear(module) if isinstance(module, QuantLinear) \
+            qdq = QDQLinear(module, fold_shift) \
+                if isinstance(module, QuantLinear) \
                 else QDQConv2d(module, conv_as_matmul)
             _set_module(model, name, qdq)
             report['integer_weights'].append(name)

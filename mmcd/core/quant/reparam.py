@@ -34,7 +34,15 @@ calibration values were all positive would be quantized to that channel's
 minimum.
 
 The target is RepQ-ViT's (its code): ``s~ = mean(s_c)``, ``z~ = mean(z_c)``,
-the latter not rounded.
+the latter not rounded. Channel ``c`` is then quantized as ``round(y/s_c +
+z_c - z~) + z~``: its rounding grid moves by the fractional part of ``z~``
+against the per-channel quantizer's ``round(y/s_c) + z_c``, and the
+fractional zero point has no integer (QuantizeLinear) form. With
+``integer=True`` (:func:`target_params`; the ``onnxruntime-integer``
+deployment profile sets it) ``z~`` is rounded: ``z_c - z~`` is an integer,
+so every channel's codes are exactly its per-channel quantizer's (the
+equivalence RepQ-ViT's paper states; tested), and the target exports as
+``QuantizeLinear`` with an integer zero point.
 
 Why mmcd has no separate MOSF target (DopQ-ViT's "MAD-guided optimal
 scaling factor"; its equations are not public to us): under this
@@ -89,10 +97,12 @@ def find_norm_linear_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     return pairs
 
 
-def target_params(scale: torch.Tensor,
-                  zero: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RepQ-ViT's per-tensor target ``(mean(s_c), mean(z_c))``."""
-    return scale.mean(), zero.mean()
+def target_params(scale: torch.Tensor, zero: torch.Tensor,
+                  integer: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RepQ-ViT's per-tensor target ``(mean(s_c), mean(z_c))``;
+    ``integer``: the zero point rounded (module docstring)."""
+    zero_t = zero.mean()
+    return scale.mean(), zero_t.round() if integer else zero_t
 
 
 @torch.no_grad()
