@@ -5,7 +5,7 @@
 # with --cfg-options train_cfg.max_epochs=N).
 #   python tools/train.py configs/qat/cascade-mask-rcnn_swin-t_cd_w4a4_ofq.py \
 #       --cfg-options load_from=work_dirs/cascade-mask-rcnn_swin-t_cd/epoch_36.pth
-_base_ = '../cd/cascade-mask-rcnn_swin-t_cd.py'
+_base_ = ['../cd/cascade-mask-rcnn_swin-t_cd.py', '../_base_/qat/ofq_hooks.py']
 load_from = 'work_dirs/cascade-mask-rcnn_swin-t_cd/epoch_36.pth'
 model = dict(
     _delete_=True,
@@ -15,8 +15,3 @@ model = dict(
 # the learned quantizer steps and offsets get no weight decay
 optim_wrapper = dict(paramwise_cfg=dict(
     custom_keys={'quantizer.': dict(decay_mult=0.)}))
-custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
-    dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ's CGA
-    dict(type='QuantOscillationHook', window=50)
-]

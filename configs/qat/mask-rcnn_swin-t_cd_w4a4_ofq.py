@@ -7,7 +7,7 @@
 #       --cfg-options load_from=work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth
 # The quantizers start from a RepQ-ViT calibration on 32 train images; the
 # schedule is the inherited 1x one (an untuned starting point).
-_base_ = '../cd/mask-rcnn_swin-t_cd.py'
+_base_ = ['../cd/mask-rcnn_swin-t_cd.py', '../_base_/qat/ofq_hooks.py']
 load_from = 'work_dirs/mask-rcnn_swin-t_cd/epoch_12.pth'
 model = dict(
     _delete_=True,
@@ -17,8 +17,3 @@ model = dict(
 # the learned quantizer steps and offsets get no weight decay
 optim_wrapper = dict(paramwise_cfg=dict(
     custom_keys={'quantizer.': dict(decay_mult=0.)}))
-custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
-    dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ's CGA
-    dict(type='QuantOscillationHook', window=50)
-]

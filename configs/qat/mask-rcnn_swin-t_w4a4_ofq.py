@@ -2,7 +2,8 @@
 # (no CD), the comparison for mask-rcnn_swin-t_cd_w4a4_ofq.py.
 #   python tools/train.py configs/qat/mask-rcnn_swin-t_w4a4_ofq.py \
 #       --cfg-options load_from=work_dirs/mask-rcnn_swin-t-p4-w7_fpn_1x_coco/epoch_12.pth
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+          '../_base_/qat/ofq_hooks.py']
 custom_imports = dict(imports=['mmcd'], allow_failed_imports=False)
 load_from = 'work_dirs/mask-rcnn_swin-t-p4-w7_fpn_1x_coco/epoch_12.pth'
 model = dict(
@@ -13,8 +14,3 @@ model = dict(
 # the learned quantizer steps and offsets get no weight decay
 optim_wrapper = dict(paramwise_cfg=dict(
     custom_keys={'quantizer.': dict(decay_mult=0.)}))
-custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
-    dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ's CGA
-    dict(type='QuantOscillationHook', window=50)
-]

@@ -7,7 +7,7 @@
 # multi-scale deformable attention's sampling stays float.
 #   python tools/train.py configs/qat/mask2former_swin-s_cd_w4a4_ofq.py \
 #       --cfg-options load_from=work_dirs/mask2former_swin-s_cd/iter_368750.pth
-_base_ = '../cd/mask2former_swin-s_cd.py'
+_base_ = ['../cd/mask2former_swin-s_cd.py', '../_base_/qat/ofq_hooks.py']
 load_from = 'work_dirs/mask2former_swin-s_cd/iter_368750.pth'
 model = dict(
     _delete_=True,
@@ -17,8 +17,3 @@ model = dict(
 # the learned quantizer steps and offsets get no weight decay
 optim_wrapper = dict(paramwise_cfg=dict(
     custom_keys={'quantizer.': dict(decay_mult=0.)}))
-custom_hooks = [
-    dict(type='QuantAwareTrainingHook', calib=dict(num_images=32)),
-    dict(type='ConfidenceGuidedAnnealingHook', begin=0.9),  # OFQ's CGA
-    dict(type='QuantOscillationHook', window=50)
-]
