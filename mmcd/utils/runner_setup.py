@@ -444,7 +444,9 @@ def add_profile_argument(parser, flag: str) -> None:
     parser.add_argument(flag, metavar='PROFILE',
                         help='the runtime the model is quantized for: '
                         f'{", ".join(DEPLOY_PROFILES.names())} (default '
-                        'onnxruntime; tensorrt: symmetric INT8, zero point '
+                        'onnxruntime, the method as published; '
+                        'onnxruntime-integer: every quantizer with an '
+                        'integer form; tensorrt: symmetric INT8, zero point '
                         '0, uniform post-softmax, 8 bits only)')
 
 
