@@ -285,6 +285,19 @@ def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
                        _task_loss(float_model, quant_cfg, batch, units))
 
 
+def evaluate_with_features(model, extract_feat: Callable, loop,
+                           predictions: Optional[List] = None) -> Dict:
+    """:func:`evaluate` of a copy of ``model`` whose backbone + neck is
+    ``extract_feat`` (e.g. an onnxruntime session), its heads its own. An
+    instance attribute: a module assigned with ``model.extract_feat = ...``
+    becomes a submodule, and the class's own ``extract_feat`` method is
+    still what ``model.extract_feat`` finds (an earlier version of the
+    export tool's draws evaluated the simulation that way)."""
+    model = copy.deepcopy(model)
+    object.__setattr__(model, 'extract_feat', extract_feat)
+    return evaluate(model, loop, predictions)
+
+
 @torch.no_grad()
 def evaluate(model, loop, predictions: Optional[List] = None) -> Dict:
     """Run ``loop``'s dataloader and evaluator on ``model`` (what MMEngine's

@@ -37,7 +37,6 @@ ModelOpt is optional (docs/en/deployment.md: how to install it beside
 mmcd's onnx and onnxruntime); ``--modelopt`` without it fails in one line.
 """
 import argparse
-import copy
 import json
 import os
 import os.path as osp
@@ -58,7 +57,7 @@ from mmcd.deploy.other_tools import (MODELOPT_METHODS,  # noqa: E402
                                      ORT_METHODS, modelopt_quantized,
                                      ort_quantized)
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
-                                     evaluate, quantize_copy)
+                                     evaluate_with_features, quantize_copy)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_profile_argument,
                                       calibrated_from_checkpoint, run_main)
@@ -107,8 +106,9 @@ def parse_args():
         try:
             import modelopt.onnx.quantization  # noqa: F401
         except ImportError as err:
-            raise UserError(f'--modelopt needs nvidia-modelopt ({err}); see '
-                            'this tool\'s docstring for the install') from None
+            raise UserError(f'--modelopt needs nvidia-modelopt ({err}); '
+                            'docs/en/deployment.md says how to install it '
+                            'beside onnxruntime') from None
     if args.runs < 1:
         raise UserError(f'--runs must be >= 1, got {args.runs}')
     return args
@@ -156,13 +156,9 @@ def main():
 
     rows = {}
     for key, path in paths.items():
-        detector = copy.deepcopy(model)
-        # an instance attribute (a module assigned as an attribute would
-        # become a submodule and leave the class's extract_feat in place)
-        object.__setattr__(detector, 'extract_feat',
-                           OnnxFeatures(path, args.threads))
         print(f'{key}: evaluating {path}')
-        scores = evaluate(detector, runner.test_loop)
+        scores = evaluate_with_features(
+            model, OnnxFeatures(path, args.threads), runner.test_loop)
         rows[key] = dict(path=path, box_map=scores.get('coco/bbox_mAP'),
                          mask_map=scores.get('coco/segm_mAP'))
 

@@ -77,7 +77,8 @@ from mmcd.deploy import (DRAWS, MIN_QDQ_OPSET,  # noqa: E402
 from mmcd.deploy.end2end import (END2END_MAX_OPSET,  # noqa: E402
                                  END2END_MIN_OPSET, END2END_OPSET,
                                  deploy_config, end2end_detector)
-from mmcd.engine.calibration import calibration_images, evaluate  # noqa
+from mmcd.engine.calibration import (calibration_images,  # noqa: E402
+                                     evaluate, evaluate_with_features)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
                                       calibrated_from_checkpoint, load_config,
@@ -218,14 +219,9 @@ def evaluate_draws(quant_model, ort_features, loop, draws: int,
     comparison."""
     predictions = {}
 
-    def with_features(key, extract_feat):
-        model = copy.deepcopy(quant_model)
-        # heads stay in PyTorch. An instance attribute: a module assigned
-        # with `model.extract_feat = ...` becomes a submodule, and the
-        # class's own extract_feat method is still what `model.extract_feat`
-        # finds (the draws of an earlier version evaluated the simulation)
-        object.__setattr__(model, 'extract_feat', extract_feat)
-        return evaluate(model, loop, predictions.setdefault(key, []))
+    def with_features(key, extract_feat):  # heads stay in PyTorch
+        return evaluate_with_features(quant_model, extract_feat, loop,
+                                      predictions.setdefault(key, []))
 
     simulation = FeatureExtractor(quant_model)
     fake = evaluate(quant_model, loop, predictions.setdefault('sim', []))

@@ -258,8 +258,6 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
             layer.out_features
         self.input_qdq = _activation_module(layer.input_quantizer)
         self._take_weight(layer)
-        # RepQ-ViT's shift leaves through the float weight (QuantLinear)
-        bias = layer.shift_corrected_bias(layer.effective_weight())
         if fold_shift and isinstance(self.input_qdq, ActivationQDQ) and \
                 self.input_qdq.offset.numel():
             # W_q (Q(x + t) - t) + b + (W_q - W) t = W_q Q(x + t) + b - W t:
@@ -268,6 +266,8 @@ class QDQLinear(IntegerWeightMixin, nn.Module):
             self.input_qdq.subtract_offset = False
             bias = F.linear(-self.input_qdq.offset.to(layer.weight.dtype),
                             layer.weight, layer.bias)
+        else:  # RepQ-ViT's shift leaves through the float weight
+            bias = layer.shift_corrected_bias(layer.effective_weight())
         self.bias = bias if bias is None or bias is layer.bias else \
             nn.Parameter(bias.detach(), requires_grad=False)
 
