@@ -158,7 +158,8 @@ def test_bad_reconstruction_options_and_a_nan_loss():
             (dict(batch_size=0), 'batch_size must be an integer >= 1'),
             (dict(drop_prob=0), r'drop_prob .* must be in \(0, 1\]'),
             (dict(warmup=1.0), r'warmup must be in \[0, 1\)'),
-            (dict(num_images=0), 'num_images must be an integer >= 1')]:
+            (dict(num_images=0), 'num_images must be an integer >= 1'),
+            (dict(chunk_images=0), 'chunk_images must be an integer >= 1')]:
         with pytest.raises(ValueError, match=message):
             ReconstructionConfig(**options)
     with pytest.raises(ValueError, match='needs a calibrated per-channel'):
@@ -185,8 +186,9 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
     hook of tools/test.py: every MLP made ReLU and fine-tuned first, then
     every unit of the toy Swin detector (patch embedding, blocks, patch
     merging, neck) reconstructed in model order with the APH loss (the RPN
-    objective's sensitivity), the stats logged and saved; an unknown option
-    fails naming the allowed ones."""
+    objective's sensitivity), the stats logged and saved; the units' data
+    recorded 4 images at a time (chunks of 4 and 2) in a disk cache that is
+    empty afterwards; an unknown option fails naming the allowed ones."""
     import json
     import sys
 
@@ -195,7 +197,8 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
     hook = dict(type='PostTrainingQuantHook', w_bits=4, a_bits=4,
                 method='aphq-vit', calib=dict(num_images=4),
                 reconstruction=dict(iters=4, batch_size=2, num_images=6,
-                                    mlp_iters=3))
+                                    mlp_iters=3, chunk_images=4,
+                                    cache_dir=str(tmp_path / 'cache')))
     path = tmp_path / 'recon.py'
     path.write_text(f'_base_ = {config!r}\ncustom_hooks = [{hook!r}]\n')
     code, out = run_bounded(
@@ -209,13 +212,16 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
              'backbone.stages.3.blocks.0', 'neck']
     mlps = [f'{u}.ffn' for u in units if '.blocks.' in u]
     log = '\n'.join(line for line in out.splitlines() if 'PTQ' in line)
-    assert 'PTQ: MLP reconstruction (GELU -> ReLU) of 5 MLPs on 6 images' \
-        in out, log
+    memory = f'(recorded 4 at a time, cached in {tmp_path / "cache"})'
+    assert 'PTQ: MLP reconstruction (GELU -> ReLU) of 5 MLPs on 6 images ' \
+        f'{memory}' in out, log
+    assert list((tmp_path / 'cache').iterdir()) == []
     for k, name in enumerate(mlps):
         assert f'PTQ: MLP [{k + 1}/5] {name}: loss' in out
     assert 'PTQ: calibrated on 4 images' in out
-    assert "PTQ: reconstructing 10 units on 6 images, 4 iterations each, " \
-        "batch 2, loss 'aph', drop_prob 0.5, input_prob 0.5" in out
+    assert f"PTQ: reconstructing 10 units on 6 images {memory}, 4 " \
+        "iterations each, batch 2, loss 'aph', drop_prob 0.5, input_prob " \
+        "0.5" in out
     for k, name in enumerate(units):
         assert f'PTQ: block [{k + 1}/10] {name}: output error' in out
     results = json.load(open(tmp_path / 'work' / 'quant_results.json'))
@@ -287,6 +293,13 @@ def test_quantized_checkpoint_refuses_other_settings(tmp_path):
         check_meta(loaded, QuantConfig(8, 8, 'minmax', first_layer_bits=3,
                                        profile='tensorrt'),
                    model_cfg, path)
+    # where the reconstruction's data lives does not tie the file
+    recon = QuantConfig(3, 3, 'minmax', first_layer_bits=3,
+                        reconstruction=dict(iters=2, chunk_images=1,
+                                            cache_dir='/tmp/a'))
+    check_meta(make_meta(recon, model_cfg, 64, '/float.pth', []),
+               QuantConfig(3, 3, 'minmax', first_layer_bits=3,
+                           reconstruction=dict(iters=2)), model_cfg, path)
     # a file written before profiles existed has the default one
     del loaded['settings']['profile']
     check_meta(loaded, cfg, model_cfg, path, complete=False)
@@ -369,7 +382,8 @@ def test_quantize_tool_resumes_and_test_tool_evaluates_the_file(
                              '--calib-images', '8', '--quant-checkpoint',
                              whole], timeout=120)
     assert code != 0 and out.strip().splitlines()[-1].startswith(
-        'error: --layer-bits and --calib-images are settings of the')
+        'error: --layer-bits, --calib-images and --quant-profile are '
+        'settings of the')
     export = [sys.executable, 'tools/deploy/export_onnx.py', config, ckpt,
               '--quant-checkpoint', whole, '--out-dir', str(tmp_path / 'onnx')]
     code, out = run_bounded(export, timeout=300)

@@ -212,13 +212,37 @@ def check_reconstruction(model, quant_cfg: QuantConfig) -> None:
         require_rpn(model)
 
 
-def _task_loss(float_model, quant_cfg: QuantConfig, batch: Dict,
-               names: List[str]):
-    """The RPN objective when the reconstruction's loss weights one of
-    ``names``, else None."""
+def batch_chunks(batch: Dict, size: Optional[int]) -> List[Dict]:
+    """``batch`` (a data loader's ``inputs`` and ``data_samples``) cut into
+    consecutive batches of ``size`` images (None: ``[batch]``)."""
+    total = len(batch['inputs'])
+    size = size or total
+    return [{key: value[i:i + size] for key, value in batch.items()}
+            for i in range(0, total, size)]
+
+
+def chunked_runs(model_batches: List[Dict]) -> List[Callable]:
+    """One run per batch: ``run(m)`` is ``m.test_step(batch)``."""
+    return [lambda m, b=b: m.test_step(b) for b in model_batches]
+
+
+def _task_losses(float_model, quant_cfg: QuantConfig, chunks: List[Dict],
+                 names: List[str]):
+    """The RPN objective of each chunk when the reconstruction's loss
+    weights one of ``names``, else None."""
     if not needs_task_loss(quant_cfg.reconstruction_config(), names):
         return None
-    return rpn_objective(float_model, calibration_images(float_model, batch))
+    return [rpn_objective(float_model, calibration_images(float_model, b))
+            for b in chunks]
+
+
+def _memory(cfg) -> str:
+    """How the reconstruction images are recorded, for the log."""
+    chunks = 'at once' if cfg.chunk_images is None else \
+        f'{cfg.chunk_images} at a time'
+    where = 'in memory' if cfg.cache_dir is None else \
+        f'cached in {cfg.cache_dir}'
+    return f'recorded {chunks}, {where}'
 
 
 def _eta_logger(what: str, total: int, describe: Callable[[Dict], str],
@@ -248,15 +272,16 @@ def reconstruct_mlps_on(quant_model, float_model, quant_cfg: QuantConfig,
     cfg = quant_cfg.reconstruction_config()
     names = [n for n, _ in find_mlps(quant_model)]
     print_log(f'PTQ: MLP reconstruction (GELU -> ReLU) of {len(names)} '
-              f'MLPs on {len(batch["inputs"])} images, {cfg.mlp_iters} '
-              f'iterations each, loss {cfg.loss!r}', logger='current')
+              f'MLPs on {len(batch["inputs"])} images ({_memory(cfg)}), '
+              f'{cfg.mlp_iters} iterations each, loss {cfg.loss!r}',
+              logger='current')
     progress = _eta_logger(
         'MLP', len(names), lambda s: f'loss {s["loss_first"]:.4g} -> '
         f'{s["loss_last"]:.4g}, fc2 input bound {s["bound"]:.4g}')
-    return reconstruct_mlps(quant_model, float_model,
-                            lambda m: m.test_step(batch), cfg,
-                            _task_loss(float_model, quant_cfg, batch, names),
-                            progress)
+    chunks = batch_chunks(batch, cfg.chunk_images)
+    return reconstruct_mlps(
+        quant_model, float_model, chunked_runs(chunks), cfg,
+        _task_losses(float_model, quant_cfg, chunks, names), progress)
 
 
 def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
@@ -272,17 +297,18 @@ def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
     cfg = quant_cfg.reconstruction_config()
     units = model_units(quant_model) if units is None else units
     print_log(f'PTQ: reconstructing {len(units)} units on '
-              f'{len(batch["inputs"])} images, {cfg.iters} iterations each, '
-              f'batch {cfg.batch_size}, loss {cfg.loss!r}, drop_prob '
-              f'{cfg.drop_prob}, input_prob {cfg.keep_input}',
+              f'{len(batch["inputs"])} images ({_memory(cfg)}), {cfg.iters} '
+              f'iterations each, batch {cfg.batch_size}, loss {cfg.loss!r}, '
+              f'drop_prob {cfg.drop_prob}, input_prob {cfg.keep_input}',
               logger='current')
     progress = _eta_logger(
         'block', len(units), lambda s: f'output error '
         f'{s["loss_before"]:.4g} -> {s["loss_after"]:.4g}, '
         f'{100 * s["rounded_up"]:.1f}% of weights rounded up', after_unit)
-    return reconstruct(quant_model, float_model,
-                       lambda m: m.test_step(batch), units, cfg, progress,
-                       _task_loss(float_model, quant_cfg, batch, units))
+    chunks = batch_chunks(batch, cfg.chunk_images)
+    return reconstruct(quant_model, float_model, chunked_runs(chunks), units,
+                       cfg, progress,
+                       _task_losses(float_model, quant_cfg, chunks, units))
 
 
 def evaluate_with_features(model, extract_feat: Callable, loop,

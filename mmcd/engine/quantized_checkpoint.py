@@ -22,6 +22,7 @@ from mmengine.logging import print_log
 
 from mmcd.core import ConfigError
 from mmcd.core.quant import DEFAULT_PROFILE, QuantConfig, quantize_model
+from mmcd.core.quant.reconstruction import MEMORY_OPTIONS
 from mmcd.core.quant.saved_state import restore_quantized
 
 FORMAT = 'mmcd-quantized-checkpoint-1'
@@ -37,6 +38,10 @@ def settings_of(quant_cfg: QuantConfig) -> Dict:
     """The :data:`SETTINGS` of ``quant_cfg`` as plain, comparable values."""
     values = {key: getattr(quant_cfg, key) for key in SETTINGS}
     values['layer_bits'] = [vars(rule) for rule in values['layer_bits']]
+    if values['reconstruction'] is not None:  # where data lives: not tied
+        values['reconstruction'] = {
+            k: v for k, v in values['reconstruction'].items()
+            if k not in MEMORY_OPTIONS}
     return json.loads(json.dumps(values))  # tuples become lists
 
 

@@ -7,16 +7,19 @@ model is calibrated (W4A4 repq-vit) on ``--images`` images and every
 reconstruction unit (patch embedding, blocks, patch merging, neck) runs
 ``--iters`` iterations at ``--batch-size``; printed per unit: seconds per
 iteration, the projection to ``--project`` iterations (the papers: 20000),
-and the megabytes of its recorded inputs and outputs (float + quantized
-inputs, float outputs) for those images; at the end the peak resident
-memory of the process. ``--method aphq-vit`` also times what APHQ-ViT adds:
+and the megabytes of its recorded data (float + quantized inputs, float
+outputs, and the APH weights with that loss) for those images; at the end
+the peak resident memory of the process. ``--method aphq-vit`` also times what APHQ-ViT adds:
 the APH sensitivity weights of each unit (two backward passes of the float
 model to the RPN) and, first, the MLP reconstruction's steps per MLP
-(projected likewise), with the APH loss.
+(projected likewise), with the APH loss. ``--chunk-images K`` records
+the units' data K images per forward pass and ``--cache-dir DIR`` keeps it
+on disk, memory-mapped (the reconstruction's memory options): compare the
+peak memory with and without.
 
     python tools/benchmarks/recon_speed.py [--models toy swin-t]
         [--images 4] [--iters 10] [--batch-size 1] [--project 20000]
-        [--method repq-vit|aphq-vit]
+        [--method repq-vit|aphq-vit] [--chunk-images K] [--cache-dir DIR]
 """
 import argparse
 import copy
@@ -35,7 +38,7 @@ from mmcd.core.architectures import reconstruction_patterns  # noqa: E402
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
 from mmcd.core.quant.mlp_reconstruction import reconstruct_mlps  # noqa
 from mmcd.core.quant.reconstruction import (  # noqa: E402
-    reconstruct_unit, reconstruction_units, record, unit_weights)
+    reconstruct_unit, reconstruction_units, record_unit)
 from mmcd.engine.task_objective import rpn_objective  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, add_models_argument, build_detector, random_inputs)
@@ -58,6 +61,8 @@ def main():
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--project', type=int, default=20000)
+    parser.add_argument('--chunk-images', type=int, default=None)
+    parser.add_argument('--cache-dir', default=None)
     parser.add_argument('--method', default='repq-vit',
                         choices=['repq-vit', 'aphq-vit'])
     add_models_argument(parser)
@@ -66,25 +71,31 @@ def main():
     torch.manual_seed(0)
     print(f'W4A4 {args.method}, {args.images} images, {args.iters} '
           f'iterations per unit at batch {args.batch_size}, '
-          f'{torch.get_num_threads()} threads')
+          f'{torch.get_num_threads()} threads, recorded '
+          f'{args.chunk_images or args.images} images at a time, '
+          f'{args.cache_dir or "in memory"}')
     for name, config, size in (BENCHMARK_DETECTORS[m] for m in args.models):
         model = build_detector(config)
         images, samples = random_inputs(size, args.images,
                                         torch.Generator().manual_seed(0))
 
-        def run(m):
-            return m.predict(images, samples)
+        step = args.chunk_images or args.images
+        runs = [lambda m, i=i: m.predict(images[i:i + step],
+                                         samples[i:i + step])
+                for i in range(0, args.images, step)]
 
         qcfg = QuantConfig(4, 4, args.method, reconstruction=dict(
             iters=args.iters, mlp_iters=args.iters,
-            batch_size=args.batch_size))
+            batch_size=args.batch_size, chunk_images=args.chunk_images,
+            cache_dir=args.cache_dir))
         cfg = qcfg.reconstruction_config()
         qmodel = quantize_model(copy.deepcopy(model), qcfg)
         objective = None
         if args.method == 'aphq-vit':
-            objective = rpn_objective(model, images)
+            objective = [rpn_objective(model, images[i:i + step])
+                         for i in range(0, args.images, step)]
             start = time.perf_counter()
-            mlps = reconstruct_mlps(qmodel, model, run, cfg, objective)
+            mlps = reconstruct_mlps(qmodel, model, runs, cfg, objective)
             seconds = time.perf_counter() - start
             print(f'{name}: MLP reconstruction of {len(mlps)} MLPs x '
                   f'{args.iters} steps: {seconds:.0f} s, recording and '
@@ -92,24 +103,20 @@ def main():
                   f'{seconds / args.iters / len(mlps):.3f} s per step and '
                   'MLP is an upper bound, tight only for many steps)')
         with torch.no_grad():
-            calibrate(qmodel, qcfg, lambda: run(qmodel))
+            calibrate(qmodel, qcfg, lambda: qmodel.predict(images, samples))
         units = reconstruction_units(qmodel, reconstruction_patterns())
         print(f'{name}: {len(units)} units')
         total = 0.0
         for unit in units:
             start = time.perf_counter()
-            *fp_in, target = record(model, model.get_submodule(unit), run,
-                                    output=True)
-            q_in = record(qmodel, qmodel.get_submodule(unit), run)[:2]
-            weight = unit_weights(cfg, unit, model,
-                                  model.get_submodule(unit), objective)
+            data = record_unit(unit, model, runs, cfg, objective, qmodel)
             recording = time.perf_counter() - start
             start = time.perf_counter()
-            reconstruct_unit(unit, qmodel.get_submodule(unit), q_in,
-                             tuple(fp_in), target, cfg, weight)
+            reconstruct_unit(unit, qmodel.get_submodule(unit), data, cfg)
             per_iter = (time.perf_counter() - start) / args.iters
             total += per_iter
-            size = megabytes(fp_in) + megabytes(q_in) + megabytes(target)
+            size = megabytes(data.chunks)
+            data.release()
             print(f'  {unit}: {per_iter:.3f} s/iteration, '
                   f'{per_iter * args.project / 3600:.2f} h at '
                   f'{args.project}; recording (and weights) '

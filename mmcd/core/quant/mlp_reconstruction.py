@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ..architectures import MlpUnit, mlp_units
-from .reconstruction import (ReconstructionConfig, _rows, record,
-                             unit_weights)
+from .reconstruction import ReconstructionConfig, record_unit
 from .reconstruction_losses import flat_tensors
+from .unit_data import UnitData, as_runs
 
 #: images whose ``fc2`` inputs give the clamp bound (APHQ-ViT: 128)
 BOUND_IMAGES = 128
@@ -101,15 +101,13 @@ def mlp_error(pred, target, weight=None, p: float = 2.0) -> torch.Tensor:
     return total
 
 
-def reconstruct_mlp(name: str, mlp: nn.Module, spec: MlpUnit, inputs,
-                    target, bound: float, cfg: ReconstructionConfig,
-                    weight=None) -> Dict[str, float]:
+def reconstruct_mlp(name: str, mlp: nn.Module, spec: MlpUnit,
+                    data: UnitData, bound: float,
+                    cfg: ReconstructionConfig) -> Dict[str, float]:
     """Fine-tune ``mlp`` (its activation already ReLU) in place (module
-    docstring, step 3) on the recorded ``inputs`` ``(args, kwargs)`` and
-    float output ``target``. Returns the loss at the first and last step
-    and the bound."""
-    args, kwargs = inputs
-    size = flat_tensors(args)[0].shape[0]
+    docstring, step 3) on its recorded ``data`` (the float inputs ``(args,
+    kwargs)``, output and weights, :class:`~.unit_data.UnitData`). Returns
+    the loss at the first and last step and the bound."""
     fc1 = mlp.get_submodule(spec.fc1)
     fc2 = mlp.get_submodule(spec.fc2)
     params = [p for layer in (fc1, fc2) for p in layer.parameters()]
@@ -122,10 +120,8 @@ def reconstruct_mlp(name: str, mlp: nn.Module, spec: MlpUnit, inputs,
 
     losses = []
     for it in range(cfg.mlp_iters):
-        index = torch.tensor([it % size])
-        x, kw = _rows(args, index, size), _rows(kwargs, index, size)
-        y = _rows(target, index, size)
-        w = None if weight is None else _rows(weight, index, size)
+        image = data.image(it % data.size)
+        (x, kw), y, w = image['fp'], image['target'], image['weight']
         plain = mlp_error(mlp(*x, **kw), y, w, cfg.p) / 10
         handle = fc2.register_forward_pre_hook(clamp)
         try:
@@ -147,38 +143,51 @@ def reconstruct_mlp(name: str, mlp: nn.Module, spec: MlpUnit, inputs,
     return dict(loss_first=losses[0], loss_last=losses[-1], bound=bound)
 
 
-def reconstruct_mlps(model: nn.Module, float_model: nn.Module,
-                     run: Callable[[nn.Module], object],
-                     cfg: ReconstructionConfig,
-                     task_loss: Optional[Callable[[nn.Module],
-                                                  torch.Tensor]] = None,
+@torch.no_grad()
+def fc2_input_bound(float_mlp: nn.Module, spec: MlpUnit, data: UnitData,
+                    q: float) -> float:
+    """The clamp bound ``u``: the ``q`` quantile of the positive values of
+    the float MLP's ``fc2`` input ``act(fc1(x))`` over the first
+    :data:`BOUND_IMAGES` images of ``data``."""
+    values, left = [], BOUND_IMAGES
+    for chunk, size in data:
+        if left <= 0:
+            break
+        x = chunk['fp'][0][0][:left]
+        a = float_mlp.get_submodule(spec.act)(
+            float_mlp.get_submodule(spec.fc1)(x))
+        values.append(a[a > 0])
+        left -= size
+    return positive_quantile(torch.cat(values), q)
+
+
+def reconstruct_mlps(model: nn.Module, float_model: nn.Module, run,
+                     cfg: ReconstructionConfig, task_loss=None,
                      progress: Optional[Callable[[int, str, Dict], None]]
                      = None) -> Dict[str, Dict[str, float]]:
     """MLP reconstruction of the float ``model`` (module docstring) against
-    ``float_model`` (the original, not touched); ``run(m)`` runs a model on
-    the reconstruction images; ``task_loss`` as for
-    :func:`~mmcd.core.quant.reconstruction.reconstruct`. Returns the stats
-    per MLP."""
+    ``float_model`` (the original, not touched); ``run`` and ``task_loss``
+    as for :func:`~mmcd.core.quant.reconstruction.reconstruct` (one
+    callable, or one per chunk of the reconstruction images). Returns the
+    stats per MLP."""
     names = use_relu(model)
     specs = dict(find_mlps(float_model))
     model.eval()
     float_model.eval()
+    runs = as_runs(run)
+    task_losses = None if task_loss is None else as_runs(task_loss)
     stats = {}
     for k, name in enumerate(names):
         spec = specs[name]
-        float_mlp = float_model.get_submodule(name)
-        *inputs, target = record(float_model, float_mlp, run, output=True,
-                                 name=name)
-        with torch.no_grad():  # fc2's input: act(fc1(x)) of the float MLP
-            x = inputs[0][0][:BOUND_IMAGES]
-            fc2_input = float_mlp.get_submodule(spec.act)(
-                float_mlp.get_submodule(spec.fc1)(x))
-        bound = positive_quantile(fc2_input, cfg.mlp_quantile)
-        weight = unit_weights(cfg, name, float_model, float_mlp, task_loss)
-        with torch.enable_grad():
-            stats[name] = reconstruct_mlp(name, model.get_submodule(name),
-                                          spec, tuple(inputs), target, bound,
-                                          cfg, weight)
+        data = record_unit(name, float_model, runs, cfg, task_losses)
+        try:
+            bound = fc2_input_bound(float_model.get_submodule(name), spec,
+                                    data, cfg.mlp_quantile)
+            with torch.enable_grad():
+                stats[name] = reconstruct_mlp(
+                    name, model.get_submodule(name), spec, data, bound, cfg)
+        finally:
+            data.release()
         if progress is not None:
             progress(k, name, stats[name])
     return stats

@@ -13,7 +13,8 @@ in model order:
 
 1. its inputs are recorded twice on the calibration images, from the float
    model (``x_fp``, with the float output ``y_fp``) and from the quantized
-   model whose earlier units are already reconstructed (``x_q``);
+   model whose earlier units are already reconstructed (``x_q``), chunk by
+   chunk of images, in memory or a disk cache (unit_data.py);
 2. every weight quantizer of the unit becomes an :class:`AdaRoundQuantizer`
    on its calibrated grid: ``W^ = s (clamp(floor(W / s) + h(V) + z, 0,
    2^b - 1) - z)`` with the rectified sigmoid ``h(V) = clamp(sigmoid(V)
@@ -47,12 +48,15 @@ from torch import nn
 
 from .qat_quantizers import LsqActQuantizer
 from .quantizers import FakeQuantizer, UniformQuantizer
-from .reconstruction_losses import (RECONSTRUCTION_LOSSES, flat_tensors,
-                                    lp_channel_loss,
+from .reconstruction_losses import (RECONSTRUCTION_LOSSES, lp_channel_loss,
                                     perturbation_sensitivity)
+from .unit_data import Run, UnitData, as_runs
 
 #: AdaRound's rectified-sigmoid stretch
 GAMMA, ZETA = -0.1, 1.1
+#: the options of :class:`ReconstructionConfig` that say where data lives
+#: and how much runs at once, not what is computed
+MEMORY_OPTIONS = ('chunk_images', 'cache_dir')
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,14 @@ class ReconstructionConfig:
     1 and reconstructs on 256), read by whoever loads them
     (``mmcd.engine``). ``mlp``: APHQ-ViT's MLP reconstruction first
     (mlp_reconstruction.py) with ``mlp_iters`` 20000 per MLP, ``mlp_lr``
-    4e-5, ``mlp_quantile`` 0.999 and ``mlp_clamped_weight`` 2."""
+    4e-5, ``mlp_quantile`` 0.999 and ``mlp_clamped_weight`` 2.
+
+    Memory (:data:`MEMORY_OPTIONS`, read by whoever runs the model):
+    ``chunk_images``, the images per forward pass when a unit's data is
+    recorded (None: all reconstruction images in one pass), and
+    ``cache_dir``, where the recorded data is kept on disk (None: in
+    memory; unit_data.py). They change the padded size of the images of a
+    chunk, nothing else."""
     iters: int = 20000
     batch_size: int = 1
     round_weight: float = 0.01
@@ -92,6 +103,8 @@ class ReconstructionConfig:
     mlp_lr: float = 4e-5
     mlp_quantile: float = 0.999
     mlp_clamped_weight: float = 2.0
+    chunk_images: Optional[int] = None
+    cache_dir: Optional[str] = None
 
     def __post_init__(self):
         for key in ('iters', 'batch_size', 'mlp_iters'):
@@ -105,10 +118,12 @@ class ReconstructionConfig:
                 raise ValueError(f'reconstruction {key} (the probability of '
                                  'keeping quantization) must be in (0, 1], '
                                  f'got {value}')
-        if self.num_images is not None and not (
-                isinstance(self.num_images, int) and self.num_images >= 1):
-            raise ValueError('reconstruction num_images must be an integer '
-                             f'>= 1 or None, got {self.num_images!r}')
+        for key in ('num_images', 'chunk_images'):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and
+                                          value >= 1):
+                raise ValueError(f'reconstruction {key} must be an integer '
+                                 f'>= 1 or None, got {value!r}')
         if not 0 <= self.warmup < 1:
             raise ValueError(f'reconstruction warmup must be in [0, 1), got '
                              f'{self.warmup}')
@@ -227,18 +242,6 @@ def _detached(obj):
     return obj
 
 
-def _rows(obj, index: torch.Tensor, size: int):
-    """``obj`` (tensors with ``size`` rows, nested in tuples, lists and
-    dicts) at the rows ``index``."""
-    if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == size:
-        return obj[index]
-    if isinstance(obj, dict):
-        return {k: _rows(v, index, size) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rows(o, index, size) for o in obj)
-    return obj
-
-
 def _mix(quantized, full, keep: float, gen: torch.Generator):
     """QDrop's input mix: ``quantized`` elementwise with probability
     ``keep``, ``full`` otherwise (nested structures alike)."""
@@ -318,28 +321,29 @@ def _to_uniform(lsq: LsqActQuantizer, like: UniformQuantizer):
     return out
 
 
-def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
-                     target, cfg: ReconstructionConfig,
-                     weight=None) -> Dict[str, float]:
+def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,
+                     cfg: ReconstructionConfig) -> Dict[str, float]:
     """Reconstruct one calibrated unit in place (module docstring, steps
-    2-5) from its recorded inputs ``(args, kwargs)`` (quantized prefix and
-    float), the float output and (a loss that asks for them) its
-    sensitivity weights. Returns the output error (QDrop's lp, on all
-    reconstruction images, quantized inputs) before and after, and the
-    share of weights AdaRound rounds up."""
-    args_q, kwargs_q = inputs_q
-    args_fp, _ = inputs_fp
-    size = flat_tensors(args_fp)[0].shape[0]
-    if cfg.batch_size > size:
+    2-5) from its recorded ``data`` (:class:`~.unit_data.UnitData`: inputs
+    of the quantized prefix and of the float model, the float output and,
+    for a loss that asks for them, the sensitivity weights). Returns the
+    output error (QDrop's lp on the quantized inputs, averaged over the
+    reconstruction images: each chunk's weighted by its images) before and
+    after, and the share of weights AdaRound rounds up."""
+    if cfg.batch_size > data.size:
         raise ValueError(f'reconstruction batch_size {cfg.batch_size} is '
-                         f'larger than the {size} reconstruction images')
+                         f'larger than the {data.size} reconstruction images')
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = RECONSTRUCTION_LOSSES.get(cfg.loss)(p=cfg.p, unit=name)
 
     def output_error():
+        total = 0.
         with torch.no_grad():
-            return float(lp_channel_loss(unit(*args_q, **kwargs_q), target,
-                                         cfg.p))
+            for chunk, size in data:
+                args, kwargs = chunk['q']
+                total += size * float(lp_channel_loss(
+                    unit(*args, **kwargs), chunk['target'], cfg.p))
+        return total / data.size
 
     before = output_error()
     layers = [m for m in unit.modules()
@@ -376,14 +380,11 @@ def reconstruct_unit(name: str, unit: nn.Module, inputs_q, inputs_fp,
     optimizers = [o for o in (w_opt, a_opt) if o is not None]
     try:
         for it in range(1, cfg.iters + 1):
-            index = torch.randint(0, size, (cfg.batch_size, ),
-                                  generator=gen)
-            args = _mix(_rows(args_q, index, size),
-                        _rows(args_fp, index, size), cfg.keep_input, gen)
-            kwargs = _rows(kwargs_q, index, size)
-            loss = loss_fn(unit(*args, **kwargs), _rows(target, index, size),
-                           None if weight is None else
-                           _rows(weight, index, size))
+            batch = data.sample(cfg.batch_size, gen)
+            args_q, kwargs = batch['q']
+            args = _mix(args_q, batch['fp'][0], cfg.keep_input, gen)
+            loss = loss_fn(unit(*args, **kwargs), batch['target'],
+                           batch['weight'])
             if it >= cfg.warmup * cfg.iters and rounders:
                 beta = cfg.beta_at(it)
                 loss = loss + cfg.round_weight * sum(
@@ -425,7 +426,8 @@ def unit_weights(cfg: ReconstructionConfig, name: str,
                  task_loss: Optional[Callable[[nn.Module], torch.Tensor]]):
     """The sensitivity weights of unit (or MLP) ``name``'s output when
     ``cfg``'s loss asks for them (:func:`reconstruction_losses.
-    perturbation_sensitivity` of ``task_loss``), else None."""
+    perturbation_sensitivity` of ``task_loss``, on the images it runs),
+    else None."""
     if not needs_task_loss(cfg, [name]):
         return None
     if task_loss is None:
@@ -448,30 +450,56 @@ def reconstruction_units(model: nn.Module,
     return names
 
 
-def reconstruct(model: nn.Module, float_model: nn.Module,
-                run: Callable[[nn.Module], object], units: Sequence[str],
+def record_unit(name: str, float_model: nn.Module, runs: Sequence[Run],
                 cfg: ReconstructionConfig,
+                task_losses: Optional[Sequence] = None,
+                model: Optional[nn.Module] = None) -> UnitData:
+    """The data unit (or MLP) ``name`` is reconstructed on, one chunk per
+    run of ``runs`` (:class:`~.unit_data.UnitData`, in ``cfg.cache_dir``
+    when set): the float model's inputs and output, the quantized
+    ``model``'s inputs (when given) and the sensitivity weights
+    (:func:`unit_weights`, ``task_losses``: one objective per run)."""
+    float_unit = float_model.get_submodule(name)
+    data = UnitData(cfg.cache_dir)
+    try:
+        for k, run in enumerate(runs):
+            *fp, target = record(float_model, float_unit, run, output=True,
+                                 name=name)
+            q = None if model is None else record(
+                model, model.get_submodule(name), run, name=name)[:2]
+            weight = unit_weights(cfg, name, float_model, float_unit,
+                                  None if task_losses is None else
+                                  task_losses[k])
+            data.add(tuple(fp), target, q, weight)
+    except BaseException:
+        data.release()
+        raise
+    return data
+
+
+def reconstruct(model: nn.Module, float_model: nn.Module, run,
+                units: Sequence[str], cfg: ReconstructionConfig,
                 progress: Optional[Callable[[int, str, Dict], None]] = None,
-                task_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None
-                ) -> Dict[str, Dict[str, float]]:
+                task_loss=None) -> Dict[str, Dict[str, float]]:
     """Reconstruct the calibrated ``model`` unit by unit against
     ``float_model`` (module docstring); ``run(m)`` runs a model on the
-    reconstruction images; ``progress(k, name, stats)`` is called after each
-    unit; ``task_loss(float_model)``: the objective whose sensitivity
-    weights a loss asks for (reconstruction_losses.py). Returns the stats
-    per unit."""
+    reconstruction images, or ``run`` is a list of such runs, one per chunk
+    of them (unit_data.py); ``progress(k, name, stats)`` is called after
+    each unit; ``task_loss(float_model)``: the objective whose sensitivity
+    weights a loss asks for (reconstruction_losses.py), one per run when
+    ``run`` is a list. Returns the stats per unit."""
     model.eval()
     float_model.eval()
+    runs = as_runs(run)
+    task_losses = None if task_loss is None else as_runs(task_loss)
     stats = {}
     for k, name in enumerate(units):
-        unit = model.get_submodule(name)
-        float_unit = float_model.get_submodule(name)
-        *inputs_fp, target = record(float_model, float_unit, run,
-                                    output=True, name=name)
-        inputs_q = record(model, unit, run, name=name)[:2]
-        weight = unit_weights(cfg, name, float_model, float_unit, task_loss)
-        stats[name] = reconstruct_unit(name, unit, inputs_q,
-                                       tuple(inputs_fp), target, cfg, weight)
+        data = record_unit(name, float_model, runs, cfg, task_losses, model)
+        try:
+            stats[name] = reconstruct_unit(name, model.get_submodule(name),
+                                           data, cfg)
+        finally:
+            data.release()
         if progress is not None:
             progress(k, name, stats[name])
     return stats
