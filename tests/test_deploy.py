@@ -719,6 +719,34 @@ def test_integer_kernel_counts_by_hand(tmp_path):
         'QLinearMatMul': 1, 'QuantizeLinear': 2, 'DequantizeLinear': 1}
 
 
+def test_session_fuses_a_float_linear_and_keeps_a_qdq_one_integer(
+        tmp_path):
+    """``ort_session`` picks the optimizers by the graph: a float Linear's
+    MatMul + Add becomes onnxruntime's Gemm (MatMulAddFusion on), the QDQ
+    Linear an integer kernel (it off, which a forced choice undoes)."""
+    from mmcd.deploy.onnx_export import has_qdq
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    cfg = QuantConfig(8, 8, 'minmax', first_layer_bits=8)
+    quantized = quantize_model(copy.deepcopy(float_model), cfg)
+    calibrate(quantized, cfg, lambda: quantized(x))
+    to_qdq(quantized)
+    ops = {}
+    for name, model, disabled in (('float', float_model, None),
+                                  ('qdq', quantized, None),
+                                  ('qdq_forced', quantized, ())):
+        path = export_onnx(model, x, str(tmp_path / f'{name}.onnx'))
+        optimized = str(tmp_path / f'{name}.opt.onnx')
+        ort_session(path, optimized_path=optimized,
+                    disabled_optimizers=disabled)
+        ops[name] = [n.op_type for n in onnx.load(optimized).graph.node]
+        assert has_qdq(path) == (name != 'float')
+    assert 'Gemm' in ops['float'] and 'MatMul' not in ops['float']
+    assert 'MatMulIntegerToFloat' in ops['qdq'] and 'Gemm' not in ops['qdq']
+    assert 'MatMulIntegerToFloat' not in ops['qdq_forced']
+
+
 def test_compare_ptq_tools_errors(tmp_path):
     from test_tools_cli import (TOY_CONFIG, assert_one_line_error,
                                 run_here)

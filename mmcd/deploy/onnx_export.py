@@ -196,16 +196,29 @@ def store_integer_initializers(path: str) -> None:
     onnx.save(model, path)
 
 
+def has_qdq(path: str) -> bool:
+    """Whether the ONNX graph at ``path`` holds a ``QuantizeLinear`` or
+    ``DequantizeLinear`` node (its own graph, not its functions')."""
+    import onnx
+    graph = onnx.load(path, load_external_data=False).graph
+    return any(node.op_type in ('QuantizeLinear', 'DequantizeLinear')
+               for node in graph.node)
+
+
 def ort_session(path: str, threads: int = 0,
                 optimized_path: Optional[str] = None,
-                disabled_optimizers: Sequence[str] = QDQ_DISABLED_OPTIMIZERS,
+                disabled_optimizers: Optional[Sequence[str]] = None,
                 profile_prefix: Optional[str] = None):
     """An onnxruntime CPU session with every graph optimization except
-    ``disabled_optimizers`` (default :data:`QDQ_DISABLED_OPTIMIZERS`), and
+    ``disabled_optimizers`` (None: :data:`QDQ_DISABLED_OPTIMIZERS` for a
+    QDQ graph, :func:`has_qdq`, none for a float one), and
     :data:`ORT_SESSION_CONFIG`; ``profile_prefix``: onnxruntime's profiler
     on, its trace written to ``{prefix}_<date>.json`` at
     ``session.end_profiling()`` (:func:`kernel_times`)."""
     import onnxruntime as ort
+    if disabled_optimizers is None:
+        disabled_optimizers = QDQ_DISABLED_OPTIMIZERS if has_qdq(path) \
+            else ()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = \

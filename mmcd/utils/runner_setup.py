@@ -507,7 +507,8 @@ def calibrated_from_checkpoint(args, quant_cfg,
     """For the PTQ tools: a Runner of ``args.config`` (work dir under
     ``args.out_dir``) with ``args.checkpoint`` loaded, and a copy of its
     model quantized with ``quant_cfg`` and calibrated on
-    ``args.calib_images`` images (or loaded from ``--quant-checkpoint``).
+    ``args.calib_images`` images (or loaded from ``--quant-checkpoint``;
+    ``quant_cfg`` None: no quantized model, None in its place).
     Returns ``(runner, quantized model, calibration batch)``; ``loaders``:
     dataloaders checked besides the train one (the calibration images'
     source)."""
@@ -523,6 +524,8 @@ def calibrated_from_checkpoint(args, quant_cfg,
     runner.load_checkpoint(args.checkpoint, map_location='cpu')
     runner.model.eval()
     batch = CalibrationOptions(num_images=args.calib_images).batch(cfg)
+    if quant_cfg is None:
+        return runner, None, batch
     if args.quant_checkpoint:
         return runner, load_quantized_model(
             runner.model, quant_cfg, cfg.model, args.quant_checkpoint,

@@ -49,8 +49,7 @@ from mmengine.config import DictAction  # noqa: E402
 import mmcd  # noqa: E402,F401
 from mmcd.core.quant import DEFAULT_PROFILE, QuantConfig  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
-from mmcd.deploy import (INTEGER_KERNELS,  # noqa: E402
-                         QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
+from mmcd.deploy import (INTEGER_KERNELS, FeatureExtractor,  # noqa: E402
                          OnnxFeatures, export_onnx, integer_kernel_counts,
                          interleaved_latency, ort_session)
 from mmcd.deploy.other_tools import (MODELOPT_METHODS,  # noqa: E402
@@ -129,9 +128,8 @@ def main():
                 profile=profile or args.profile or DEFAULT_PROFILE)
         except ValueError as err:
             raise UserError(f'--mmcd {spec}: {err}') from None
-    first = next(iter(configs.values()), QuantConfig(8, 8, 'minmax'))
     runner, quant_model, batch = calibrated_from_checkpoint(
-        args, first, ['test_dataloader'])
+        args, next(iter(configs.values()), None), ['test_dataloader'])
     model = runner.model
     images = calibration_images(model, batch)
     shapes = {tuple(image.shape) for image in images}
@@ -166,9 +164,8 @@ def main():
     for key, row in rows.items():
         row['optimized_path'] = osp.join(args.out_dir,
                                          f'{osp.basename(row["path"])}.opt')
-        sessions[key] = ort_session(
-            row['path'], args.threads, row['optimized_path'],
-            () if key == 'float' else QDQ_DISABLED_OPTIMIZERS)
+        sessions[key] = ort_session(row['path'], args.threads,
+                                    row['optimized_path'])
     feed = {sessions['float'].get_inputs()[0].name: images[:1].numpy()}
     latency = interleaved_latency(sessions, feed, args.runs)
     print(f'\nW{args.bits}A{args.bits} backbone + neck at '

@@ -57,8 +57,7 @@ from mmcd.core.quant import (DEFAULT_PROFILE, DEPLOY_PROFILES,  # noqa
                              QuantConfig, calibrate, quantize_model)
 from mmcd.core.quant.methods import QUANT_METHODS  # noqa: E402
 from mmcd.core.quant.qdq import to_qdq  # noqa: E402
-from mmcd.deploy import (INTEGER_KERNELS,  # noqa: E402
-                         QDQ_DISABLED_OPTIMIZERS, FeatureExtractor,
+from mmcd.deploy import (INTEGER_KERNELS, FeatureExtractor,  # noqa: E402
                          export_onnx, integer_kernel_counts,
                          interleaved_latency, kernel_times, ort_session)
 from mmcd.deploy.end2end import end2end_detector  # noqa: E402
@@ -133,7 +132,7 @@ def main():
             paths['ort'] = ort_quantized(paths['float'], images,
                                          args.ort_static)
         for label, path in paths.items():
-            sessions[label] = session_of(label, path, args.threads, osp.join(
+            sessions[label] = ort_session(path, args.threads, osp.join(
                 folder, f'{key}_{label}_optimized.onnx'))
         feed = {sessions['float'].get_inputs()[0].name: images.numpy()}
         latency = interleaved_latency(sessions, feed, args.runs)
@@ -157,21 +156,12 @@ def main():
             print_kernel_times(paths, feed, args, osp.join(folder, key))
 
 
-def session_of(label, path, threads, optimized_path=None,
-               profile_prefix=None):
-    """The float model with every optimization, the quantized ones without
-    :data:`QDQ_DISABLED_OPTIMIZERS` (module docstring)."""
-    return ort_session(path, threads, optimized_path,
-                       () if label == 'float' else QDQ_DISABLED_OPTIMIZERS,
-                       profile_prefix=profile_prefix)
-
-
 def print_kernel_times(paths, feed, args, prefix, top=8):
     """Kernel time per operator type of each model under onnxruntime's
     profiler, ms per run, largest first (the rest summed)."""
     for label, path in paths.items():
-        session = session_of(label, path, args.threads,
-                             profile_prefix=f'{prefix}_{label}')
+        session = ort_session(path, args.threads,
+                              profile_prefix=f'{prefix}_{label}')
         for _ in range(args.runs):
             session.run(None, feed)
         times = kernel_times(session.end_profiling())
