@@ -723,15 +723,17 @@ def test_session_fuses_a_float_linear_and_keeps_a_qdq_one_integer(
         tmp_path):
     """``ort_session`` picks the optimizers by the graph: a float Linear's
     MatMul + Add becomes onnxruntime's Gemm (MatMulAddFusion on), the QDQ
-    Linear an integer kernel (it off, which a forced choice undoes)."""
-    from mmcd.deploy.onnx_export import has_qdq
+    Linear of the tensorrt profile an integer kernel (it off, which a
+    forced choice undoes)."""
+    from mmcd.deploy.onnx_export import disabled_optimizers_for
     torch.manual_seed(0)
     float_model = nn.Sequential(nn.Linear(8, 4))
     x = torch.randn(3, 8)
-    cfg = QuantConfig(8, 8, 'minmax', first_layer_bits=8)
+    cfg = QuantConfig(8, 8, 'minmax', first_layer_bits=8,
+                      profile='tensorrt')
     quantized = quantize_model(copy.deepcopy(float_model), cfg)
     calibrate(quantized, cfg, lambda: quantized(x))
-    to_qdq(quantized)
+    to_qdq(quantized, 'tensorrt')
     ops = {}
     for name, model, disabled in (('float', float_model, None),
                                   ('qdq', quantized, None),
@@ -741,10 +743,50 @@ def test_session_fuses_a_float_linear_and_keeps_a_qdq_one_integer(
         ort_session(path, optimized_path=optimized,
                     disabled_optimizers=disabled)
         ops[name] = [n.op_type for n in onnx.load(optimized).graph.node]
-        assert has_qdq(path) == (name != 'float')
+        assert disabled_optimizers_for(path) == (
+            () if name == 'float' else ('MatMulAddFusion', ))
     assert 'Gemm' in ops['float'] and 'MatMul' not in ops['float']
     assert 'MatMulIntegerToFloat' in ops['qdq'] and 'Gemm' not in ops['qdq']
     assert 'MatMulIntegerToFloat' not in ops['qdq_forced']
+
+
+@pytest.mark.parametrize('bits,folded', [(8, 2), (6, 2), (4, 0)])
+def test_bias_folded_into_the_integer_kernel(bits, folded, tmp_path):
+    """The default profile writes an 8-bit-container Linear as
+    MatMulInteger -> Cast -> Mul(Mul(s_x, s_W)) -> Add(b), which onnxruntime
+    fuses into MatMulIntegerToFloat with the bias inside (no Add left);
+    outputs equal the QDQ form's and the simulation's. 4-bit containers
+    keep the QDQ form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(2, 5, 8)
+    cfg = QuantConfig(bits, bits, 'minmax', first_layer_bits=bits)
+    quantized = quantize_model(model, cfg)
+    calibrate(quantized, cfg, lambda: quantized(x))
+    simulated = quantized(x)
+    to_qdq(quantized)
+    outputs, ops = {}, {}
+    for form in ('folded', 'qdq'):
+        for layer in (quantized[0], quantized[2]):
+            layer.bias_in_kernel = form == 'folded'
+        path = export_onnx(quantized, x, str(tmp_path / f'{form}.onnx'))
+        written = [n.op_type for n in onnx.load(path).graph.node]
+        optimized = str(tmp_path / f'{form}.opt.onnx')
+        session = ort_session(path, optimized_path=optimized)
+        outputs[form] = session.run(None, {'input': x.numpy()})[0]
+        ops[form] = [(n.op_type, len(n.input))
+                     for n in onnx.load(optimized).graph.node]
+        if form == 'folded':
+            assert written.count('MatMulInteger') == folded
+    np.testing.assert_allclose(outputs['folded'], outputs['qdq'], rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(outputs['folded'], simulated.detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    if folded:
+        assert ops['folded'].count(('MatMulIntegerToFloat', 7)) == 2
+        assert not any(op in ('Add', 'MatMulInteger') for op, _ in
+                       ops['folded'])
+        assert ('Add', 2) in ops['qdq']  # the QDQ form leaves the bias out
 
 
 def test_compare_ptq_tools_errors(tmp_path):

@@ -53,7 +53,7 @@ from torch import nn
 from mmcd.compat.mmdeploy_torch import torchscript_export
 from mmcd.core.quant.qdq import integer_levels
 
-from .onnx_export import check_onnx, ort_session
+from .onnx_export import check_onnx, fold_biases, ort_session
 
 #: opsets of the end-to-end export: per-axis DequantizeLinear needs 13, the
 #: TorchScript exporter goes up to 20
@@ -372,6 +372,7 @@ def export_detector(detector: nn.Module, inputs: torch.Tensor,
                context_info=dict(deploy_cfg=cfg), opset_version=opset,
                dynamic_axes=None, verbose=False,
                keep_initializers_as_inputs=False, optimize=False)
+    fold_biases(detector, path)
     check_onnx(path)
     return path
 

@@ -155,8 +155,20 @@ def export_onnx(module: nn.Module, images: torch.Tensor, path: str,
     program.save(path)
     if quantized:
         store_integer_initializers(path)
+    fold_biases(module, path)
     check_onnx(path)
     return path
+
+
+def fold_biases(module: nn.Module, path: str) -> int:
+    """:func:`~.integer_bias.fold_bias_into_integer_matmul` on the export
+    ``path`` of ``module`` when its integer layers ask for it (the
+    profile's ``bias_in_integer_kernel``); the layers rewritten."""
+    if not any(getattr(m, 'bias_in_kernel', False)
+               for m in module.modules()):
+        return 0
+    from .integer_bias import fold_bias_into_integer_matmul
+    return fold_bias_into_integer_matmul(path)
 
 
 def check_onnx(path: str) -> None:
@@ -196,13 +208,19 @@ def store_integer_initializers(path: str) -> None:
     onnx.save(model, path)
 
 
-def has_qdq(path: str) -> bool:
-    """Whether the ONNX graph at ``path`` holds a ``QuantizeLinear`` or
-    ``DequantizeLinear`` node (its own graph, not its functions')."""
+def disabled_optimizers_for(path: str) -> Tuple[str, ...]:
+    """The onnxruntime optimizers to turn off for the ONNX graph at
+    ``path``: none for a float graph; :data:`QDQ_DISABLED_OPTIMIZERS` for
+    one with ``QuantizeLinear`` / ``DequantizeLinear`` nodes, and
+    ``ConstantFolding`` too where it holds ``MatMulInteger`` (folding the
+    scale product first stops the bias fusion: integer_bias.py)."""
     import onnx
-    graph = onnx.load(path, load_external_data=False).graph
-    return any(node.op_type in ('QuantizeLinear', 'DequantizeLinear')
-               for node in graph.node)
+    ops = {node.op_type for node in
+           onnx.load(path, load_external_data=False).graph.node}
+    if not ops & {'QuantizeLinear', 'DequantizeLinear'}:
+        return ()
+    return QDQ_DISABLED_OPTIMIZERS + (
+        ('ConstantFolding', ) if 'MatMulInteger' in ops else ())
 
 
 def ort_session(path: str, threads: int = 0,
@@ -210,15 +228,14 @@ def ort_session(path: str, threads: int = 0,
                 disabled_optimizers: Optional[Sequence[str]] = None,
                 profile_prefix: Optional[str] = None):
     """An onnxruntime CPU session with every graph optimization except
-    ``disabled_optimizers`` (None: :data:`QDQ_DISABLED_OPTIMIZERS` for a
-    QDQ graph, :func:`has_qdq`, none for a float one), and
+    ``disabled_optimizers`` (None: :func:`disabled_optimizers_for` the
+    graph), and
     :data:`ORT_SESSION_CONFIG`; ``profile_prefix``: onnxruntime's profiler
     on, its trace written to ``{prefix}_<date>.json`` at
     ``session.end_profiling()`` (:func:`kernel_times`)."""
     import onnxruntime as ort
     if disabled_optimizers is None:
-        disabled_optimizers = QDQ_DISABLED_OPTIMIZERS if has_qdq(path) \
-            else ()
+        disabled_optimizers = disabled_optimizers_for(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = \

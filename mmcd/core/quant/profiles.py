@@ -69,7 +69,10 @@ class DeployProfile:
     ``conv_as_integer_matmul`` (export
     quantized convolutions as im2col + an integer matrix product, the form
     the runtime has a fast kernel for, :class:`~mmcd.core.quant.qdq.
-    QDQConv2d`; False: ``DequantizeLinear`` -> ``Conv``)."""
+    QDQConv2d`; False: ``DequantizeLinear`` -> ``Conv``),
+    ``bias_in_integer_kernel`` (export an 8-bit Linear's or integer-matmul
+    convolution's product in the form the runtime folds the bias into its
+    integer kernel from, ``mmcd.deploy.integer_bias``)."""
     name: str
     runtime: str
     symmetric: bool = False
@@ -78,6 +81,7 @@ class DeployProfile:
     reconstruction: bool = True
     integer_target: bool = False
     conv_as_integer_matmul: bool = False
+    bias_in_integer_kernel: bool = False
 
     def apply(self, method: QuantMethod) -> QuantMethod:
         """``method`` under this profile (itself when nothing changes)."""
@@ -136,11 +140,13 @@ def _first(names: Sequence[str], count: int = 3) -> str:
 DEPLOY_PROFILES = Registry('deployment profile')
 #: the profile of a model quantized without one: the method as published
 DEFAULT_PROFILE = 'onnxruntime'
-DEPLOY_PROFILES.register(DeployProfile(DEFAULT_PROFILE, 'onnxruntime',
-                                      conv_as_integer_matmul=True))
+DEPLOY_PROFILES.register(DeployProfile(
+    DEFAULT_PROFILE, 'onnxruntime', conv_as_integer_matmul=True,
+    bias_in_integer_kernel=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'onnxruntime-integer', 'onnxruntime', softmax='uniform',
-    reconstruction=False, integer_target=True, conv_as_integer_matmul=True))
+    reconstruction=False, integer_target=True, conv_as_integer_matmul=True,
+    bias_in_integer_kernel=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform', bits=(8, ),
     reconstruction=False))

@@ -204,6 +204,10 @@ class IntegerWeightMixin:
 
     #: the axis of the output channels in the stored integers
     channel_axis = 0
+    #: whether the export writes the product in the form onnxruntime folds
+    #: the bias into its integer kernel from (the profile's
+    #: ``bias_in_integer_kernel``; ``mmcd.deploy.integer_bias``)
+    bias_in_kernel = False
 
     def _stored(self, integers: torch.Tensor) -> torch.Tensor:
         """The layout the integers are stored in (the layer's weight's)."""
@@ -415,8 +419,9 @@ def to_qdq(model: nn.Module,
     if any(getattr(q, 'trainable', False) for q in quantizers.values()):
         raise ValueError('QAT models are not exported here; export a PTQ '
                          'model (quantize_model + calibrate)')
-    conv_as_matmul = DEPLOY_PROFILES.get(profile).conv_as_integer_matmul
-    fold_shift = DEPLOY_PROFILES.get(profile).integer_target
+    deploy = DEPLOY_PROFILES.get(profile)
+    conv_as_matmul = deploy.conv_as_integer_matmul
+    fold_shift = deploy.integer_target
     report = dict(qdq=[], integer_weights=[], float_formula=[],
                   fractional_zero=[], float=[])
     for name, module in list(model.named_modules()):
@@ -424,6 +429,7 @@ def to_qdq(model: nn.Module,
             qdq = QDQLinear(module, fold_shift) \
                 if isinstance(module, QuantLinear) \
                 else QDQConv2d(module, conv_as_matmul)
+            qdq.bias_in_kernel = deploy.bias_in_integer_kernel
             _set_module(model, name, qdq)
             report['integer_weights'].append(name)
     for name, module in list(model.named_modules()):
