@@ -221,19 +221,20 @@ def batch_chunks(batch: Dict, size: Optional[int]) -> List[Dict]:
             for i in range(0, total, size)]
 
 
-def chunked_runs(model_batches: List[Dict]) -> List[Callable]:
-    """One run per batch: ``run(m)`` is ``m.test_step(batch)``."""
-    return [lambda m, b=b: m.test_step(b) for b in model_batches]
-
-
-def _task_losses(float_model, quant_cfg: QuantConfig, chunks: List[Dict],
-                 names: List[str]):
-    """The RPN objective of each chunk when the reconstruction's loss
-    weights one of ``names``, else None."""
-    if not needs_task_loss(quant_cfg.reconstruction_config(), names):
-        return None
-    return [rpn_objective(float_model, calibration_images(float_model, b))
-            for b in chunks]
+def _chunked(float_model, quant_cfg: QuantConfig, batch: Dict,
+             names: List[str]):
+    """``(runs, task losses)`` over the chunks of ``batch`` (the
+    reconstruction's ``chunk_images``): ``run(m)`` is ``m.test_step`` of
+    one chunk; the RPN objective of each chunk when the reconstruction's
+    loss weights one of ``names``, else None."""
+    cfg = quant_cfg.reconstruction_config()
+    chunks = batch_chunks(batch, cfg.chunk_images)
+    runs = [lambda m, b=b: m.test_step(b) for b in chunks]
+    if not needs_task_loss(cfg, names):
+        return runs, None
+    return runs, [rpn_objective(float_model,
+                                calibration_images(float_model, b))
+                  for b in chunks]
 
 
 def _memory(cfg) -> str:
@@ -278,10 +279,9 @@ def reconstruct_mlps_on(quant_model, float_model, quant_cfg: QuantConfig,
     progress = _eta_logger(
         'MLP', len(names), lambda s: f'loss {s["loss_first"]:.4g} -> '
         f'{s["loss_last"]:.4g}, fc2 input bound {s["bound"]:.4g}')
-    chunks = batch_chunks(batch, cfg.chunk_images)
-    return reconstruct_mlps(
-        quant_model, float_model, chunked_runs(chunks), cfg,
-        _task_losses(float_model, quant_cfg, chunks, names), progress)
+    runs, task_losses = _chunked(float_model, quant_cfg, batch, names)
+    return reconstruct_mlps(quant_model, float_model, runs, cfg, task_losses,
+                            progress)
 
 
 def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
@@ -305,10 +305,9 @@ def reconstruct_on(quant_model, float_model, quant_cfg: QuantConfig,
         'block', len(units), lambda s: f'output error '
         f'{s["loss_before"]:.4g} -> {s["loss_after"]:.4g}, '
         f'{100 * s["rounded_up"]:.1f}% of weights rounded up', after_unit)
-    chunks = batch_chunks(batch, cfg.chunk_images)
-    return reconstruct(quant_model, float_model, chunked_runs(chunks), units,
-                       cfg, progress,
-                       _task_losses(float_model, quant_cfg, chunks, units))
+    runs, task_losses = _chunked(float_model, quant_cfg, batch, units)
+    return reconstruct(quant_model, float_model, runs, units, cfg, progress,
+                       task_losses)
 
 
 def evaluate_with_features(model, extract_feat: Callable, loop,

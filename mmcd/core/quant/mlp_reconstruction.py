@@ -179,15 +179,12 @@ def reconstruct_mlps(model: nn.Module, float_model: nn.Module, run,
     stats = {}
     for k, name in enumerate(names):
         spec = specs[name]
-        data = record_unit(name, float_model, runs, cfg, task_losses)
-        try:
+        with record_unit(name, float_model, runs, cfg, task_losses) as data:
             bound = fc2_input_bound(float_model.get_submodule(name), spec,
                                     data, cfg.mlp_quantile)
             with torch.enable_grad():
                 stats[name] = reconstruct_mlp(
                     name, model.get_submodule(name), spec, data, bound, cfg)
-        finally:
-            data.release()
         if progress is not None:
             progress(k, name, stats[name])
     return stats

@@ -494,12 +494,10 @@ def reconstruct(model: nn.Module, float_model: nn.Module, run,
     task_losses = None if task_loss is None else as_runs(task_loss)
     stats = {}
     for k, name in enumerate(units):
-        data = record_unit(name, float_model, runs, cfg, task_losses, model)
-        try:
+        with record_unit(name, float_model, runs, cfg, task_losses,
+                         model) as data:
             stats[name] = reconstruct_unit(name, model.get_submodule(name),
                                            data, cfg)
-        finally:
-            data.release()
         if progress is not None:
             progress(k, name, stats[name])
     return stats

@@ -104,6 +104,12 @@ class UnitData:
             i -= size
         raise IndexError(f'image {i} of {self.size}')
 
+    def __enter__(self) -> 'UnitData':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def release(self) -> None:
         """Drop the data and delete the cache files."""
         self.chunks.clear()
