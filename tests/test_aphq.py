@@ -226,7 +226,13 @@ def test_methods_by_name_and_options_override_the_methods_own():
     qdrop, aphq = get_method('qdrop'), get_method('aphq-vit')
     assert qdrop.reconstruction == ReconstructionConfig()
     assert (qdrop.softmax, qdrop.reparameterize) == ('uniform', False)
-    assert (aphq.softmax, aphq.reparameterize) == ('uniform', True)
+    assert (aphq.softmax, aphq.reparameterize) == ('aphq-grid', True)
+    assert (aphq.act_search, aphq.weight_search, aphq.conv_act_search,
+            aphq.conv_weight_search) == ('aphq-act-grid', 'aphq-grid',
+                                         'aphq-conv-act-grid',
+                                         'aphq-conv-grid')
+    assert (aphq.calibration_inputs, aphq.search_after_reparam) == (
+        'float', True)
     assert (aphq.reconstruction.loss, aphq.reconstruction.mlp,
             aphq.reconstruction.input_prob,
             aphq.reconstruction.drop_prob) == ('aph', True, 0.5, 0.5)

@@ -634,9 +634,6 @@ def test_export_tool_errors(tmp_path):
     assert_one_line_error(code, out, "profile 'tensorrt' (TensorRT INT8) "
                           'runs 8-bit integers only, not the 4-bit of '
                           'a_bits=4, w_bits=4: choose w8a8')
-    code, out = run_here(tool, TOY_CONFIG, str(ckpt), '--quant', 'w8a8',
-                         '--profile', 'tensorrt', '--method', 'qdrop')
-    assert_one_line_error(code, out, 'cannot run a reconstructed model')
 
 
 def test_kernel_times_of_a_profiler_trace(tmp_path):

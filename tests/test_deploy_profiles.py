@@ -88,14 +88,6 @@ def test_refusals():
     with pytest.raises(ConfigError, match=r"runs 8-bit integers only, not "
                        r"the 4-bit of a_bits=4, w_bits=4: choose w8a8"):
         QuantConfig(4, 4, profile='tensorrt')
-    for profile in ('tensorrt', 'onnxruntime-integer'):
-        with pytest.raises(ConfigError, match='cannot run a reconstructed '
-                           'model: learned activation steps move the zero '
-                           'point off the integers'):
-            QuantConfig(8, 8, 'qdrop', profile=profile)
-    with pytest.raises(ConfigError, match='cannot run a reconstructed model'):
-        QuantConfig(8, 8, 'repq-vit', profile='tensorrt',
-                    reconstruction=dict(iters=10))
     with pytest.raises(ValueError, match='unknown deployment profile '
                        "'trt'; registered: onnxruntime, onnxruntime-integer, "
                        'tensorrt'):

@@ -11,10 +11,11 @@ from torch import nn
 
 from mmcd.core.quant import (QuantConfig, UniformQuantizer, calibrate,
                              quantize_model)
+from mmcd.core.quant.learned_step import LearnedStepQuantizer
 from mmcd.core.quant.qdq import to_qdq
 from mmcd.core.quant.reconstruction import (AdaRoundQuantizer,
-                                            ReconstructionConfig, _lsq_from,
-                                            _mix, _to_uniform, reconstruct,
+                                            ReconstructionConfig,
+                                            _mix, reconstruct,
                                             reconstruction_units)
 from mmcd.core.quant.reconstruction_losses import lp_channel_loss
 
@@ -94,8 +95,37 @@ def test_learned_step_round_trip_is_exact():
     q.set_state('calib')
     q(x)
     q.zero_point = q.zero_point + 0.37  # a fractional zero point (RepQ-ViT)
-    back = _to_uniform(_lsq_from(q), q)
+    back = LearnedStepQuantizer(q).as_uniform()
     torch.testing.assert_close(back(x), q(x))
+
+
+@pytest.mark.parametrize('zero', [0., 5., 8.])
+def test_learned_step_equals_pytorchs_learnable_fake_quant(zero):
+    """Output and gradients against PyTorch's learnable per-tensor fake
+    quantization with the zero point not learned (what QDrop's
+    LSQFakeQuantize calls, with its grad factor 1 / sqrt(N L)); the zero
+    point stays fixed, the step is kept positive."""
+    q = UniformQuantizer(4, None, 'minmax')
+    q.set_params(torch.tensor(0.37), torch.tensor(zero))
+    stepped = LearnedStepQuantizer(q)
+    x = (torch.randn(500, dtype=torch.float64) * 3).requires_grad_()
+    out = stepped(x.float())
+    weights = torch.linspace(-1, 2, 500)
+    (out * weights).sum().backward()
+    ref_x = x.detach().float().requires_grad_()
+    ref_scale = torch.tensor([0.37], requires_grad=True)
+    ref = torch._fake_quantize_learnable_per_tensor_affine(
+        ref_x, ref_scale, torch.tensor([zero]), 0, 15,
+        1 / math.sqrt(500 * 15))
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad.float(), ref_x.grad)
+    torch.testing.assert_close(stepped.step.grad.reshape(1), ref_scale.grad)
+    assert float(stepped.zero_point) == zero
+    with torch.no_grad():
+        stepped.step.fill_(-0.5)
+    stepped(x.float())
+    assert float(stepped.step.detach()) == 0.5
 
 
 class Block(nn.Module):
@@ -135,7 +165,14 @@ def test_reconstruction_lowers_every_units_error_and_exports_bit_exact():
     error_before = float((quantized(x) - net(x)).square().mean())
     cfg = ReconstructionConfig(iters=300, batch_size=16, weight_lr=1e-2,
                                act_lr=1e-3)
+    calibrated = {n: (float(q.scale), float(q.zero_point))
+                  for n, q in quantized.named_modules()
+                  if n.startswith('blocks.') and n.endswith('input_quantizer')}
     stats = reconstruct(quantized, net, lambda m: m(x), units, cfg)
+    for n, (scale, zero) in calibrated.items():  # steps learned, zeros kept
+        q = quantized.get_submodule(n)
+        assert isinstance(q, UniformQuantizer) and q.state == 'quant'
+        assert float(q.zero_point) == zero and float(q.scale) != scale, n
     for name in units:
         assert stats[name]['loss_after'] < stats[name]['loss_before'], stats
         assert 0 < stats[name]['rounded_up'] < 1
@@ -150,6 +187,36 @@ def test_reconstruction_lowers_every_units_error_and_exports_bit_exact():
     expected = quantized(x)
     to_qdq(quantized)
     assert torch.equal(quantized(x), expected)  # the rounding, as integers
+
+
+@pytest.mark.parametrize('profile', ['tensorrt', 'onnxruntime-integer'])
+def test_reconstruction_keeps_a_profiles_integer_grids(profile):
+    """Learned steps keep the calibrated zero points: under TensorRT's
+    profile every exported activation grid is signed with zero point 0,
+    under the integer onnxruntime profile every zero point an integer, and
+    no quantizer needs the fractional-zero float formula."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(64, 10, 8)
+    cfg = QuantConfig(8, 8, 'qdrop', profile=profile,
+                      reconstruction=dict(iters=30, batch_size=16,
+                                          act_lr=1e-2))
+    quantized = quantize_model(copy.deepcopy(net), cfg)
+    calibrate(quantized, cfg, lambda: quantized(x))
+    before = {n: float(q.scale) for n, q in quantized.named_modules()
+              if n.startswith('blocks.') and n.endswith('input_quantizer')}
+    reconstruct(quantized, net, lambda m: m(x), ['blocks.0', 'blocks.1'],
+                cfg.reconstruction_config())
+    assert any(float(quantized.get_submodule(n).scale) != s
+               for n, s in before.items())  # the steps moved
+    report = to_qdq(quantized, profile)
+    assert report['fractional_zero'] == [] and report['qdq']
+    for name in report['qdq']:
+        qdq = quantized.get_submodule(name)
+        if profile == 'tensorrt':
+            assert qdq.signed and torch.all(qdq.zero_point == 0), name
+        else:
+            assert torch.equal(qdq.zero_point, qdq.zero_point.round()), name
 
 
 def test_bad_reconstruction_options_and_a_nan_loss():

@@ -3,7 +3,8 @@ full run, the recorded inputs' size, and the process's peak memory.
 
 For the toy Swin Mask R-CNN and Mask R-CNN Swin-T at 512x768, built from the
 configs (random weights and images: the cost does not depend on them), the
-model is calibrated (W4A4 repq-vit) on ``--images`` images and every
+model is calibrated (W4A4, ``--method``; its time printed) on ``--images``
+images and every
 reconstruction unit (patch embedding, blocks, patch merging, neck) runs
 ``--iters`` iterations at ``--batch-size``; printed per unit: seconds per
 iteration, the projection to ``--project`` iterations (the papers: 20000),
@@ -102,8 +103,11 @@ def main():
                   'sensitivity weights included (a one-off per MLP: '
                   f'{seconds / args.iters / len(mlps):.3f} s per step and '
                   'MLP is an upper bound, tight only for many steps)')
+        start = time.perf_counter()
         with torch.no_grad():
             calibrate(qmodel, qcfg, lambda: qmodel.predict(images, samples))
+        print(f'{name}: calibration ({args.method}) on {args.images} '
+              f'images: {time.perf_counter() - start:.1f} s')
         units = reconstruction_units(qmodel, reconstruction_patterns())
         print(f'{name}: {len(units)} units')
         total = 0.0

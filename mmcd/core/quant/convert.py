@@ -11,11 +11,13 @@ Methods (methods.py): ``minmax`` (min-max ranges, uniform post-softmax),
 ``repq-vit`` (RepQ-ViT: LayerNorm scale reparameterization with its mean
 target, quantile/MSE search for activations and weights, log-sqrt2
 post-softmax with a calibrated scale) and ``dopq-vit`` (the same with TanQ,
-our formulation, post-softmax). Calibration follows RepQ-ViT's code: one pass
-over the calibration images, as one batch, with quantization on, each
-quantizer calibrating on the first tensor it sees (quantizers.py); the
-post-LayerNorm inputs are quantized per channel in that pass and
-reparameterized after it. Pure PyTorch.
+our formulation, post-softmax), ``qdrop`` and ``aphq-vit``. Calibration
+follows RepQ-ViT's code: one pass over the calibration images, as one batch,
+with quantization on, each quantizer calibrating on the first tensor it sees
+(quantizers.py); the post-LayerNorm inputs are quantized per channel in that
+pass and reparameterized after it. ``aphq-vit`` runs that pass in float and
+a second one for the reparameterized inputs, as APHQ-ViT's code
+(:func:`calibrate`). Pure PyTorch.
 """
 import re
 from dataclasses import dataclass, field, replace
@@ -134,10 +136,8 @@ class QuantConfig:
         if self.scope not in ('all', 'backbone'):
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
-        profile = self.deploy_profile
-        profile.check_reconstruction(self.reconstruction_config() is not None)
         if not self.layer_bits:  # else: per layer, at conversion
-            profile.check_bits({f'w_bits={self.w_bits}': [self.w_bits],
+            self.deploy_profile.check_bits({f'w_bits={self.w_bits}': [self.w_bits],
                                 f'a_bits={self.a_bits}': [self.a_bits]})
 
     @property
@@ -287,9 +287,6 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if fake_quantizers(model):
         raise ValueError('model is already quantized; quantize a float copy')
     method = cfg.resolved_method
-    recon = cfg.reconstruction_config()
-    if recon is not None and recon.mlp:
-        use_relu(model)  # MLP reconstruction's ReLU
     matched = set()  # the layer_bits rules that picked some layer
 
     def bits_of(name):
@@ -320,6 +317,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     convert_children(model, '', plan)
     cfg.deploy_profile.check_bits(planned)
     convert_children(model, '', replace_by_twin)
+    recon = cfg.reconstruction_config()
+    if recon is not None and recon.mlp:
+        use_relu(model)  # MLP reconstruction's ReLU
     for name, module in model.named_modules():
         kind = type(module).__name__
         if not name or not ATTENTION_NAME.search(kind):
@@ -393,18 +393,26 @@ def _weight_layers(model: nn.Module) -> List[nn.Module]:
 def calibrate(model: nn.Module, cfg: QuantConfig,
               run_calibration: Callable[[], None]) -> dict:
     """Calibrate a model converted by :func:`quantize_model` and switch it
-    to quantized inference, as RepQ-ViT's code does.
+    to quantized inference, as RepQ-ViT's code does (APHQ-ViT's where the
+    method says so).
 
     1. Weights are quantized (their own range search).
     2. ``run_calibration`` runs the model (eval mode) **once** on the
        calibration images, as one batch: every activation quantizer
        calibrates on the first tensor it sees and quantizes from then on,
        so each layer sees the inputs of the already-quantized layers before
-       it. For a reparameterized method the post-LayerNorm inputs are
-       quantized per channel in this pass.
+       it; a method with ``calibration_inputs='float'`` runs this pass in
+       float (weights and activations), so each layer is calibrated on the
+       float model's inputs (APHQ-ViT's calibrator, which sets every
+       calibrated layer back to float before the next). For a
+       reparameterized method the post-LayerNorm inputs are quantized per
+       channel in this pass (with the method's activation search).
     3. Reparameterization (methods with a target): per-channel grids ->
        target, folded into LayerNorm and Linear, target kept; the Linear's
-       weight is quantized again.
+       weight is quantized again. With ``search_after_reparam`` a second
+       pass (of the same kind) searches those inputs again, per tensor, on
+       the reparameterized values instead of keeping the target
+       (APHQ-ViT).
 
     A quantizer the pass never reached stays in float; their names are in
     the summary (``unreached``), which the caller should report. Returns
@@ -424,26 +432,24 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
                 continue
             own = linear.input_quantizer
             linear.input_quantizer = UniformQuantizer(
-                own.bits, -1, 'quantile', keep_zero=True,
+                own.bits, -1, method.act_search, keep_zero=True,
                 symmetric=own.symmetric)
             linear.input_quantizer.layer_name = own.layer_name
             per_channel.append((modules[norm_name], linear, own))
     act_quantizers = activation_quantizers(model)
-    for q in act_quantizers:
-        q.set_state('calib')
     try:
-        run_calibration()
+        _calibration_pass(model, layers, act_quantizers, run_calibration,
+                          method.calibration_inputs == 'float')
     except BaseException:
         for _, linear, own in per_channel:
             linear.input_quantizer = own
-        set_quant_state(model, 'fp')
         raise
     unreached = []
     for q in act_quantizers:
         if q.state == 'calib':
             unreached.append(q.layer_name)
             q.state = 'fp'
-    reparameterized = 0
+    searched_again = []
     for norm, linear, own in per_channel:
         grid, linear.input_quantizer = linear.input_quantizer, own
         if grid.calibrated:  # else: unreached, left in float
@@ -451,7 +457,42 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
             reparameterize(norm, linear, *params, target=target_params(
                 *params, integer=method.integer_target))
             linear.finalize_weight()
-            reparameterized += 1
+            searched_again.append(own)
+    if method.search_after_reparam and searched_again:
+        _calibration_pass(model, layers, searched_again, run_calibration,
+                          method.calibration_inputs == 'float')
+        for q in searched_again:  # unreached now: the target stays
+            q.state = 'quant'
     return dict(method=method.name, layers=len(layers),
-                reparameterized=reparameterized,
+                reparameterized=len(searched_again),
                 act_quantizers=len(act_quantizers), unreached=unreached)
+
+
+def _calibration_pass(model: nn.Module, layers: List[nn.Module],
+                      quantizers: List[FakeQuantizer],
+                      run_calibration: Callable[[], None],
+                      float_inputs: bool) -> None:
+    """``run_calibration`` with ``quantizers`` calibrating on the first
+    tensor each sees; ``float_inputs``: every quantizer of the model passes
+    floats through during the run, the weights included (each layer then
+    sees the float model's inputs). On an error the model is left in
+    float."""
+    for q in quantizers:
+        q.set_state('calib')
+    everything = fake_quantizers(model) if float_inputs else []
+    weights = [layer.weight_quantizer for layer in layers] \
+        if float_inputs else []
+    for q in everything:
+        q.passes_float = True
+    for q in weights:
+        q.state = 'fp'
+    try:
+        run_calibration()
+    except BaseException:
+        set_quant_state(model, 'fp')
+        raise
+    finally:
+        for q in everything:
+            q.passes_float = False
+    for q in weights:
+        q.state = 'quant'

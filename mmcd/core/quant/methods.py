@@ -14,18 +14,21 @@ name          activations   weights       post-softmax reparam.  reconstr.
 ``repq-vit``  quantile MSE  quantile MSE  log-sqrt2    RepQ-ViT  none
 ``dopq-vit``  quantile MSE  quantile MSE  TanQ         RepQ-ViT  none
 ``qdrop``     quantile MSE  quantile MSE  uniform      none      QDrop
-``aphq-vit``  quantile MSE  quantile MSE  uniform      RepQ-ViT  APH + MLP
+``aphq-vit``  APHQ grid     APHQ grid     APHQ grid    RepQ-ViT  APH + MLP
 ============  ============  ============  ===========  ========  ==========
 
 ``qdrop`` is the QDrop row of APHQ-ViT's tables: uniform quantizers
 calibrated, then block reconstruction (AdaRound, learned activation steps,
 QDrop's dropping; reconstruction.py). ``aphq-vit`` is APHQ-ViT's detection
 recipe: MLP reconstruction (GELU -> ReLU in the Transformer MLPs,
-mlp_reconstruction.py), RepQ-ViT's reparameterization with uniform
-quantizers (its post-softmax too), then block reconstruction with the APH
-loss (reconstruction_losses.py); its public code quantizes the attention
-matmuls' operands per head and searches ranges its own way, mmcd per
-tensor with its quantile search (docs/en/quantization.md). Any method takes
+mlp_reconstruction.py), then its calibration: every layer on the float
+model's inputs, its grid searches (aphq_searches.py, the Conv2d grid for
+convolutions, the post-softmax quantizer uniform with the same grid),
+RepQ-ViT's reparameterization followed by a new search of the
+reparameterized inputs; then block reconstruction with the APH loss
+(reconstruction_losses.py). Its public code quantizes the attention
+matmuls' operands per head, searched on the product's error; mmcd per
+tensor with the grid (docs/en/quantization.md). Any method takes
 reconstruction options (``QuantConfig.reconstruction``), which override the
 method's. (quantizers.py and reparam.py give the formulas and sources;
 reparam.py why DopQ-ViT's MOSF is not a separate target.) Pure PyTorch.
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from ..registry import Registry
+from . import aphq_searches  # noqa: F401 (registers APHQ-ViT's searches)
 from .reconstruction import ReconstructionConfig
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
@@ -42,8 +46,13 @@ from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
 POST_SOFTMAX_QUANTIZERS = Registry('post-softmax quantizer')
 POST_SOFTMAX_QUANTIZERS.register(
     lambda bits: UniformQuantizer(bits, None, 'minmax'), name='uniform')
+POST_SOFTMAX_QUANTIZERS.register(
+    lambda bits: UniformQuantizer(bits, None, 'aphq-act-grid'),
+    name='aphq-grid')
 POST_SOFTMAX_QUANTIZERS.register(LogSqrt2Quantizer, name='log-sqrt2')
 POST_SOFTMAX_QUANTIZERS.register(TanQuantizer, name='tanq')
+#: what the layers of a calibration pass see (QuantMethod)
+CALIBRATION_INPUTS = ('quantized', 'float')
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,13 @@ class QuantMethod:
     profile sets it: profiles.py), which needs a uniform post-softmax
     quantizer; ``integer_target``: the reparameterization's target zero
     point rounded to an integer (a deployment profile sets it: reparam.py
-    says what it changes)."""
+    says what it changes); ``conv_act_search`` / ``conv_weight_search``:
+    the searches of Conv2d layers when they differ (None: the Linear
+    ones); ``calibration_inputs``: ``'quantized'``, each layer calibrated
+    on the inputs of the already-quantized layers before it (RepQ-ViT), or
+    ``'float'``, on the float model's (APHQ-ViT); ``search_after_reparam``:
+    the reparameterized inputs get a new search (APHQ-ViT) instead of the
+    target grid (RepQ-ViT)."""
     name: str
     act_search: str
     weight_search: str
@@ -67,12 +82,21 @@ class QuantMethod:
     reconstruction: Optional[ReconstructionConfig] = None
     symmetric: bool = False
     integer_target: bool = False
+    conv_act_search: Optional[str] = None
+    conv_weight_search: Optional[str] = None
+    calibration_inputs: str = 'quantized'
+    search_after_reparam: bool = False
 
     def __post_init__(self):
         for field_name, registry in (
                 ('act_search', RANGE_SEARCHES),
                 ('weight_search', RANGE_SEARCHES),
+                ('conv_act_search', RANGE_SEARCHES),
+                ('conv_weight_search', RANGE_SEARCHES),
                 ('softmax', POST_SOFTMAX_QUANTIZERS)):
+            if getattr(self, field_name) is None and \
+                    field_name.startswith('conv_'):
+                continue
             try:
                 registry.get(getattr(self, field_name))
             except ValueError as err:
@@ -83,7 +107,12 @@ class QuantMethod:
             raise ValueError(f'{self.name}: reconstruction must be a '
                              'ReconstructionConfig or None, got '
                              f'{self.reconstruction!r}')
-        for flag in ('reparameterize', 'symmetric', 'integer_target'):
+        if self.calibration_inputs not in CALIBRATION_INPUTS:
+            raise ValueError(
+                f'{self.name}: calibration_inputs must be one of '
+                f'{CALIBRATION_INPUTS}, got {self.calibration_inputs!r}')
+        for flag in ('reparameterize', 'symmetric', 'integer_target',
+                     'search_after_reparam'):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f'{self.name}: {flag} must be True or '
                                  f'False, got {getattr(self, flag)!r}')
@@ -93,13 +122,17 @@ class QuantMethod:
                 f'{self.name}: symmetric grids need a uniform post-softmax '
                 f'quantizer, {self.softmax!r} is not one')
 
-    def act_quantizer(self, bits: int) -> UniformQuantizer:
-        return UniformQuantizer(bits, None, self.act_search,
-                                symmetric=self.symmetric)
+    def act_quantizer(self, bits: int, conv: bool = False
+                      ) -> UniformQuantizer:
+        """The input quantizer of a Linear (or of a Conv2d: ``conv``) and
+        of the attention matmuls."""
+        search = conv and self.conv_act_search or self.act_search
+        return UniformQuantizer(bits, None, search, symmetric=self.symmetric)
 
-    def weight_quantizer(self, bits: int) -> UniformQuantizer:
-        return UniformQuantizer(bits, 0, self.weight_search,
-                                symmetric=self.symmetric)
+    def weight_quantizer(self, bits: int, conv: bool = False
+                         ) -> UniformQuantizer:
+        search = conv and self.conv_weight_search or self.weight_search
+        return UniformQuantizer(bits, 0, search, symmetric=self.symmetric)
 
     def softmax_quantizer(self, bits: int) -> FakeQuantizer:
         quantizer = POST_SOFTMAX_QUANTIZERS.get(self.softmax)(bits)
@@ -129,6 +162,9 @@ QUANT_METHODS.register(QuantMethod(
     'qdrop', 'quantile', 'quantile', 'uniform',
     reconstruction=ReconstructionConfig()))
 QUANT_METHODS.register(QuantMethod(
-    'aphq-vit', 'quantile', 'quantile', 'uniform', reparameterize=True,
+    'aphq-vit', 'aphq-act-grid', 'aphq-grid', 'aphq-grid',
+    reparameterize=True, conv_act_search='aphq-conv-act-grid',
+    conv_weight_search='aphq-conv-grid', calibration_inputs='float',
+    search_after_reparam=True, integer_target=True,
     reconstruction=ReconstructionConfig(loss='aph', input_prob=0.5,
                                         mlp=True)))

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..architectures import MlpUnit, mlp_units
+from .quantizers import UniformQuantizer
 from .reconstruction import ReconstructionConfig, record_unit
 from .reconstruction_losses import flat_tensors
 from .unit_data import UnitData, as_runs
@@ -60,7 +61,9 @@ def find_mlps(model: nn.Module) -> List[Tuple[str, MlpUnit]]:
 
 def use_relu(model: nn.Module) -> List[str]:
     """Replace the activation of every MLP of ``model`` by ``nn.ReLU``
-    (idempotent); returns the MLPs' names. None found is an error."""
+    (idempotent) and mark ``fc2``'s input quantizer, if converted, as
+    following a ReLU (APHQ-ViT's search fixes its zero point at 0:
+    aphq_searches.py); returns the MLPs' names. None found is an error."""
     mlps = find_mlps(model)
     if not mlps:
         raise ValueError(
@@ -75,6 +78,10 @@ def use_relu(model: nn.Module) -> List[str]:
             raise ValueError(f'MLP reconstruction: {name} has no activation '
                              f'{spec.act!r}') from None
         setattr(parent, attr, nn.ReLU())
+        fc2 = model.get_submodule(f'{name}.{spec.fc2}')
+        if isinstance(getattr(fc2, 'input_quantizer', None),
+                      UniformQuantizer):
+            fc2.input_quantizer.input_follows_relu = True
     return [name for name, _ in mlps]
 
 

@@ -42,11 +42,13 @@ class QuantizedModule:
 
 class QuantWeightMixin(QuantizedModule):
     """Weight and input quantizers around a float layer's forward."""
+    #: whether the method's Conv2d searches apply (QuantMethod)
+    is_conv = False
 
     def _init_quant(self, w_bits: int, a_bits: int, method):
         method = get_method(method)
-        self.weight_quantizer = method.weight_quantizer(w_bits)
-        self.input_quantizer = method.act_quantizer(a_bits)
+        self.weight_quantizer = method.weight_quantizer(w_bits, self.is_conv)
+        self.input_quantizer = method.act_quantizer(a_bits, self.is_conv)
         self.register_buffer('quant_weight', None, persistent=False)
 
     @classmethod
@@ -117,6 +119,7 @@ class QuantLinear(QuantWeightMixin, nn.Linear):
 
 
 class QuantConv2d(QuantWeightMixin, nn.Conv2d):
+    is_conv = True
 
     def forward(self, x):
         return self._conv_forward(self.input_quantizer(x),

@@ -6,16 +6,15 @@ A :class:`DeployProfile` is one registered instance
 (``DEPLOY_PROFILES.register(DeployProfile(...))``); ``QuantConfig(profile=
 NAME)`` applies it to the method (:meth:`DeployProfile.apply`) and refuses
 what the runtime cannot run before anything is converted
-(:meth:`DeployProfile.check_bits`,
-:meth:`~DeployProfile.check_reconstruction`). Built in:
+(:meth:`DeployProfile.check_bits`). Built in:
 
-=======================  ========  ============  ============  ====  ======
-name                     integers  zero point    post-softmax  bits  recon.
-=======================  ========  ============  ============  ====  ======
-``onnxruntime``          unsigned  the method's  the method's  2..8  yes
-``onnxruntime-integer``  unsigned  integer       uniform       2..8  no
-``tensorrt``             signed    0             uniform       8     no
-=======================  ========  ============  ============  ====  ======
+=======================  ========  ============  ============  ====
+name                     integers  zero point    post-softmax  bits
+=======================  ========  ============  ============  ====
+``onnxruntime``          unsigned  the method's  the method's  2..8
+``onnxruntime-integer``  unsigned  integer       uniform       2..8
+``tensorrt``             signed    0             uniform       8
+=======================  ========  ============  ============  ====
 
 ``onnxruntime`` is the method as published: RepQ-ViT's fractional target
 zero point and the log-sqrt2 / TanQ post-softmax quantizers have no
@@ -25,9 +24,9 @@ neck 1.9x slower than float, docs/en/deployment.md).
 ``onnxruntime-integer`` gives every quantizer an integer form: the
 reparameterization's target zero point rounded (reparam.py: each channel's
 codes are then exactly its per-channel quantizer's) and a uniform
-post-softmax quantizer. Reconstruction is refused there as under
-``tensorrt``: its learned activation steps (LSQ+) keep the offset fixed,
-so the zero point ``-offset / step`` leaves the integers as the step moves.
+post-softmax quantizer. Reconstruction keeps every profile's grids: its
+learned activation steps keep the calibrated zero point
+(learned_step.py), its rounded weights are integer codes.
 
 ``tensorrt`` is TensorRT's explicit quantization (its developer guide,
 "Working with Quantized Types"): INT8 ``QuantizeLinear`` /
@@ -44,8 +43,6 @@ What changes against the method as published, and why:
 * RepQ-ViT's reparameterization keeps its scale half only: every
   per-channel zero point is ``2^(b-1)``, so the target's is too and the
   shift ``t`` is 0 (reparam.py);
-* reconstruction is refused: its learned activation steps (LSQ+) keep a
-  fixed offset, which moves the zero point off 0 as the step changes;
 * 8-bit weights and activations only (the profile's INT8).
 
 docs/en/deployment.md has the measured cost. Pure PyTorch.
@@ -56,15 +53,16 @@ from typing import Dict, Optional, Sequence, Tuple
 from ..errors import ConfigError
 from ..registry import Registry
 from .methods import QuantMethod
+from .quantizers import UniformQuantizer
 
 
 @dataclass(frozen=True)
 class DeployProfile:
     """A runtime's constraints: ``runtime`` (for messages), ``symmetric``
     (signed integers, zero point 0), ``softmax`` (a registered post-softmax
-    quantizer replacing the method's; None keeps it), ``bits`` (the widths
-    it runs; None: any of 2..8), ``reconstruction`` (whether a
-    reconstructed model satisfies it), ``integer_target`` (RepQ-ViT's
+    quantizer replacing the method's when that one is not uniform; None
+    keeps it), ``bits`` (the widths
+    it runs; None: any of 2..8), ``integer_target`` (RepQ-ViT's
     reparameterization target zero point rounded to an integer),
     ``conv_as_integer_matmul`` (export
     quantized convolutions as im2col + an integer matrix product, the form
@@ -78,7 +76,6 @@ class DeployProfile:
     symmetric: bool = False
     softmax: Optional[str] = None
     bits: Optional[Tuple[int, ...]] = None
-    reconstruction: bool = True
     integer_target: bool = False
     conv_as_integer_matmul: bool = False
     bias_in_integer_kernel: bool = False
@@ -88,7 +85,9 @@ class DeployProfile:
         changes = {}
         if self.symmetric and not method.symmetric:
             changes['symmetric'] = True
-        if self.softmax is not None and self.softmax != method.softmax:
+        if self.softmax is not None and self.softmax != method.softmax \
+                and not isinstance(method.softmax_quantizer(8),
+                                   UniformQuantizer):
             changes['softmax'] = self.softmax
         if self.integer_target and method.reparameterize and \
                 not method.integer_target:
@@ -96,15 +95,6 @@ class DeployProfile:
         if not changes:
             return method
         return replace(method, name=f'{method.name}@{self.name}', **changes)
-
-    def check_reconstruction(self, reconstructs: bool) -> None:
-        """Refuse, in one line, a reconstruction this runtime cannot run."""
-        if reconstructs and not self.reconstruction:
-            raise ConfigError(
-                f'profile {self.name!r} ({self.runtime}) cannot run a '
-                'reconstructed model: learned activation steps move the zero '
-                'point off the integers; use a calibration-only method '
-                "(repq-vit, minmax) or profile 'onnxruntime'")
 
     def check_bits(self, bits_of: Dict[str, Sequence[int]]) -> None:
         """Refuse, in one line, the bit widths this runtime has no kernel
@@ -145,8 +135,8 @@ DEPLOY_PROFILES.register(DeployProfile(
     bias_in_integer_kernel=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'onnxruntime-integer', 'onnxruntime', softmax='uniform',
-    reconstruction=False, integer_target=True, conv_as_integer_matmul=True,
+    integer_target=True, conv_as_integer_matmul=True,
     bias_in_integer_kernel=True))
 DEPLOY_PROFILES.register(DeployProfile(
-    'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform', bits=(8, ),
-    reconstruction=False))
+    'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform',
+    bits=(8, )))

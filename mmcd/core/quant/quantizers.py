@@ -243,6 +243,9 @@ class FakeQuantizer(nn.Module):
         super().__init__()
         self.bits = check_bits(bits)
         self.state = 'fp'
+        #: pass inputs through unquantized whatever the state (a calibration
+        #: on the float model's inputs sets it for its pass: convert.py)
+        self.passes_float = False
         #: the module path, for messages (set by ``quantize_model``)
         self.layer_name = type(self).__name__
 
@@ -271,7 +274,7 @@ class FakeQuantizer(nn.Module):
                                  'has NaN or inf values')
             self.calibrate(data)
             self.state = 'quant'
-        if self.state == 'quant':
+        if self.state == 'quant' and not self.passes_float:
             return self.quantize(x)
         return x
 
@@ -401,6 +404,9 @@ class UniformQuantizer(FakeQuantizer):
                  symmetric: bool = False):
         super().__init__(bits)
         self.keep_zero, self.symmetric = keep_zero, symmetric
+        #: the input is a ReLU's output (set by APHQ-ViT's MLP
+        #: reconstruction; its range search fixes the zero point at 0)
+        self.input_follows_relu = False
         RANGE_SEARCHES.get(search)  # registered?
         self.channel_axis, self.search = channel_axis, search
         self.register_buffer('scale', torch.empty(0))

@@ -22,7 +22,8 @@ in model order:
    initialised so that ``h(V)`` is the fractional part of ``W / s`` (the
    soft weight starts equal to the float one);
 3. every per-tensor uniform activation quantizer of the unit learns its
-   step (LSQ, the offset fixed), post-softmax quantizers keep theirs;
+   step, its zero point fixed (QDrop's ``LSQFakeQuantize``,
+   learned_step.py), post-softmax quantizers keep theirs;
 4. ``iters`` steps of Adam (``V``: default lr 1e-3; steps: ``act_lr``,
    cosine to 0) on ``rec + lambda sum(1 - |2 h(V) - 1|^beta)`` over random
    mini-batches of ``batch_size`` images, where ``rec`` is the registered
@@ -46,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .qat_quantizers import LsqActQuantizer
+from .learned_step import LearnedStepQuantizer
 from .quantizers import FakeQuantizer, UniformQuantizer
 from .reconstruction_losses import (RECONSTRUCTION_LOSSES, lp_channel_loss,
                                     perturbation_sensitivity)
@@ -292,33 +293,10 @@ def _activation_quantizers(unit: nn.Module):
 
 
 def _learnable(quantizer: FakeQuantizer) -> bool:
-    """A per-tensor uniform quantizer, whose step is learned (LSQ)."""
+    """A per-tensor uniform quantizer, whose step is learned
+    (learned_step.py)."""
     return isinstance(quantizer, UniformQuantizer) and \
         quantizer.channel_axis is None and not quantizer.trainable
-
-
-def _lsq_from(quantizer: UniformQuantizer) -> LsqActQuantizer:
-    """An LSQ+ quantizer computing what ``quantizer`` computes (step ``s``,
-    offset ``-z s``, the same per-channel shift), its offset frozen."""
-    lsq = LsqActQuantizer.like(quantizer)
-    lsq.layer_name = quantizer.layer_name
-    if quantizer.channel_offset.numel():
-        lsq.channel_offset = quantizer.channel_offset.clone()
-    lsq.set_params(quantizer.scale, quantizer.zero_point)
-    lsq.offset.requires_grad_(False)
-    return lsq
-
-
-def _to_uniform(lsq: LsqActQuantizer, like: UniformQuantizer):
-    """The learned LSQ+ quantizer as the :class:`UniformQuantizer` it
-    computes: ``s = step``, ``z = -offset / step``."""
-    out = UniformQuantizer(like.bits, None, like.search, like.keep_zero)
-    out.layer_name = like.layer_name
-    step = lsq.step.detach().clone()
-    out.set_params(step, -lsq.offset.detach() / step,
-                   like.channel_offset if like.channel_offset.numel()
-                   else None)
-    return out
 
 
 def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,
@@ -357,9 +335,9 @@ def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,
     learned = []
     for parent, attr, quantizer in _activation_quantizers(unit):
         if _learnable(quantizer):
-            lsq = _lsq_from(quantizer)
-            setattr(parent, attr, lsq)
-            learned.append((parent, attr, quantizer, lsq))
+            stepped = LearnedStepQuantizer(quantizer)
+            setattr(parent, attr, stepped)
+            learned.append((parent, attr, stepped))
     if not layers and not learned:
         warnings.warn(f'reconstruction: {name} has no quantized weight or '
                       'learnable step; left as calibrated')
@@ -373,7 +351,7 @@ def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,
                for *_, q in _activation_quantizers(unit)]
     w_opt = torch.optim.Adam([r.alpha for r in rounders],
                              lr=cfg.weight_lr) if rounders else None
-    a_opt = torch.optim.Adam([lsq.step for *_, lsq in learned],
+    a_opt = torch.optim.Adam([stepped.step for *_, stepped in learned],
                              lr=cfg.act_lr) if learned else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         a_opt, T_max=cfg.iters, eta_min=0.) if a_opt else None
@@ -406,8 +384,8 @@ def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,
     for rounder, layer in zip(rounders, layers):
         rounder.harden()
         layer.cache_weight()
-    for parent, attr, quantizer, lsq in learned:
-        setattr(parent, attr, _to_uniform(lsq, quantizer))
+    for parent, attr, stepped in learned:
+        setattr(parent, attr, stepped.as_uniform())
     up = sum(float(r.rounding().sum()) for r in rounders)
     total = sum(r.alpha.numel() for r in rounders)
     return dict(loss_before=before, loss_after=output_error(),

@@ -1,0 +1,104 @@
+"""The learned activation step of block reconstruction: QDrop's
+``LSQFakeQuantize`` (Wei et al., ICLR 2022; public code wimh966/QDrop,
+``quantization/fake_quant.py``, on PyTorch's learnable fake quantization),
+which APHQ-ViT's reconstruction keeps. The scale ``s`` is learned, the zero
+point ``z`` stays where calibration put it::
+
+    x^ = (clamp(round(x / s) + z, 0, L) - z) s,      L = 2^b - 1
+
+with LSQ's straight-through gradients (Esser et al., ICLR 2020)::
+
+    dx^/dx = 1 where 0 <= round(x / s) + z <= L, else 0
+    dx^/ds = round(x / s) - x / s there; -z below; L - z above
+
+``dx^/ds`` summed over the tensor and multiplied by ``g = 1 / sqrt(N L)``
+(``N`` its values). Before each use ``s`` is made ``|s|``, at least float32's
+eps (QDrop). The zero point being fixed, an integer zero point stays one (a
+symmetric grid stays symmetric), so a reconstructed model keeps the integer
+grids a runtime needs. Pure PyTorch.
+"""
+import math
+
+import torch
+from torch import nn
+
+from .quantizers import FakeQuantizer, UniformQuantizer
+
+#: the smallest learned step (QDrop: float32's eps)
+MIN_STEP = torch.finfo(torch.float32).eps
+
+
+class LearnedStepFunction(torch.autograd.Function):
+    """``x^`` of the module docstring with its straight-through gradients
+    for ``x`` and ``s`` (the zero point gets none)."""
+
+    @staticmethod
+    def forward(ctx, x, step, zero, levels: int, grad_factor: float):
+        ratio = x / step
+        codes = torch.round(ratio) + zero
+        ctx.save_for_backward(ratio, zero)
+        ctx.levels, ctx.grad_factor = levels, grad_factor
+        return (codes.clamp(0, levels) - zero) * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, zero = ctx.saved_tensors
+        rounded = torch.round(ratio)
+        codes = rounded + zero
+        below, above = codes < 0, codes > ctx.levels
+        inside = ~(below | above)
+        d_step = torch.where(inside, rounded - ratio,
+                             torch.where(below, -zero, ctx.levels - zero))
+        grad_step = (grad * d_step).sum() * ctx.grad_factor
+        return grad * inside, grad_step, None, None, None
+
+
+class LearnedStepQuantizer(FakeQuantizer):
+    """A calibrated per-tensor :class:`UniformQuantizer` whose step is
+    learned with its zero point (and its per-channel shift, if any) fixed
+    (module docstring); :meth:`as_uniform` gives back the quantizer it
+    computes."""
+    trainable = True
+
+    def __init__(self, calibrated: UniformQuantizer):
+        if calibrated.channel_axis is not None or not calibrated.calibrated:
+            raise ValueError(f'{calibrated.layer_name}: a learned step needs '
+                             'a calibrated per-tensor quantizer')
+        super().__init__(calibrated.bits)
+        self.like = [calibrated]  # a list: not a submodule
+        self.layer_name = calibrated.layer_name
+        self.levels = calibrated.levels
+        self.step = nn.Parameter(calibrated.scale.detach().clone())
+        self.register_buffer('zero_point',
+                             calibrated.zero_point.detach().clone())
+        self.register_buffer('channel_offset',
+                             calibrated.channel_offset.detach().clone())
+        self.state = 'quant'
+
+    @property
+    def calibrated(self) -> bool:
+        return True
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.step.abs_().clamp_(min=MIN_STEP)
+        offset = self.channel_offset
+        shifted = x + offset if offset.numel() else x
+        out = LearnedStepFunction.apply(
+            shifted, self.step.to(x.dtype), self.zero_point.to(x.dtype),
+            self.levels, 1 / math.sqrt(x.numel() * self.levels))
+        return out - offset if offset.numel() else out
+
+    def as_uniform(self) -> UniformQuantizer:
+        """The calibrated quantizer with the learned step as its scale."""
+        like = self.like[0]
+        out = UniformQuantizer(like.bits, None, like.search, like.keep_zero,
+                               like.symmetric)
+        out.layer_name = like.layer_name
+        out.set_params(self.step.detach().clone(), self.zero_point,
+                       self.channel_offset if self.channel_offset.numel()
+                       else None)
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ', learned step'
