@@ -449,7 +449,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
         if q.state == 'calib':
             unreached.append(q.layer_name)
             q.state = 'fp'
-    searched_again = []
+    reparameterized = []  # the Linears' own input quantizers
     for norm, linear, own in per_channel:
         grid, linear.input_quantizer = linear.input_quantizer, own
         if grid.calibrated:  # else: unreached, left in float
@@ -457,14 +457,14 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
             reparameterize(norm, linear, *params, target=target_params(
                 *params, integer=method.integer_target))
             linear.finalize_weight()
-            searched_again.append(own)
-    if method.search_after_reparam and searched_again:
-        _calibration_pass(model, layers, searched_again, run_calibration,
+            reparameterized.append(own)
+    if method.search_after_reparam and reparameterized:
+        _calibration_pass(model, layers, reparameterized, run_calibration,
                           method.calibration_inputs == 'float')
-        for q in searched_again:  # unreached now: the target stays
+        for q in reparameterized:  # unreached now: the target stays
             q.state = 'quant'
     return dict(method=method.name, layers=len(layers),
-                reparameterized=len(searched_again),
+                reparameterized=len(reparameterized),
                 act_quantizers=len(act_quantizers), unreached=unreached)
 
 
