@@ -66,8 +66,8 @@ class QuantMethod:
     grid symmetric with zero point 0 in signed integers (a deployment
     profile sets it: profiles.py), which needs a uniform post-softmax
     quantizer; ``integer_target``: the reparameterization's target zero
-    point rounded to an integer (a deployment profile sets it: reparam.py
-    says what it changes); ``conv_act_search`` / ``conv_weight_search``:
+    point rounded to an integer (APHQ-ViT's code rounds it; a deployment
+    profile sets it: reparam.py says what it changes); ``conv_act_search`` / ``conv_weight_search``:
     the searches of Conv2d layers when they differ (None: the Linear
     ones); ``calibration_inputs``: ``'quantized'``, each layer calibrated
     on the inputs of the already-quantized layers before it (RepQ-ViT), or

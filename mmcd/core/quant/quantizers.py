@@ -10,7 +10,9 @@ Every quantizer is an ``nn.Module`` with three states:
   that tensor already. As in RepQ-ViT's code, the calibration images go
   through the model once, as one batch, with quantization on: every layer
   is calibrated on the whole calibration set, with the inputs that the
-  already-quantized layers before it produce. The search scores every
+  already-quantized layers before it produce (APHQ-ViT's calibration sets
+  ``passes_float`` for its pass instead: the float model's inputs,
+  convert.py). The search scores every
   candidate on every value of that tensor (no subsample), streamed in
   cache-sized chunks (:func:`squared_errors`); its quantiles come from an
   exact partial sort (:func:`extreme_values`);
@@ -40,7 +42,9 @@ code; DopQ-ViT: Yang et al., 2024, whose equations are not public to us):
     for 11 ratios ``r in [0.5, 1]``, least MSE per channel. It measured
     slightly below the quantile search's error on weights; RepQ-ViT's
     ``'quantile'`` is the default of ``repq-vit`` and ``dopq-vit``
-    (``weight_search='clip-ratio'`` selects ours).
+    (``weight_search='clip-ratio'`` selects ours);
+  - APHQ-ViT's scale x zero-point grids (``'aphq-grid'`` and its
+    activation and Conv2d variants): aphq_searches.py.
 
 * :class:`LogSqrt2Quantizer` (RepQ-ViT) for post-softmax values:
   ``q = round(-2 log2(x / D))``, values with ``q >= 2^b`` become 0, the rest
