@@ -81,9 +81,9 @@ def main():
                                         torch.Generator().manual_seed(0))
 
         step = args.chunk_images or args.images
-        runs = [lambda m, i=i: m.predict(images[i:i + step],
-                                         samples[i:i + step])
-                for i in range(0, args.images, step)]
+        chunks = [(images[i:i + step], samples[i:i + step])
+                  for i in range(0, args.images, step)]
+        runs = [lambda m, c=c: m.predict(*c) for c in chunks]
 
         qcfg = QuantConfig(4, 4, args.method, reconstruction=dict(
             iters=args.iters, mlp_iters=args.iters,
@@ -93,8 +93,7 @@ def main():
         qmodel = quantize_model(copy.deepcopy(model), qcfg)
         objective = None
         if args.method == 'aphq-vit':
-            objective = [rpn_objective(model, images[i:i + step])
-                         for i in range(0, args.images, step)]
+            objective = [rpn_objective(model, chunk) for chunk, _ in chunks]
             start = time.perf_counter()
             mlps = reconstruct_mlps(qmodel, model, runs, cfg, objective)
             seconds = time.perf_counter() - start
