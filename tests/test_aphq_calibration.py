@@ -13,7 +13,9 @@ from torch import nn
 from mmcd.core.quant import (DEPLOY_PROFILES, QuantConfig, QuantConv2d,
                              QuantMethod, UniformQuantizer, calibrate,
                              get_method, quantize_model)
+from mmcd.core.quant.aphq_searches import product_search
 from mmcd.core.quant.mlp_reconstruction import use_relu
+from mmcd.core.quant.qdq import to_qdq
 
 from test_aphq import toy
 
@@ -204,3 +206,109 @@ def test_aphq_vit_searches_the_reparameterized_input_again():
     h = captured['h'].reshape(-1).double()
     assert float(fc2.scale) == pytest.approx(
         aphq_grid_reference(h, 4, 1, 1e-4, fix_zero=True)[0], rel=1e-5)
+
+
+def aphq_product_reference(a, b, bits):
+    """APHQ-ViT's matmul search (AsymmetricallyBatchingQuantMatMul.
+    hyperparameter_searching, metric mse, 3 rounds), one head at a time
+    with loops: returns per head ``(scale_a, zero_a, scale_b, zero_b)``."""
+    levels, n = 2**bits - 1, 128
+    pct = [0.999 + (0.99999 - 0.999) * (i / (n - 1))**0.1
+           for i in range(n)] + [1.0]
+
+    def grid(lo, hi):
+        s = (hi - lo) / levels
+        return s, -round(lo / s)
+
+    def fq(x, lo, hi):
+        s, z = grid(lo, hi)
+        return (torch.clamp(torch.round(x / s) + z, 0, levels) - z) * s
+
+    out = []
+    for h in range(a.shape[1]):
+        x = {'a': a[:, h], 'b': b[:, h]}
+        target = x['a'] @ x['b']
+        cands = {k: ([float(torch.quantile(v.flatten(), 1 - p)) for p in pct],
+                     [float(torch.quantile(v.flatten(), p)) for p in pct])
+                 for k, v in x.items()}
+        cur = {k: [c[0][-2], c[1][-2]] for k, c in cands.items()}
+
+        def search(k, los, his):
+            other = 'b' if k == 'a' else 'a'
+            q_other = fq(x[other], *cur[other])
+            best = None
+            for lo, hi in zip(los, his):
+                q = fq(x[k], lo, hi)
+                prod = q @ q_other if k == 'a' else q_other @ q
+                err = float((prod - target).square().mean())
+                if best is None or err < best[0]:
+                    best = (err, lo, hi)
+            cur[k] = [best[1], best[2]]
+
+        for k in 'ab':
+            search(k, *cands[k])
+        for _ in range(3):
+            for k in 'ab':
+                search(k, cands[k][0], [cur[k][1]] * len(pct))
+                search(k, [cur[k][0]] * len(pct), cands[k][1])
+        out.append(grid(*cur['a']) + grid(*cur['b']))
+    return out
+
+
+def test_product_search_per_head_equals_the_reference():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, 4, 7, generator=g, dtype=torch.float64)
+    a[:, 1] *= 4  # heads of other ranges
+    b[0, 2, 0, 0] = 9.0  # an outlier in one head
+    qa, qb = (UniformQuantizer(4, 1, 'aphq-act-grid') for _ in 'ab')
+    product_search(qa, qb, a, b)
+    for h, (sa, za, sb, zb) in enumerate(aphq_product_reference(a, b, 4)):
+        assert float(qa.scale[h]) == pytest.approx(sa, rel=1e-9), h
+        assert float(qb.scale[h]) == pytest.approx(sb, rel=1e-9), h
+        assert (float(qa.zero_point[h]), float(qb.zero_point[h])) == (za, zb)
+    assert qa.state == qb.state == 'quant'
+
+
+def test_attention_matmuls_per_head_calibrated_and_exported(tmp_path):
+    """aphq-vit's attention matmuls: per-head grids (the MHA twin's [N*H,
+    L, d] operands viewed per head), the quantized product equal to each
+    head's fake quantization by hand, the export's float formula equal to
+    the simulation; the integer profiles keep them per tensor."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    method = replace(get_method('aphq-vit'), reconstruction=None)
+    cfg = QuantConfig(w_bits=4, a_bits=4, method=method)
+    model = quantize_model(nn.Sequential(mha), cfg)
+    twin = model[0]
+    calibrate(model, cfg, lambda: twin(x, x, x))
+    qk = twin.qk_matmul
+    assert qk.quantizer_a.scale.shape == (2, ) and qk.search == 'aphq-product'
+    a = torch.randn(6, 5, 4)
+    b = torch.randn(6, 4, 5)
+    by_hand = []
+    for i in range(6):
+        h = i % 2
+        fa = UniformQuantizer(4)
+        fa.set_params(qk.quantizer_a.scale[h], qk.quantizer_a.zero_point[h])
+        fb = UniformQuantizer(4)
+        fb.set_params(qk.quantizer_b.scale[h], qk.quantizer_b.zero_point[h])
+        by_hand.append(fa(a[i]) @ fb(b[i]))
+    torch.testing.assert_close(qk(a, b), torch.stack(by_hand))
+    with torch.no_grad():
+        expected = twin(x, x, x)[0]
+        report = to_qdq(model)
+        assert 'qk_matmul.quantizer_a' in ' '.join(report['float_formula'])
+        torch.testing.assert_close(twin(x, x, x)[0], expected, rtol=0,
+                                   atol=0)
+    onnxruntime = pytest.importorskip('onnxruntime')
+    torch.onnx.export(qk, (a, b), str(tmp_path / 'qk.onnx'), dynamo=True,
+                      opset_version=21)
+    session = onnxruntime.InferenceSession(str(tmp_path / 'qk.onnx'))
+    out = session.run(None, {'a': a.numpy(), 'b': b.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), qk(a, b), rtol=0,
+                               atol=1e-5)
+    for profile in ('tensorrt', 'onnxruntime-integer'):
+        assert QuantConfig(8, 8, method, profile=profile
+                           ).resolved_method.matmul_search is None

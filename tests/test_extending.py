@@ -69,7 +69,7 @@ def test_the_page_has_every_extension_kind():
     assert set(page_files()) == {
         'my_quant.py', 'my_config.py', 'my_qat.py', 'my_regularizer.py',
         'my_train_config.py', 'my_backbone_spec.py', 'my_attention.py',
-        'my_recon_loss.py', 'my_profile.py'}
+        'my_recon_loss.py', 'my_profile.py', 'my_matmul_search.py'}
 
 
 def tool_env(folder):
@@ -233,6 +233,23 @@ def test_an_attention_kind_from_outside(page_module):
     calibrate(model, cfg, lambda: model(x))
     out = model(x)
     assert 0 < (out - expected).norm() / expected.norm() < 0.1
+
+
+def test_a_matmul_search_from_outside(page_module):
+    """The page's per-head min-max search through a method: each head's
+    grid is its operand's min-max range, computed here by hand."""
+    from mmcd.core.quant import MATMUL_SEARCHES, QUANT_METHODS, QuantMatMul
+    page_module('my_matmul_search', MATMUL_SEARCHES, QUANT_METHODS)
+    matmul = QuantMatMul.for_role('qk', 8, 'minmax-per-head', heads=2)
+    for q in (matmul.quantizer_a, matmul.quantizer_b):
+        q.set_state('calib')
+    a, b = torch.randn(6, 5, 4), torch.randn(6, 4, 5)  # [N * H, ...]
+    matmul(a, b)
+    for h in range(2):
+        head = a[h::2]
+        lo, hi = min(float(head.min()), 0), max(float(head.max()), 0)
+        assert float(matmul.quantizer_a.scale[h]) == pytest.approx(
+            (hi - lo) / 255)
 
 
 def test_a_deployment_profile_from_outside(page_module, tmp_path):

@@ -158,6 +158,30 @@ def calibrated_net(bits=3):
     return net, quantized, x
 
 
+def test_per_head_learned_step_equals_pytorchs_per_channel_fake_quant():
+    """One step per channel (axis 1, the per-head grids): output and
+    gradients against PyTorch's learnable per-channel fake quantization
+    (QDrop's per-channel LSQFakeQuantize, grad factor 1 / sqrt(N / C L))."""
+    q = UniformQuantizer(4, 1, 'minmax')
+    scale, zero = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([3., 8., 0.])
+    q.set_params(scale, zero)
+    stepped = LearnedStepQuantizer(q)
+    x = (torch.randn(2, 3, 4, 5) * 2).requires_grad_()
+    weights = torch.linspace(-1, 2, x.numel()).view(x.shape)
+    (stepped(x) * weights).sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    ref_scale = scale.clone().requires_grad_()
+    ref = torch._fake_quantize_learnable_per_channel_affine(
+        ref_x, ref_scale, zero, 1, 0, 15, 1 / math.sqrt(40 * 15))
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(stepped(x.detach()), ref.detach())
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(stepped.step.grad, ref_scale.grad)
+    back = stepped.as_uniform()
+    assert back.channel_axis == 1
+    torch.testing.assert_close(back(x.detach()), q(x.detach()))
+
+
 def test_reconstruction_lowers_every_units_error_and_exports_bit_exact():
     net, quantized, x = calibrated_net()
     units = reconstruction_units(quantized, [r'blocks\.\d+'])

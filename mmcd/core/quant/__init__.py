@@ -1,5 +1,6 @@
 """Quantization core (fake quantization): post-training quantization and
 quantization-aware training, pure PyTorch."""
+from .aphq_searches import MATMUL_SEARCHES
 from .attention import QuantWindowMSA
 from .multihead_attention import QuantMultiheadAttention
 from .convert import (LayerBits, QuantConfig, activation_quantizers, calibrate,
@@ -40,6 +41,7 @@ __all__ = [
     'LsqActQuantizer', 'LsqWeightQuantizer', 'StatsWeightQuantizer',
     'QKReparam', 'QuantMethod', 'get_method', 'QATMethod', 'get_qat_method',
     'QUANT_METHODS', 'POST_SOFTMAX_QUANTIZERS', 'RANGE_SEARCHES',
+    'MATMUL_SEARCHES',
     'QUANTIZED_MODULES', 'FLOAT_ATTENTION_KERNELS',
     'QuantizedModule', 'QAT_WEIGHT_QUANTIZERS',
     'QAT_ACT_QUANTIZERS', 'FakeQuantizer', 'AdaRoundQuantizer',

@@ -37,7 +37,9 @@ from typing import Callable
 
 import torch
 
-from .quantizers import RANGE_SEARCHES, UniformQuantizer, quantiles
+from ..registry import Registry
+from .quantizers import (RANGE_SEARCHES, UniformQuantizer, _for_search,
+                         quantiles, uniform_fake_quant)
 
 #: grid candidates per row (APHQ-ViT's ``eq_n``)
 CANDIDATES = 128
@@ -107,3 +109,107 @@ RANGE_SEARCHES.register(grid_search(conv_zero_points),
                         name='aphq-conv-grid')
 RANGE_SEARCHES.register(grid_search(conv_zero_points, MIN_ACT_SCALE),
                         name='aphq-conv-act-grid')
+
+
+#: joint searches of an attention matmul's two operands by name
+#: (``QuantMethod.matmul_search``): ``search(quantizer_a, quantizer_b, a,
+#: b)`` sets the two per-head quantizers (``channel_axis=1``) of ``a @ b``
+#: from the operands ``[N, H, ...]``
+MATMUL_SEARCHES = Registry('matmul search')
+#: the percentiles of APHQ-ViT's matmul candidates: ``l + (r - l) (i / (E -
+#: 1))^0.1`` from ``l = 0.999`` to ``r = 0.99999``, ``i < E``, then 1
+PRODUCT_PERCENTILES = tuple(
+    0.999 + (0.99999 - 0.999) * (i / (CANDIDATES - 1))**0.1
+    for i in range(CANDIDATES)) + (1.0, )
+#: rounds of the alternating refinement (APHQ-ViT's ``search_round``)
+PRODUCT_ROUNDS = 3
+
+
+def head_bounds(x: torch.Tensor):
+    """``(lowers, uppers)`` ``[P, H]``: per head (axis 1) of ``x``, the
+    quantiles ``Q(1 - p)`` and ``Q(p)`` for ``p`` in
+    :data:`PRODUCT_PERCENTILES`."""
+    rows = _for_search(x.movedim(1, 0).reshape(x.shape[1], -1))
+    ps = list(PRODUCT_PERCENTILES)
+    bounds = quantiles(rows, [1 - p for p in ps] + ps)
+    return bounds[:len(ps)], bounds[len(ps):]
+
+
+def _grids(levels: int, lowers: torch.Tensor, uppers: torch.Tensor):
+    """APHQ-ViT's matmul grids of clip ranges ``[lo, hi]``: ``s = (hi -
+    lo) / L``, ``z = -round(lo / s)``."""
+    scale = ((uppers - lowers) / levels).clamp_min(1e-8)
+    return scale, -torch.round(lowers / scale)
+
+
+def _per_head(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """A per-head vector ``[H]`` shaped to broadcast over axis 1."""
+    return t.view(1, -1, *([1] * (dims - 2)))
+
+
+def _best_candidate(x, scales, zeros, levels, output, target):
+    """Per head, the index of the candidate ``(scales[p], zeros[p])``
+    (``[P, H]``) whose fake-quantized ``x`` gives ``output(x^)`` closest to
+    ``target`` in mean squared error (the first of equal errors)."""
+    errors = torch.empty(scales.shape, dtype=torch.float64,
+                         device=x.device)
+    dims = list(range(target.dim()))
+    dims.remove(1)
+    for p in range(scales.shape[0]):
+        fake = uniform_fake_quant(x, _per_head(scales[p], x.dim()),
+                                  _per_head(zeros[p], x.dim()), levels)
+        errors[p] = (output(fake) - target).double().square().mean(dims)
+    return errors.argmin(0)
+
+
+@MATMUL_SEARCHES.register(name='aphq-product')
+def product_search(quantizer_a: UniformQuantizer,
+                   quantizer_b: UniformQuantizer, a: torch.Tensor,
+                   b: torch.Tensor) -> None:
+    """APHQ-ViT's search of ``a @ b``'s operands, per head (its
+    ``AsymmetricallyBatchingQuantMatMul.hyperparameter_searching``, metric
+    ``mse``): candidates ``[Q(1 - p), Q(p)]`` per head for ``p`` in
+    :data:`PRODUCT_PERCENTILES`; both start at ``p = 0.99999``; ``a``'s
+    candidate of least mean squared error of the product against the float
+    ``a @ b`` (``b`` quantized), then ``b``'s (``a`` quantized); then
+    :data:`PRODUCT_ROUNDS` rounds in which each operand keeps its best
+    upper bound and searches the lower one, then keeps that lower bound
+    and searches the upper one."""
+    target = a @ b
+    state = {}
+    for name, x, quantizer in (('a', a, quantizer_a), ('b', b, quantizer_b)):
+        lowers, uppers = head_bounds(x)
+        state[name] = dict(x=x, levels=quantizer.levels, lowers=lowers,
+                           uppers=uppers, up=uppers[-2], lo=lowers[-2])
+
+    def fake(name):
+        s = state[name]
+        scale, zero = _grids(s['levels'], s['lo'], s['up'])
+        return uniform_fake_quant(s['x'], _per_head(scale, s['x'].dim()),
+                                  _per_head(zero, s['x'].dim()), s['levels'])
+
+    def search(name, lowers, uppers):
+        s = state[name]
+        scales, zeros = _grids(s['levels'], lowers, uppers)
+        if name == 'a':
+            other = fake('b')
+            best = _best_candidate(s['x'], scales, zeros, s['levels'],
+                                   lambda q: q @ other, target)
+        else:
+            other = fake('a')
+            best = _best_candidate(s['x'], scales, zeros, s['levels'],
+                                   lambda q: other @ q, target)
+        heads = torch.arange(best.numel(), device=best.device)
+        s['lo'] = lowers.expand_as(scales)[best, heads]
+        s['up'] = uppers.expand_as(scales)[best, heads]
+
+    for name in ('a', 'b'):
+        search(name, state[name]['lowers'], state[name]['uppers'])
+    for _ in range(PRODUCT_ROUNDS):
+        for name in ('a', 'b'):
+            s = state[name]
+            search(name, s['lowers'], s['up'][None])
+            search(name, s['lo'][None], s['uppers'])
+    for name, quantizer in (('a', quantizer_a), ('b', quantizer_b)):
+        quantizer.set_params(*_grids(state[name]['levels'],
+                                     state[name]['lo'], state[name]['up']))

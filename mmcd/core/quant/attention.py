@@ -46,8 +46,10 @@ class QuantWindowMSA(QuantizedModule, nn.Module):
         self.embed_dims = getattr(window_msa, 'embed_dims', None)
         self.attn_drop = getattr(window_msa, 'attn_drop', nn.Identity())
         self.proj_drop = getattr(window_msa, 'proj_drop', nn.Identity())
-        self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method)
-        self.av_matmul = QuantMatMul.for_role('av', a_bits, method)
+        self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method,
+                                              self.num_heads)
+        self.av_matmul = QuantMatMul.for_role('av', a_bits, method,
+                                              self.num_heads)
         self.qk_reparam = None  # QAT's QKReparam (qk_reparam.py) if set
 
     @classmethod

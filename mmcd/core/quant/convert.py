@@ -137,8 +137,9 @@ class QuantConfig:
             raise ValueError("scope must be 'all' or 'backbone', got "
                              f'{self.scope!r}')
         if not self.layer_bits:  # else: per layer, at conversion
-            self.deploy_profile.check_bits({f'w_bits={self.w_bits}': [self.w_bits],
-                                f'a_bits={self.a_bits}': [self.a_bits]})
+            self.deploy_profile.check_bits(
+                {f'w_bits={self.w_bits}': [self.w_bits],
+                 f'a_bits={self.a_bits}': [self.a_bits]})
 
     @property
     def deploy_profile(self) -> DeployProfile:

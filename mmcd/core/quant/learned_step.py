@@ -11,8 +11,11 @@ with LSQ's straight-through gradients (Esser et al., ICLR 2020)::
     dx^/dx = 1 where 0 <= round(x / s) + z <= L, else 0
     dx^/ds = round(x / s) - x / s there; -z below; L - z above
 
-``dx^/ds`` summed over the tensor and multiplied by ``g = 1 / sqrt(N L)``
-(``N`` its values). Before each use ``s`` is made ``|s|``, at least float32's
+``dx^/ds`` summed over the tensor (per channel: over each channel's values)
+and multiplied by ``g = 1 / sqrt(N L)`` (``N`` the values per step). A
+per-channel quantizer (the per-head grids of ``aphq-vit``'s attention
+matmuls, whose scales APHQ-ViT's reconstruction learns too) learns one step
+per channel. Before each use ``s`` is made ``|s|``, at least float32's
 eps (QDrop). The zero point being fixed, an integer zero point stays one (a
 symmetric grid stays symmetric), so a reconstructed model keeps the integer
 grids a runtime needs. Pure PyTorch.
@@ -38,6 +41,7 @@ class LearnedStepFunction(torch.autograd.Function):
         codes = torch.round(ratio) + zero
         ctx.save_for_backward(ratio, zero)
         ctx.levels, ctx.grad_factor = levels, grad_factor
+        ctx.step_shape = step.shape
         return (codes.clamp(0, levels) - zero) * step
 
     @staticmethod
@@ -49,25 +53,26 @@ class LearnedStepFunction(torch.autograd.Function):
         inside = ~(below | above)
         d_step = torch.where(inside, rounded - ratio,
                              torch.where(below, -zero, ctx.levels - zero))
-        grad_step = (grad * d_step).sum() * ctx.grad_factor
+        grad_step = (grad * d_step).sum_to_size(ctx.step_shape) * \
+            ctx.grad_factor
         return grad * inside, grad_step, None, None, None
 
 
 class LearnedStepQuantizer(FakeQuantizer):
-    """A calibrated per-tensor :class:`UniformQuantizer` whose step is
-    learned with its zero point (and its per-channel shift, if any) fixed
-    (module docstring); :meth:`as_uniform` gives back the quantizer it
-    computes."""
+    """A calibrated activation :class:`UniformQuantizer` (per tensor, or per
+    channel) whose steps are learned with its zero points (and its
+    per-channel shift, if any) fixed (module docstring); :meth:`as_uniform`
+    gives back the quantizer it computes."""
     trainable = True
 
     def __init__(self, calibrated: UniformQuantizer):
-        if calibrated.channel_axis is not None or not calibrated.calibrated:
+        if not calibrated.calibrated:
             raise ValueError(f'{calibrated.layer_name}: a learned step needs '
-                             'a calibrated per-tensor quantizer')
+                             'a calibrated quantizer')
         super().__init__(calibrated.bits)
         self.like = [calibrated]  # a list: not a submodule
         self.layer_name = calibrated.layer_name
-        self.levels = calibrated.levels
+        self.levels, self.axis = calibrated.levels, calibrated.channel_axis
         self.step = nn.Parameter(calibrated.scale.detach().clone())
         self.register_buffer('zero_point',
                              calibrated.zero_point.detach().clone())
@@ -84,16 +89,21 @@ class LearnedStepQuantizer(FakeQuantizer):
             self.step.abs_().clamp_(min=MIN_STEP)
         offset = self.channel_offset
         shifted = x + offset if offset.numel() else x
+        step, zero = self.step.to(x.dtype), self.zero_point.to(x.dtype)
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            step, zero = step.view(shape), zero.view(shape)
         out = LearnedStepFunction.apply(
-            shifted, self.step.to(x.dtype), self.zero_point.to(x.dtype),
-            self.levels, 1 / math.sqrt(x.numel() * self.levels))
+            shifted, step, zero, self.levels,
+            1 / math.sqrt(x.numel() / self.step.numel() * self.levels))
         return out - offset if offset.numel() else out
 
     def as_uniform(self) -> UniformQuantizer:
         """The calibrated quantizer with the learned step as its scale."""
         like = self.like[0]
-        out = UniformQuantizer(like.bits, None, like.search, like.keep_zero,
-                               like.symmetric)
+        out = UniformQuantizer(like.bits, like.channel_axis, like.search,
+                               like.keep_zero, like.symmetric)
         out.layer_name = like.layer_name
         out.set_params(self.step.detach().clone(), self.zero_point,
                        self.channel_offset if self.channel_offset.numel()

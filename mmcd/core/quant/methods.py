@@ -25,10 +25,10 @@ mlp_reconstruction.py), then its calibration: every layer on the float
 model's inputs, its grid searches (aphq_searches.py, the Conv2d grid for
 convolutions, the post-softmax quantizer uniform with the same grid),
 RepQ-ViT's reparameterization followed by a new search of the
-reparameterized inputs; then block reconstruction with the APH loss
-(reconstruction_losses.py). Its public code quantizes the attention
-matmuls' operands per head, searched on the product's error; mmcd per
-tensor with the grid (docs/en/quantization.md). Any method takes
+reparameterized inputs, the attention matmuls' operands per head searched
+on the product's error; then block reconstruction with the APH loss
+(reconstruction_losses.py); docs/en/quantization.md says what still
+differs from its code. Any method takes
 reconstruction options (``QuantConfig.reconstruction``), which override the
 method's. (quantizers.py and reparam.py give the formulas and sources;
 reparam.py why DopQ-ViT's MOSF is not a separate target.) Pure PyTorch.
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from ..registry import Registry
-from . import aphq_searches  # noqa: F401 (registers APHQ-ViT's searches)
+from .aphq_searches import MATMUL_SEARCHES
 from .reconstruction import ReconstructionConfig
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
@@ -65,15 +65,18 @@ class QuantMethod:
     reconstruction that follows calibration; ``symmetric``: every uniform
     grid symmetric with zero point 0 in signed integers (a deployment
     profile sets it: profiles.py), which needs a uniform post-softmax
-    quantizer; ``integer_target``: the reparameterization's target zero
-    point rounded to an integer (APHQ-ViT's code rounds it; a deployment
-    profile sets it: reparam.py says what it changes); ``conv_act_search`` / ``conv_weight_search``:
-    the searches of Conv2d layers when they differ (None: the Linear
-    ones); ``calibration_inputs``: ``'quantized'``, each layer calibrated
-    on the inputs of the already-quantized layers before it (RepQ-ViT), or
-    ``'float'``, on the float model's (APHQ-ViT); ``search_after_reparam``:
-    the reparameterized inputs get a new search (APHQ-ViT) instead of the
-    target grid (RepQ-ViT)."""
+    quantizer; ``integer_target``: the reparameterization's target zero point
+    rounded to an integer (APHQ-ViT's code rounds it; a deployment profile sets
+    it: reparam.py says what it changes); ``conv_act_search`` /
+    ``conv_weight_search``: the searches of Conv2d layers when they differ
+    (None: the Linear ones); ``calibration_inputs``: ``'quantized'``, each
+    layer calibrated on the inputs of the already-quantized layers before it
+    (RepQ-ViT), or ``'float'``, on the float model's (APHQ-ViT);
+    ``search_after_reparam``: the reparameterized inputs get a new search
+    (APHQ-ViT) instead of the target grid (RepQ-ViT); ``matmul_search``: a
+    registered joint search of the attention matmuls' operands, quantized per
+    head (``aphq_searches.MATMUL_SEARCHES``; None: each operand per tensor with
+    its own search; attention that does not say its heads keeps that)."""
     name: str
     act_search: str
     weight_search: str
@@ -86,6 +89,7 @@ class QuantMethod:
     conv_weight_search: Optional[str] = None
     calibration_inputs: str = 'quantized'
     search_after_reparam: bool = False
+    matmul_search: Optional[str] = None
 
     def __post_init__(self):
         for field_name, registry in (
@@ -93,9 +97,11 @@ class QuantMethod:
                 ('weight_search', RANGE_SEARCHES),
                 ('conv_act_search', RANGE_SEARCHES),
                 ('conv_weight_search', RANGE_SEARCHES),
+                ('matmul_search', MATMUL_SEARCHES),
                 ('softmax', POST_SOFTMAX_QUANTIZERS)):
-            if getattr(self, field_name) is None and \
-                    field_name.startswith('conv_'):
+            if getattr(self, field_name) is None and field_name in (
+                    'conv_act_search', 'conv_weight_search',
+                    'matmul_search'):
                 continue
             try:
                 registry.get(getattr(self, field_name))
@@ -166,5 +172,6 @@ QUANT_METHODS.register(QuantMethod(
     reparameterize=True, conv_act_search='aphq-conv-act-grid',
     conv_weight_search='aphq-conv-grid', calibration_inputs='float',
     search_after_reparam=True, integer_target=True,
+    matmul_search='aphq-product',
     reconstruction=ReconstructionConfig(loss='aph', input_prob=0.5,
                                         mlp=True)))

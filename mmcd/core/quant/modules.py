@@ -18,13 +18,16 @@ conversion never wraps again. Built in: ``nn.Linear``, ``nn.Conv2d``,
 :class:`MatMul`; Swin's ``WindowMSA`` is registered in ``mmcd.models``
 (it needs mmdet). Pure PyTorch.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Registry
+from .aphq_searches import MATMUL_SEARCHES
 from .methods import get_method
-from .quantizers import FakeQuantizer
+from .quantizers import FakeQuantizer, UniformQuantizer
 
 #: Quantized twins by float module class (module docstring).
 QUANTIZED_MODULES = Registry('quantized twin')
@@ -130,48 +133,72 @@ class MatMul(nn.Module):
     """``a @ b`` as a module, so that quantization can take it over.
 
     ``role`` is ``'qk'`` (attention logits) or ``'av'`` (post-softmax
-    weights times values): it picks the quantizer of ``a``. Attention written
-    with these (mmcd's ViTDet) needs no quantization-aware rewrite.
+    weights times values): it picks the quantizer of ``a``. ``heads``: the
+    attention's head count, the operands' leading dimension being ``batch *
+    heads`` (or ``[batch, heads, ...]``), for a method that quantizes them
+    per head. Attention written with these (mmcd's ViTDet) needs no
+    quantization-aware rewrite.
     """
     ROLES = ('qk', 'av')
 
-    def __init__(self, role: str):
+    def __init__(self, role: str, heads: Optional[int] = None):
         super().__init__()
         if role not in self.ROLES:
             raise ValueError(f'MatMul role must be one of {self.ROLES}')
-        self.role = role
+        self.role, self.heads = role, heads
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
 
     def extra_repr(self) -> str:
-        return f'role={self.role}'
+        return f'role={self.role}, heads={self.heads}'
 
 
 class QuantMatMul(QuantizedModule, nn.Module):
     """``a @ b`` with both operands fake-quantized (identity until
-    calibrated)."""
+    calibrated). With ``heads`` and a method's ``matmul_search``
+    (:data:`~mmcd.core.quant.aphq_searches.MATMUL_SEARCHES`) each operand
+    is quantized per head (its quantizers' ``channel_axis`` 1 on the
+    operand viewed as ``[batch, heads, ...]``) and the two are calibrated
+    together by that search."""
 
     def __init__(self, quantizer_a: FakeQuantizer,
-                 quantizer_b: FakeQuantizer):
+                 quantizer_b: FakeQuantizer, heads: Optional[int] = None,
+                 search: Optional[str] = None):
         super().__init__()
         self.quantizer_a, self.quantizer_b = quantizer_a, quantizer_b
+        self.heads, self.search = heads, search
 
     @classmethod
-    def for_role(cls, role: str, a_bits: int, method) -> 'QuantMatMul':
+    def for_role(cls, role: str, a_bits: int, method,
+                 heads: Optional[int] = None) -> 'QuantMatMul':
         """Uniform quantizers for ``q @ k^T``; the method's post-softmax
-        quantizer for the ``a`` of ``attn @ v``."""
+        quantizer for the ``a`` of ``attn @ v``; per-head uniform ones for
+        both when the method has a ``matmul_search`` and ``heads`` is
+        known."""
         method = get_method(method)
+        if method.matmul_search is not None and heads is not None:
+            return cls(*(UniformQuantizer(a_bits, 1, method.act_search,
+                                          symmetric=method.symmetric)
+                         for _ in 'ab'), heads, method.matmul_search)
         first = method.softmax_quantizer(a_bits) if role == 'av' \
             else method.act_quantizer(a_bits)
         return cls(first, method.act_quantizer(a_bits))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.quantizer_a(a) @ self.quantizer_b(b)
+        if self.search is None:
+            return self.quantizer_a(a) @ self.quantizer_b(b)
+        shape = a.shape[:-1] + b.shape[-1:]
+        a, b = (x.reshape(-1, self.heads, *x.shape[-2:]) for x in (a, b))
+        if all(getattr(q, 'state', None) == 'calib'
+               for q in (self.quantizer_a, self.quantizer_b)):
+            MATMUL_SEARCHES.get(self.search)(
+                self.quantizer_a, self.quantizer_b, a.detach(), b.detach())
+        return (self.quantizer_a(a) @ self.quantizer_b(b)).reshape(shape)
 
 
 QUANTIZED_MODULES.register(QuantLinear.from_float, name=nn.Linear)
 QUANTIZED_MODULES.register(QuantConv2d.from_float, name=nn.Conv2d)
 QUANTIZED_MODULES.register(
     lambda matmul, w_bits, a_bits, method: QuantMatMul.for_role(
-        matmul.role, a_bits, method), name=MatMul)
+        matmul.role, a_bits, method, matmul.heads), name=MatMul)

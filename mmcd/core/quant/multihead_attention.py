@@ -125,8 +125,10 @@ class QuantMultiheadAttention(QuantizedModule, nn.Module):
                 self, 'in_proj_weight' if fused else f'{role}_proj_weight',
                 rows if fused else slice(None), bias_name, rows))
         self.out_proj = mha.out_proj
-        self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method)
-        self.av_matmul = QuantMatMul.for_role('av', a_bits, method)
+        self.qk_matmul = QuantMatMul.for_role('qk', a_bits, method,
+                                              mha.num_heads)
+        self.av_matmul = QuantMatMul.for_role('av', a_bits, method,
+                                              mha.num_heads)
         self.train(mha.training)
 
     @classmethod

@@ -23,9 +23,9 @@ onnxruntime runs in float (measured: the toy's W8A8 RepQ-ViT backbone +
 neck 1.9x slower than float, docs/en/deployment.md).
 ``onnxruntime-integer`` gives every quantizer an integer form: the
 reparameterization's target zero point rounded (reparam.py: each channel's
-codes are then exactly its per-channel quantizer's) and a uniform
-post-softmax quantizer. Reconstruction keeps every profile's grids: its
-learned activation steps keep the calibrated zero point
+codes are then exactly its per-channel quantizer's), a uniform post-softmax
+quantizer and per-tensor matmul grids. Reconstruction keeps every profile's
+grids: its learned activation steps keep the calibrated zero point
 (learned_step.py), its rounded weights are integer codes.
 
 ``tensorrt`` is TensorRT's explicit quantization (its developer guide,
@@ -39,7 +39,7 @@ What changes against the method as published, and why:
 * every grid is symmetric: a one-sided input (after GELU or softmax) uses
   half of the 256 codes;
 * the post-softmax quantizer is uniform: log-sqrt2 and TanQ have no
-  Q/DQ form;
+  Q/DQ form; per-head matmul grids (``aphq-vit``) are per tensor;
 * RepQ-ViT's reparameterization keeps its scale half only: every
   per-channel zero point is ``2^(b-1)``, so the target's is too and the
   shift ``t`` is 0 (reparam.py);
@@ -70,7 +70,10 @@ class DeployProfile:
     QDQConv2d`; False: ``DequantizeLinear`` -> ``Conv``),
     ``bias_in_integer_kernel`` (export an 8-bit Linear's or integer-matmul
     convolution's product in the form the runtime folds the bias into its
-    integer kernel from, ``mmcd.deploy.integer_bias``)."""
+    integer kernel from, ``mmcd.deploy.integer_bias``),
+    ``per_tensor_activations`` (every activation grid per tensor, as a
+    ``QuantizeLinear`` the runtime runs in integers: a method's per-head
+    matmul grids become per tensor)."""
     name: str
     runtime: str
     symmetric: bool = False
@@ -79,6 +82,7 @@ class DeployProfile:
     integer_target: bool = False
     conv_as_integer_matmul: bool = False
     bias_in_integer_kernel: bool = False
+    per_tensor_activations: bool = False
 
     def apply(self, method: QuantMethod) -> QuantMethod:
         """``method`` under this profile (itself when nothing changes)."""
@@ -92,6 +96,8 @@ class DeployProfile:
         if self.integer_target and method.reparameterize and \
                 not method.integer_target:
             changes['integer_target'] = True
+        if self.per_tensor_activations and method.matmul_search is not None:
+            changes['matmul_search'] = None
         if not changes:
             return method
         return replace(method, name=f'{method.name}@{self.name}', **changes)
@@ -136,7 +142,7 @@ DEPLOY_PROFILES.register(DeployProfile(
 DEPLOY_PROFILES.register(DeployProfile(
     'onnxruntime-integer', 'onnxruntime', softmax='uniform',
     integer_target=True, conv_as_integer_matmul=True,
-    bias_in_integer_kernel=True))
+    bias_in_integer_kernel=True, per_tensor_activations=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform',
-    bits=(8, )))
+    bits=(8, ), per_tensor_activations=True))

@@ -29,7 +29,10 @@ calibrate` has calibrated, into the form deployment runtimes read:
   (:class:`UniformFormula`; the exporter's truncated zero point moved every
   clipped value by the fractional part of ``z~``, up to a step: measured on
   the toy W4A4 RepQ-ViT backbone, the feature deviation from the simulation
-  fell from 0.19-0.26 to 0.02-0.04 steps on average with the formula).
+  fell from 0.19-0.26 to 0.02-0.04 steps on average with the formula);
+* per-head grids of an attention matmul's operands (``aphq-vit``) stay as
+  their float formula as well (:class:`ChannelFormula`; the integer
+  profiles make them per tensor).
 
 Under the ``onnxruntime-integer`` profile both have an integer form: the
 reparameterization's target zero point is an integer, and the shift ``t``
@@ -190,6 +193,26 @@ class UniformFormula(ActivationQDQ):
             x, self.scale,
             unsigned_zero_point(self.zero_point, self.bits, self.signed),
             2**self.bits - 1)
+
+
+class ChannelFormula(nn.Module):
+    """A calibrated per-channel activation quantizer (the per-head grids of
+    an attention matmul's operand) as its formula ``(clamp(round(x / s_c)
+    + z_c, 0, 2^b - 1) - z_c) s_c`` in float ops, ``s_c``, ``z_c`` along
+    its ``channel_axis``."""
+
+    def __init__(self, quantizer: UniformQuantizer):
+        super().__init__()
+        self.axis, self.levels = quantizer.channel_axis, quantizer.levels
+        self.register_buffer('scale', quantizer.scale.detach().clone())
+        self.register_buffer('zero_point',
+                             quantizer.zero_point.detach().clone())
+
+    def forward(self, x):
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return uniform_fake_quant(x, self.scale.view(shape),
+                                  self.zero_point.view(shape), self.levels)
 
 
 def _exporting() -> bool:
@@ -382,8 +405,9 @@ def _activation_module(quantizer: FakeQuantizer) -> nn.Module:
         return nn.Identity()
     if isinstance(quantizer, UniformQuantizer):
         zero = quantizer.zero_point
-        if quantizer.channel_axis is None and not torch.equal(zero,
-                                                              zero.round()):
+        if quantizer.channel_axis is not None:
+            return ChannelFormula(quantizer)
+        if not torch.equal(zero, zero.round()):
             return UniformFormula(quantizer)
         return ActivationQDQ(quantizer)
     if isinstance(quantizer, PostSoftmaxQuantizer):
@@ -404,9 +428,9 @@ def to_qdq(model: nn.Module,
     (:data:`~mmcd.core.quant.profiles.DEPLOY_PROFILES`). Returns
     the layer names by form: ``qdq`` (activations as QuantizeLinear/
     DequantizeLinear), ``integer_weights``, ``float_formula`` (post-softmax
-    quantizers), ``fractional_zero`` (uniform quantizers with a non-integer
-    zero point, as their float formula) and ``float`` (quantizers
-    calibration never reached).
+    quantizers, per-head grids), ``fractional_zero`` (uniform quantizers
+    with a non-integer zero point, as their float formula) and ``float``
+    (quantizers calibration never reached).
 
     Raises ``ValueError`` on a model with no calibrated quantizer, or with
     a quantized layer whose weight was never quantized.
@@ -438,6 +462,7 @@ def to_qdq(model: nn.Module,
             _set_module(model, name, replacement)
     for name, module in model.named_modules():
         kind = {ActivationQDQ: 'qdq', FormulaFakeQuant: 'float_formula',
+                ChannelFormula: 'float_formula',
                 UniformFormula: 'fractional_zero'}.get(type(module))
         if kind:
             report[kind].append(name)

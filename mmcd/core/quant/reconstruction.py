@@ -21,8 +21,8 @@ in model order:
    (zeta - gamma) + gamma, 0, 1)``, ``zeta = 1.1``, ``gamma = -0.1``, ``V``
    initialised so that ``h(V)`` is the fractional part of ``W / s`` (the
    soft weight starts equal to the float one);
-3. every per-tensor uniform activation quantizer of the unit learns its
-   step, its zero point fixed (QDrop's ``LSQFakeQuantize``,
+3. every uniform activation quantizer of the unit learns its step (per
+   head for per-head grids), its zero point fixed (QDrop's ``LSQFakeQuantize``,
    learned_step.py), post-softmax quantizers keep theirs;
 4. ``iters`` steps of Adam (``V``: default lr 1e-3; steps: ``act_lr``,
    cosine to 0) on ``rec + lambda sum(1 - |2 h(V) - 1|^beta)`` over random
@@ -293,10 +293,10 @@ def _activation_quantizers(unit: nn.Module):
 
 
 def _learnable(quantizer: FakeQuantizer) -> bool:
-    """A per-tensor uniform quantizer, whose step is learned
+    """A uniform activation quantizer, whose steps are learned
     (learned_step.py)."""
     return isinstance(quantizer, UniformQuantizer) and \
-        quantizer.channel_axis is None and not quantizer.trainable
+        not quantizer.trainable
 
 
 def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,

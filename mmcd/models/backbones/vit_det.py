@@ -82,7 +82,8 @@ class Attention(nn.Module):
         self.scale = (dim // num_heads)**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.qk_matmul, self.av_matmul = MatMul('qk'), MatMul('av')
+        self.qk_matmul = MatMul('qk', num_heads)
+        self.av_matmul = MatMul('av', num_heads)
         # QAT's query-key reparameterization (mmcd.core.quant.QKReparam)
         self.qk_reparam = None
         self.use_rel_pos = use_rel_pos
