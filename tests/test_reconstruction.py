@@ -279,7 +279,8 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
     merging, neck) reconstructed in model order with the APH loss (the RPN
     objective's sensitivity), the stats logged and saved; the units' data
     recorded 4 images at a time (chunks of 4 and 2) in a disk cache that is
-    empty afterwards; an unknown option fails naming the allowed ones."""
+    empty afterwards; each per-head matmul search of the calibration logged
+    with the time left; an unknown option fails naming the allowed ones."""
     import json
     import sys
 
@@ -310,6 +311,10 @@ def test_reconstruction_through_tools_test(micro_run, tmp_path):
     for k, name in enumerate(mlps):
         assert f'PTQ: MLP [{k + 1}/5] {name}: loss' in out
     assert 'PTQ: calibrated on 4 images' in out
+    for k, name in enumerate(n for u in units if '.blocks.' in u
+                             for n in (f'{u}.attn.w_msa.qk_matmul',
+                                       f'{u}.attn.w_msa.av_matmul')):
+        assert f'PTQ: matmul search [{k + 1}/10] {name}: ' in out, log
     assert f"PTQ: reconstructing 10 units on 6 images {memory}, 4 " \
         "iterations each, batch 2, loss 'aph', drop_prob 0.5, input_prob " \
         "0.5" in out

@@ -18,7 +18,8 @@ from mmengine.utils import ProgressBar
 
 from mmcd.core import ConfigError
 from mmcd.core.architectures import reconstruction_patterns
-from mmcd.core.quant import QuantConfig, calibrate, quantize_model
+from mmcd.core.quant import (QuantConfig, QuantMatMul, calibrate,
+                             quantize_model)
 from mmcd.core.quant.mlp_reconstruction import find_mlps, reconstruct_mlps
 from mmcd.core.quant.reconstruction import (needs_task_loss, reconstruct,
                                             reconstruction_units)
@@ -100,7 +101,13 @@ def calibrate_on(model, quant_cfg, batch: Dict, what: str = 'PTQ',
     calibration images, one ``test_step``), and log the summary; layers the
     calibration never reached are named in a warning (they stay in
     float)."""
-    summary = calibrate_fn(model, quant_cfg, lambda: model.test_step(batch))
+    handles = _matmul_search_progress(model)
+    try:
+        summary = calibrate_fn(model, quant_cfg,
+                               lambda: model.test_step(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
     unreached = summary.pop('unreached')
     print_log(f'{what}: calibrated on {len(batch["inputs"])} images: '
               f'{summary}', logger='current')
@@ -110,6 +117,32 @@ def calibrate_on(model, quant_cfg, batch: Dict, what: str = 'PTQ',
                   f'{", ".join(unreached)}', logger='current',
                   level=logging.WARNING)
     return summary
+
+
+def _matmul_search_progress(model) -> List:
+    """Hooks logging each joint search of an attention matmul's operands
+    in the calibration pass (``QuantMethod.matmul_search``, the bulk of
+    APHQ-ViT's calibration on a CPU) with the time left; their handles."""
+    matmuls = {m: n for n, m in model.named_modules()
+               if isinstance(m, QuantMatMul) and m.search is not None}
+    if not matmuls:
+        return []
+    progress = _eta_logger('matmul search', len(matmuls),
+                           lambda s: f'{s["seconds"]:.1f} s')
+    started, done = {}, []
+
+    def before(module, args):
+        if getattr(module.quantizer_a, 'state', None) == 'calib':
+            started[module] = time.monotonic()
+
+    def after(module, args, out):
+        if module in started:
+            seconds = time.monotonic() - started.pop(module)
+            progress(len(done), matmuls[module], dict(seconds=seconds))
+            done.append(module)
+
+    return [h for m in matmuls for h in (m.register_forward_pre_hook(before),
+                                         m.register_forward_hook(after))]
 
 
 @torch.no_grad()
