@@ -268,6 +268,10 @@ def test_product_search_per_head_equals_the_reference():
         assert float(qb.scale[h]) == pytest.approx(sb, rel=1e-9), h
         assert (float(qa.zero_point[h]), float(qb.zero_point[h])) == (za, zb)
     assert qa.state == qb.state == 'quant'
+    signed = [UniformQuantizer(8, 1, 'aphq-act-grid', symmetric=True)
+              for _ in 'ab']
+    product_search(*signed, a, b)  # a symmetric grid stays symmetric
+    assert all(torch.all(q.zero_point == 128) for q in signed)
 
 
 def test_attention_matmuls_per_head_calibrated_and_exported(tmp_path):

@@ -135,10 +135,14 @@ def head_bounds(x: torch.Tensor):
     return bounds[:len(ps)], bounds[len(ps):]
 
 
-def _grids(levels: int, lowers: torch.Tensor, uppers: torch.Tensor):
+def _grids(quantizer: UniformQuantizer, lowers: torch.Tensor,
+           uppers: torch.Tensor):
     """APHQ-ViT's matmul grids of clip ranges ``[lo, hi]``: ``s = (hi -
-    lo) / L``, ``z = -round(lo / s)``."""
-    scale = ((uppers - lowers) / levels).clamp_min(1e-8)
+    lo) / L``, ``z = -round(lo / s)`` (a symmetric quantizer: its symmetric
+    grid of the range)."""
+    if quantizer.symmetric:
+        return quantizer.symmetric_params(lowers, uppers)
+    scale = ((uppers - lowers) / quantizer.levels).clamp_min(1e-8)
     return scale, -torch.round(lowers / scale)
 
 
@@ -179,18 +183,19 @@ def product_search(quantizer_a: UniformQuantizer,
     state = {}
     for name, x, quantizer in (('a', a, quantizer_a), ('b', b, quantizer_b)):
         lowers, uppers = head_bounds(x)
-        state[name] = dict(x=x, levels=quantizer.levels, lowers=lowers,
-                           uppers=uppers, up=uppers[-2], lo=lowers[-2])
+        state[name] = dict(x=x, quantizer=quantizer, levels=quantizer.levels,
+                           lowers=lowers, uppers=uppers, up=uppers[-2],
+                           lo=lowers[-2])
 
     def fake(name):
         s = state[name]
-        scale, zero = _grids(s['levels'], s['lo'], s['up'])
+        scale, zero = _grids(s['quantizer'], s['lo'], s['up'])
         return uniform_fake_quant(s['x'], _per_head(scale, s['x'].dim()),
                                   _per_head(zero, s['x'].dim()), s['levels'])
 
     def search(name, lowers, uppers):
         s = state[name]
-        scales, zeros = _grids(s['levels'], lowers, uppers)
+        scales, zeros = _grids(s['quantizer'], lowers, uppers)
         if name == 'a':
             other = fake('b')
             best = _best_candidate(s['x'], scales, zeros, s['levels'],
@@ -211,5 +216,5 @@ def product_search(quantizer_a: UniformQuantizer,
             search(name, s['lowers'], s['up'][None])
             search(name, s['lo'][None], s['uppers'])
     for name, quantizer in (('a', quantizer_a), ('b', quantizer_b)):
-        quantizer.set_params(*_grids(state[name]['levels'],
-                                     state[name]['lo'], state[name]['up']))
+        quantizer.set_params(*_grids(quantizer, state[name]['lo'],
+                                     state[name]['up']))
