@@ -132,7 +132,7 @@ def _matmul_search_progress(model) -> List:
     started, done = {}, []
 
     def before(module, args):
-        if getattr(module.quantizer_a, 'state', None) == 'calib':
+        if module.searching:
             started[module] = time.monotonic()
 
     def after(module, args, out):

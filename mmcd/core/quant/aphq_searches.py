@@ -39,7 +39,7 @@ import torch
 
 from ..registry import Registry
 from .quantizers import (RANGE_SEARCHES, UniformQuantizer, _for_search,
-                         quantiles, uniform_fake_quant)
+                         broadcast_along, quantiles, uniform_fake_quant)
 
 #: grid candidates per row (APHQ-ViT's ``eq_n``)
 CANDIDATES = 128
@@ -91,8 +91,7 @@ def grid_search(num_zero_points: Callable[[int], int],
     zero points (a ReLU's output: one, at 0)."""
 
     def search(quantizer: UniformQuantizer, rows: torch.Tensor):
-        if getattr(quantizer, 'input_follows_relu', False) and \
-                not quantizer.symmetric:
+        if quantizer.input_follows_relu and not quantizer.symmetric:
             scales = grid_candidates(quantizer, rows, 1, min_scale)
             return [(scale, torch.zeros_like(scale))
                     for scale, _ in scales]
@@ -148,7 +147,7 @@ def _grids(quantizer: UniformQuantizer, lowers: torch.Tensor,
 
 def _per_head(t: torch.Tensor, dims: int) -> torch.Tensor:
     """A per-head vector ``[H]`` shaped to broadcast over axis 1."""
-    return t.view(1, -1, *([1] * (dims - 2)))
+    return broadcast_along(t, 1, dims)
 
 
 def _best_candidate(x, scales, zeros, levels, output, target):
@@ -183,27 +182,24 @@ def product_search(quantizer_a: UniformQuantizer,
     state = {}
     for name, x, quantizer in (('a', a, quantizer_a), ('b', b, quantizer_b)):
         lowers, uppers = head_bounds(x)
-        state[name] = dict(x=x, quantizer=quantizer, levels=quantizer.levels,
-                           lowers=lowers, uppers=uppers, up=uppers[-2],
-                           lo=lowers[-2])
+        state[name] = dict(x=x, quantizer=quantizer, lowers=lowers,
+                           uppers=uppers, up=uppers[-2], lo=lowers[-2])
 
     def fake(name):
         s = state[name]
         scale, zero = _grids(s['quantizer'], s['lo'], s['up'])
         return uniform_fake_quant(s['x'], _per_head(scale, s['x'].dim()),
-                                  _per_head(zero, s['x'].dim()), s['levels'])
+                                  _per_head(zero, s['x'].dim()),
+                                  s['quantizer'].levels)
 
     def search(name, lowers, uppers):
         s = state[name]
         scales, zeros = _grids(s['quantizer'], lowers, uppers)
-        if name == 'a':
-            other = fake('b')
-            best = _best_candidate(s['x'], scales, zeros, s['levels'],
-                                   lambda q: q @ other, target)
-        else:
-            other = fake('a')
-            best = _best_candidate(s['x'], scales, zeros, s['levels'],
-                                   lambda q: other @ q, target)
+        other = fake('b' if name == 'a' else 'a')
+        best = _best_candidate(
+            s['x'], scales, zeros, s['quantizer'].levels,
+            (lambda q: q @ other) if name == 'a' else (lambda q: other @ q),
+            target)
         heads = torch.arange(best.numel(), device=best.device)
         s['lo'] = lowers.expand_as(scales)[best, heads]
         s['up'] = uppers.expand_as(scales)[best, heads]

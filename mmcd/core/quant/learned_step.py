@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .quantizers import FakeQuantizer, UniformQuantizer
+from .quantizers import FakeQuantizer, UniformQuantizer, broadcast_along
 
 #: the smallest learned step (QDrop: float32's eps)
 MIN_STEP = torch.finfo(torch.float32).eps
@@ -91,9 +91,8 @@ class LearnedStepQuantizer(FakeQuantizer):
         shifted = x + offset if offset.numel() else x
         step, zero = self.step.to(x.dtype), self.zero_point.to(x.dtype)
         if self.axis is not None:
-            shape = [1] * x.dim()
-            shape[self.axis] = -1
-            step, zero = step.view(shape), zero.view(shape)
+            step, zero = (broadcast_along(t, self.axis, x.dim())
+                          for t in (step, zero))
         out = LearnedStepFunction.apply(
             shifted, step, zero, self.levels,
             1 / math.sqrt(x.numel() / self.step.numel() * self.levels))

@@ -185,13 +185,20 @@ class QuantMatMul(QuantizedModule, nn.Module):
             else method.act_quantizer(a_bits)
         return cls(first, method.act_quantizer(a_bits))
 
+    @property
+    def searching(self) -> bool:
+        """Whether the next call runs the joint search (both operands'
+        quantizers waiting for calibration)."""
+        return self.search is not None and all(
+            getattr(q, 'state', None) == 'calib'
+            for q in (self.quantizer_a, self.quantizer_b))
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.search is None:
             return self.quantizer_a(a) @ self.quantizer_b(b)
         shape = a.shape[:-1] + b.shape[-1:]
         a, b = (x.reshape(-1, self.heads, *x.shape[-2:]) for x in (a, b))
-        if all(getattr(q, 'state', None) == 'calib'
-               for q in (self.quantizer_a, self.quantizer_b)):
+        if self.searching:
             MATMUL_SEARCHES.get(self.search)(
                 self.quantizer_a, self.quantizer_b, a.detach(), b.detach())
         return (self.quantizer_a(a) @ self.quantizer_b(b)).reshape(shape)

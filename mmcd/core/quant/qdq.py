@@ -53,7 +53,7 @@ from torch import nn
 from .modules import QuantConv2d, QuantLinear
 from .profiles import DEFAULT_PROFILE, DEPLOY_PROFILES
 from .quantizers import (FakeQuantizer, PostSoftmaxQuantizer, UniformQuantizer,
-                         uniform_codes, uniform_fake_quant)
+                         broadcast_along, uniform_codes, uniform_fake_quant)
 
 
 def integer_levels(bits: int, signed: bool) -> Tuple[int, int]:
@@ -101,9 +101,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor,
                signed: bool) -> torch.Tensor:
     """``(q - z) s`` with one ``s``, ``z`` per index of ``axis`` of the
     integer tensor ``q`` (``signed``: ``q`` holds signed integers)."""
-    shape = [1] * q.dim()
-    shape[axis] = -1
-    return (q.to(scale.dtype) - zero_point.view(shape)) * scale.view(shape)
+    return (q.to(scale.dtype) - broadcast_along(zero_point, axis, q.dim())) \
+        * broadcast_along(scale, axis, q.dim())
 
 
 @dequantize.register_fake
@@ -209,10 +208,9 @@ class ChannelFormula(nn.Module):
                              quantizer.zero_point.detach().clone())
 
     def forward(self, x):
-        shape = [1] * x.dim()
-        shape[self.axis] = -1
-        return uniform_fake_quant(x, self.scale.view(shape),
-                                  self.zero_point.view(shape), self.levels)
+        return uniform_fake_quant(
+            x, broadcast_along(self.scale, self.axis, x.dim()),
+            broadcast_along(self.zero_point, self.axis, x.dim()), self.levels)
 
 
 def _exporting() -> bool:

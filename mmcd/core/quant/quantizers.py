@@ -83,6 +83,14 @@ CLIP_RATIOS = tuple(torch.linspace(0.5, 1.0, 11).tolist())
 RANGE_SEARCHES = Registry('range search')
 
 
+def broadcast_along(t: torch.Tensor, axis: int, dims: int) -> torch.Tensor:
+    """A per-channel vector ``t`` viewed to broadcast along ``axis`` of a
+    ``dims``-dimensional tensor."""
+    shape = [1] * dims
+    shape[axis] = -1
+    return t.view(shape)
+
+
 def check_bits(bits: int) -> int:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f'bits must be an integer in 2..8, got {bits!r}')
@@ -534,9 +542,8 @@ class UniformQuantizer(FakeQuantizer):
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (scale, zero point) shaped to broadcast over ``x``
         along ``channel_axis``."""
-        shape = [1] * x.dim()
-        shape[self.channel_axis] = -1
-        return self.scale.view(shape), self.zero_point.view(shape)
+        return tuple(broadcast_along(t, self.channel_axis, x.dim())
+                     for t in (self.scale, self.zero_point))
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor) -> torch.Tensor:
