@@ -57,6 +57,49 @@ def test_s2d_layer_with_no_qualifying_rank_gets_nothing():
     assert only_flat.penalty().item() == 0
 
 
+def test_s2d_that_penalizes_nothing_says_so_once_per_refresh(monkeypatch):
+    """Flat spectra never reach tau: the wrapper logs the count of
+    penalized matrices (0) and one warning per SVD refresh with the share
+    reached: all 16 singular values equal -> top 2 carry 2/16; then 4
+    equal and the rest zero -> 2/4; then one: penalized, no warning."""
+    from mmengine.logging import MessageHub
+    from mmengine.optim import build_optim_wrapper
+    from mmcd.engine.optim_wrappers import colinearity_decay_optim_wrapper
+    from test_colinearity import ViT
+    logged = []
+    monkeypatch.setattr(colinearity_decay_optim_wrapper, 'print_log',
+                        lambda msg, **kwargs: logged.append(msg))
+    model = ViT()
+    wrapper = build_optim_wrapper(model, dict(
+        type='ColinearityDecayOptimWrapper',
+        optimizer=dict(type='SGD', lr=0.0),
+        s2d=dict(max_rank=2, svd_interval=3)))
+    wrapper.initialize_count_status(model, 0, 8)
+    matrices = list({id(w): w for pair in wrapper.matrix_pairs
+                     for w in pair.parameters}.values())
+
+    def set_spectrum(nonzero):
+        with torch.no_grad():
+            for w in matrices:
+                w.copy_(torch.eye(*w.shape) * 2)
+                w[nonzero:] = 0
+    set_spectrum(16)
+    for it in range(8):  # refreshes before steps 0, 3, 6
+        if it in (3, 6):
+            set_spectrum(4 if it == 3 else 1)
+        wrapper.update_params(model(torch.randn(2, 5, 16)).mean())
+    message = ('S2D penalizes none of its {} matrices: their top 2 '
+               'singular values carry at most {} of the energy, below tau '
+               '0.95 (lower tau or raise max_rank for a penalty)')
+    assert [m for m in logged if m.startswith('S2D')] == [
+        message.format(len(matrices), share)
+        for share in ('0.125', '0.500')]
+    hub = MessageHub.get_current_instance()
+    penalized = hub.get_scalar('train/s2d_penalized_matrices')
+    assert penalized.data[0][-8:].tolist() == [0] * 6 + [len(matrices)] * 2
+    assert hub.get_scalar('train/loss_s2d').current() > 0
+
+
 def test_s2d_refreshes_its_svd_every_interval_of_optimizer_steps():
     u, s, v = _matrix_with_singular_values([3.0, 1.0])
     w = nn.Parameter(u @ torch.diag(s) @ v.T)

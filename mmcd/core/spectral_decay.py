@@ -17,7 +17,11 @@ between ``s_i = u_i^T W v_i`` is evaluated from the current weight
 (differentiable in ``W``), so ``dR/dW`` is exactly the formula above with the
 cached vectors, which are exact singular vectors right after a refresh.
 Defaults follow the S2D paper: tau 0.95, max_rank 3, svd_interval 100,
-power n = 2, lam 5e-4. Registered as the regularizer ``s2d``
+power n = 2, lam 5e-4. A refresh that selects no matrix (small models'
+spectra are often too flat for tau 0.95: on the toy Swin pretraining of
+docs/experiment/planted.md the top 3 carry 0.30-0.89 of the energy) is
+logged as a warning, and the number of penalized matrices as
+``s2d_penalized_matrices``. Registered as the regularizer ``s2d``
 (:class:`SpectralDecayRegularizer`, :mod:`.regularizers`). Pure PyTorch.
 """
 from typing import Dict, Sequence
@@ -55,6 +59,10 @@ class SelectiveSpectralDecay:
         self.steps = 0  # optimizer steps taken
         self.refreshed_at = None  # step of the cached SVD
         self.cache: Dict[int, tuple] = {}
+        # at the last refresh: matrices with a rank k, and the largest share
+        # any matrix's top max_rank components carried (for the warning)
+        self.penalized = 0
+        self.largest_share = 0.0
 
     def selected_rank(self, s: torch.Tensor) -> int:
         """Smallest ``k <= max_rank`` with energy share ``>= tau``, or 0
@@ -64,15 +72,31 @@ class SelectiveSpectralDecay:
         reached = (share[:self.max_rank] >= self.tau).nonzero()
         return int(reached[0]) + 1 if len(reached) else 0
 
+    def top_share(self, s: torch.Tensor) -> float:
+        """Energy share of the top ``max_rank`` components."""
+        energy = s.square()
+        return float(energy[:self.max_rank].sum() /
+                     energy.sum().clamp_min(torch.finfo(s.dtype).tiny))
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute and cache the top singular vectors of every weight."""
+        self.penalized, self.largest_share = 0, 0.0
         for i, w in enumerate(self.weights):
             u, s, vh = torch.linalg.svd(w.detach().float(),
                                         full_matrices=False)
             k = self.selected_rank(s)
             self.cache[i] = (u[:, :k].to(w.dtype), vh[:k].to(w.dtype))
+            self.penalized += k > 0
+            self.largest_share = max(self.largest_share, self.top_share(s))
         self.refreshed_at = self.steps
+
+    def no_penalty_message(self) -> str:
+        """Why the last refresh selected no matrix (a warning's text)."""
+        return (f'S2D penalizes none of its {len(self.weights)} matrices: '
+                f'their top {self.max_rank} singular values carry at most '
+                f'{self.largest_share:.3f} of the energy, below tau '
+                f'{self.tau} (lower tau or raise max_rank for a penalty)')
 
     def penalty(self) -> torch.Tensor:
         """``sum_W lam / (n + 1) sum_{i <= k} s_i^(n + 1)``, differentiable
@@ -97,12 +121,16 @@ class SelectiveSpectralDecay:
 
     def state_dict(self) -> Dict:
         return dict(steps=self.steps, refreshed_at=self.refreshed_at,
-                    cache=dict(self.cache))
+                    cache=dict(self.cache), penalized=self.penalized,
+                    largest_share=self.largest_share)
 
     def load_state_dict(self, state: Dict) -> None:
         self.steps = state['steps']
         self.refreshed_at = state.get('refreshed_at', self.steps)
         self.cache = dict(state['cache'])
+        self.penalized = state.get(
+            'penalized', sum(u.shape[1] > 0 for u, _ in self.cache.values()))
+        self.largest_share = state.get('largest_share', 0.0)
 
 
 @REGULARIZERS.register
@@ -120,6 +148,7 @@ class SpectralDecayRegularizer(Regularizer):
                             svd_interval=svd_interval, power=power)
         SelectiveSpectralDecay([], **self.options)  # bad options fail now
         self.decay = None
+        self._warned_at = None  # the refresh last warned about
 
     def bind(self, model, pairs, lr_of) -> None:
         weights = {id(w): w for pair in pairs for w in pair.parameters}
@@ -131,7 +160,20 @@ class SpectralDecayRegularizer(Regularizer):
 
     def after_step(self, iteration, optimizer_step):
         self.decay.step_done()  # counts towards the SVD refresh
-        return {}
+        if self.decay.refreshed_at is None:
+            return {}
+        return dict(s2d_penalized_matrices=torch.tensor(
+            float(self.decay.penalized)))
+
+    def describe(self, logged):
+        """A warning once per SVD refresh that selects no matrix (the
+        penalty is then zero until the next refresh)."""
+        refreshed_at = self.decay.refreshed_at
+        if logged.get('s2d_penalized_matrices', 1) or \
+                refreshed_at == self._warned_at:
+            return None
+        self._warned_at = refreshed_at
+        return self.decay.no_penalty_message()
 
     def state_dict(self) -> Dict:
         return self.decay.state_dict() if self.decay is not None else {}
