@@ -108,15 +108,26 @@ def calibrate_on(model, quant_cfg, batch: Dict, what: str = 'PTQ',
     finally:
         for handle in handles:
             handle.remove()
-    unreached = summary.pop('unreached')
+    named = {key: summary.pop(key, []) for key in CALIBRATION_WARNINGS}
     print_log(f'{what}: calibrated on {len(batch["inputs"])} images: '
               f'{summary}', logger='current')
-    if unreached:
-        print_log(f'{what}: {len(unreached)} quantizer(s) never ran on the '
-                  'calibration images and stay in float: '
-                  f'{", ".join(unreached)}', logger='current',
-                  level=logging.WARNING)
+    for key, names in named.items():
+        if names:
+            print_log(f'{what}: {len(names)} quantizer(s) '
+                      f'{CALIBRATION_WARNINGS[key]}: {", ".join(names)}',
+                      logger='current', level=logging.WARNING)
     return summary
+
+
+#: lists of quantizer names in a calibration summary, each logged as a
+#: warning with this text (:func:`mmcd.core.quant.calibrate`)
+CALIBRATION_WARNINGS = dict(
+    unreached='never ran on the calibration images and stay in float',
+    first_call_only='of attention matmuls called more than once per pass '
+    'are calibrated on their first call only (the joint product search '
+    'sees one call)',
+    unsettled='of modules called more than once per pass still changed '
+    'after the last extra calibration pass')
 
 
 def _matmul_search_progress(model) -> List:

@@ -17,7 +17,9 @@ with quantization on, each quantizer calibrating on the first tensor it sees
 (quantizers.py); the post-LayerNorm inputs are quantized per channel in that
 pass and reparameterized after it. ``aphq-vit`` runs that pass in float and
 a second one for the reparameterized inputs, as APHQ-ViT's code
-(:func:`calibrate`). Pure PyTorch.
+(:func:`calibrate`). A module called more than once per pass (an RPN head
+over the FPN levels) is calibrated on its first call (RepQ-ViT) or on all
+its calls in extra passes (``QuantMethod.shared_calls``). Pure PyTorch.
 """
 import re
 from dataclasses import dataclass, field, replace
@@ -415,9 +417,18 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
        the reparameterized values instead of keeping the target
        (APHQ-ViT).
 
+    4. A quantizer called more than once in the pass (a module shared by
+       several inputs: mmdet's RPN head runs on every FPN level) calibrated
+       on its first call, as RepQ-ViT's code does; with the method's
+       ``shared_calls='all'`` it is calibrated again on all its calls at
+       once (:func:`_calibrate_on_every_call`; APHQ-ViT's calibrator
+       gathers every call of a layer).
+
     A quantizer the pass never reached stays in float; their names are in
-    the summary (``unreached``), which the caller should report. Returns
-    the summary.
+    the summary (``unreached``), which the caller should report, as
+    ``first_call_only`` (quantizers of a shared attention matmul, whose
+    joint search sees one call) and ``unsettled``
+    (:func:`_calibrate_on_every_call`). Returns the summary.
     """
     model.eval()
     method = cfg.resolved_method
@@ -438,13 +449,28 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
             linear.input_quantizer.layer_name = own.layer_name
             per_channel.append((modules[norm_name], linear, own))
     act_quantizers = activation_quantizers(model)
+    float_inputs = method.calibration_inputs == 'float'
+    every_call = method.shared_calls == 'all'
     try:
+        for q in act_quantizers if every_call else ():
+            q.calls = 0
         _calibration_pass(model, layers, act_quantizers, run_calibration,
-                          method.calibration_inputs == 'float')
+                          float_inputs)
     except BaseException:
         for _, linear, own in per_channel:
             linear.input_quantizer = own
         raise
+    finally:
+        shared = [q for q in act_quantizers if (q.calls or 0) > 1]
+        for q in act_quantizers:
+            q.calls = None
+    joint = {id(q) for m in model.modules()
+             if isinstance(m, QuantMatMul) and m.search is not None
+             for q in (m.quantizer_a, m.quantizer_b)}
+    first_call_only = [q.layer_name for q in shared if id(q) in joint]
+    shared = [q for q in shared if id(q) not in joint]
+    passes, unsettled = _calibrate_on_every_call(
+        model, layers, shared, run_calibration, float_inputs)
     unreached = []
     for q in act_quantizers:
         if q.state == 'calib':
@@ -461,12 +487,61 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
             reparameterized.append(own)
     if method.search_after_reparam and reparameterized:
         _calibration_pass(model, layers, reparameterized, run_calibration,
-                          method.calibration_inputs == 'float')
+                          float_inputs)
         for q in reparameterized:  # unreached now: the target stays
             q.state = 'quant'
     return dict(method=method.name, layers=len(layers),
                 reparameterized=len(reparameterized),
-                act_quantizers=len(act_quantizers), unreached=unreached)
+                act_quantizers=len(act_quantizers),
+                on_every_call=len(shared), extra_passes=passes,
+                unreached=unreached, first_call_only=first_call_only,
+                unsettled=unsettled)
+
+
+def _calibrate_on_every_call(model: nn.Module, layers: List[nn.Module],
+                             shared: List[FakeQuantizer],
+                             run_calibration: Callable[[], None],
+                             float_inputs: bool, max_passes: int = 4):
+    """Calibrate each of ``shared`` (quantizers called more than once per
+    pass) on the inputs of all its calls at once
+    (:meth:`~.quantizers.FakeQuantizer.calibrate_all`), gathered in a pass
+    of the same kind as the calibration's (``float_inputs``: everything in
+    float, so one pass gives every shared quantizer its float inputs, as
+    APHQ-ViT's calibrator). With quantized inputs a shared quantizer's
+    inputs may come through another one (an RPN head's conv feeds its
+    classifier, both shared): the pass is repeated until no parameter
+    changes, at most ``max_passes`` times (a chain of ``d`` shared
+    quantizers settles in ``d`` passes and one more confirms it). Returns
+    the number of passes and the names of quantizers still changing in the
+    last one."""
+    if not shared:
+        return 0, []
+    for done in range(1, max_passes + 1):
+        before = [_params_of(q) for q in shared]
+        for q in shared:
+            q.gathered = []
+        try:
+            _calibration_pass(model, layers, [], run_calibration,
+                              float_inputs)
+            for q in shared:
+                q.calibrate_all(q.gathered)
+        finally:
+            for q in shared:
+                q.gathered = None
+        changed = [q.layer_name for q, old in zip(shared, before)
+                   if not _same_params(old, _params_of(q))]
+        if float_inputs or not changed:
+            return done, []
+    return max_passes, changed
+
+
+def _params_of(quantizer: FakeQuantizer) -> Dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in quantizer.state_dict().items()}
+
+
+def _same_params(a: Dict[str, torch.Tensor],
+                 b: Dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _calibration_pass(model: nn.Module, layers: List[nn.Module],

@@ -53,6 +53,7 @@ POST_SOFTMAX_QUANTIZERS.register(LogSqrt2Quantizer, name='log-sqrt2')
 POST_SOFTMAX_QUANTIZERS.register(TanQuantizer, name='tanq')
 #: what the layers of a calibration pass see (QuantMethod)
 CALIBRATION_INPUTS = ('quantized', 'float')
+SHARED_CALLS = ('first', 'all')
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,13 @@ class QuantMethod:
     (APHQ-ViT) instead of the target grid (RepQ-ViT); ``matmul_search``: a
     registered joint search of the attention matmuls' operands, quantized per
     head (``aphq_searches.MATMUL_SEARCHES``; None: each operand per tensor with
-    its own search; attention that does not say its heads keeps that)."""
+    its own search; attention that does not say its heads keeps that);
+    ``shared_calls``: how a module called several times per calibration pass
+    (mmdet's RPN head runs on every FPN level) is calibrated: ``'first'``, on
+    its first call (RepQ-ViT's detection code: each quantizer initializes on
+    the first tensor it sees, so the RPN's on the finest level), or
+    ``'all'``, on all calls at once (APHQ-ViT's calibrator gathers every call
+    of a layer; QDrop's observers update on every call)."""
     name: str
     act_search: str
     weight_search: str
@@ -90,6 +97,7 @@ class QuantMethod:
     calibration_inputs: str = 'quantized'
     search_after_reparam: bool = False
     matmul_search: Optional[str] = None
+    shared_calls: str = 'first'
 
     def __post_init__(self):
         for field_name, registry in (
@@ -117,6 +125,10 @@ class QuantMethod:
             raise ValueError(
                 f'{self.name}: calibration_inputs must be one of '
                 f'{CALIBRATION_INPUTS}, got {self.calibration_inputs!r}')
+        if self.shared_calls not in SHARED_CALLS:
+            raise ValueError(
+                f'{self.name}: shared_calls must be one of {SHARED_CALLS}, '
+                f'got {self.shared_calls!r}')
         for flag in ('reparameterize', 'symmetric', 'integer_target',
                      'search_after_reparam'):
             if not isinstance(getattr(self, flag), bool):
@@ -165,13 +177,13 @@ QUANT_METHODS.register(QuantMethod('repq-vit', 'quantile', 'quantile',
 QUANT_METHODS.register(QuantMethod('dopq-vit', 'quantile', 'quantile', 'tanq',
                                    reparameterize=True))
 QUANT_METHODS.register(QuantMethod(
-    'qdrop', 'quantile', 'quantile', 'uniform',
+    'qdrop', 'quantile', 'quantile', 'uniform', shared_calls='all',
     reconstruction=ReconstructionConfig()))
 QUANT_METHODS.register(QuantMethod(
     'aphq-vit', 'aphq-act-grid', 'aphq-grid', 'aphq-grid',
     reparameterize=True, conv_act_search='aphq-conv-act-grid',
     conv_weight_search='aphq-conv-grid', calibration_inputs='float',
     search_after_reparam=True, integer_target=True,
-    matmul_search='aphq-product',
+    matmul_search='aphq-product', shared_calls='all',
     reconstruction=ReconstructionConfig(loss='aph', input_prob=0.5,
                                         mlp=True)))

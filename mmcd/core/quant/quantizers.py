@@ -64,7 +64,7 @@ The post-softmax quantizers pass gradients straight through their rounding
 (identity backward), so QAT can keep them (qat.py). Pure PyTorch.
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -260,6 +260,12 @@ class FakeQuantizer(nn.Module):
         self.passes_float = False
         #: the module path, for messages (set by ``quantize_model``)
         self.layer_name = type(self).__name__
+        #: set during calibration passes (convert.py): ``calls`` counts the
+        #: calls (a module shared by several inputs, e.g. an RPN head over
+        #: the FPN levels, is called once per input), ``gathered`` keeps
+        #: every input for :meth:`calibrate_all`
+        self.calls: Optional[int] = None
+        self.gathered: Optional[List[torch.Tensor]] = None
 
     def set_state(self, state: str) -> None:
         if state not in STATES:
@@ -274,25 +280,39 @@ class FakeQuantizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls is not None:
+            self.calls += 1
+        if self.gathered is not None:
+            self.gathered.append(self._checked(x))
         if self.state == 'calib':
-            data = x.detach()
-            if data.numel() == 0:
-                raise ValueError(
-                    f'calibration input of {self.layer_name} is empty (no '
-                    'detections reached it?): calibrate on more images')
-            # min and max propagate NaN: one cheap reduction checks all
-            if not torch.isfinite(torch.stack(torch.aminmax(data))).all():
-                raise ValueError(f'calibration input of {self.layer_name} '
-                                 'has NaN or inf values')
-            self.calibrate(data)
+            self.calibrate(self._checked(x))
             self.state = 'quant'
         if self.state == 'quant' and not self.passes_float:
             return self.quantize(x)
         return x
 
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` detached, refused when empty or not finite."""
+        data = x.detach()
+        if data.numel() == 0:
+            raise ValueError(
+                f'calibration input of {self.layer_name} is empty (no '
+                'detections reached it?): calibrate on more images')
+        # min and max propagate NaN: one cheap reduction checks all
+        if not torch.isfinite(torch.stack(torch.aminmax(data))).all():
+            raise ValueError(f'calibration input of {self.layer_name} '
+                             'has NaN or inf values')
+        return data
+
     def calibrate(self, x: torch.Tensor) -> None:
         """Set the parameters from the calibration tensor ``x``."""
         raise NotImplementedError
+
+    def calibrate_all(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Set the parameters from several calibration tensors at once, as
+        from one tensor holding all their values (per-tensor quantizers:
+        their flattened concatenation)."""
+        self.calibrate(torch.cat([t.reshape(-1) for t in tensors]))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -509,7 +529,15 @@ class UniformQuantizer(FakeQuantizer):
             for params in zip(*candidates))
 
     def calibrate(self, x: torch.Tensor) -> None:
-        rows = self._rows(self._shifted(x))
+        self._calibrate_rows(self._rows(self._shifted(x)))
+
+    def calibrate_all(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Per channel: each channel's values of all ``tensors`` in one
+        row (the tensors may differ in every dimension but the channel's)."""
+        self._calibrate_rows(torch.cat(
+            [self._rows(self._shifted(t)) for t in tensors], 1))
+
+    def _calibrate_rows(self, rows: torch.Tensor) -> None:
         scale, zero = self._search(rows)
         if self.channel_axis is None:
             scale, zero = scale[0], zero[0]
