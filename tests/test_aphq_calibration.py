@@ -20,11 +20,17 @@ from mmcd.core.quant.qdq import to_qdq
 from test_aphq import toy
 
 
-def aphq_grid_reference(row, bits, num_zp, min_scale=0.0, fix_zero=False):
+def aphq_grid_reference(row, bits, num_zp, min_scale=0.0, fix_zero=False,
+                        weigh_by_size=False):
     """APHQ-ViT's search for one row, written from its code with loops:
     ``num_zp`` zero points around ``2^(b-1)`` (``fix_zero``: only 0) times
     ``128 // num_zp`` scales from the 0.999-quantile range to the full
-    range, the first of least squared error."""
+    range, the first of least squared error. ``row`` may be a list of the
+    rows of several calls of one layer: quantiles of all their values, and
+    each call's mean error summed (its conv's ``_search_best_a_scale_self``;
+    ``weigh_by_size``: the squared errors of all values summed instead)."""
+    calls = row if isinstance(row, list) else [row]
+    row = torch.cat(calls)
     levels = 2**bits - 1
     lo, hi = torch.quantile(row, 0.001), torch.quantile(row, 0.999)
     narrow, wide = float(hi - lo), float(row.max() - row.min())
@@ -38,8 +44,11 @@ def aphq_grid_reference(row, bits, num_zp, min_scale=0.0, fix_zero=False):
         for i in range(num_scale):
             u = i / (num_scale - 1) if num_scale > 1 else 0.0
             s = max((narrow + u * (wide - narrow)) / levels, min_scale)
-            q = torch.clamp(torch.round(row / s) + z, 0, levels)
-            err = float(((q - z) * s - row).pow(2).sum())
+            err = 0.0
+            for x in calls:
+                q = torch.clamp(torch.round(x / s) + z, 0, levels)
+                e = ((q - z) * s - x).pow(2)
+                err += float(e.sum() if weigh_by_size else e.mean())
             if best is None or err < best[0]:
                 best = (err, s, z)
     return best[1], best[2]
@@ -89,6 +98,21 @@ def test_activation_grid_clamps_the_scale_and_a_relu_input_keeps_zero_0():
     conv.calibrate(x)
     assert (float(conv.scale), float(conv.zero_point)) == pytest.approx(
         aphq_grid_reference(x, 4, 8, min_scale=1e-4), rel=1e-9)
+
+
+def test_a_conv_called_on_every_level_weighs_each_call_the_same():
+    """A shared conv's input (an RPN head on every FPN level): candidates
+    from all calls' values, each call's mean error summed, as APHQ-ViT's
+    conv search; weighing the calls by size would choose another grid."""
+    calls = [heavy_rows(1, 4000, seed=1)[0],
+             8 * heavy_rows(1, 250, seed=2)[0] + 3]
+    q = UniformQuantizer(4, None, 'aphq-conv-act-grid')
+    q.calibrate_all(calls)
+    chosen = (float(q.scale), float(q.zero_point))
+    assert chosen == pytest.approx(
+        aphq_grid_reference(calls, 4, 8, min_scale=1e-4), rel=1e-9)
+    assert chosen != pytest.approx(aphq_grid_reference(
+        calls, 4, 8, min_scale=1e-4, weigh_by_size=True), rel=1e-6)
 
 
 def test_symmetric_grid_keeps_the_signed_zero_and_beats_min_max():

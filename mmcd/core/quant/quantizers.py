@@ -309,10 +309,9 @@ class FakeQuantizer(nn.Module):
         raise NotImplementedError
 
     def calibrate_all(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Set the parameters from several calibration tensors at once, as
-        from one tensor holding all their values (per-tensor quantizers:
-        their flattened concatenation)."""
-        self.calibrate(torch.cat([t.reshape(-1) for t in tensors]))
+        """Set the parameters from the inputs of every call of a module
+        called several times per pass (convert.py)."""
+        raise NotImplementedError
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -363,6 +362,19 @@ def map_in_chunks(fn, x: torch.Tensor,
     for src, dst in zip(rows.split(step), out.split(step)):
         fn(src, dst)
     return out.view(x.shape)
+
+
+def calls_errors(calls: Sequence[torch.Tensor], candidates: Sequence[tuple],
+                 fake) -> torch.Tensor:
+    """:func:`squared_errors` of the rows of one call; of several calls
+    (a module called more than once per pass: an RPN head on every FPN
+    level) each call's mean squared error per row, summed over the calls,
+    so that every call weighs the same whatever its size, as APHQ-ViT's
+    convolution search sums each call's mean error."""
+    if len(calls) == 1:
+        return squared_errors(calls[0], candidates, fake)
+    return sum(squared_errors(rows, candidates, fake) / rows.shape[1]
+               for rows in calls)
 
 
 def squared_errors(rows: torch.Tensor, candidates: Sequence[tuple],
@@ -514,31 +526,31 @@ class UniformQuantizer(FakeQuantizer):
     def _fake(self, x, scale, zero, out=None):
         return uniform_fake_quant(x, scale, zero, self.levels, out)
 
-    def _search(self, rows: torch.Tensor):
-        """Per-row (scale, zero) of least MSE among the candidates of
-        ``self.search``."""
-        candidates = RANGE_SEARCHES.get(self.search)(self, rows)
+    def _search(self, calls: Sequence[torch.Tensor]):
+        """Per-row (scale, zero) of least error (:func:`calls_errors`)
+        among the candidates of ``self.search`` on the rows of all
+        ``calls`` together."""
+        candidates = RANGE_SEARCHES.get(self.search)(
+            self, calls[0] if len(calls) == 1 else torch.cat(calls, 1))
         if len(candidates) == 1:
             return candidates[0]
-        errors = squared_errors(
-            rows, [(scale[:, None], zero[:, None])
-                   for scale, zero in candidates], self._fake)
+        errors = calls_errors(
+            calls, [(scale[:, None], zero[:, None])
+                    for scale, zero in candidates], self._fake)
         best = errors.argmin(0, keepdim=True)  # the first of equal errors
         return tuple(
             torch.stack(params).gather(0, best)[0]
             for params in zip(*candidates))
 
     def calibrate(self, x: torch.Tensor) -> None:
-        self._calibrate_rows(self._rows(self._shifted(x)))
+        self.calibrate_all([x])
 
     def calibrate_all(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Per channel: each channel's values of all ``tensors`` in one
-        row (the tensors may differ in every dimension but the channel's)."""
-        self._calibrate_rows(torch.cat(
-            [self._rows(self._shifted(t)) for t in tensors], 1))
-
-    def _calibrate_rows(self, rows: torch.Tensor) -> None:
-        scale, zero = self._search(rows)
+        """Candidates from each channel's values of all ``tensors`` (they
+        may differ in every dimension but the channel's), scored with every
+        tensor weighing the same (:func:`calls_errors`)."""
+        scale, zero = self._search(
+            [self._rows(self._shifted(t)) for t in tensors])
         if self.channel_axis is None:
             scale, zero = scale[0], zero[0]
         self._set(scale, zero)
@@ -667,9 +679,15 @@ class PostSoftmaxQuantizer(FakeQuantizer):
 
     def calibrate(self, x: torch.Tensor) -> None:
         """The candidate parameters (:meth:`_candidates`) of least MSE."""
-        data = _for_search(x).reshape(1, -1)
-        candidates = list(self._candidates(self._delta_candidates(data)))
-        errors = squared_errors(data, candidates, self._fake)
+        self.calibrate_all([x])
+
+    def calibrate_all(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Candidates from the values of all ``tensors``, scored with
+        every tensor weighing the same (:func:`calls_errors`)."""
+        calls = [_for_search(t).reshape(1, -1) for t in tensors]
+        candidates = list(self._candidates(self._delta_candidates(
+            calls[0] if len(calls) == 1 else torch.cat(calls, 1))))
+        errors = calls_errors(calls, candidates, self._fake)
         self._set_params(*candidates[int(errors[:, 0].argmin())])
 
 
