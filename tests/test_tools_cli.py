@@ -261,3 +261,19 @@ def test_resume_before_the_first_checkpoint_keeps_load_from(micro_run,
     assert code == 0, out
     assert f'Resumed checkpoint from {tmp_path}/epoch_1.pth' in out or \
         'resumed epoch: 1' in out, out[-3000:]
+
+
+@pytest.mark.parametrize('options', [
+    {'custom_imports': dict(imports=['my_cli_plugin'])},
+    {'custom_imports.imports': ['my_cli_plugin']}])
+def test_cfg_options_custom_imports_are_imported(tmp_path, monkeypatch,
+                                                  options):
+    """``--cfg-options custom_imports.imports=[...]`` (the dotted form a
+    user types) imports its modules like the whole dict does."""
+    from mmcd.utils.runner_setup import load_config
+    (tmp_path / 'my_cli_plugin.py').write_text('LOADED = True\n')
+    (tmp_path / 'cfg.py').write_text('x = 1\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, 'my_cli_plugin', raising=False)
+    load_config(str(tmp_path / 'cfg.py'), options)
+    assert sys.modules['my_cli_plugin'].LOADED

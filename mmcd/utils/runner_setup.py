@@ -104,7 +104,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-        if 'custom_imports' in cfg_options:
+        # given whole or by a dotted key (custom_imports.imports=[...])
+        if any(key.split('.')[0] == 'custom_imports' for key in cfg_options):
             from mmengine.utils import import_modules_from_strings
             import_modules_from_strings(**cfg.custom_imports)
     return cfg
