@@ -243,8 +243,31 @@ def test_reconstruction_keeps_a_profiles_integer_grids(profile):
             assert torch.equal(qdq.zero_point, qdq.zero_point.round()), name
 
 
+@pytest.mark.parametrize('order', ['in_turn', 'random'])
+def test_in_turn_order_trains_on_images_in_recording_order(order):
+    """APHQ-ViT's order: step ``it`` trains on image ``it mod N`` (seen
+    through the unit's input, a mix of that image's quantized-prefix and
+    float inputs: nearest to its float input); QDrop's draws at random."""
+    net, quantized, x = calibrated_net()
+    float_in = []
+    net.blocks[0].register_forward_pre_hook(
+        lambda m, args: float_in.append(args[0].detach()))
+    net(x)
+    seen = []
+    quantized.blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach())
+        if args[0].shape[0] == 1 else None)
+    reconstruct(quantized, net, lambda m: m(x), ['blocks.0'],
+                ReconstructionConfig(iters=6, order=order))
+    nearest = [int((float_in[0] - s).flatten(1).norm(dim=1).argmin())
+               for s in seen]
+    assert (nearest == [0, 1, 2, 3, 4, 5]) == (order == 'in_turn')
+
+
 def test_bad_reconstruction_options_and_a_nan_loss():
     for options, message in [
+            (dict(order='sorted'), "order must be one of \\('random', "
+             "'in_turn'\\), got 'sorted'"),
             (dict(iters=0), 'iters must be an integer >= 1'),
             (dict(batch_size=0), 'batch_size must be an integer >= 1'),
             (dict(drop_prob=0), r'drop_prob .* must be in \(0, 1\]'),

@@ -123,3 +123,16 @@ def test_engine_cuts_a_batch_into_chunks():
         dict(inputs=[2, 3], data_samples=['c', 'd']),
         dict(inputs=[4], data_samples=['e'])]
     assert batch_chunks(batch, None) == [batch]
+
+
+def test_in_turn_batches_follow_recording_order_and_cycle():
+    """APHQ-ViT's order: consecutive images, cycling; a batch ends at its
+    chunk's end (chunks of 3 and 2 images, batches of 2)."""
+    from itertools import islice
+    data = UnitData()
+    first, second = torch.arange(3.)[:, None], torch.arange(3., 5.)[:, None]
+    data.add(((first, ), {}), first)
+    data.add(((second, ), {}), second)
+    seen = [batch['target'][:, 0].tolist()
+            for batch in islice(data.in_turn(2), 6)]
+    assert seen == [[0, 1], [2], [3, 4], [0, 1], [2], [3, 4]]

@@ -186,4 +186,4 @@ QUANT_METHODS.register(QuantMethod(
     search_after_reparam=True, integer_target=True,
     matmul_search='aphq-product', shared_calls='all',
     reconstruction=ReconstructionConfig(loss='aph', input_prob=0.5,
-                                        mlp=True)))
+                                        mlp=True, order='in_turn')))

@@ -25,8 +25,9 @@ in model order:
    head for per-head grids), its zero point fixed (QDrop's ``LSQFakeQuantize``,
    learned_step.py), post-softmax quantizers keep theirs;
 4. ``iters`` steps of Adam (``V``: default lr 1e-3; steps: ``act_lr``,
-   cosine to 0) on ``rec + lambda sum(1 - |2 h(V) - 1|^beta)`` over random
-   mini-batches of ``batch_size`` images, where ``rec`` is the registered
+   cosine to 0) on ``rec + lambda sum(1 - |2 h(V) - 1|^beta)`` over
+   mini-batches of ``batch_size`` images (at random, or in turn:
+   ``order``), where ``rec`` is the registered
    loss ``loss`` (default QDrop's ``sum_channels |y - y_fp|^p`` averaged
    over the rest; ``'aph'``: APHQ-ViT's, reconstruction_losses.py), the
    unit's input is ``x_q`` elementwise with probability ``input_prob`` and
@@ -58,6 +59,8 @@ GAMMA, ZETA = -0.1, 1.1
 #: the options of :class:`ReconstructionConfig` that say where data lives
 #: and how much runs at once, not what is computed
 MEMORY_OPTIONS = ('chunk_images', 'cache_dir')
+#: how a unit's mini-batches are drawn (ReconstructionConfig.order)
+BATCH_ORDERS = ('random', 'in_turn')
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,10 @@ class ReconstructionConfig:
     1 and reconstructs on 256), read by whoever loads them
     (``mmcd.engine``). ``mlp``: APHQ-ViT's MLP reconstruction first
     (mlp_reconstruction.py) with ``mlp_iters`` 20000 per MLP, ``mlp_lr``
-    4e-5, ``mlp_quantile`` 0.999 and ``mlp_clamped_weight`` 2.
+    4e-5, ``mlp_quantile`` 0.999 and ``mlp_clamped_weight`` 2. ``order``
+    of the mini-batches (:data:`BATCH_ORDERS`): ``'random'``, each drawn at
+    random (QDrop's code), or ``'in_turn'``, consecutive images in recording
+    order, cycling (APHQ-ViT's code: image ``it mod N`` at step ``it``).
 
     Memory (:data:`MEMORY_OPTIONS`, read by whoever runs the model):
     ``chunk_images``, the images per forward pass when a unit's data is
@@ -106,8 +112,12 @@ class ReconstructionConfig:
     mlp_clamped_weight: float = 2.0
     chunk_images: Optional[int] = None
     cache_dir: Optional[str] = None
+    order: str = 'random'
 
     def __post_init__(self):
+        if self.order not in BATCH_ORDERS:
+            raise ValueError(f'reconstruction order must be one of '
+                             f'{BATCH_ORDERS}, got {self.order!r}')
         for key in ('iters', 'batch_size', 'mlp_iters'):
             value = getattr(self, key)
             if not (isinstance(value, int) and value >= 1):
@@ -356,9 +366,12 @@ def reconstruct_unit(name: str, unit: nn.Module, data: UnitData,
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         a_opt, T_max=cfg.iters, eta_min=0.) if a_opt else None
     optimizers = [o for o in (w_opt, a_opt) if o is not None]
+    in_turn = data.in_turn(cfg.batch_size) if cfg.order == 'in_turn' \
+        else None
     try:
         for it in range(1, cfg.iters + 1):
-            batch = data.sample(cfg.batch_size, gen)
+            batch = next(in_turn) if in_turn else \
+                data.sample(cfg.batch_size, gen)
             args_q, kwargs = batch['q']
             args = _mix(args_q, batch['fp'][0], cfg.keep_input, gen)
             loss = loss_fn(unit(*args, **kwargs), batch['target'],

@@ -96,6 +96,16 @@ class UnitData:
         index = torch.randint(0, self.sizes[k], (batch_size, ), generator=gen)
         return rows(self.chunks[k], index, self.sizes[k])
 
+    def in_turn(self, batch_size: int) -> Iterator[Dict]:
+        """Mini-batches of consecutive images in recording order, cycling
+        without end; a batch ends at the end of its chunk (so the last one
+        of a chunk may be smaller)."""
+        while True:
+            for chunk, size in self:
+                for start in range(0, size, batch_size):
+                    yield rows(chunk, torch.arange(
+                        start, min(start + batch_size, size)), size)
+
     def image(self, i: int) -> Dict:
         """The ``i``-th image (in recording order) as a chunk of one."""
         for chunk, size in self:
