@@ -837,6 +837,37 @@ def test_compare_ptq_tools_rows(micro_run, tmp_path):
     assert '| onnxruntime MinMax |' in out
 
 
+@pytest.mark.slow  # three end-to-end exports, quantized and evaluated
+def test_compare_ptq_tools_whole_detector(micro_run, tmp_path):
+    """``--scope detector``: float, an mmcd method and onnxruntime's
+    quantize_static on the whole detector's end-to-end export, each
+    evaluated in onnxruntime and timed; onnxruntime's file quantizes the
+    heads' convolutions and FCs too (more QuantizeLinear nodes than the
+    backbone + neck alone would need)."""
+    from test_tools_cli import run_tool
+    config, ckpt = micro_run
+    code, out = run_tool('tools/benchmarks/compare_ptq_tools.py', config,
+                         ckpt, '--scope', 'detector', '--mmcd', 'minmax',
+                         '--ort', 'MinMax', '--calib-images', '2',
+                         '--pad-to', '128', '--runs', '1', '--out-dir',
+                         str(tmp_path), timeout=900)
+    assert code == 0, out
+    result = json.loads((tmp_path / 'compare_ptq_tools.json').read_text())
+    assert result['scope'] == 'detector'
+    rows = result['rows']
+    assert list(rows) == ['float', 'mmcd minmax', 'onnxruntime MinMax']
+    for row in rows.values():
+        assert 0 <= row['box_map'] <= 1 and 0 <= row['mask_map'] <= 1
+        assert row['latency_ms'] > 0
+        graph = onnx.load(row['path']).graph
+        assert [o.name for o in graph.output][:2] == ['dets', 'labels']
+    ort_graph = onnx.load(rows['onnxruntime MinMax']['path']).graph
+    quantized = {n.input[0] for n in ort_graph.node
+                 if n.op_type == 'QuantizeLinear'}
+    assert any('roi_head' in name or 'rpn' in name for name in quantized)
+    assert 'whole detector in onnxruntime' in out
+
+
 def test_onnxruntime_quantize_static_of_an_exported_model(tmp_path):
     """``ort_quantized``: onnxruntime's own QDQ model of a float export,
     calibrated on the images given: per-output-channel int8 weights with

@@ -245,6 +245,17 @@ def test_end_to_end_float_export_is_the_rewritten_model(config, tmp_path):
     for a, b in zip(found, reference):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4,
                                    atol=1e-3)
+    # a file made elsewhere (another tool's quantization of it) runs for
+    # its own shape and refuses others instead of exporting the float model
+    again = end2end_detector(detector, cfg, out_dir=str(tmp_path),
+                             prefix='other')
+    again.use_file(exported.path_for(image))
+    for a, b in zip(again.outputs(image, sample), found):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r'takes images of \[1, 3, 64, 96\], '
+                       r'got one of \[1, 3, 64, 64\]: pad every image'):
+        again.outputs(image[..., :64].contiguous(), sample)
+    assert not (tmp_path / 'other_64x64.onnx').exists()
 
 
 def test_end2end_detector_bad_runtime():

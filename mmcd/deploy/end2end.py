@@ -407,6 +407,7 @@ def _end2end_class():
             self.runtime, self.out_dir, self.prefix = runtime, out_dir, prefix
             self.opset = opset
             self.sessions: Dict[Tuple[int, ...], object] = {}
+            self.fixed_file = None  # use_file: no exports of other shapes
             super().__init__('onnxruntime', [], 'cpu',
                              deploy_config(model_cfg, opset),
                              model_cfg=model_cfg,
@@ -414,6 +415,18 @@ def _end2end_class():
 
         def _init_wrapper(self, backend, backend_files, device):
             """No backend wrapper: :meth:`outputs` runs the model."""
+
+        def use_file(self, path: str) -> None:
+            """Run the end-to-end model ``path`` (made elsewhere from an
+            export of this detector, e.g. quantized by another tool) for
+            images of its input shape; images of another shape are
+            refused."""
+            import onnx
+            dims = onnx.load(path, load_external_data=False).graph.input[
+                0].type.tensor_type.shape.dim
+            self.sessions = {tuple(d.dim_value for d in dims):
+                             ort_session(path)}
+            self.fixed_file = path
 
         def path_for(self, inputs: torch.Tensor) -> str:
             return osp.join(self.out_dir, f'{self.prefix}_{inputs.shape[-2]}x'
@@ -430,6 +443,11 @@ def _end2end_class():
                     return list(self._detector(image, [copy.deepcopy(sample)],
                                                mode='predict'))
             key = tuple(image.shape)
+            if key not in self.sessions and self.fixed_file:
+                (shape, ) = self.sessions
+                raise ValueError(
+                    f'{self.fixed_file} takes images of {list(shape)}, got '
+                    f'one of {list(key)}: pad every image to that shape')
             if key not in self.sessions:
                 path = export_detector(self._detector, image,
                                        [copy.deepcopy(sample)],

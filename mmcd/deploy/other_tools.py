@@ -50,10 +50,13 @@ def _stem(path: str) -> str:
 
 
 def ort_quantized(float_path: str, images: torch.Tensor,
-                  calibration: str) -> str:
+                  calibration: str, symbolic_shapes: bool = True) -> str:
     """``float_path`` quantized by onnxruntime's ``quantize_static``
     (module docstring) calibrated with ``calibration`` on ``images``;
-    written beside it as ``{stem}_ort_{calibration}.onnx``."""
+    written beside it as ``{stem}_ort_{calibration}.onnx``.
+    ``symbolic_shapes``: ``quant_pre_process``'s symbolic shape inference
+    (an end-to-end detector's graph defeats it, "Incomplete symbolic shape
+    inference" on mmdeploy's Mask R-CNN: False skips it)."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -61,7 +64,8 @@ def ort_quantized(float_path: str, images: torch.Tensor,
         raise ValueError(f'onnxruntime calibration {calibration!r}: choose '
                          f'one of {", ".join(ORT_METHODS)}')
     prepared = f'{_stem(float_path)}_ort_prepared.onnx'
-    quant_pre_process(float_path, prepared)
+    quant_pre_process(float_path, prepared,
+                      skip_symbolic_shape=not symbolic_shapes)
     path = f'{_stem(float_path)}_ort_{calibration.lower()}.onnx'
     quantize_static(prepared, path,
                     ImagesReader(input_name(float_path), images),

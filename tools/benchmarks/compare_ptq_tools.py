@@ -1,31 +1,35 @@
 """mmcd's PTQ side by side with the tools a user would pick instead:
 onnxruntime's ``quantize_static`` and NVIDIA ModelOpt's ONNX PTQ, on the
-same exported float backbone + neck and the same calibration images.
+same exported float model and the same calibration images.
 
     python tools/benchmarks/compare_ptq_tools.py CONFIG CKPT
+        [--scope features|detector]
         [--bits 8] [--mmcd repq-vit minmax repq-vit@tensorrt]
         [--profile onnxruntime]
         [--ort MinMax Percentile Entropy] [--modelopt max entropy]
         [--calib-images 32] [--pad-to 256] [--runs 10] [--threads 0]
         [--out-dir work_dirs/compare_ptq_tools] [--cfg-options K=V ...]
 
-Every row quantizes the detector's backbone + neck only and keeps the heads
-in float PyTorch (onnxruntime's and ModelOpt's tools quantize an ONNX file,
-and mmcd's export of the features is the one all three share): mmcd
-calibrates with each ``--mmcd`` method, under ``--profile`` or the
-profile named after ``@`` (``QuantConfig(skip=...)`` leaves every module
-outside ``backbone.`` / ``neck.`` in float) and exports QDQ
-(:func:`mmcd.core.quant.qdq.to_qdq`); onnxruntime's ``quantize_static``
-runs once per ``--ort`` calibration method and ModelOpt once per
-``--modelopt`` method on the float export, with the settings of
-:mod:`mmcd.deploy.other_tools` (8 bits only: it says why). Each is fed
-the same calibration images (mmcd's calibration set: ``--calib-images``
-train images through the test pipeline).
+``--scope features`` (the default): every row quantizes the detector's
+backbone + neck only and keeps the heads in float PyTorch (mmcd's export
+of the features is the file all the tools share; ``QuantConfig(skip=...)``
+leaves every module outside ``backbone.`` / ``neck.`` in float for mmcd).
+``--scope detector``: every row is the whole detector, image in,
+detections out (mmcd's end-to-end export through mmdeploy, two-stage
+detectors), heads quantized too, run by onnxruntime. mmcd calibrates with
+each ``--mmcd`` method, under ``--profile`` or the profile named after
+``@``, and exports QDQ (:func:`mmcd.core.quant.qdq.to_qdq`);
+onnxruntime's ``quantize_static`` runs once per ``--ort`` calibration
+method and ModelOpt once per ``--modelopt`` method on the float export,
+with the settings of :mod:`mmcd.deploy.other_tools` (8 bits only: it says
+why). Each is fed the same calibration images (mmcd's calibration set:
+``--calib-images`` train images through the test pipeline).
 
-For each row it prints the box / mask mAP on the test set (the ONNX
-backbone + neck run by onnxruntime feeding the float PyTorch heads), the
-median latency of the ONNX backbone + neck (interleaved runs, batch 1), its
-ratio to float, and the integer kernels onnxruntime fused. Every session
+For each row it prints the box / mask mAP on the test set (onnxruntime
+running the exported model, feeding the float PyTorch heads at the
+features scope), the median latency of the exported model (interleaved
+runs, batch 1), its ratio to float, and the integer kernels onnxruntime
+fused. Every session
 is :func:`mmcd.deploy.ort_session` (all graph optimizations; the
 quantized ones without ``MatMulAddFusion``), so latencies differ by the
 quantized graph only. ``--pad-to N`` pads every image to a multiple of N
@@ -52,11 +56,13 @@ from mmcd.core.quant.qdq import to_qdq  # noqa: E402
 from mmcd.deploy import (INTEGER_KERNELS, FeatureExtractor,  # noqa: E402
                          OnnxFeatures, export_onnx, integer_kernel_counts,
                          interleaved_latency, ort_session)
+from mmcd.deploy.end2end import end2end_detector  # noqa: E402
 from mmcd.deploy.other_tools import (MODELOPT_METHODS,  # noqa: E402
                                      ORT_METHODS, modelopt_quantized,
                                      ort_quantized)
 from mmcd.engine.calibration import (calibration_images,  # noqa: E402
-                                     evaluate_with_features, quantize_copy)
+                                     evaluate, evaluate_with_features,
+                                     quantize_copy)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_profile_argument,
                                       calibrated_from_checkpoint, run_main)
@@ -69,6 +75,12 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
     parser.add_argument('checkpoint')
+    parser.add_argument('--scope', choices=('features', 'detector'),
+                        default='features',
+                        help='what every row quantizes and runs in '
+                        'onnxruntime: backbone + neck (the heads in float '
+                        'PyTorch) or the whole detector (through mmdeploy, '
+                        'two-stage detectors)')
     parser.add_argument('--bits', type=int, default=8,
                         help='weight and activation bits of every tool '
                         '(onnxruntime and ModelOpt rows: 8 only)')
@@ -113,18 +125,63 @@ def parse_args():
     return args
 
 
+class FeatureScope:
+    """Rows of the backbone + neck: exported by mmcd, evaluated with the
+    float PyTorch heads."""
+    what = 'backbone + neck, heads in float PyTorch'
+
+    def __init__(self, args, runner, batch, images):
+        self.args, self.runner, self.images = args, runner, images
+
+    def exported(self, module, key: str) -> str:
+        return export_onnx(FeatureExtractor(module), self.images[:1],
+                           osp.join(self.args.out_dir, f'{key}.onnx'))
+
+    def evaluated(self, path: str) -> dict:
+        return evaluate_with_features(
+            self.runner.model, OnnxFeatures(path, self.args.threads),
+            self.runner.test_loop)
+
+
+class DetectorScope(FeatureScope):
+    """Rows of the whole detector: exported end to end through mmdeploy
+    (:func:`mmcd.deploy.end2end.end2end_detector`) at the first calibration
+    image's padded shape, evaluated in onnxruntime (every test image must
+    be padded to that shape: ``--pad-to``)."""
+    what = 'whole detector in onnxruntime'
+
+    def __init__(self, args, runner, batch, images):
+        super().__init__(args, runner, batch, images)
+        first = runner.model.data_preprocessor(batch, False)
+        self.sample = first['data_samples'][0]
+
+    def exported(self, module, key: str) -> str:
+        detector = end2end_detector(module, self.runner.cfg,
+                                    out_dir=self.args.out_dir, prefix=key)
+        detector.outputs(self.images[:1], self.sample)  # exports
+        return detector.path_for(self.images[:1])
+
+    def evaluated(self, path: str) -> dict:
+        detector = end2end_detector(
+            self.runner.model, self.runner.cfg, out_dir=self.args.out_dir,
+            prefix=osp.splitext(osp.basename(path))[0])
+        detector.use_file(path)
+        return evaluate(detector, self.runner.test_loop)
+
+
 def main():
     args = parse_args()
     args.cfg_options['model.data_preprocessor.pad_size_divisor'] = \
         args.pad_to
     args.quant_checkpoint = None
     os.makedirs(args.out_dir, exist_ok=True)
+    skip = (FEATURE_MODULES, ) if args.scope == 'features' else ()
     configs = {}
     for spec in args.mmcd:
         method, _, profile = spec.partition('@')
         try:
             configs[f'mmcd {spec}'] = QuantConfig(
-                args.bits, args.bits, method, skip=(FEATURE_MODULES, ),
+                args.bits, args.bits, method, skip=skip,
                 profile=profile or args.profile or DEFAULT_PROFILE)
         except ValueError as err:
             raise UserError(f'--mmcd {spec}: {err}') from None
@@ -134,20 +191,19 @@ def main():
     images = calibration_images(model, batch)
     shapes = {tuple(image.shape) for image in images}
     print(f'{len(images)} calibration images, padded to {shapes}')
+    scope = (DetectorScope if args.scope == 'detector' else
+             FeatureScope)(args, runner, batch, images)
 
-    def exported(module, key):
-        return export_onnx(FeatureExtractor(module), images[:1],
-                           osp.join(args.out_dir, f'{key}.onnx'))
-
-    paths = {'float': exported(model, 'float')}
+    paths = {'float': scope.exported(model, 'float')}
     for i, (key, cfg) in enumerate(configs.items()):
         calibrated = quant_model if i == 0 else quantize_copy(model, cfg,
                                                               batch)
         to_qdq(calibrated, cfg.profile)
-        paths[key] = exported(calibrated, key.replace(' ', '_'))
+        paths[key] = scope.exported(calibrated, key.replace(' ', '_'))
     for calibration in args.ort:
         paths[f'onnxruntime {calibration}'] = ort_quantized(
-            paths['float'], images, calibration)
+            paths['float'], images, calibration,
+            symbolic_shapes=args.scope == 'features')
     for calibration in args.modelopt:
         paths[f'ModelOpt {calibration}'] = modelopt_quantized(
             paths['float'], images, calibration)
@@ -155,8 +211,7 @@ def main():
     rows = {}
     for key, path in paths.items():
         print(f'{key}: evaluating {path}')
-        scores = evaluate_with_features(
-            model, OnnxFeatures(path, args.threads), runner.test_loop)
+        scores = scope.evaluated(path)
         rows[key] = dict(path=path, box_map=scores.get('coco/bbox_mAP'),
                          mask_map=scores.get('coco/segm_mAP'))
 
@@ -168,8 +223,8 @@ def main():
                                     row['optimized_path'])
     feed = {sessions['float'].get_inputs()[0].name: images[:1].numpy()}
     latency = interleaved_latency(sessions, feed, args.runs)
-    print(f'\nW{args.bits}A{args.bits} backbone + neck at '
-          f'{list(images.shape[1:])}, heads in float PyTorch; '
+    print(f'\nW{args.bits}A{args.bits} {scope.what} at '
+          f'{list(images.shape[1:])}; '
           f'{len(images)} calibration images; latency: median of '
           f'{args.runs} interleaved runs, batch 1, onnxruntime CPU\n')
     print('| tool | box mAP | mask mAP | latency (ms) | vs float | integer '
@@ -187,7 +242,8 @@ def main():
     path = osp.join(args.out_dir, 'compare_ptq_tools.json')
     with open(path, 'w') as f:
         json.dump(dict(config=args.config, checkpoint=args.checkpoint,
-                       bits=args.bits, calib_images=len(images),
+                       scope=args.scope, bits=args.bits,
+                       calib_images=len(images),
                        input_shape=list(images.shape[1:]), runs=args.runs,
                        threads=args.threads, rows=rows), f, indent=2)
     print(f'wrote {path}')
