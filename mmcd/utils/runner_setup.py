@@ -438,6 +438,17 @@ def add_ptq_arguments(parser, calib_images: int, out_dir: str) -> None:
                         help='override config settings, key=value')
 
 
+def add_scope_argument(parser, what: str) -> None:
+    """``--scope features|detector`` of the export tools; ``what``: what
+    the scope decides in the tool (the start of its help)."""
+    parser.add_argument('--scope', choices=('features', 'detector'),
+                        default='features',
+                        help=f'{what}: backbone + neck (features, the '
+                        'default; the heads stay in float PyTorch) or the '
+                        'whole detector, image in, detections out, through '
+                        'mmdeploy (two-stage detectors)')
+
+
 def add_profile_argument(parser, flag: str) -> None:
     """``--profile`` / ``--quant-profile``: the runtime the model is
     quantized for (a registered deployment profile)."""

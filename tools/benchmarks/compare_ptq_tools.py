@@ -65,6 +65,7 @@ from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      quantize_copy)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_profile_argument,
+                                      add_scope_argument,
                                       calibrated_from_checkpoint, run_main)
 
 #: what every row quantizes: the modules of the exported backbone + neck
@@ -75,12 +76,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
     parser.add_argument('checkpoint')
-    parser.add_argument('--scope', choices=('features', 'detector'),
-                        default='features',
-                        help='what every row quantizes and runs in '
-                        'onnxruntime: backbone + neck (the heads in float '
-                        'PyTorch) or the whole detector (through mmdeploy, '
-                        'two-stage detectors)')
+    add_scope_argument(parser, 'what every row quantizes and runs in '
+                       'onnxruntime')
     parser.add_argument('--bits', type=int, default=8,
                         help='weight and activation bits of every tool '
                         '(onnxruntime and ModelOpt rows: 8 only)')

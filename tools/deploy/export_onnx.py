@@ -81,6 +81,7 @@ from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      evaluate, evaluate_with_features)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_ptq_arguments,
+                                      add_scope_argument,
                                       calibrated_from_checkpoint, load_config,
                                       parse_layer_bits, ptq_config,
                                       run_main)
@@ -91,12 +92,7 @@ def parse_args():
     add_ptq_arguments(parser, calib_images=32, out_dir='work_dirs/onnx')
     parser.add_argument('--layer-bits', nargs='+', default=(),
                         metavar='REGEX=wNaM')
-    parser.add_argument('--scope', choices=('features', 'detector'),
-                        default='features',
-                        help='what is exported: backbone + neck (features, '
-                        'the default; the heads stay in PyTorch) or the '
-                        'whole detector, image in, detections out, through '
-                        'mmdeploy (two-stage detectors)')
+    add_scope_argument(parser, 'what is exported')
     parser.add_argument('--opset', type=int,
                         help=f'ONNX opset (default {MIN_QDQ_OPSET} for '
                         f'features, {END2END_OPSET} for the detector)')
