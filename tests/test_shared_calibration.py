@@ -142,3 +142,62 @@ def test_per_channel_grids_gather_each_channel_across_shapes():
         scale, zero = _minmax_grid(values, 8)
         assert float(q.scale[c]) == pytest.approx(scale, rel=1e-6)
         assert float(q.zero_point[c]) == zero
+
+
+class Chain(nn.Module):
+    """Four shared convs in a chain, each run on both levels."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 1) for _ in range(4))
+
+    def forward(self, levels):
+        for conv in self.convs:
+            levels = [torch.relu(conv(x)) for x in levels]
+        return levels
+
+
+def test_a_chain_longer_than_the_extra_passes_is_named():
+    """Quantized inputs settle one link per extra pass: after the last of
+    the four, the fourth conv's grid still moved and is named (the caller
+    warns); the first three equal a min-max of their inputs in the
+    calibrated model."""
+    torch.manual_seed(0)
+    cfg = QuantConfig(w_bits=8, a_bits=8, method=EVERY_CALL,
+                      first_layer_bits=8)
+    model = quantize_model(Chain(), cfg)
+    levels = _levels()
+    summary = calibrate(model, cfg, lambda: model(levels))
+    assert summary['extra_passes'] == 4
+    assert summary['unsettled'] == ['convs.3.input_quantizer']
+    for conv in model.convs[:3]:
+        assert _grid_of(conv.input_quantizer) == pytest.approx(
+            _minmax_grid(_inputs_of(conv, model, levels), 8), rel=1e-6)
+
+
+def test_a_shared_jointly_searched_matmul_keeps_its_first_call():
+    """Per-head operands searched jointly on the product see one call: a
+    matmul called twice keeps that search and is named."""
+    from mmcd.core.quant import MatMul
+
+    class TwiceAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.matmul = MatMul('qk', heads=2)
+
+        def forward(self, levels):
+            return [self.matmul(x, x.transpose(-2, -1)) for x in levels]
+
+    method = QuantMethod('per-head-every-call', 'minmax', 'minmax',
+                         'uniform', matmul_search='aphq-product',
+                         shared_calls='all')
+    cfg = QuantConfig(w_bits=8, a_bits=8, method=method)
+    model = quantize_model(TwiceAttention(), cfg)
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.randn(2, 2, 5, 3, generator=g),
+              4 * torch.randn(2, 2, 7, 3, generator=g)]
+    summary = calibrate(model, cfg, lambda: model(levels))
+    assert sorted(summary['first_call_only']) == sorted(
+        q.layer_name for q in (model.matmul.quantizer_a,
+                               model.matmul.quantizer_b))
+    assert summary['on_every_call'] == 0

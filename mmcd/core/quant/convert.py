@@ -454,23 +454,24 @@ def calibrate(model: nn.Module, cfg: QuantConfig,
     try:
         for q in act_quantizers if every_call else ():
             q.calls = 0
-        _calibration_pass(model, layers, act_quantizers, run_calibration,
-                          float_inputs)
+        try:
+            _calibration_pass(model, layers, act_quantizers,
+                              run_calibration, float_inputs)
+        finally:
+            shared = [q for q in act_quantizers if (q.calls or 0) > 1]
+            for q in act_quantizers:
+                q.calls = None
+        joint = {id(q) for m in model.modules()
+                 if isinstance(m, QuantMatMul) and m.search is not None
+                 for q in (m.quantizer_a, m.quantizer_b)}
+        first_call_only = [q.layer_name for q in shared if id(q) in joint]
+        shared = [q for q in shared if id(q) not in joint]
+        passes, unsettled = _calibrate_on_every_call(
+            model, layers, shared, run_calibration, float_inputs)
     except BaseException:
         for _, linear, own in per_channel:
             linear.input_quantizer = own
         raise
-    finally:
-        shared = [q for q in act_quantizers if (q.calls or 0) > 1]
-        for q in act_quantizers:
-            q.calls = None
-    joint = {id(q) for m in model.modules()
-             if isinstance(m, QuantMatMul) and m.search is not None
-             for q in (m.quantizer_a, m.quantizer_b)}
-    first_call_only = [q.layer_name for q in shared if id(q) in joint]
-    shared = [q for q in shared if id(q) not in joint]
-    passes, unsettled = _calibrate_on_every_call(
-        model, layers, shared, run_calibration, float_inputs)
     unreached = []
     for q in act_quantizers:
         if q.state == 'calib':
