@@ -25,7 +25,11 @@ with the settings of :mod:`mmcd.deploy.other_tools` (8 bits only: it says
 why). Each is fed the same calibration images (mmcd's calibration set:
 ``--calib-images`` train images through the test pipeline).
 
-For each row it prints the box / mask mAP on the test set (onnxruntime
+A tool that fails on the model ends its own row with its error (at the
+detector scope onnxruntime's Percentile and Entropy calibrators do: they
+stack every image's intermediate tensors, and the detector's RoI tensors
+differ in size from image to image). For each row it prints the box / mask
+mAP on the test set (onnxruntime
 running the exported model, feeding the float PyTorch heads at the
 features scope), the median latency of the exported model (interleaved
 runs, batch 1), its ratio to float, and the integer kernels onnxruntime
@@ -45,6 +49,7 @@ import json
 import os
 import os.path as osp
 import sys
+from functools import partial
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import _bootstrap  # noqa: E402,F401  (before torch: tools/_bootstrap.py)
@@ -65,7 +70,7 @@ from mmcd.engine.calibration import (calibration_images,  # noqa: E402
                                      quantize_copy)
 from mmcd.utils.runner_setup import (UserError,  # noqa: E402
                                       add_profile_argument,
-                                      add_scope_argument,
+                                      add_scope_argument, error_line,
                                       calibrated_from_checkpoint, run_main)
 
 #: what every row quantizes: the modules of the exported backbone + neck
@@ -197,13 +202,20 @@ def main():
                                                               batch)
         to_qdq(calibrated, cfg.profile)
         paths[key] = scope.exported(calibrated, key.replace(' ', '_'))
-    for calibration in args.ort:
-        paths[f'onnxruntime {calibration}'] = ort_quantized(
-            paths['float'], images, calibration,
-            symbolic_shapes=args.scope == 'features')
-    for calibration in args.modelopt:
-        paths[f'ModelOpt {calibration}'] = modelopt_quantized(
-            paths['float'], images, calibration)
+    failed = {}  # another tool's error ends its row, not the run
+    for key, quantize in [
+            (f'onnxruntime {calibration}', partial(
+                ort_quantized, calibration=calibration,
+                symbolic_shapes=args.scope == 'features'))
+            for calibration in args.ort] + [
+            (f'ModelOpt {calibration}', partial(
+                modelopt_quantized, calibration=calibration))
+            for calibration in args.modelopt]:
+        try:
+            paths[key] = quantize(paths['float'], images)
+        except Exception as err:  # noqa: B902 (a third-party tool's)
+            failed[key] = error_line(err)
+            print(f'{key}: failed, {failed[key]}')
 
     rows = {}
     for key, path in paths.items():
@@ -236,6 +248,9 @@ def main():
         print(f'| {key} | {row["box_map"]:.3f} | {row["mask_map"]:.3f} | '
               f'{row["latency_ms"]:.1f} | {row["latency_ratio"]:.2f} | '
               f'{fused} |')
+    for key, error in failed.items():
+        rows[key] = dict(error=error)
+        print(f'| {key} | failed: {error} | | | | |')
     path = osp.join(args.out_dir, 'compare_ptq_tools.json')
     with open(path, 'w') as f:
         json.dump(dict(config=args.config, checkpoint=args.checkpoint,
