@@ -235,10 +235,11 @@ def test_methods_by_name_and_options_override_the_methods_own():
         'float', True)
     assert (aphq.reconstruction.loss, aphq.reconstruction.mlp,
             aphq.reconstruction.input_prob,
-            aphq.reconstruction.drop_prob) == ('aph', True, 0.5, 0.5)
+            aphq.reconstruction.drop_prob,
+            aphq.reconstruction.order) == ('aph', True, 0.5, 0.5, 'in_turn')
     cfg = QuantConfig(method='aphq-vit', reconstruction=dict(iters=7))
     assert cfg.reconstruction_config() == ReconstructionConfig(
-        iters=7, loss='aph', mlp=True, input_prob=0.5)
+        iters=7, loss='aph', mlp=True, input_prob=0.5, order='in_turn')
     assert QuantConfig(method='repq-vit').reconstruction_config() is None
     # QDrop ties the input's mix to drop_prob; APHQ-ViT's quant_ratio not
     assert ReconstructionConfig(drop_prob=0.25).keep_input == 0.25
