@@ -59,36 +59,39 @@ class SelectiveSpectralDecay:
         self.steps = 0  # optimizer steps taken
         self.refreshed_at = None  # step of the cached SVD
         self.cache: Dict[int, tuple] = {}
-        # at the last refresh: matrices with a rank k, and the largest share
-        # any matrix's top max_rank components carried (for the warning)
-        self.penalized = 0
+        # the largest share any matrix's top max_rank components carried at
+        # the last refresh (for the warning)
         self.largest_share = 0.0
+
+    def top_shares(self, s: torch.Tensor) -> torch.Tensor:
+        """Energy shares ``sum_{i<=k} s_i^2 / sum_i s_i^2`` for ``k = 1 ..
+        max_rank``."""
+        energy = s.square()
+        return energy.cumsum(0)[:self.max_rank] / energy.sum().clamp_min(
+            torch.finfo(s.dtype).tiny)
 
     def selected_rank(self, s: torch.Tensor) -> int:
         """Smallest ``k <= max_rank`` with energy share ``>= tau``, or 0
         (no penalty) when none reaches it."""
-        share = s.square().cumsum(0) / s.square().sum().clamp_min(
-            torch.finfo(s.dtype).tiny)
-        reached = (share[:self.max_rank] >= self.tau).nonzero()
+        reached = (self.top_shares(s) >= self.tau).nonzero()
         return int(reached[0]) + 1 if len(reached) else 0
 
-    def top_share(self, s: torch.Tensor) -> float:
-        """Energy share of the top ``max_rank`` components."""
-        energy = s.square()
-        return float(energy[:self.max_rank].sum() /
-                     energy.sum().clamp_min(torch.finfo(s.dtype).tiny))
+    @property
+    def penalized(self) -> int:
+        """The matrices with a rank ``k`` at the last refresh."""
+        return sum(u.shape[1] > 0 for u, _ in self.cache.values())
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute and cache the top singular vectors of every weight."""
-        self.penalized, self.largest_share = 0, 0.0
+        self.largest_share = 0.0
         for i, w in enumerate(self.weights):
             u, s, vh = torch.linalg.svd(w.detach().float(),
                                         full_matrices=False)
             k = self.selected_rank(s)
             self.cache[i] = (u[:, :k].to(w.dtype), vh[:k].to(w.dtype))
-            self.penalized += k > 0
-            self.largest_share = max(self.largest_share, self.top_share(s))
+            self.largest_share = max(self.largest_share,
+                                     float(self.top_shares(s)[-1]))
         self.refreshed_at = self.steps
 
     def no_penalty_message(self) -> str:
@@ -121,15 +124,13 @@ class SelectiveSpectralDecay:
 
     def state_dict(self) -> Dict:
         return dict(steps=self.steps, refreshed_at=self.refreshed_at,
-                    cache=dict(self.cache), penalized=self.penalized,
+                    cache=dict(self.cache),
                     largest_share=self.largest_share)
 
     def load_state_dict(self, state: Dict) -> None:
         self.steps = state['steps']
         self.refreshed_at = state.get('refreshed_at', self.steps)
         self.cache = dict(state['cache'])
-        self.penalized = state.get(
-            'penalized', sum(u.shape[1] > 0 for u, _ in self.cache.values()))
         self.largest_share = state.get('largest_share', 0.0)
 
 

@@ -131,6 +131,8 @@ class FeatureScope:
     """Rows of the backbone + neck: exported by mmcd, evaluated with the
     float PyTorch heads."""
     what = 'backbone + neck, heads in float PyTorch'
+    #: whether onnxruntime's quant_pre_process can infer the graph's shapes
+    symbolic_shapes = True
 
     def __init__(self, args, runner, batch, images):
         self.args, self.runner, self.images = args, runner, images
@@ -151,6 +153,7 @@ class DetectorScope(FeatureScope):
     image's padded shape, evaluated in onnxruntime (every test image must
     be padded to that shape: ``--pad-to``)."""
     what = 'whole detector in onnxruntime'
+    symbolic_shapes = False  # incomplete on mmdeploy's graph
 
     def __init__(self, args, runner, batch, images):
         super().__init__(args, runner, batch, images)
@@ -206,7 +209,7 @@ def main():
     for key, quantize in [
             (f'onnxruntime {calibration}', partial(
                 ort_quantized, calibration=calibration,
-                symbolic_shapes=args.scope == 'features'))
+                symbolic_shapes=scope.symbolic_shapes))
             for calibration in args.ort] + [
             (f'ModelOpt {calibration}', partial(
                 modelopt_quantized, calibration=calibration))
