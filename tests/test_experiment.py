@@ -5,13 +5,30 @@ import json
 
 import pytest
 
-from test_tools_cli import assert_one_line_error, run_tool
+from test_tools_cli import assert_one_line_error, run_here, run_tool
 
 ARGS = ('--quick', '--epochs', '1', '--seeds', '2', '--trainings', 'baseline',
         'cd', '--methods', 'minmax', '--bits', '8', '4', '--calib-images',
         '2', '--stat-images', '2', '--qat-bits',  # QAT: test_qat*.py
         '--recon-trainings', 'cd', '--recon-methods', 'qdrop',
         '--recon-iters', '2')
+
+
+@pytest.mark.parametrize('option, message', [
+    ('tau=2', 's2d tau must be in (0, 1], got 2'),
+    ('max_rank=0', 's2d max_rank must be an integer >= 1, got 0'),
+    ('taus=0.5', "unknown option(s) ['taus'] (known: strength, tau, "
+     'max_rank, svd_interval, power)')])
+def test_experiment_s2d_options_checked_before_any_work(tmp_path, option,
+                                                        message):
+    work_dir = tmp_path / 'work'
+    code, out = run_here('tools/analysis/experiment.py', '--quick',
+                         '--trainings', 's2d', '--s2d-options', option,
+                         '--work-dir', str(work_dir))
+    assert code == 2 and 'Traceback' not in out, out
+    assert out.strip().splitlines()[-1].endswith(
+        f'error: --s2d-options: {message}'), out
+    assert not work_dir.exists()  # refused before anything was written
 
 
 @pytest.mark.slow  # several trainings end to end (pytest -m slow)
@@ -78,6 +95,9 @@ def test_experiment_seeds_cache_and_refusals(micro_data_root, tmp_path):
     # other settings, or results of another code version: refused
     code, out = run_tool(*run, '--lr', '0.002', timeout=300)
     assert_one_line_error(code, out, 'settings lr=0.001 (now 0.002)')
+    code, out = run_tool(*run, '--s2d-options', 'tau=0.5', timeout=300)
+    assert_one_line_error(code, out,
+                          "settings s2d_options=None (now {'tau': 0.5})")
     code, out = run_tool(*run, '--load-from', str(tmp_path / 'no.pth'))
     assert_one_line_error(code, out, f'--load-from {tmp_path}/no.pth does '
                           'not exist')

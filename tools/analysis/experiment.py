@@ -17,6 +17,7 @@ W4A4, W3A3), each cell with every unit's output error before and after
 reconstruction and its wall time. ``--sweep`` adds trainings (seed 0)
 at ``--cd-strengths`` and ``--tweo-weights`` (strength 0 is the baseline),
 evaluated in float and W4A4 (repq-vit, minmax), for the trade-off figure.
+S2D trains with the paper's options, or ``--s2d-options`` over them.
 
 Every training and every evaluation is a cell written as it finishes
 (:class:`mmcd.utils.result_cache.ResultCache` in ``--work-dir/cache``);
@@ -38,6 +39,7 @@ val images, under 10 minutes.
 """
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import os.path as osp
@@ -51,6 +53,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.activation_stats import model_summary  # noqa: E402
+from mmcd.core.spectral_decay import SpectralDecayRegularizer  # noqa: E402
 from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
                              get_method, get_qat_method)
 from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
@@ -131,6 +134,12 @@ def parse_args():
                                  CD_STRENGTH, 2 * CD_STRENGTH])
     parser.add_argument('--tweo-weights', nargs='+', type=float,
                         default=[0, 0.003, 0.01, 0.03, 0.1])
+    parser.add_argument('--s2d-options', nargs='+', action=DictAction,
+                        metavar='KEY=VALUE',
+                        help="the s2d training's S2D options over the "
+                        "paper's (e.g. tau=0.5: the paper's tau 0.95 "
+                        'selects no matrix of the toy Swin); part of the '
+                        'settings')
     parser.add_argument('--load-from', metavar='CKPT',
                         help='every training fine-tunes this checkpoint '
                         '(e.g. the pretraining of docs/experiment/'
@@ -156,6 +165,17 @@ def parse_args():
                      f'{args.bits} (the table has one column per bit width)')
     if args.sweep and 4 not in args.bits:
         parser.error('--sweep reports W4A4: keep 4 in --bits')
+    if args.s2d_options:  # checked now, not when the s2d training starts
+        known = list(inspect.signature(SpectralDecayRegularizer).parameters)
+        unknown = sorted(set(args.s2d_options) - set(known))
+        if unknown:
+            parser.error(f'--s2d-options: unknown option(s) {unknown} '
+                         f'(known: {", ".join(known)})')
+        try:
+            SpectralDecayRegularizer(**dict(REGULARIZERS['s2d']['s2d'],
+                                            **args.s2d_options))
+        except ValueError as err:
+            parser.error(f'--s2d-options: {err}')
     args.generate_data = args.data_root is None
     if not args.generate_data:
         args.val_images = None  # the given set's own
@@ -175,7 +195,7 @@ def settings_of(args):
     """What the cached results depend on (a resumed run must match)."""
     keys = ('epochs', 'lr', 'calib_images', 'stat_images', 'val_images',
             'data_root', 'cfg_options', 'qat_method', 'qat_epochs',
-            'recon_iters', 'load_from', 'load_from_sha256')
+            'recon_iters', 'load_from', 'load_from_sha256', 's2d_options')
     return {k: getattr(args, k) for k in keys}
 
 
@@ -209,6 +229,8 @@ def toy_config(args, training, seed):
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     options = regularizers_of(training)
+    if 's2d' in options and args.s2d_options:
+        options = dict(options, s2d=dict(options['s2d'], **args.s2d_options))
     cfg.optim_wrapper.update(dict(type='ColinearityDecayOptimWrapper',
                                   **options) if options else
                              dict(type='OptimWrapper'))
