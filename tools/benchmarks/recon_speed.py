@@ -10,7 +10,9 @@ reconstruction unit (patch embedding, blocks, patch merging, neck) runs
 iteration, the projection to ``--project`` iterations (the papers: 20000),
 and the megabytes of its recorded data (float + quantized inputs, float
 outputs, and the APH weights with that loss) for those images; at the end
-the peak resident memory of the process. ``--method aphq-vit`` also times what APHQ-ViT adds:
+the peak resident memory of the process (and after the calibration, whose
+single forward pass over all ``--images`` is the first peak).
+``--method aphq-vit`` also times what APHQ-ViT adds:
 the APH sensitivity weights of each unit (two backward passes of the float
 model to the RPN) and, first, the MLP reconstruction's steps per MLP
 (projected likewise), with the APH loss. ``--chunk-images K`` records
@@ -106,7 +108,8 @@ def main():
         with torch.no_grad():
             calibrate(qmodel, qcfg, lambda: qmodel.predict(images, samples))
         print(f'{name}: calibration ({args.method}) on {args.images} '
-              f'images: {time.perf_counter() - start:.1f} s')
+              f'images: {time.perf_counter() - start:.1f} s, peak resident '
+              f'memory so far {peak_megabytes():.0f} MB')
         units = reconstruction_units(qmodel, reconstruction_patterns())
         print(f'{name}: {len(units)} units')
         total = 0.0
@@ -127,8 +130,12 @@ def main():
                   f'{size:.0f} MB for {args.images} images')
         print(f'{name}: all units {total * args.project / 3600:.1f} h '
               f'projected to {args.project} iterations each')
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print(f'peak resident memory {peak:.0f} MB')
+    print(f'peak resident memory {peak_megabytes():.0f} MB')
+
+
+def peak_megabytes() -> float:
+    """The process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 if __name__ == '__main__':
