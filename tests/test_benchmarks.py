@@ -53,4 +53,5 @@ def test_cd_overhead_amortises_the_update_over_the_interval():
     update, per_step = map(float, re.search(
         rf'the CD update {NUMBER} ms \(1 timed\), interval 4: {NUMBER} ms '
         'per optimizer step', out).groups())
-    assert per_step == pytest.approx(update / 4, abs=0.07)  # both printed to 0.1 ms
+    # both printed to 0.1 ms
+    assert per_step == pytest.approx(update / 4, abs=0.07)
