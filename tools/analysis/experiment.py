@@ -53,9 +53,9 @@ from mmengine.runner import Runner  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.activation_stats import model_summary  # noqa: E402
-from mmcd.core.spectral_decay import SpectralDecayRegularizer  # noqa: E402
 from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
                              get_method, get_qat_method)
+from mmcd.core.spectral_decay import SpectralDecayRegularizer  # noqa: E402
 from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
 from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
                          quantize_copy)

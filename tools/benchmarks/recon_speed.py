@@ -10,8 +10,9 @@ reconstruction unit (patch embedding, blocks, patch merging, neck) runs
 iteration, the projection to ``--project`` iterations (the papers: 20000),
 and the megabytes of its recorded data (float + quantized inputs, float
 outputs, and the APH weights with that loss) for those images; at the end
-the peak resident memory of the process (and after the calibration, whose
-single forward pass over all ``--images`` is the first peak).
+the peak resident memory of the process, also after the calibration (with
+``repq-vit`` that is the calibration's own: one forward pass over all
+``--images``).
 ``--method aphq-vit`` also times what APHQ-ViT adds:
 the APH sensitivity weights of each unit (two backward passes of the float
 model to the RPN) and, first, the MLP reconstruction's steps per MLP
