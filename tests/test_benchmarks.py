@@ -1,7 +1,6 @@
 """tools/benchmarks/ on the toy at their smallest sizes, as a user runs them:
 each finishes and prints its summary (the numbers they report in the docs
-come from these lines). qat_overhead.py times Swin-T only (minutes): not
-here."""
+come from these lines)."""
 import re
 
 import pytest
@@ -55,3 +54,13 @@ def test_cd_overhead_amortises_the_update_over_the_interval():
         'per optimizer step', out).groups())
     # both printed to 0.1 ms
     assert per_step == pytest.approx(update / 4, abs=0.07)
+
+
+def test_qat_overhead_times_ofq_with_and_without_its_reparameterization():
+    code, out = run_tool('tools/benchmarks/qat_overhead.py', '--models', 'toy',
+                         '--steps', '2')
+    assert code == 0, out
+    assert re.search(r'^toy Swin Mask R-CNN \(256 px\): float [0-9]+ ms; ofq '
+                     r'[0-9]+ ms, ratio [0-9.]+; ofq without query-key '
+                     r'reparam [0-9]+ ms, ratio [0-9.]+$', out, re.M), out
+    assert 'Swin-T' not in out  # --models toy only

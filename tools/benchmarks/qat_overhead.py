@@ -12,8 +12,8 @@ with query-key reparameterization (ofq) it also times the same QAT without
 it (``qk_reparam=False``), so the share of the ``C x C`` per-head products
 shows.
 
-    python tools/benchmarks/qat_overhead.py [--method ofq] [--bits 4] [--steps 5]
-        [--device cuda]
+    python tools/benchmarks/qat_overhead.py [--models toy swin-t]
+        [--method ofq] [--bits 4] [--steps 5] [--device cuda]
 
 CPU by default, CUDA when present.
 """
@@ -34,7 +34,7 @@ from mmcd.core.quant import QAT_METHODS  # noqa: E402
 from mmcd.core.quant.qat import (QATConfig, activate_qat,  # noqa: E402
                                  initialize_qat, prepare_qat)
 from mmcd.utils.benchmark_models import (  # noqa: E402
-    BENCHMARK_DETECTORS, build_detector)
+    BENCHMARK_DETECTORS, add_models_argument, build_detector)
 
 
 def step_times(model, optimizer, images, steps):
@@ -61,13 +61,14 @@ def main():
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available()
                         else 'cpu')
+    add_models_argument(parser)
     args = parser.parse_args()
     init_default_scope('mmdet')
     torch.manual_seed(0)
     print(f'W{args.bits}A{args.bits} {args.method} QAT vs float on '
           f'{args.device}, batch {args.batch}, {args.steps} timed steps each '
           f'(median), {torch.get_num_threads()} threads')
-    for name, config, size in BENCHMARK_DETECTORS.values():
+    for name, config, size in (BENCHMARK_DETECTORS[m] for m in args.models):
         float_model = build_detector(config).train().to(args.device)
         images = torch.rand(args.batch, 3, *size, device=args.device) * 2 - 1
         variants = {'float': float_model}
