@@ -17,8 +17,8 @@ ARGS = ('--quick', '--epochs', '1', '--seeds', '2', '--trainings', 'baseline',
 @pytest.mark.parametrize('option, message', [
     ('tau=2', 's2d tau must be in (0, 1], got 2'),
     ('max_rank=0', 's2d max_rank must be an integer >= 1, got 0'),
-    ('taus=0.5', "unknown option(s) ['taus'] (known: strength, tau, "
-     'max_rank, svd_interval, power)')])
+    ('taus=0.5', "s2d: unknown option(s) ['taus']; allowed: ['max_rank', "
+     "'power', 'strength', 'svd_interval', 'tau']")])
 def test_experiment_s2d_options_checked_before_any_work(tmp_path, option,
                                                         message):
     work_dir = tmp_path / 'work'

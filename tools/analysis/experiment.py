@@ -39,7 +39,6 @@ val images, under 10 minutes.
 """
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import os.path as osp
@@ -55,7 +54,7 @@ import mmcd  # noqa: E402,F401
 from mmcd.core.activation_stats import model_summary  # noqa: E402
 from mmcd.core.quant import (QAT_METHODS, QuantConfig,  # noqa: E402
                              get_method, get_qat_method)
-from mmcd.core.spectral_decay import SpectralDecayRegularizer  # noqa: E402
+from mmcd.core.regularizers import build_regularizer  # noqa: E402
 from mmcd.datasets import ToyCocoSpec, ensure_toy_coco  # noqa: E402
 from mmcd.engine import (CalibrationOptions, evaluate,  # noqa: E402
                          quantize_copy)
@@ -166,14 +165,9 @@ def parse_args():
     if args.sweep and 4 not in args.bits:
         parser.error('--sweep reports W4A4: keep 4 in --bits')
     if args.s2d_options:  # checked now, not when the s2d training starts
-        known = list(inspect.signature(SpectralDecayRegularizer).parameters)
-        unknown = sorted(set(args.s2d_options) - set(known))
-        if unknown:
-            parser.error(f'--s2d-options: unknown option(s) {unknown} '
-                         f'(known: {", ".join(known)})')
         try:
-            SpectralDecayRegularizer(**dict(REGULARIZERS['s2d']['s2d'],
-                                            **args.s2d_options))
+            build_regularizer(dict(REGULARIZERS['s2d']['s2d'], type='s2d',
+                                   **args.s2d_options))
         except ValueError as err:
             parser.error(f'--s2d-options: {err}')
     args.generate_data = args.data_root is None
