@@ -7,6 +7,7 @@ import os.path as osp
 
 import mmdet
 import pytest
+import torch
 from mmdet.registry import MODELS
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
@@ -74,6 +75,9 @@ def test_composed_toy_swin_keeps_the_real_swin_t_recipe():
     # 36 in Swin-T, 6 pixel-decoder FFNs, 9 decoder layers x (FFN, self-
     # and cross-attention vo and qk)
     ('cd/mask2former_swin-t_cd.py', 'SwinTransformer', 36 + 6 + 9 * 5),
+    # the panoptic model: the same decoder, stuff classes added
+    ('cd/mask2former_swin-t_coco-panoptic_cd.py', 'SwinTransformer',
+     36 + 6 + 9 * 5),
     # 72 in Swin-L, 6 encoder FFNs, 6 decoder layers x (FFN, self-attention
     # vo and qk); deformable attention has no pair
     ('cd/dino-5scale_swin-l_cd.py', 'SwinTransformer', 72 + 6 + 6 * 3),
@@ -267,3 +271,40 @@ def test_real_qat_configs_convert(name, attentions):
     assert hook_cfg.pop('type') == 'QuantAwareTrainingHook'
     QuantAwareTrainingHook(**hook_cfg)
     assert cfg.load_from.endswith('.pth')
+
+
+def test_panoptic_mask2former_ptq_config_quantizes_its_attention():
+    """The panoptic Mask2Former comes for free: its PTQ config's model
+    (real Swin-T size, a 128 px random image; no panoptic toy data) has
+    every nn.MultiheadAttention of the float model replaced by the twin,
+    and the quantized model still predicts a panoptic map of the image's
+    size next to the instances."""
+    from mmdet.structures import DetDataSample
+
+    from mmcd.core.quant import QuantConfig, QuantMultiheadAttention
+    from mmcd.engine import quantize_copy
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(osp.join(
+        REPO, 'configs/ptq/mask2former_swin-t_coco-panoptic_cd_w4a4_'
+        'repq-vit.py'))
+    cfg.model.backbone.init_cfg = None
+    cfg.model.data_preprocessor.batch_augments = None  # 1024 px padding
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    attentions = sum(isinstance(m, torch.nn.MultiheadAttention)
+                     for m in model.modules())
+    assert attentions == 9 * 2  # decoder layers x (self, cross)
+    sample = DetDataSample(metainfo=dict(
+        img_shape=(128, 128), ori_shape=(128, 128), scale_factor=(1., 1.),
+        pad_shape=(128, 128), batch_input_shape=(128, 128)))
+    batch = dict(inputs=[torch.randint(0, 256, (3, 128, 128)).float()],
+                 data_samples=[sample])
+    hook = cfg.custom_hooks[0]
+    quantized = quantize_copy(
+        model, QuantConfig(hook.w_bits, hook.a_bits, hook.method), batch)
+    assert sum(isinstance(m, QuantMultiheadAttention)
+               for m in quantized.modules()) == attentions
+    with torch.no_grad():
+        result, = quantized.test_step(batch)
+    assert result.pred_panoptic_seg.sem_seg.shape == (1, 128, 128)
+    assert 'pred_instances' in result

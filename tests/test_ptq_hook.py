@@ -13,6 +13,7 @@ from mmengine.runner import Runner
 from conftest import micro_config
 from mmcd.core.quant import QuantConfig, calibrate, quantize_model
 from mmcd.core.quant.quantizers import FakeQuantizer
+from mmcd.engine.hooks.post_training_quant_hook import comparison_table
 from test_tools_cli import (TOY_CONFIG, assert_one_line_error, run_here,
                             run_tool)
 
@@ -67,6 +68,29 @@ def test_hook_reports_fp_and_quantized_map(micro_data_root, trained,
         assert torch.equal(v, weights[k]), k
     assert not any(isinstance(m, FakeQuantizer)
                    for m in runner.model.modules())
+
+
+def _table_rows(fp_metrics, metrics):
+    table = comparison_table(dict(w_bits=4, a_bits=4, method='repq-vit',
+                                  fp_metrics=fp_metrics, metrics=metrics))
+    return {line.split()[0]: [float(x) for x in line.split()[1:]]
+            for line in table.splitlines()[2:]}
+
+
+def test_comparison_table_rows_follow_the_evaluator():
+    """COCO instance and panoptic metrics (Mask2Former's panoptic config
+    reports both) get their rows; an evaluator reporting none of them
+    (VOC) gets every metric it reports, never an empty table."""
+    rows = _table_rows(
+        {'coco/bbox_mAP': 0.5, 'coco/bbox_mAP_s': 0.1, 'coco_panoptic/PQ':
+         40.0},
+        {'coco/bbox_mAP': 0.4, 'coco/bbox_mAP_s': 0.1, 'coco_panoptic/PQ':
+         37.5})
+    assert rows == {'coco/bbox_mAP': [0.5, 0.4, 0.1],
+                    'coco_panoptic/PQ': [40.0, 37.5, 2.5]}
+    assert _table_rows({'pascal_voc/mAP': 0.75, 'pascal_voc/AP50': 0.9},
+                       {'pascal_voc/mAP': 0.5}) == {
+                           'pascal_voc/mAP': [0.75, 0.5, 0.25]}
 
 
 def test_one_calibration_image_as_repq_vit_on_coco(micro_data_root, trained,

@@ -48,8 +48,12 @@ from ..calibration import (CalibrationOptions, calibration_images,
 from ..model_utils import bare_model
 from ..quantized_checkpoint import load_quantized_model
 
+#: metrics of the float-vs-quantized table, in this order, when the
+#: evaluator reports them (an evaluator reporting none of them, e.g. VOC's,
+#: gets every metric it reports)
 REPORTED_METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
-                    'coco/segm_mAP_50')
+                    'coco/segm_mAP_50', 'coco_panoptic/PQ',
+                    'coco_panoptic/SQ', 'coco_panoptic/RQ')
 
 
 @HOOKS.register_module()
@@ -230,9 +234,11 @@ def comparison_table(results: Dict) -> str:
     name = f'W{results["w_bits"]}A{results["a_bits"]} {results["method"]}'
     if results.get('reconstruction') is not None:
         name += ' + recon'
-    lines = [f'{"metric":<18}{"float":>8}{name:>28}{"drop":>8}']
-    for key in REPORTED_METRICS:
-        if key in results['metrics'] and key in results['fp_metrics']:
-            fp, q = results['fp_metrics'][key], results['metrics'][key]
-            lines.append(f'{key:<18}{fp:>8.3f}{q:>28.3f}{fp - q:>8.3f}')
+    both = [key for key in results['fp_metrics'] if key in results['metrics']]
+    keys = [key for key in REPORTED_METRICS if key in both] or both
+    width = max([18] + [len(key) + 1 for key in keys])
+    lines = [f'{"metric":<{width}}{"float":>8}{name:>28}{"drop":>8}']
+    for key in keys:
+        fp, q = results['fp_metrics'][key], results['metrics'][key]
+        lines.append(f'{key:<{width}}{fp:>8.3f}{q:>28.3f}{fp - q:>8.3f}')
     return '\n'.join(['PostTrainingQuantHook results:'] + lines)
