@@ -75,6 +75,7 @@ def test_composed_toy_swin_keeps_the_real_swin_t_recipe():
     # 36 in Swin-T, 6 pixel-decoder FFNs, 9 decoder layers x (FFN, self-
     # and cross-attention vo and qk)
     ('cd/mask2former_swin-t_cd.py', 'SwinTransformer', 36 + 6 + 9 * 5),
+    ('cd/mask2former_swin-s_cd.py', 'SwinTransformer', 72 + 6 + 9 * 5),
     # the panoptic model: the same decoder, stuff classes added
     ('cd/mask2former_swin-t_coco-panoptic_cd.py', 'SwinTransformer',
      36 + 6 + 9 * 5),
