@@ -78,7 +78,7 @@ def test_a_quantized_twin_is_found_by_class_and_registered_once():
     with pytest.raises(ValueError, match=r'attention module 0 \(WindowMSA\):'
                        r'.*QUANTIZED_MODULES \(registered: Linear, Conv2d, '
                        r'MatMul, FusedRowsLinear, MultiheadAttention, '
-                       r'WindowMSA'):
+                       r'ResidualAdd, WindowMSA'):
         quantize_model(model, QuantConfig(4, 4, 'minmax'))
 
     class SubclassedWindowMSA(WindowMSA):  # found along the class hierarchy

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from mmdet.models.backbones.swin import SwinBlock
 from mmdet.structures import DetDataSample
 from mmengine.registry import init_default_scope
 from onnx import TensorProto, helper, numpy_helper
@@ -123,7 +124,8 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
     """Every grid of the calibrated toy detector is symmetric (zero point
     2^(b-1)), RepQ-ViT's reparameterization keeps no shift, the post-softmax
     quantizers are uniform; the QDQ model is the simulation, its export
-    holds int8 zero points of 0 only, passes the TensorRT check, and
+    holds int8 zero points of 0 only, passes the TensorRT check, quantizes
+    the residual input of every Swin block's additions, and
     onnxruntime computes it as close as a runtime draw of the simulation
     (the default profile's uint8 grids fail the check: hand-built graphs
     below)."""
@@ -148,6 +150,15 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
     path = export_onnx(FeatureExtractor(qdq), x, str(tmp_path / 't.onnx'))
     assert tensorrt_problems(path) == []
     graph = onnx.load(path).graph
+    # TensorRT's placement: Q/DQ on the residual input of both additions of
+    # every Swin block, the branch (a weighted layer's output) unquantized
+    blocks = sum(isinstance(m, SwinBlock) for m in model.modules())
+    dequantized = {n.output[0] for n in graph.node
+                   if n.op_type == 'DequantizeLinear'}
+    adds = [n for n in graph.node if n.op_type == 'Add' and
+            any(i in dequantized for i in n.input)]
+    assert blocks == 5 and len(adds) == 2 * blocks
+    assert all(sum(i in dequantized for i in n.input) == 1 for n in adds)
     weights = [i for i in graph.initializer if len(i.dims) > 1 and
                i.data_type == TensorProto.INT8]
     assert len(weights) == len([n for n in report['integer_weights']

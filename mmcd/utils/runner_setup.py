@@ -459,7 +459,8 @@ def add_profile_argument(parser, flag: str) -> None:
                         'onnxruntime, the method as published; '
                         'onnxruntime-integer: every quantizer with an '
                         'integer form; tensorrt: symmetric INT8, zero point '
-                        '0, uniform post-softmax, 8 bits only)')
+                        '0, uniform post-softmax, residual additions\' '
+                        'inputs quantized, 8 bits only)')
 
 
 def ptq_config(args, **options):

@@ -4,8 +4,10 @@ What is quantized by default, as RepQ-ViT does on COCO: every ``Linear`` and
 ``Conv2d`` (weights per output channel, inputs per tensor) and both attention
 matmuls, in backbone, neck and heads; the patch embedding's input at 8 bits.
 ``ConvTranspose2d``, norms, softmax and residual additions stay in floating
-point. ``scope='backbone'`` restricts quantization to the backbone; ``skip``
-patterns (regular expressions searched in module names) leave layers out.
+point (the ``tensorrt`` profile quantizes the additions' residual input:
+residual.py). ``scope='backbone'`` restricts quantization to the backbone;
+``skip`` patterns (regular expressions searched in module names) leave
+layers out.
 
 Methods (methods.py): ``minmax`` (min-max ranges, uniform post-softmax),
 ``repq-vit`` (RepQ-ViT: LayerNorm scale reparameterization with its mean
@@ -293,10 +295,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     matched = set()  # the layer_bits rules that picked some layer
 
     def bits_of(name):
-        w_bits, a_bits, rule = layer_bits_of(name, cfg)
-        if rule is not None:
-            matched.add(rule)
-        return w_bits, a_bits
+        return layer_bits_of(name, cfg)[:2]
 
     def convert_children(parent: nn.Module, prefix: str, convert) -> None:
         for attr, child in list(parent.named_children()):
@@ -313,7 +312,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
     def replace_by_twin(parent, attr, child, name, twin_of):
         twin = twin_of(child, *bits_of(name), method)
-        setattr(parent, attr, twin)
+        if twin is not child:  # a factory may leave a module as it is
+            setattr(parent, attr, twin)
+            rule = layer_bits_of(name, cfg)[2]
+            if rule is not None:
+                matched.add(rule)
         return twin
 
     planned = {}  # the profile's check sees every layer before any change

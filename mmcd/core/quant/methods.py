@@ -83,7 +83,10 @@ class QuantMethod:
     its first call (RepQ-ViT's detection code: each quantizer initializes on
     the first tensor it sees, so the RPN's on the finest level), or
     ``'all'``, on all calls at once (APHQ-ViT's calibrator gathers every call
-    of a layer; QDrop's observers update on every call)."""
+    of a layer; QDrop's observers update on every call); ``residual_adds``:
+    the residual input of each residual addition quantized per tensor with
+    the activation quantizer (TensorRT's Q/DQ placement, residual.py; a
+    deployment profile sets it)."""
     name: str
     act_search: str
     weight_search: str
@@ -98,6 +101,7 @@ class QuantMethod:
     search_after_reparam: bool = False
     matmul_search: Optional[str] = None
     shared_calls: str = 'first'
+    residual_adds: bool = False
 
     def __post_init__(self):
         for field_name, registry in (
@@ -130,7 +134,7 @@ class QuantMethod:
                 f'{self.name}: shared_calls must be one of {SHARED_CALLS}, '
                 f'got {self.shared_calls!r}')
         for flag in ('reparameterize', 'symmetric', 'integer_target',
-                     'search_after_reparam'):
+                     'search_after_reparam', 'residual_adds'):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f'{self.name}: {flag} must be True or '
                                  f'False, got {getattr(self, flag)!r}')

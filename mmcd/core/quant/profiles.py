@@ -43,7 +43,10 @@ What changes against the method as published, and why:
 * RepQ-ViT's reparameterization keeps its scale half only: every
   per-channel zero point is ``2^(b-1)``, so the target's is too and the
   shift ``t`` is 0 (reparam.py);
-* 8-bit weights and activations only (the profile's INT8).
+* 8-bit weights and activations only (the profile's INT8);
+* the residual input of the residual additions (Swin's and ViTDet's
+  blocks) is quantized per tensor, as TensorRT's placement guide asks,
+  so that each addition fuses into the layer before it (residual.py).
 
 docs/en/deployment.md has the measured cost. Pure PyTorch.
 """
@@ -73,7 +76,9 @@ class DeployProfile:
     integer kernel from, ``mmcd.deploy.integer_bias``),
     ``per_tensor_activations`` (every activation grid per tensor, as a
     ``QuantizeLinear`` the runtime runs in integers: a method's per-head
-    matmul grids become per tensor)."""
+    matmul grids become per tensor), ``residual_adds`` (the residual input
+    of residual additions quantized, where the runtime fuses the addition
+    into the layer before it: residual.py)."""
     name: str
     runtime: str
     symmetric: bool = False
@@ -83,6 +88,7 @@ class DeployProfile:
     conv_as_integer_matmul: bool = False
     bias_in_integer_kernel: bool = False
     per_tensor_activations: bool = False
+    residual_adds: bool = False
 
     def apply(self, method: QuantMethod) -> QuantMethod:
         """``method`` under this profile (itself when nothing changes)."""
@@ -98,6 +104,8 @@ class DeployProfile:
             changes['integer_target'] = True
         if self.per_tensor_activations and method.matmul_search is not None:
             changes['matmul_search'] = None
+        if self.residual_adds and not method.residual_adds:
+            changes['residual_adds'] = True
         if not changes:
             return method
         return replace(method, name=f'{method.name}@{self.name}', **changes)
@@ -145,4 +153,4 @@ DEPLOY_PROFILES.register(DeployProfile(
     bias_in_integer_kernel=True, per_tensor_activations=True))
 DEPLOY_PROFILES.register(DeployProfile(
     'tensorrt', 'TensorRT INT8', symmetric=True, softmax='uniform',
-    bits=(8, ), per_tensor_activations=True))
+    bits=(8, ), per_tensor_activations=True, residual_adds=True))

@@ -77,8 +77,8 @@ class PostTrainingQuantHook(Hook):
             overriding the method's).
         profile: the runtime the model is quantized for
             (``'onnxruntime'``; ``'tensorrt'``: symmetric INT8, zero point
-            0, uniform post-softmax, 8 bits only:
-            :mod:`mmcd.core.quant.profiles`).
+            0, uniform post-softmax, residual additions' inputs quantized,
+            8 bits only: :mod:`mmcd.core.quant.profiles`).
         compare_fp: evaluate the float model first and log both.
         stages: ``'test'`` and/or ``'val'``.
         quantized_checkpoint: a file written by ``tools/quantize.py``: the

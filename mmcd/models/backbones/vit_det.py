@@ -28,6 +28,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
 from mmcd.core.quant.modules import MatMul
+from mmcd.core.quant.residual import ResidualAdd
 
 
 def _pad_to_windows(x: torch.Tensor, window: int):
@@ -139,7 +140,8 @@ def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
 
 class Block(nn.Module):
     """Pre-norm Transformer block; ``window_size`` 0 means global
-    attention."""
+    attention. Its residual additions are :class:`ResidualAdd` modules
+    (quantized where a deployment profile asks for it)."""
 
     def __init__(self, dim, num_heads, mlp_ratio, drop_path_rate,
                  window_size, input_size, qkv_bias=True, use_rel_pos=True):
@@ -151,6 +153,7 @@ class Block(nn.Module):
                               use_rel_pos)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.attn_residual, self.mlp_residual = ResidualAdd(), ResidualAdd()
 
     def forward(self, x):
         y = self.norm1(x)
@@ -161,9 +164,10 @@ class Block(nn.Module):
                                size)
         else:
             y = self.attn(y)
-        x = x + drop_path(y, self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate,
-                             self.training)
+        x = self.attn_residual(
+            x, drop_path(y, self.drop_path_rate, self.training))
+        return self.mlp_residual(x, drop_path(
+            self.mlp(self.norm2(x)), self.drop_path_rate, self.training))
 
 
 @MODELS.register_module()
