@@ -10,12 +10,15 @@ from test_tools_cli import run_tool
 NUMBER = r'([0-9.]+)'
 
 
-def test_recon_speed_prints_the_calibration_and_final_peaks():
+@pytest.mark.parametrize('method', ['repq-vit', 'qdrop'])
+def test_recon_speed_prints_the_calibration_and_final_peaks(method):
+    """Any registered method (its own reconstruction, or the defaults on
+    top of a calibration-only one)."""
     code, out = run_tool('tools/benchmarks/recon_speed.py', '--models', 'toy',
-                         '--images', '1', '--iters', '1')
+                         '--images', '1', '--iters', '1', '--method', method)
     assert code == 0, out
     after_calibration = float(re.search(
-        r'calibration \(repq-vit\) on 1 images: [0-9.]+ s, peak resident '
+        rf'calibration \({method}\) on 1 images: [0-9.]+ s, peak resident '
         rf'memory so far {NUMBER} MB', out).group(1))
     units = re.findall(r'^  (\S+): [0-9.]+ s/iteration', out, re.M)
     assert units[0] == 'backbone.patch_embed' and units[-1] == 'neck', out

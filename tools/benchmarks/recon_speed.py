@@ -13,17 +13,19 @@ outputs, and the APH weights with that loss) for those images; at the end
 the peak resident memory of the process, also after the calibration (with
 ``repq-vit`` that is the calibration's own: one forward pass over all
 ``--images``).
-``--method aphq-vit`` also times what APHQ-ViT adds:
-the APH sensitivity weights of each unit (two backward passes of the float
-model to the RPN) and, first, the MLP reconstruction's steps per MLP
-(projected likewise), with the APH loss. ``--chunk-images K`` records
+A method whose reconstruction has an MLP stage or a loss weighted by the
+task's sensitivity (``--method aphq-vit``) also times them: the
+sensitivity weights of each unit (two backward passes of the float model to
+the RPN) and, first, the MLP reconstruction's steps per MLP (projected
+likewise). ``--chunk-images K`` records
 the units' data K images per forward pass and ``--cache-dir DIR`` keeps it
 on disk, memory-mapped (the reconstruction's memory options): compare the
 peak memory with and without.
 
     python tools/benchmarks/recon_speed.py [--models toy swin-t]
         [--images 4] [--iters 10] [--batch-size 1] [--project 20000]
-        [--method repq-vit|aphq-vit] [--chunk-images K] [--cache-dir DIR]
+        [--method repq-vit|qdrop|aphq-vit|...] [--chunk-images K]
+        [--cache-dir DIR]
 """
 import argparse
 import copy
@@ -39,10 +41,11 @@ from mmengine.registry import init_default_scope  # noqa: E402
 
 import mmcd  # noqa: E402,F401
 from mmcd.core.architectures import reconstruction_patterns  # noqa: E402
-from mmcd.core.quant import QuantConfig, calibrate, quantize_model  # noqa
+from mmcd.core.quant import (  # noqa: E402
+    QUANT_METHODS, QuantConfig, calibrate, quantize_model)
 from mmcd.core.quant.mlp_reconstruction import reconstruct_mlps  # noqa
 from mmcd.core.quant.reconstruction import (  # noqa: E402
-    reconstruct_unit, reconstruction_units, record_unit)
+    needs_task_loss, reconstruct_unit, reconstruction_units, record_unit)
 from mmcd.engine.task_objective import rpn_objective  # noqa: E402
 from mmcd.utils.benchmark_models import (  # noqa: E402
     BENCHMARK_DETECTORS, add_models_argument, build_detector, random_inputs)
@@ -68,7 +71,9 @@ def main():
     parser.add_argument('--chunk-images', type=int, default=None)
     parser.add_argument('--cache-dir', default=None)
     parser.add_argument('--method', default='repq-vit',
-                        choices=['repq-vit', 'aphq-vit'])
+                        choices=QUANT_METHODS.names(),
+                        help='a registered PTQ method, reconstructed with '
+                        'its own reconstruction options or the defaults')
     add_models_argument(parser)
     args = parser.parse_args()
     init_default_scope('mmdet')
@@ -94,9 +99,11 @@ def main():
             cache_dir=args.cache_dir))
         cfg = qcfg.reconstruction_config()
         qmodel = quantize_model(copy.deepcopy(model), qcfg)
+        units = reconstruction_units(qmodel, reconstruction_patterns())
         objective = None
-        if args.method == 'aphq-vit':
+        if needs_task_loss(cfg, units):
             objective = [rpn_objective(model, chunk) for chunk, _ in chunks]
+        if cfg.mlp:
             start = time.perf_counter()
             mlps = reconstruct_mlps(qmodel, model, runs, cfg, objective)
             seconds = time.perf_counter() - start
@@ -111,7 +118,6 @@ def main():
         print(f'{name}: calibration ({args.method}) on {args.images} '
               f'images: {time.perf_counter() - start:.1f} s, peak resident '
               f'memory so far {peak_megabytes():.0f} MB')
-        units = reconstruction_units(qmodel, reconstruction_patterns())
         print(f'{name}: {len(units)} units')
         total = 0.0
         for unit in units:
