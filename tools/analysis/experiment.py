@@ -78,6 +78,8 @@ REGULARIZERS = {
     's2d': dict(s2d=dict(strength=5e-4)),
     'tweo': dict(tweo=dict(weight=0.01)),
 }
+#: the option of a regularizer that ``--sweep`` varies (``'cd@0.5'``)
+SWEPT_OPTIONS = dict(cd='strength', tweo='weight')
 METHODS = ('minmax', 'repq-vit', 'dopq-vit')
 SWEEP_METHODS = ('repq-vit', 'minmax')
 #: the reconstruction methods, and the calibration-only method they are
@@ -203,9 +205,8 @@ def regularizers_of(training):
     value = float(value)
     if value == 0:
         return {}
-    if name == 'cd':
-        return dict(cd=dict(REGULARIZERS['cd']['cd'], strength=value))
-    return dict(tweo=dict(weight=value))
+    option = SWEPT_OPTIONS[name]
+    return {name: dict(REGULARIZERS[name][name], **{option: value})}
 
 
 def canonical(training):
