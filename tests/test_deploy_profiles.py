@@ -67,9 +67,10 @@ def test_symmetric_quantile_search_picks_the_best_symmetric_candidate():
 def test_tensorrt_profile_changes_the_method(method):
     resolved = QuantConfig(8, 8, method, profile='tensorrt').resolved_method
     assert resolved.symmetric and resolved.softmax == 'uniform'
-    assert resolved.name == f'{method}@tensorrt'
+    assert resolved.residual_adds and resolved.name == f'{method}@tensorrt'
     plain = QuantConfig(8, 8, method).resolved_method
     assert not plain.symmetric and plain.name == method
+    assert not plain.residual_adds
 
 
 @pytest.mark.parametrize('method,changed', [
