@@ -61,9 +61,10 @@ def test_precision_plan_says_what_conversion_did_and_why():
         '2': (False, None, None, 'not quantized (ConvTranspose2d)')}
     table = format_precision_plan(precision_plan(model, cfg)).splitlines()
     assert table[0] == '3 quantized layer(s), 2 weighted layer(s) in float'
-    assert table[2].split() == ['1', '4', '8', 'first', 'layer', '0.fc1']
-    assert table[-1].split() == ['1', 'float', 'float', 'not', 'quantized',
-                                 '(ConvTranspose2d)', '2']
+    assert table[2].split() == ['1', '4', '8', 'QuantLinear', 'first',
+                                'layer', '0.fc1']
+    assert table[-1].split() == ['1', 'float', 'float', 'ConvTranspose2d',
+                                 'not', 'quantized', '(ConvTranspose2d)', '2']
 
 
 @pytest.mark.parametrize('rules, message', [

@@ -251,7 +251,8 @@ def precision_plan(model: nn.Module, cfg: QuantConfig) -> List[Dict]:
 
 def format_precision_plan(rows: Sequence[Dict]) -> str:
     """:func:`precision_plan` as a compact table: one line per (weight
-    bits, input bits, why), with the layer count and the first layer."""
+    bits, input bits, kind, why), with the layer count and the first
+    layer."""
     def bits(row, key):
         if not row['quantized']:
             return 'float'
@@ -259,20 +260,22 @@ def format_precision_plan(rows: Sequence[Dict]) -> str:
 
     groups: Dict = {}
     for row in rows:
-        key = (bits(row, 'w_bits'), bits(row, 'a_bits'), row['why'])
+        key = (bits(row, 'w_bits'), bits(row, 'a_bits'), row['kind'],
+               row['why'])
         groups.setdefault(key, []).append(row['name'])
     quantized = sum(row['quantized'] for row in rows)
     kernels = sum(row['why'].startswith(FLOAT_KERNEL) for row in rows)
-    width = max([len(key[2]) for key in groups] + [3]) + 2
+    kind_width = max([len(key[2]) for key in groups] + [4]) + 2
+    why_width = max([len(key[3]) for key in groups] + [3]) + 2
     lines = [f'{quantized} quantized layer(s), '
              f'{len(rows) - quantized - kernels} weighted layer(s) in float'
              + (f', {kernels} attention kernel(s) in float' if kernels
                 else ''),
              f'{"layers":>6}  {"weights":>7}  {"inputs":>6}  '
-             f'{"why":<{width}}first of them']
-    for (w_bits, a_bits, why), names in groups.items():
+             f'{"kind":<{kind_width}}{"why":<{why_width}}first of them']
+    for (w_bits, a_bits, kind, why), names in groups.items():
         lines.append(f'{len(names):>6}  {w_bits:>7}  {a_bits:>6}  '
-                     f'{why:<{width}}{names[0]}')
+                     f'{kind:<{kind_width}}{why:<{why_width}}{names[0]}')
     return '\n'.join(lines)
 
 
