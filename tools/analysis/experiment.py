@@ -42,7 +42,9 @@ import hashlib
 import json
 import os
 import os.path as osp
+import shlex
 import statistics
+import sys
 import time
 
 import _analysis_bootstrap  # noqa: F401  (must precede OpenMMLab imports)
@@ -494,9 +496,8 @@ def markdown(args, rows, stats, sweep, seconds):
     lines = [
         '# Baseline vs CD vs S2D vs TWEO under PTQ (toy Swin Mask R-CNN)',
         '',
-        f'`python tools/analysis/experiment.py'
-        f'{" --quick" if args.quick else ""} --seeds {args.seeds}'
-        f'{" --sweep" if sweep else ""}`: {args.epochs} epochs at lr '
+        f'`python tools/analysis/experiment.py {shlex.join(sys.argv[1:])}`'
+        f' (this invocation): {args.epochs} epochs at lr '
         f'{args.lr:g}, seeds {seeds}, calibration on {args.calib_images} '
         f'train images, {val_images} val images; '
         f'{seconds / 60:.0f} min in this invocation (cached cells are not '
