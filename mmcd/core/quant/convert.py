@@ -297,9 +297,6 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     method = cfg.resolved_method
     matched = set()  # the layer_bits rules that picked some layer
 
-    def bits_of(name):
-        return layer_bits_of(name, cfg)[:2]
-
     def convert_children(parent: nn.Module, prefix: str, convert) -> None:
         for attr, child in list(parent.named_children()):
             name = prefix + attr
@@ -310,14 +307,14 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             convert_children(child, name + '.', convert)
 
     def plan(parent, attr, child, name, twin_of):
-        planned[name] = bits_of(name)
+        planned[name] = layer_bits_of(name, cfg)[:2]
         return child
 
     def replace_by_twin(parent, attr, child, name, twin_of):
-        twin = twin_of(child, *bits_of(name), method)
+        w_bits, a_bits, rule = layer_bits_of(name, cfg)
+        twin = twin_of(child, w_bits, a_bits, method)
         if twin is not child:  # a factory may leave a module as it is
             setattr(parent, attr, twin)
-            rule = layer_bits_of(name, cfg)[2]
             if rule is not None:
                 matched.add(rule)
         return twin
