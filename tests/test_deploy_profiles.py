@@ -126,7 +126,8 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
     2^(b-1)), RepQ-ViT's reparameterization keeps no shift, the post-softmax
     quantizers are uniform; the QDQ model is the simulation, its export
     holds int8 zero points of 0 only, passes the TensorRT check, quantizes
-    the residual input of every Swin block's additions, and
+    the residual input of every Swin block's additions and of the FPN's
+    top-down merges, and
     onnxruntime computes it as close as a runtime draw of the simulation
     (the default profile's uint8 grids fail the check: hand-built graphs
     below)."""
@@ -152,13 +153,15 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
     assert tensorrt_problems(path) == []
     graph = onnx.load(path).graph
     # TensorRT's placement: Q/DQ on the residual input of both additions of
-    # every Swin block, the branch (a weighted layer's output) unquantized
+    # every Swin block and on the upsampled input of each FPN top-down
+    # merge, the branch (a weighted layer's output) unquantized
     blocks = sum(isinstance(m, SwinBlock) for m in model.modules())
+    merges = len(model.neck.lateral_convs) - 1
     dequantized = {n.output[0] for n in graph.node
                    if n.op_type == 'DequantizeLinear'}
     adds = [n for n in graph.node if n.op_type == 'Add' and
             any(i in dequantized for i in n.input)]
-    assert blocks == 5 and len(adds) == 2 * blocks
+    assert blocks == 5 and merges == 3 and len(adds) == 2 * blocks + merges
     assert all(sum(i in dequantized for i in n.input) == 1 for n in adds)
     weights = [i for i in graph.initializer if len(i.dims) > 1 and
                i.data_type == TensorProto.INT8]
@@ -166,15 +169,17 @@ def test_tensorrt_profile_on_the_toy_detector(tmp_path):
                                 if n.startswith(('backbone.', 'neck.'))])
     # onnxruntime's integer kernels are another draw of the rounding noise
     # (random weights flip easily): no farther from the simulation than a
-    # runtime draw of it (measured here: 0.26 vs 0.27-0.37 steps on
-    # average at the first level)
+    # runtime draw of it, on average and at the farthest value (measured
+    # here: 0.26 vs 0.27-0.37 steps on average at the first level; a flip
+    # in a quantized FPN merge moves a value by 3 steps, in a draw too)
     step = float(quant.rpn_head.rpn_conv.input_quantizer.scale)
     with torch.no_grad():
         drawn = RuntimeDraw(quant, seed=1)(x)
     for a, b, d in zip(OnnxFeatures(path)(x), fake, drawn):
         assert float((a - b).abs().mean()) <= \
             1.5 * float((d - b).abs().mean()) + 1e-3 * step
-        assert float((a - b).abs().max()) <= 3 * step
+        assert float((a - b).abs().max()) <= \
+            1.5 * float((d - b).abs().max()) + 1e-3 * step
 
 
 def test_onnxruntime_integer_profile_on_the_toy_detector(tmp_path):

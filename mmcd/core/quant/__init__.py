@@ -19,7 +19,8 @@ from .qat_quantizers import (QAT_ACT_QUANTIZERS, QAT_WEIGHT_QUANTIZERS,
                              StatsWeightQuantizer)
 from .profiles import DEFAULT_PROFILE, DEPLOY_PROFILES, DeployProfile
 from .qk_reparam import QKReparam
-from .residual import QuantResidualAdd, QuantSwinBlock, ResidualAdd
+from .residual import (QuantFPN, QuantResidualAdd, QuantSwinBlock,
+                       ResidualAdd)
 from .quantizers import (RANGE_SEARCHES, FakeQuantizer, LogSqrt2Quantizer,
                          TanQuantizer, UniformQuantizer)
 from .reconstruction import (AdaRoundQuantizer, ReconstructionConfig,
@@ -49,5 +50,5 @@ __all__ = [
     'ReconstructionConfig', 'reconstruct', 'restore_quantized',
     'RECONSTRUCTION_LOSSES', 'ReconstructionLoss', 'DEPLOY_PROFILES',
     'DeployProfile', 'DEFAULT_PROFILE', 'ResidualAdd', 'QuantResidualAdd',
-    'QuantSwinBlock'
+    'QuantSwinBlock', 'QuantFPN'
 ]
