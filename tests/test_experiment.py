@@ -115,3 +115,69 @@ def test_experiment_seeds_cache_and_refusals(micro_data_root, tmp_path):
     manifest.write_text(json.dumps(dict(stored, version='0123abc')))
     code, out = run_tool(*run, timeout=300)
     assert_one_line_error(code, out, 'code version 0123abc')
+
+
+def model_cells(drop, mask_drop, kurtosis, max_abs):
+    """One trained model's row and outlier stats, as results.json holds
+    them (float AP 0.5; ``drop`` in AP points)."""
+    row = {'float': {'coco/bbox_mAP': 0.5, 'coco/segm_mAP': 0.5},
+           'repq-vit/W4A4': {'coco/bbox_mAP': 0.5 + drop / 100,
+                             'coco/segm_mAP': 0.5 + mask_drop / 100},
+           'minmax/W4A4': {'coco/bbox_mAP': 0.1, 'coco/segm_mAP': 0.1}}
+    stat = {'stats': {'block/output': {'max_abs': max_abs,
+                                       'kurtosis': kurtosis}},
+            'alignment': {'block.pair': {'mean': 1.0}}}
+    return row, stat
+
+
+def test_experiment_report_from_results_json(tmp_path):
+    """``--report-from`` writes the report of a finished run again, with
+    the correlation of the W4A4 drop and the outlier summary over the
+    distinct trained models; hand-computed: kurtosis 10, 20, 30, 40 against
+    box drops -1, -2, -4, -3: Pearson r = -40 / sqrt(500 * 5) = -0.80, and
+    the ranks (0, 1, 2, 3) against (3, 2, 0, 1) give rho = -4 / 5 = -0.80;
+    max abs 5, 5, 7, 9 (a tie: ranks 0.5, 0.5, 2, 3): r = -5 / sqrt(11 *
+    5) = -0.67, rho = -3.5 / sqrt(4.5 * 5) = -0.74; alignment constant: no
+    correlation. The sweep point equal to the baseline (``cd@0``) is the
+    baseline's model and is not counted again."""
+    models = [model_cells(-1, 1, 10, 5), model_cells(-2, 2, 20, 5),
+              model_cells(-4, 4, 30, 7), model_cells(-3, 3, 40, 9)]
+    args = dict(epochs=2, lr=1e-3, seeds=2, calib_images=16, val_images=64,
+                bits=[4], methods=['repq-vit'], qat_bits=[],
+                qat_method='ofq', stat_images=8, recon_trainings=[],
+                recon_bits=[4], recon_methods=['qdrop'], recon_iters=500)
+    results = dict(
+        args=args, version='0123abc', command='--seeds 2',
+        metrics={'baseline': [models[0][0], models[1][0]],
+                 'cd': [models[2][0], models[3][0]]},
+        outliers={'baseline': [models[0][1], models[1][1]],
+                  'cd': [models[2][1], models[3][1]]},
+        sweep={'cd@0': dict(zip(('metrics', 'outliers'),
+                                model_cells(50, 50, 1000, 1000)))})
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    path = run_dir / 'results.json'
+    path.write_text(json.dumps(results))
+    code, out = run_here('tools/analysis/experiment.py', '--report-from',
+                         str(path), '--work-dir', str(tmp_path / 'again'))
+    assert code == 0, out
+    report = (tmp_path / 'again' / 'results.md').read_text()
+    assert 'code version 0123abc (`python tools/analysis/experiment.py ' \
+        '--seeds 2`)' in report
+    assert '| cd − baseline | repq-vit |' in report
+    section = report.split('## What the repq-vit/W4A4 drop follows (4 '
+                           'trained models)')[1]
+    assert '| largest kurtosis | -0.80 / -0.80 | +0.80 / +0.80 |' in section
+    assert '| largest max abs | -0.67 / -0.74 | +0.67 / +0.74 |' in section
+    assert '| mean alignment | – | – |' in section
+    assert '| cd@0 | 50.0 / 50.0 | 100.0 / 100.0 | 10.0 / 10.0 | ' \
+        '1000.00 | 1000.00 | 1.00 |' in report  # the sweep table keeps it
+    # the run's own report is not overwritten; a file of another kind
+    code, out = run_here('tools/analysis/experiment.py', '--report-from',
+                         str(path), '--work-dir', str(run_dir))
+    assert_one_line_error(code, out, "holds the run's own results.md")
+    (tmp_path / 'other.json').write_text('{"metrics": {}}')
+    code, out = run_here('tools/analysis/experiment.py', '--report-from',
+                         str(tmp_path / 'other.json'), '--work-dir',
+                         str(tmp_path / 'again'))
+    assert_one_line_error(code, out, 'not a results.json of this tool')

@@ -26,7 +26,10 @@ last checkpoint, and a work dir written by another code version or with
 other settings is refused with a message. Writes ``results.md`` (cells
 ``mean ± std`` over seeds of box AP / mask AP, and the paired difference of
 each regularizer to the baseline of the same seed), ``results.json``,
-outlier plots, and with ``--sweep`` ``tradeoff.png`` and its table.
+outlier plots, and with ``--sweep`` ``tradeoff.png`` and its table. The
+report ends with the correlation (Pearson, Spearman) of each trained
+model's W4A4 drop with its float outlier summary. ``--report-from
+RESULTS_JSON`` writes a finished run's report again with this code.
 
 Default schedule: 24 epochs (768 iterations) at AdamW lr 1e-3, chosen so
 that outliers form in the baseline: at the toy config's own 12 epochs and lr
@@ -151,7 +154,14 @@ def parse_args():
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override toy config settings of every '
                         'training, key=value')
+    parser.add_argument('--report-from', metavar='RESULTS_JSON',
+                        help="write the report of a finished run's "
+                        'results.json again with this code (into '
+                        '--work-dir; nothing is re-run, every other option '
+                        'is the run\'s)')
     args = parser.parse_args()
+    if args.report_from:
+        return args
     args.bits = args.bits or ([8, 4] if args.quick else [8, 6, 4])
     args.epochs = args.epochs or (2 if args.quick else 24)
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -489,19 +499,18 @@ def outlier_summary(stats):
     return model_summary(stats['stats'], stats['alignment'])
 
 
-def markdown(args, rows, stats, sweep, seconds):
+def markdown(args, rows, stats, sweep, provenance):
+    """The report; ``provenance`` says which invocation computed it."""
     bits = [f'W{b}A{b}' for b in args.bits]
     seeds = list(range(args.seeds))
     val_images = args.val_images or "the given set's"
     lines = [
         '# Baseline vs CD vs S2D vs TWEO under PTQ (toy Swin Mask R-CNN)',
         '',
-        f'`python tools/analysis/experiment.py {shlex.join(sys.argv[1:])}`'
-        f' (this invocation): {args.epochs} epochs at lr '
+        f'{provenance}: {args.epochs} epochs at lr '
         f'{args.lr:g}, seeds {seeds}, calibration on {args.calib_images} '
-        f'train images, {val_images} val images; '
-        f'{seconds / 60:.0f} min in this invocation (cached cells are not '
-        're-run). Cells: box AP / mask AP (COCO AP@[.5:.95], %), mean ± std '
+        f'train images, {val_images} val images. '
+        'Cells: box AP / mask AP (COCO AP@[.5:.95], %), mean ± std '
         'over seeds; rows "− baseline": the difference to the baseline of '
         'the same seed, mean ± std over seeds.', '',
         '| training | PTQ | float | ' + ' | '.join(bits) + ' |',
@@ -538,20 +547,126 @@ def markdown(args, rows, stats, sweep, seconds):
     if sweep:
         lines += ['', '## Strength sweep (seed 0; W4A4)', '',
                   '| training | float | W4A4 repq-vit | W4A4 minmax | '
-                  'largest max abs | mean alignment |',
-                  '|---|---|---|---|---|---|']
+                  'largest max abs | largest kurtosis | mean alignment |',
+                  '|---|---|---|---|---|---|---|']
         for training, (row, stat) in sweep.items():
             summary = outlier_summary(stat)
             lines.append(
                 f'| {training} | {ap_cell([row["float"]])} | '
                 f'{ap_cell([row["repq-vit/W4A4"]])} | '
                 f'{ap_cell([row["minmax/W4A4"]])} | '
-                f'{summary["max_abs"]:.2f} | {summary["alignment"]:.2f} |')
+                f'{summary["max_abs"]:.2f} | {summary["kurtosis"]:.2f} | '
+                f'{summary["alignment"]:.2f} |')
+    lines += correlation_lines(args, rows, stats, sweep)
     return '\n'.join(lines) + '\n'
+
+
+def ranks(values):
+    """Ranks 0..n-1 of ``values``, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while (end + 1 < len(order)
+               and values[order[end + 1]] == values[order[start]]):
+            end += 1
+        for i in order[start:end + 1]:
+            result[i] = (start + end) / 2
+        start = end + 1
+    return result
+
+
+def correlation(x, y):
+    """``'r / rho'``: Pearson's r and Spearman's rho (Pearson's r of the
+    ranks); ``'–'`` when either is constant."""
+    try:
+        return (f'{statistics.correlation(x, y):+.2f} / '
+                f'{statistics.correlation(ranks(x), ranks(y)):+.2f}')
+    except statistics.StatisticsError:
+        return '–'
+
+
+def trained_models(rows, stats, sweep, column):
+    """``(row, outlier stats)`` of every distinct trained model that has
+    ``column``: each main training at each seed, then each sweep point
+    that is not a main training (``canonical``)."""
+    models = [(row, stat) for training in rows
+              for row, stat in zip(rows[training], stats[training])]
+    models += [(row, stat) for point, (row, stat) in sweep.items()
+               if canonical(point) not in rows]
+    return [(row, stat) for row, stat in models if column in row]
+
+
+def correlation_lines(args, rows, stats, sweep):
+    """What the low-bit drop follows: over every trained model of the run,
+    the correlation of its drop at the lowest ``--bits`` (``repq-vit``,
+    or the first method) with its float outlier summary."""
+    method = RECON_REFERENCE if RECON_REFERENCE in args.methods \
+        else args.methods[0]
+    column = f'{method}/W{min(args.bits)}A{min(args.bits)}'
+    models = trained_models(rows, stats, sweep, column)
+    if len(models) < 3:
+        return []
+    summaries = [outlier_summary(stat) for _, stat in models]
+    drops = {key: [100 * (row[column][key] - row['float'][key])
+                   for row, _ in models]
+             for key in ('coco/bbox_mAP', 'coco/segm_mAP')}
+    lines = ['', f'## What the {column} drop follows ({len(models)} '
+             'trained models)', '',
+             'Over every trained model of the run (each training and seed, '
+             'and each sweep point that is not one of them): the '
+             'correlation of its drop (quantized − float AP, negative: '
+             'a loss) with its float outlier summary, Pearson r / '
+             "Spearman's rho. A negative r: the larger the summary, the "
+             'larger the loss.', '',
+             '| float outlier summary | box drop | mask drop |',
+             '|---|---|---|']
+    for key, label in (('kurtosis', 'largest kurtosis'),
+                       ('max_abs', 'largest max abs'),
+                       ('alignment', 'mean alignment')):
+        values = [summary[key] for summary in summaries]
+        lines.append(f'| {label} | ' + ' | '.join(
+            correlation(values, drops[k]) for k in drops) + ' |')
+    return lines
+
+
+def rerender(args):
+    """``--report-from``: the report of a finished run's ``results.json``
+    written again by this code (no cell is re-run; the plots are the
+    run's)."""
+    if osp.abspath(args.work_dir) == osp.dirname(
+            osp.abspath(args.report_from)):
+        raise UserError(f'--work-dir {args.work_dir} holds the run\'s own '
+                        'results.md: give another --work-dir')
+    try:
+        with open(args.report_from) as f:
+            results = json.load(f)
+        run_args = argparse.Namespace(**results['args'])
+        rows, stats = results['metrics'], results['outliers']
+        sweep = {point: (v['metrics'], v['outliers'])
+                 for point, v in results['sweep'].items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f'--report-from {args.report_from}: not a '
+                        f'results.json of this tool ({err!r})') from None
+    command = results.get('command')
+    provenance = (
+        f'Rendered by `experiment.py --report-from` from the results of '
+        f'code version {results["version"]}' +
+        (f' (`python tools/analysis/experiment.py {command}`)'
+         if command else ''))
+    table = markdown(run_args, rows, stats, sweep, provenance)
+    os.makedirs(args.work_dir, exist_ok=True)
+    with open(osp.join(args.work_dir, 'results.md'), 'w') as f:
+        f.write(table)
+    print('\n' + table)
+    print(f'wrote {args.work_dir}/results.md')
 
 
 def main():
     args = parse_args()
+    if args.report_from:
+        return rerender(args)
     start = time.time()
     os.makedirs(args.work_dir, exist_ok=True)
     try:
@@ -593,10 +708,15 @@ def main():
     plot_histogram(seed0, labels, osp.join(args.work_dir, 'histogram.png'))
     with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
         json.dump(dict(args=vars(args), version=code_version(REPO),
+                       command=shlex.join(sys.argv[1:]),
                        metrics=rows, outliers=stats,
                        sweep={k: dict(metrics=v[0], outliers=v[1])
                               for k, v in sweep.items()}), f, indent=2)
-    table = markdown(args, rows, stats, sweep, time.time() - start)
+    table = markdown(
+        args, rows, stats, sweep,
+        f'`python tools/analysis/experiment.py {shlex.join(sys.argv[1:])}`'
+        f' (this invocation, {(time.time() - start) / 60:.0f} min; cached '
+        'cells are not re-run)')
     with open(osp.join(args.work_dir, 'results.md'), 'w') as f:
         f.write(table)
     print('\n' + table)
