@@ -17,9 +17,6 @@ from typing import Dict, Optional
 
 import torch
 
-STAT_NAMES = ('max_abs', 'p9999', 'max_over_median', 'kurtosis')
-
-
 def tensor_stats(x: torch.Tensor) -> Dict[str, float]:
     """The four statistics of one tensor (exact)."""
     acc = StatsAccumulator(max_samples=x.numel())
