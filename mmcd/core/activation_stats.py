@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
+
 def tensor_stats(x: torch.Tensor) -> Dict[str, float]:
     """The four statistics of one tensor (exact)."""
     acc = StatsAccumulator(max_samples=x.numel())
