@@ -176,6 +176,12 @@ def test_experiment_report_from_results_json(tmp_path):
     code, out = run_here('tools/analysis/experiment.py', '--report-from',
                          str(path), '--work-dir', str(run_dir))
     assert_one_line_error(code, out, "holds the run's own results.md")
+    del results['args']['recon_trainings']  # an older version's run
+    path.write_text(json.dumps(results))
+    code, out = run_here('tools/analysis/experiment.py', '--report-from',
+                         str(path), '--work-dir', str(tmp_path / 'again'))
+    assert_one_line_error(code, out, 'written by a version of this tool '
+                          'without --recon-trainings')
     (tmp_path / 'other.json').write_text('{"metrics": {}}')
     code, out = run_here('tools/analysis/experiment.py', '--report-from',
                          str(tmp_path / 'other.json'), '--work-dir',

@@ -645,17 +645,23 @@ def rerender(args):
         run_args = argparse.Namespace(**results['args'])
         rows, stats = results['metrics'], results['outliers']
         sweep = {point: (v['metrics'], v['outliers'])
-                 for point, v in results['sweep'].items()}
+                 for point, v in results.get('sweep', {}).items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f'--report-from {args.report_from}: not a '
                         f'results.json of this tool ({err!r})') from None
     command = results.get('command')
     provenance = (
         f'Rendered by `experiment.py --report-from` from the results of '
-        f'code version {results["version"]}' +
+        f'code version {results.get("version", "unknown")}' +
         (f' (`python tools/analysis/experiment.py {command}`)'
          if command else ''))
-    table = markdown(run_args, rows, stats, sweep, provenance)
+    try:
+        table = markdown(run_args, rows, stats, sweep, provenance)
+    except AttributeError as err:  # an option the run's version lacked
+        raise UserError(f'--report-from {args.report_from}: written by a '
+                        f'version of this tool without --'
+                        f'{err.name.replace("_", "-")}; render it with that '
+                        'version') from None
     os.makedirs(args.work_dir, exist_ok=True)
     with open(osp.join(args.work_dir, 'results.md'), 'w') as f:
         f.write(table)
