@@ -76,7 +76,7 @@ SWIN_BLOCK_ATTRS = ('norm1', 'attn', 'norm2', 'ffn', 'with_cp')
 FFN_ATTRS = ('layers', 'gamma2', 'dropout_layer')
 
 
-def missing_attributes(module: nn.Module, names: Sequence[str],
+def require_attributes(module: nn.Module, names: Sequence[str],
                        kind: str) -> None:
     """Raise naming the attributes of ``names`` that ``module`` lacks."""
     missing = [a for a in names if not hasattr(module, a)]
@@ -95,8 +95,8 @@ class QuantSwinBlock(QuantizedModule, nn.Module):
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        missing_attributes(block, SWIN_BLOCK_ATTRS, 'a Swin block')
-        missing_attributes(block.ffn, FFN_ATTRS, "a Swin block's FFN")
+        require_attributes(block, SWIN_BLOCK_ATTRS, 'a Swin block')
+        require_attributes(block.ffn, FFN_ATTRS, "a Swin block's FFN")
         if not getattr(block.ffn, 'add_identity', True):
             raise ValueError(f'{type(block).__name__}.ffn adds no residual '
                              '(add_identity=False); not a Swin block')
@@ -144,7 +144,7 @@ class QuantFPN(QuantizedModule, nn.Module):
 
     def __init__(self, fpn: nn.Module):
         super().__init__()
-        missing_attributes(fpn, FPN_ATTRS, 'an FPN')
+        require_attributes(fpn, FPN_ATTRS, 'an FPN')
         self.lateral_convs, self.fpn_convs = fpn.lateral_convs, fpn.fpn_convs
         for name in FPN_ATTRS[2:]:
             setattr(self, name, getattr(fpn, name))
