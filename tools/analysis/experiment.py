@@ -712,15 +712,16 @@ def main():
                         osp.join(args.work_dir, 'max_activation.png'))
     plot_alignment(seed0, labels, osp.join(args.work_dir, 'alignment.png'))
     plot_histogram(seed0, labels, osp.join(args.work_dir, 'histogram.png'))
+    command = shlex.join(sys.argv[1:])
     with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
         json.dump(dict(args=vars(args), version=code_version(REPO),
-                       command=shlex.join(sys.argv[1:]),
+                       command=command,
                        metrics=rows, outliers=stats,
                        sweep={k: dict(metrics=v[0], outliers=v[1])
                               for k, v in sweep.items()}), f, indent=2)
     table = markdown(
         args, rows, stats, sweep,
-        f'`python tools/analysis/experiment.py {shlex.join(sys.argv[1:])}`'
+        f'`python tools/analysis/experiment.py {command}`'
         f' (this invocation, {(time.time() - start) / 60:.0f} min; cached '
         'cells are not re-run)')
     with open(osp.join(args.work_dir, 'results.md'), 'w') as f:

@@ -174,16 +174,18 @@ class QuantFPN(QuantizedModule, nn.Module):
                 self.upsample(laterals[i], laterals[i - 1]), laterals[i - 1])
         outs = [self.fpn_convs[i](lateral)
                 for i, lateral in enumerate(laterals)]
-        if self.num_outs > len(outs) and not self.add_extra_convs:
+        if self.num_outs == len(outs):
+            return tuple(outs)
+        if not self.add_extra_convs:  # extra levels by max pooling
             while len(outs) < self.num_outs:
                 outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-        elif self.num_outs > len(outs):
-            source = {'on_input': inputs[self.backbone_end_level - 1],
-                      'on_lateral': laterals[-1],
-                      'on_output': outs[-1]}[self.add_extra_convs]
-            outs.append(self.fpn_convs[len(laterals)](source))
-            for i in range(len(laterals) + 1, self.num_outs):
-                previous = F.relu(outs[-1]) if self.relu_before_extra_convs \
-                    else outs[-1]
-                outs.append(self.fpn_convs[i](previous))
+            return tuple(outs)
+        source = {'on_input': inputs[self.backbone_end_level - 1],
+                  'on_lateral': laterals[-1],
+                  'on_output': outs[-1]}[self.add_extra_convs]
+        outs.append(self.fpn_convs[len(laterals)](source))
+        for i in range(len(laterals) + 1, self.num_outs):
+            previous = F.relu(outs[-1]) if self.relu_before_extra_convs \
+                else outs[-1]
+            outs.append(self.fpn_convs[i](previous))
         return tuple(outs)
